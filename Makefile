@@ -1,0 +1,39 @@
+# Two set-up commands: `make run` (main job on the embedded default) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-8)
+NP ?= 2
+CONFIG ?= configs/default.yaml
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMP_NUM_THREADS := 1
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test,dev,mpi,deepspeed]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/fcit bench rounds
+	$(BIN)/fcit bench kernels --quick
+
+clean:
+	rm -rf runs build *.egg-info

