@@ -1,0 +1,321 @@
+"""Typed run configuration: YAML + ``a.b=c`` overrides, validated once, every error naming its field.
+
+Field names follow the conventions of federated instruction-tuning code bases (``num_clients``,
+``client_selection_frac``, ``fed_alg``, ``prox_mu``, ``fedopt_eta`` ...). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fcit_hpc.errors import ConfigError
+
+FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")
+METHODS = ("finetune", "disco", "zero_shot")
+SSA_MODES = ("softmax", "cosine", "argmax", "concat")
+
+
+@dataclass
+class BenchmarkConfig:
+    suite: str = "synthetic"  # embedded synthetic text suite
+    setting: str = "task"  # task | capability
+    scenario: str = "hom"  # hom | het
+    num_tasks: int = 8  # tasks of the suite used (task setting: one per stage)
+    train_per_task: int = 400
+    test_per_task: int = 24
+    dirichlet_beta: float = 1.0
+    min_client_samples: int = 2
+    het_assignment: str = "table"  # table (published) | random
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 50
+    client_selection_frac: float = 0.1
+    num_rounds: int = 10  # communication rounds per stage
+    fed_alg: str = "fedavg"
+    prox_mu: float = 0.01
+    fedopt_eta: float = 1e-3
+    fedopt_tau: float = 1e-3
+    fedopt_beta1: float = 0.9
+    fedopt_beta2: float = 0.99
+    server_momentum: float = 0.9  # FedAvgM
+    server_hosts_clients: bool = True  # rank 0 trains clients too
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"  # tiny-llama (random init from the fields below) | hf (local path)
+    path: str = ""
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_seq_len: int = 64
+    init_seed: int = 1234
+
+
+@dataclass
+class LoraConfig:
+    lora_r: int = 8  # rank of one subspace
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    max_subspaces: int = 8
+
+
+@dataclass
+class MethodConfig:
+    name: str = "disco"
+    tau: float = 0.9  # DKO matching threshold
+    epsilon: float = 0.05  # SSA softmax temperature
+    ssa: str = "softmax"
+    identity_encoder: str = "hashing"  # hashing | minilm
+    identity_dim: int = 256
+    full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
+
+
+@dataclass
+class TrainConfig:
+    backend: str = "torch"  # torch | deepspeed
+    zero_stage: int = 0
+    offload: bool = False
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    local_epochs: int = 1
+    num_threads: int = 1
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    max_new_tokens: int = 8
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests: kill a rank, corrupt a client's update."""
+
+    kill_rank: int = -1
+    kill_stage: int = 0
+    kill_round: int = 0
+    nan_clients: list[int] = field(default_factory=list)
+    bad_shape_clients: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def clients_per_round(self) -> int:
+        f = self.federation
+        return max(1, round(f.client_selection_frac * f.num_clients))
+
+
+# ----------------------------------------------------------------------------- validation rules
+def _in(choices: tuple[str, ...]):
+    return lambda v: v in choices, f"one of {', '.join(choices)}"
+
+
+_RULES: dict[str, tuple[Any, str]] = {
+    "benchmark.setting": _in(("task", "capability")),
+    "benchmark.scenario": _in(("hom", "het")),
+    "benchmark.suite": _in(("synthetic",)),
+    "benchmark.num_tasks": (lambda v: 1 <= v <= 8, "in [1, 8]"),
+    "benchmark.train_per_task": (lambda v: v >= 1, ">= 1"),
+    "benchmark.test_per_task": (lambda v: v >= 0, ">= 0"),
+    "benchmark.dirichlet_beta": (lambda v: v > 0, "> 0"),
+    "benchmark.min_client_samples": (lambda v: v >= 1, ">= 1"),
+    "benchmark.het_assignment": _in(("table", "random")),
+    "federation.num_clients": (lambda v: v >= 1, ">= 1"),
+    "federation.client_selection_frac": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "federation.num_rounds": (lambda v: v >= 1, ">= 1"),
+    "federation.fed_alg": _in(FED_ALGS),
+    "federation.prox_mu": (lambda v: v >= 0, ">= 0"),
+    "federation.fedopt_eta": (lambda v: v > 0, "> 0"),
+    "federation.fedopt_tau": (lambda v: v > 0, "> 0"),
+    "federation.fedopt_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "federation.fedopt_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "federation.server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.name": _in(("tiny-llama", "hf")),
+    "model.hidden_size": (lambda v: v >= 8, ">= 8"),
+    "model.intermediate_size": (lambda v: v >= 8, ">= 8"),
+    "model.num_layers": (lambda v: v >= 1, ">= 1"),
+    "model.num_heads": (lambda v: v >= 1, ">= 1"),
+    "model.max_seq_len": (lambda v: v >= 8, ">= 8"),
+    "lora.lora_r": (lambda v: v >= 1, ">= 1"),
+    "lora.lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora.target_modules": (lambda v: len(v) >= 1, "a non-empty list"),
+    "lora.max_subspaces": (lambda v: 1 <= v <= 64, "in [1, 64]"),
+    "method.name": _in(METHODS),
+    "method.tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "method.epsilon": (lambda v: v > 0, "> 0"),
+    "method.ssa": _in(SSA_MODES),
+    "method.identity_encoder": _in(("hashing", "minilm")),
+    "method.identity_dim": (lambda v: v >= 2, ">= 2"),
+    "method.full_policy": _in(("nearest", "error")),
+    "train.backend": _in(("torch", "deepspeed")),
+    "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.local_epochs": (lambda v: v >= 1, ">= 1"),
+    "train.num_threads": (lambda v: v >= 1, ">= 1"),
+    "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (list,):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_check_type(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("unions are not used in the config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], path)
+        else:
+            kwargs[f.name] = _check_type(path, data[f.name], tp)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks; raises ConfigError naming the field and value."""
+    for path, (ok, want) in _RULES.items():
+        value = get_field(cfg, path)
+        if not ok(value):
+            raise ConfigError(f"{path}: {value!r} is out of range (must be {want})")
+    for path in ("debug.nan_clients", "debug.bad_shape_clients"):
+        for cid in get_field(cfg, path):
+            if not 0 <= cid < cfg.federation.num_clients:
+                raise ConfigError(f"{path}: client id {cid} not in [0, num_clients)")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(
+            f"model.num_heads: {cfg.model.num_heads} does not divide hidden_size "
+            f"{cfg.model.hidden_size}"
+        )
+    if cfg.model.name == "hf" and not cfg.model.path:
+        raise ConfigError("model.path: required when model.name is 'hf'")
+    return cfg
+
+
+def get_field(cfg: Any, path: str) -> Any:
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(keys[: i + 1])}: is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML at ``path`` (or defaults when None), apply overrides, validate."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"{p}: malformed YAML: {msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    return validate(_build(Config, data, ""))
+
+
+def config_from_yaml_text(text: str) -> Config:
+    data = yaml.safe_load(text) or {}
+    return validate(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

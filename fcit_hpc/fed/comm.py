@@ -1,0 +1,154 @@
+"""Communication between ranks. The only module of fcit_hpc that imports mpi4py.
+
+Everything travels as flat typed numpy buffers (``Bcast`` / ``Gatherv`` / ``Scatterv`` with explicit
+counts), never as pickled objects. ``LocalComm`` is the in-process implementation (world size 1)
+used when the program is not started under ``mpiexec``; the server loop runs the same code on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+# dtype codes of the header that precedes a broadcast array
+_DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8, np.uint32]
+_CODE = {np.dtype(d): i for i, d in enumerate(_DTYPES)}
+_MAX_NDIM = 4
+
+
+class Comm:
+    """Interface of a communicator between the server (rank 0) and client ranks."""
+
+    rank: int = 0
+    size: int = 1
+
+    def bcast_array(self, arr: np.ndarray | None, root: int = 0) -> np.ndarray:
+        """Root passes ``arr``; every rank returns a copy of it (any shape, dtypes in _DTYPES)."""
+        raise NotImplementedError
+
+    def gatherv(self, arr: np.ndarray, root: int = 0) -> list[np.ndarray] | None:
+        """Every rank passes a 1-D array of one dtype; root gets the list in rank order."""
+        raise NotImplementedError
+
+    def scatterv(self, parts: list[np.ndarray] | None, dtype, root: int = 0) -> np.ndarray:
+        """Root passes one 1-D array per rank; each rank returns its part."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, code: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+class LocalComm(Comm):
+    """In-process world of size 1."""
+
+    rank = 0
+    size = 1
+
+    def bcast_array(self, arr, root=0):
+        return np.array(arr, copy=True)
+
+    def gatherv(self, arr, root=0):
+        return [np.array(arr, copy=True)]
+
+    def scatterv(self, parts, dtype, root=0):
+        return np.asarray(parts[0], dtype=dtype).copy()
+
+    def barrier(self):
+        pass
+
+    def abort(self, code):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class MPIComm(Comm):
+    """mpi4py world (a duplicate of COMM_WORLD, so library traffic cannot collide with ours)."""
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self._comm = MPI.COMM_WORLD.Dup()
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+
+    def bcast_array(self, arr, root=0):
+        header = np.zeros(2 + _MAX_NDIM, dtype=np.int64)
+        if self.rank == root:
+            arr = np.ascontiguousarray(arr)
+            if arr.ndim > _MAX_NDIM or arr.dtype not in _CODE:
+                raise ValueError(f"cannot broadcast array of dtype {arr.dtype}, ndim {arr.ndim}")
+            header[0] = _CODE[arr.dtype]
+            header[1] = arr.ndim
+            header[2 : 2 + arr.ndim] = arr.shape
+        self._comm.Bcast(header, root=root)
+        if self.rank != root:
+            shape = tuple(int(s) for s in header[2 : 2 + int(header[1])])
+            arr = np.empty(shape, dtype=_DTYPES[int(header[0])])
+        self._comm.Bcast(arr, root=root)
+        return arr
+
+    def gatherv(self, arr, root=0):
+        arr = np.ascontiguousarray(arr).reshape(-1)
+        counts = np.zeros(self.size, dtype=np.int64)
+        self._comm.Gather(np.array([arr.size], dtype=np.int64), counts, root=root)
+        if self.rank != root:
+            self._comm.Gatherv(arr, None, root=root)
+            return None
+        out = np.empty(int(counts.sum()), dtype=arr.dtype)
+        self._comm.Gatherv(arr, [out, counts], root=root)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        return [out[offsets[i] : offsets[i + 1]] for i in range(self.size)]
+
+    def scatterv(self, parts, dtype, root=0):
+        dtype = np.dtype(dtype)
+        counts = np.zeros(self.size, dtype=np.int64)
+        if self.rank == root:
+            counts[:] = [p.size for p in parts]
+        self._comm.Bcast(counts, root=root)
+        out = np.empty(int(counts[self.rank]), dtype=dtype)
+        if self.rank == root:
+            send = np.concatenate([np.asarray(p, dtype=dtype).reshape(-1) for p in parts])
+            self._comm.Scatterv([send, counts], out, root=root)
+        else:
+            self._comm.Scatterv(None, out, root=root)
+        return out
+
+    def barrier(self):
+        self._comm.Barrier()
+
+    def abort(self, code):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._MPI.COMM_WORLD.Abort(code)
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher (mpiexec / srun) started this process."""
+    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "PMI_RANK")
+    return any(k in os.environ for k in keys)
+
+
+def local_rank() -> int:
+    """Rank of this process on its node (for device and port choice)."""
+    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def make_comm() -> Comm:
+    """MPI world when launched by mpiexec/srun, else the in-process world of size 1."""
+    if launched_by_mpi():
+        return MPIComm()
+    return LocalComm()

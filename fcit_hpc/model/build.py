@@ -1,0 +1,50 @@
+"""Model construction: tiny random Llama from config fields, or a local Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from fcit_hpc.config import Config
+from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
+from fcit_hpc.model.tokenizer import VOCAB_SIZE, ByteTokenizer
+
+
+def build_base_model(cfg: Config):
+    """A Hugging Face causal LM (weights frozen later). Deterministic from ``model.init_seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    if m.name == "hf":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(m.path, local_files_only=True)
+    hf_cfg = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        max_position_embeddings=max(128, m.max_seq_len * 2),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(m.init_seed)
+    model = LlamaForCausalLM(hf_cfg)
+    torch.random.set_rng_state(state)
+    return model
+
+
+def build_model(cfg: Config):
+    """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears."""
+    model = build_base_model(cfg)
+    model.eval()
+    lc = cfg.lora
+    s_max = lc.max_subspaces if cfg.method.name == "disco" else 1
+    layers = inject_subspace_lora(
+        model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
+    )
+    return model, SubspaceAdapter(layers), ByteTokenizer()

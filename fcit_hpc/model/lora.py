@@ -1,0 +1,140 @@
+"""Subspace LoRA: S_max rank-r LoRA blocks per wrapped linear, one trained at a time, gated at
+inference (Subspace Selective Activation).
+
+Shapes: A_i [r, in], B_i [out, r]; init A ~ N(0, 0.01) (std), B = 0; scaling = alpha / r.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import ssa_lora_linear
+
+
+class SubspaceLoRALinear(nn.Module):
+    """``y = base(x) + scaling · Σ_i α_i B_i A_i dropout(x)``.
+
+    Training (``active`` set): only subspace ``active`` contributes and has ``requires_grad``.
+    Inference (``alpha`` [B, S_live] set): all live subspaces, weighted per sample.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float, s_max: int):
+        super().__init__()
+        self.base = base
+        self.r = r
+        self.scaling = lora_alpha / r
+        self.s_max = s_max
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.zeros(r, base.in_features, device=dev, dtype=dt))
+             for _ in range(s_max)]
+        )
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+             for _ in range(s_max)]
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.active: int | None = 0
+        self.alpha: torch.Tensor | None = None  # [B, S_live]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha is not None:
+            s = self.alpha.shape[1]
+            lead = x.shape[:-1]  # (B, T)
+            x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]
+            a = self.alpha.to(x.dtype)
+            a = a.repeat_interleave(x2.shape[0] // a.shape[0], dim=0)  # [B·T, S]
+            A_cat = torch.cat(list(self.lora_A[:s]), 0)  # [S·r, in]
+            B_cat = torch.cat(list(self.lora_B[:s]), 1)  # [out, S·r]
+            y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a,
+                                self.scaling)
+            return y.view(*lead, -1)
+        y = self.base(x)
+        if self.active is None:
+            return y
+        k = self.active
+        return y + (self.dropout(x) @ self.lora_A[k].t() @ self.lora_B[k].t()) * self.scaling
+
+
+def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_max):
+    """Replace every nn.Linear whose name ends with one of ``targets`` by a SubspaceLoRALinear.
+
+    Only the language model's FFN linears are targeted by default (gate/up/down). Base weights are
+    frozen. Returns the wrapped layers in module order (the order of every flat vector).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and child_name in targets:
+                layer = SubspaceLoRALinear(child, r, lora_alpha, dropout, s_max)
+                setattr(module, child_name, layer)
+                found.append((full, layer))
+    if not found:
+        raise ValueError(f"lora.target_modules: no linear named {targets} in the model")
+    return found
+
+
+class SubspaceAdapter:
+    """The set of SubspaceLoRALinear layers of a model, and flat vectors of one subspace.
+
+    A subspace's flat vector concatenates, layer by layer in module order, A_k then B_k
+    (float32, ``numel`` elements).
+    """
+
+    def __init__(self, layers: list[tuple[str, SubspaceLoRALinear]]):
+        self.names = [n for n, _ in layers]
+        self.layers = [m for _, m in layers]
+        self.s_max = self.layers[0].s_max
+        self.r = self.layers[0].r
+        self.numel = sum(m.lora_A[0].numel() + m.lora_B[0].numel() for m in self.layers)
+
+    def params(self, k: int) -> list[nn.Parameter]:
+        out = []
+        for m in self.layers:
+            out += [m.lora_A[k], m.lora_B[k]]
+        return out
+
+    def train_subspace(self, k: int | None) -> None:
+        """Make subspace k the only one used and trained (None: base model only)."""
+        for m in self.layers:
+            m.active = k
+            m.alpha = None
+            for i in range(m.s_max):
+                m.lora_A[i].requires_grad_(i == k)
+                m.lora_B[i].requires_grad_(i == k)
+
+    def set_activation(self, alpha: torch.Tensor | None) -> None:
+        """SSA mode: α [B, S_live] for the next forward passes (None leaves SSA mode)."""
+        for m in self.layers:
+            m.alpha = alpha
+            m.active = None if alpha is not None else m.active
+            for i in range(m.s_max):
+                m.lora_A[i].requires_grad_(False)
+                m.lora_B[i].requires_grad_(False)
+
+    @torch.no_grad()
+    def get(self, k: int) -> torch.Tensor:
+        return torch.cat([p.detach().float().reshape(-1) for p in self.params(k)])
+
+    @torch.no_grad()
+    def set(self, k: int, vec) -> None:
+        vec = torch.as_tensor(vec, dtype=torch.float32)
+        if vec.numel() != self.numel:
+            raise ValueError(f"subspace vector has {vec.numel()} values, expected {self.numel}")
+        off = 0
+        for p in self.params(k):
+            n = p.numel()
+            p.copy_(vec[off : off + n].view_as(p).to(p.dtype))
+            off += n
+
+    def init_vector(self, generator: torch.Generator) -> torch.Tensor:
+        """Fresh subspace: A ~ N(0, 0.01), B = 0, as flat vector."""
+        parts = []
+        for m in self.layers:
+            parts.append(torch.randn(m.lora_A[0].numel(), generator=generator) * 0.01)
+            parts.append(torch.zeros(m.lora_B[0].numel()))
+        return torch.cat(parts)

@@ -1,0 +1,74 @@
+"""Local trainer protocol, data collation and the learning-rate schedule both trainers share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.model.tokenizer import EOS, PAD, ByteTokenizer
+
+
+@dataclass
+class LocalResult:
+    vector: np.ndarray  # float32 [numel] — the trained subspace after local training
+    loss: float  # mean training loss over the local steps
+    steps: int
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_ratio: float) -> float:
+    """Linear warm-up over ceil(warmup_ratio·total) steps, then cosine decay to 0."""
+    warm = math.ceil(warmup_ratio * total)
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def encode_sample(tok: ByteTokenizer, s: Sample, max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the prompt masked out of the loss (-100)."""
+    prompt = tok.prompt(s.instruction)
+    answer = [*tok.encode(s.answer), EOS]
+    ids = (prompt + answer)[:max_len]
+    labels = ([-100] * len(prompt) + answer)[:max_len]
+    return ids, labels
+
+
+def make_batches(
+    tok: ByteTokenizer, samples: list[Sample], batch_size: int, max_len: int, epochs: int,
+    generator: torch.Generator,
+) -> list[dict[str, torch.Tensor]]:
+    """Shuffled, right-padded batches for ``epochs`` passes over ``samples``."""
+    enc = [encode_sample(tok, s, max_len) for s in samples]
+    batches = []
+    for _ in range(epochs):
+        order = torch.randperm(len(enc), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            chunk = [enc[j] for j in order[i : i + batch_size]]
+            T = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), T), PAD, dtype=torch.long)
+            lab = torch.full((len(chunk), T), -100, dtype=torch.long)
+            att = torch.zeros((len(chunk), T), dtype=torch.long)
+            for b, (x, y) in enumerate(chunk):
+                ids[b, : len(x)] = torch.tensor(x)
+                lab[b, : len(y)] = torch.tensor(y)
+                att[b, : len(x)] = 1
+            batches.append({"input_ids": ids, "attention_mask": att, "labels": lab})
+    return batches
+
+
+def prox_term(params, anchors, mu: float) -> torch.Tensor:
+    """FedProx: (μ/2)·Σ‖w − w_global‖²."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
+class LocalTrainer:
+    """Trains subspace ``k`` of the adapter from ``start`` on ``batches``; one interface, two
+    implementations (plain torch, DeepSpeed ZeRO)."""
+
+    def train(self, model, adapter, k: int, start: np.ndarray, batches, *, lr: float,
+              weight_decay: float, warmup_ratio: float, prox_mu: float) -> LocalResult:
+        raise NotImplementedError

@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO local trainer.
+
+Each MPI rank runs its own single-process torch.distributed world (gloo), so its engine's
+data-parallel group holds only itself and virtual clients stay independent; weights move between
+ranks through mpi4py only. A fresh engine (and optimizer) is built for every client: the optimizer
+must restart per client and per round, and a DISCO client may train a different subspace each time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term
+
+_INITIALISED = False
+
+
+def init_single_process_world(local_rank: int, port_base: int = 29500) -> None:
+    """torch.distributed world of size 1 for this process (distinct port per local rank)."""
+    global _INITIALISED
+    if _INITIALISED:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["RANK"] = "0"
+    os.environ["WORLD_SIZE"] = "1"
+    os.environ["LOCAL_RANK"] = "0"
+    os.environ["LOCAL_SIZE"] = "1"
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    port = int(os.environ.get("FCIT_DS_PORT_BASE", port_base)) + local_rank
+    os.environ["MASTER_PORT"] = str(port)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    _INITIALISED = True
+
+
+class DeepSpeedTrainer(LocalTrainer):
+    def __init__(self, zero_stage: int, offload: bool, batch_size: int, local_rank: int = 0):
+        if zero_stage == 3:
+            raise ValueError(
+                "train.zero_stage: 3 partitions the frozen base model too; per-client engines "
+                "support stages 0, 1 and 2"
+            )
+        self.zero_stage = zero_stage
+        self.offload = offload
+        self.batch_size = batch_size
+        init_single_process_world(local_rank)
+
+    def _ds_config(self, lr: float, weight_decay: float) -> dict:
+        zero: dict = {"stage": self.zero_stage}
+        if self.offload and self.zero_stage > 0:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": self.batch_size,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
+            },
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+
+    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio,
+              prox_mu):
+        import deepspeed
+
+        adapter.set(k, start)
+        adapter.train_subspace(k)
+        params = adapter.params(k)
+        anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
+        engine, opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=self._ds_config(lr, weight_decay)
+        )
+        engine.train()
+        losses = []
+        try:
+            for step, batch in enumerate(batches):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
+                loss = engine(**batch).loss
+                losses.append(float(loss.detach()))
+                if anchors is not None:
+                    loss = loss + prox_term(params, anchors, prox_mu)
+                engine.backward(loss)
+                engine.step()
+        finally:
+            engine.eval()
+            vec = torch.cat([p.detach().float().reshape(-1) for p in params]).numpy().copy()
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+            for p in params:
+                p.grad = None
+        model.eval()
+        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))

@@ -1,0 +1,32 @@
+"""Plain-torch local trainer: AdamW + warm-up/cosine schedule, fresh for every client."""
+
+from __future__ import annotations
+
+import torch
+
+from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term
+
+
+class TorchTrainer(LocalTrainer):
+    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio,
+              prox_mu):
+        adapter.set(k, start)
+        adapter.train_subspace(k)
+        params = adapter.params(k)
+        anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        model.train()
+        losses = []
+        for step, batch in enumerate(batches):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
+            loss = model(**batch).loss
+            losses.append(float(loss.detach()))
+            if anchors is not None:
+                loss = loss + prox_term(params, anchors, prox_mu)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        vec = adapter.get(k).numpy()
+        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))

@@ -1,0 +1,45 @@
+"""Plain-torch references of the SSA-LoRA linear: the naive per-subspace loop and fp32 concat."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ssa_lora_loop(x, weight, bias, A, B, alpha, scaling):
+    """Naive reference: ``x W0ᵀ + b + scaling · Σ_i α_i (x A_iᵀ) B_iᵀ``, one subspace at a time.
+
+    x [M, in], weight [out, in], bias [out] | None, A [S, r, in], B [S, out, r], alpha [M, S].
+    """
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    for i in range(A.shape[0]):
+        y = y + scaling * alpha[:, i : i + 1] * ((x @ A[i].t()) @ B[i].t())
+    return y
+
+
+def ssa_lora_concat_fp32(x, weight, bias, A_cat, B_cat, alpha, scaling):
+    """Concatenated form in fp32: ``x W0ᵀ + scaling · ((x A_catᵀ) ⊙ expand_r(α)) B_catᵀ``."""
+    r = A_cat.shape[0] // alpha.shape[1]
+    xf = x.float()
+    y = xf @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    h = (xf @ A_cat.float().t()) * alpha.float().repeat_interleave(r, dim=1)
+    return (y + scaling * (h @ B_cat.float().t())).to(x.dtype)
+
+
+def ssa_gate_reference(f, G, epsilon, mode="softmax"):
+    """α from features f [M, D] and global identity tokens G [S, D]: softmax(cos / ε) or variants."""
+    s = torch.nn.functional.normalize(f.float(), dim=-1) @ torch.nn.functional.normalize(
+        G.float(), dim=-1
+    ).t()
+    if mode == "softmax":
+        return torch.softmax(s / epsilon, dim=-1)
+    if mode == "cosine":
+        return s
+    if mode == "argmax":
+        return torch.nn.functional.one_hot(s.argmax(-1), G.shape[0]).float()
+    if mode == "concat":
+        return torch.ones_like(s)
+    raise ValueError(f"unknown SSA mode {mode!r}")
