@@ -1,0 +1,11 @@
+"""Methods by ``method.name``: adding a method means adding one file and one line here."""
+
+from fcit_hpc.methods.disco import Disco
+from fcit_hpc.methods.finetune import Finetune
+from fcit_hpc.methods.zero_shot import ZeroShot
+
+REGISTRY = {"disco": Disco, "finetune": Finetune, "zero_shot": ZeroShot}
+
+
+def make_method(cfg):
+    return REGISTRY[cfg.method.name](cfg)

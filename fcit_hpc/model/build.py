@@ -43,7 +43,9 @@ def build_model(cfg: Config):
     model = build_base_model(cfg)
     model.eval()
     lc = cfg.lora
-    s_max = lc.max_subspaces if cfg.method.name == "disco" else 1
+    from fcit_hpc.methods import make_method
+
+    s_max = make_method(cfg).num_slots()
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )

@@ -1,0 +1,259 @@
+"""The federated continual loop, run by every rank. Rank 0 is the server (and may host clients).
+
+Per round: plan (Bcast) → global adapter (Bcast) → [DISCO: identity tokens (Gatherv) → DKO on
+rank 0 → subspace per client (Bcast)] → local training of each rank's virtual clients → headers
+and deltas (Gatherv) → validation, aggregation in client-id order, server optimizer → state.h5.
+After every stage: evaluation of every task on all ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcit_hpc.benchmark.suite import FederatedData
+from fcit_hpc.config import Config, to_yaml
+from fcit_hpc.eval.generate import evaluate
+from fcit_hpc.fed import server
+from fcit_hpc.fed.client import HEADER_WIDTH, compute_tokens, train_clients
+from fcit_hpc.fed.comm import Comm, local_rank
+from fcit_hpc.fed.strategies import init_server_state
+from fcit_hpc.methods import make_method
+from fcit_hpc.methods.disco import DkoDecision
+from fcit_hpc.model.build import build_model
+from fcit_hpc.model.identity import make_encoder
+from fcit_hpc.state.schema import CLIENT_DTYPE, STATUS, RunState, write_state
+
+log = logging.getLogger("fcit")
+
+
+def _derive(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def init_state(cfg: Config, adapter, method) -> RunState:
+    """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet."""
+    s_max = method.num_slots()
+    gen = torch.Generator().manual_seed(_derive(cfg.seed, 77))
+    vecs = np.stack([adapter.init_vector(gen).numpy() for _ in range(s_max)]).astype(np.float32)
+    dim = cfg.method.identity_dim if cfg.method.identity_encoder == "hashing" else 384
+    b = cfg.benchmark
+    stages = b.num_tasks if b.setting == "task" else max(1, min(4, b.num_tasks // 2))
+    st = RunState(
+        config_yaml=to_yaml(cfg),
+        adapter=vecs,
+        tokens=np.zeros((s_max, dim), np.float32),
+        token_counts=np.zeros(s_max, np.float64),
+        accuracy=np.full((stages, b.num_tasks), np.nan),
+        server_opt=init_server_state(cfg.federation.fed_alg, vecs.shape, cfg.federation.fedopt_tau),
+    )
+    if not method.uses_identity:
+        st.num_subspaces = 1
+    return st
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, one JSON object per round and per evaluation (rank 0 only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rewrite(self, st: RunState, task_names) -> None:
+        """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
+        lines = [self._round_line(r, st.clients) for r in st.rounds]
+        for t in range(st.accuracy.shape[0]):
+            if not np.isnan(st.accuracy[t]).all():
+                lines.append(self._eval_line(t, st.accuracy[t], task_names))
+        lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
+        self.path.write_text("".join(x + "\n" for x in lines))
+
+    @staticmethod
+    def _round_line(r, clients) -> str:
+        cs = clients[(clients["stage"] == r["stage"]) & (clients["round"] == r["round"])]
+        return json.dumps({
+            "kind": "round", "stage": int(r["stage"]), "round": int(r["round"]),
+            "loss": float(r["loss"]), "samples": int(r["samples"]),
+            "seconds": round(float(r["seconds"]), 4), "bytes_sent": int(r["bytes_sent"]),
+            "bytes_recv": int(r["bytes_recv"]), "accepted": int(r["accepted"]),
+            "rejected": int(r["rejected"]), "num_subspaces": int(r["num_subspaces"]),
+            "clients": [{"client": int(c["client"]), "subspace": int(c["subspace"]),
+                         "samples": int(c["samples"]), "status": STATUS[int(c["status"])],
+                         "similarity": None if np.isnan(c["similarity"]) else
+                         round(float(c["similarity"]), 4), "dko": int(c["dko_action"])}
+                        for c in cs],
+        })
+
+    @staticmethod
+    def _eval_line(stage, acc, names) -> str:
+        return json.dumps({"kind": "eval", "stage": int(stage),
+                           "accuracy": {n: float(a) for n, a in zip(names, acc, strict=True)}})
+
+    def append(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def run_federated(cfg: Config, comm: Comm, run_dir: Path, state: RunState | None) -> RunState | None:
+    """Run (or continue, when ``state`` is given on rank 0) the whole schedule."""
+    torch.set_num_threads(cfg.train.num_threads)
+    model, adapter, tok = build_model(cfg)
+    method = make_method(cfg)
+    data = FederatedData(cfg)
+    encoder = make_encoder(cfg.method.identity_encoder, cfg.method.identity_dim) \
+        if method.uses_identity else None
+    if cfg.train.backend == "deepspeed":
+        from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
+
+        trainer = DeepSpeedTrainer(cfg.train.zero_stage, cfg.train.offload, cfg.train.batch_size,
+                                   local_rank())
+    else:
+        from fcit_hpc.train.torch_trainer import TorchTrainer
+
+        trainer = TorchTrainer()
+    root = comm.is_root
+    st = None
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if root else None
+    if root:
+        st = state if state is not None else init_state(cfg, adapter, method)
+        if st.adapter.shape != (method.num_slots(), adapter.numel):
+            from fcit_hpc.errors import StateError
+
+            raise StateError(f"{run_dir / 'state.h5'}: /global/adapter shape "
+                             f"{st.adapter.shape} does not fit the model "
+                             f"({method.num_slots()}, {adapter.numel})")
+        if st.rng_torch.size:
+            torch.set_rng_state(torch.from_numpy(st.rng_torch.copy()))
+        metrics.rewrite(st, data.task_names)
+        cursor = np.array([st.stage, st.round, int(st.done)], np.int64)
+    else:
+        cursor = None
+    cursor = comm.bcast_array(cursor)
+    if cursor[2]:
+        return st
+    start_stage, last_round = int(cursor[0]), int(cursor[1])
+    num_rounds = cfg.federation.num_rounds if method.trains else 0
+    total = data.num_stages * max(num_rounds, 1)
+    bar = None
+    if root:
+        from tqdm import tqdm
+
+        done_rounds = start_stage * max(num_rounds, 1) + last_round + 1
+        bar = tqdm(total=total, initial=done_rounds, desc="fcit", unit="round", dynamic_ncols=True)
+    for stage in range(start_stage, data.num_stages):
+        first = last_round + 1 if stage == start_stage else 0
+        for rnd in range(first, num_rounds):
+            st = _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method,
+                        encoder)
+            if root:
+                metrics.append(MetricsLog._round_line(st.rounds[-1], st.clients))
+                write_state(run_dir, st)
+                bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}",
+                                S=st.num_subspaces)
+                bar.update(1)
+        if not method.trains and root:
+            bar.update(1)
+        # evaluation after the stage (skipped if a resumed run had done it)
+        needs_eval = np.array([1 if root and np.isnan(st.accuracy[stage]).all() else 0], np.int64)
+        needs_eval = comm.bcast_array(needs_eval)
+        if cfg.eval.enabled and needs_eval[0]:
+            view = _broadcast_view(comm, st)
+            for k in range(view.adapter.shape[0]):
+                adapter.set(k, view.adapter[k])
+            acc = evaluate(cfg, comm, model, adapter, tok, method, view, data, encoder)
+            if root:
+                st.accuracy[stage] = acc
+                metrics.append(MetricsLog._eval_line(stage, acc, data.task_names))
+        if root:
+            st.stage, st.round = stage + 1, -1
+            st.done = stage + 1 == data.num_stages
+            write_state(run_dir, st)
+    if bar is not None:
+        bar.close()
+    return st
+
+
+def _broadcast_view(comm: Comm, st: RunState | None) -> RunState:
+    """Every rank gets the global adapter, tokens and live count (for local work / evaluation)."""
+    adapter = comm.bcast_array(st.adapter if st is not None else None)
+    tokens = comm.bcast_array(st.tokens if st is not None else None)
+    live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
+    if st is not None:
+        return st
+    return RunState("", adapter, tokens, np.zeros(len(tokens)), np.zeros((0, 0)),
+                    num_subspaces=int(live[0]))
+
+
+def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method, encoder):
+    root = comm.is_root
+    t0 = time.perf_counter()
+    plan = server.plan_round(cfg, data.schedule, stage, rnd, comm.size) if root else None
+    plan = comm.bcast_array(plan)
+    view = _broadcast_view(comm, st)
+    mine = plan[plan[:, 2] == comm.rank]
+    # --- DKO: identity tokens up, subspace assignment down
+    decisions: dict[int, DkoDecision] = {}
+    token_bytes = 0
+    if method.uses_identity:
+        head, vals = compute_tokens(encoder, data, mine)
+        heads = comm.gatherv(head.reshape(-1))
+        values = comm.gatherv(vals)
+        assign = None
+        if root:
+            decisions = _dko(cfg, st, method, heads, values)
+            assign = np.array([[c, d.subspace] for c, d in sorted(decisions.items())], np.int64)
+        assign = comm.bcast_array(assign)
+        subspaces = {int(c): int(k) for c, k in assign}
+        token_bytes = view.tokens.shape[1] * 4 + 3 * 8
+    else:
+        subspaces = {int(c): 0 for c in plan[:, 0]}
+    # --- local training of this rank's virtual clients
+    head, deltas = train_clients(cfg, comm.rank, stage, rnd, mine, subspaces, view.adapter, model,
+                                 adapter, tok, trainer, data)
+    heads = comm.gatherv(head.reshape(-1))
+    values = comm.gatherv(deltas)
+    if root:
+        updates = server.parse_updates(heads, values)
+        bytes_down = adapter.numel * 4 + 3 * 8
+        row, crows = server.aggregate_round(cfg, st, updates, adapter.numel, stage, rnd, plan,
+                                            decisions, time.perf_counter() - t0, bytes_down,
+                                            token_bytes)
+        st.append_metrics(row, crows)
+        st.stage, st.round = stage, rnd
+        torch.manual_seed(_derive(cfg.seed, stage, rnd, 999))
+        st.rng_torch = torch.get_rng_state().numpy().copy()
+    return st
+
+
+def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:
+    """Validate gathered tokens, then let the method assign subspaces in client-id order."""
+    dim = st.tokens.shape[1]
+    entries = []
+    for h, v in zip(heads, values, strict=True):
+        off = 0
+        for client, samples, d in h.reshape(-1, 3):
+            entries.append((int(client), int(samples), v[off : off + d]))
+            off += int(d)
+    entries.sort()
+    decisions, ok = {}, []
+    for client, samples, mu in entries:
+        if mu.size != dim:
+            log.warning("client %d: identity token rejected, dimension %d != %d", client, mu.size,
+                        dim)
+        elif not np.isfinite(mu).all():
+            log.warning("client %d: identity token rejected, contains NaN/Inf", client)
+        else:
+            ok.append((client, samples, mu))
+            continue
+        decisions[client] = DkoDecision(client, -1, float("nan"), 0)
+    for d in method.assign(st, [c for c, _, _ in ok], [m for _, _, m in ok],
+                           [n for _, n, _ in ok]):
+        decisions[d.client] = d
+    return decisions
+
+
+__all__ = ["run_federated", "init_state", "HEADER_WIDTH", "CLIENT_DTYPE"]

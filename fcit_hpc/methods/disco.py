@@ -1,0 +1,116 @@
+"""DISCO: Dynamic Knowledge Organization (server) and Subspace Selective Activation (inference).
+
+DKO: client tokens μ_k are matched, in client-id order, to global identity tokens G_1..G_S by cosine
+similarity. Best similarity ≥ τ → the client trains that subspace and the token is merged by the
+sample-weighted running mean (G·n + μ·m)/(n + m); otherwise a new global token and subspace are
+created. When S reaches S_max, ``full_policy`` decides: ``nearest`` assigns the most similar
+subspace (logged as FULL), ``error`` stops the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MATCHED, NEW, FULL = 1, 2, 3
+ACTIONS = {0: "none", MATCHED: "matched", NEW: "new", FULL: "full->nearest"}
+
+
+@dataclass
+class DkoDecision:
+    client: int
+    subspace: int
+    similarity: float  # best cosine similarity before the decision (nan when no token existed)
+    action: int
+
+
+def cosine(a: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """cos(a, G_i) for every row of G (float64)."""
+    a = a.astype(np.float64)
+    G = G.astype(np.float64)
+    na = np.linalg.norm(a)
+    nG = np.linalg.norm(G, axis=1)
+    return (G @ a) / np.maximum(na * nG, 1e-12)
+
+
+def dko_assign(
+    G: np.ndarray, counts: np.ndarray, live: int, clients: list[int], tokens: list[np.ndarray],
+    samples: list[int], tau: float, full_policy: str = "nearest",
+) -> tuple[list[DkoDecision], int]:
+    """Match tokens to global tokens; updates ``G`` [S_max, D] and ``counts`` [S_max] in place.
+
+    Returns the decisions (one per client, in the given order) and the new number of live subspaces.
+    """
+    s_max = G.shape[0]
+    decisions = []
+    for cid, mu, m in zip(clients, tokens, samples, strict=True):
+        sims = cosine(mu, G[:live]) if live else np.zeros(0)
+        best = int(np.argmax(sims)) if live else -1
+        best_sim = float(sims[best]) if live else float("nan")
+        if live and best_sim >= tau:
+            k, action = best, MATCHED
+        elif live < s_max:
+            k, action = live, NEW
+            live += 1
+        elif full_policy == "nearest":
+            k, action = best, FULL
+        else:
+            raise RuntimeError(
+                f"DKO: client {cid} matches no subspace (best cos {best_sim:.3f} < τ={tau}) "
+                f"and all {s_max} subspaces (lora.max_subspaces) are in use"
+            )
+        n = counts[k]
+        G[k] = ((G[k].astype(np.float64) * n + mu.astype(np.float64) * m) / (n + m)).astype(
+            G.dtype
+        )
+        counts[k] = n + m
+        decisions.append(DkoDecision(cid, k, best_sim, action))
+    return decisions, live
+
+
+def ssa_activation(features: np.ndarray, G: np.ndarray, epsilon: float, mode: str) -> np.ndarray:
+    """α [M, S] over the live tokens G [S, D] for instruction features [M, D].
+
+    softmax: softmax(cos/ε); cosine: raw cos; argmax: one-hot of the best; concat: all ones.
+    """
+    import torch
+
+    from kernels import ssa_gate
+
+    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    g = torch.from_numpy(np.ascontiguousarray(G, dtype=np.float32))
+    return ssa_gate(f, g, epsilon, mode).numpy()
+
+
+class Disco:
+    """DISCO = DKO on the server + SSA at inference (registered as ``method.name: disco``)."""
+
+    name = "disco"
+    trains = True
+    uses_identity = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def num_slots(self) -> int:
+        return self.cfg.lora.max_subspaces
+
+    def assign(self, state, clients, tokens, samples):
+        m = self.cfg.method
+        decisions, state.num_subspaces = dko_assign(
+            state.tokens, state.token_counts, state.num_subspaces, clients, tokens, samples,
+            m.tau, m.full_policy,
+        )
+        return decisions
+
+    def set_inference(self, adapter, state, feature):
+        import torch
+
+        live = state.num_subspaces
+        if live == 0:
+            adapter.train_subspace(None)
+            return
+        m = self.cfg.method
+        alpha = ssa_activation(feature[None, :], state.tokens[:live], m.epsilon, m.ssa)
+        adapter.set_activation(torch.from_numpy(alpha))

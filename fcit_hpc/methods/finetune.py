@@ -1,0 +1,7 @@
+"""Finetune: one shared LoRA trained by every client and averaged (the paper's Finetune baseline)."""
+
+from fcit_hpc.methods.base import Method
+
+
+class Finetune(Method):
+    name = "finetune"
