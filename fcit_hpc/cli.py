@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "simulator (MPI, DeepSpeed, HDF5)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a config (under mpiexec for several ranks)")
-    r.add_argument("config", nargs="?", help="YAML config")
-    r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    r.add_argument("items", nargs="*", metavar="CONFIG [key.sub=value ...]",
+                   help="YAML config, then dotted overrides")
     r.add_argument("--out", help="run directory (overrides out_dir)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     b = sub.add_parser("bench", help="benchmarks: round wall time at 1 vs 2 ranks; kernels")
@@ -96,7 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.cmd == "run":
+        items = list(args.items) + extra
+        unknown = [x for x in items if x.startswith("-")]
+        if unknown:
+            build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.config = items[0] if items and "=" not in items[0] else None
+        args.overrides = items[1:] if args.config else items
+    elif extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from fcit_hpc.fed.comm import make_comm
 
     comm = make_comm() if args.cmd == "run" else None

@@ -318,4 +318,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """Resolved config as YAML. The ``debug`` section (one-shot fault injection for tests) is left
+    out, so a resumed run does not repeat the fault and its content equals an uninterrupted run."""
+    data = to_dict(cfg)
+    data.pop("debug")
+    return yaml.safe_dump(data, sort_keys=False)
