@@ -1,0 +1,41 @@
+"""Test set-up. TRITON_INTERPRET must be set before any kernel module is imported."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def mpiexec(n: int, *args: str, timeout: float = 300, env: dict | None = None, **kw):
+    """Run ``args`` on n MPI ranks with the venv's mpiexec; returns CompletedProcess."""
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    e.update(env or {})
+    cmd = [str(BIN / "mpiexec"), "--oversubscribe", "-n", str(n), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT,
+                          **kw)
+
+
+def fcit(*args: str, timeout: float = 300):
+    """Run the ``fcit`` console script as a plain process (world size 1)."""
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    return subprocess.run([str(BIN / "fcit"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=e, cwd=ROOT)
+
+
+@pytest.fixture
+def smoke_config() -> Path:
+    return ROOT / "configs" / "smoke.yaml"

@@ -1,0 +1,121 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fcit_hpc.config import Config, load_config, to_yaml
+from fcit_hpc.errors import ConfigError
+
+from .conftest import ROOT, fcit
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # the resolved YAML loads back to the same config
+    again = load_config(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                               for k, v in _flatten(yaml.safe_load(to_yaml(cfg)))])
+    assert to_yaml(again) == to_yaml(cfg)
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["federation.num_clients=7", "train.lr=1e-3", "method.name=finetune",
+                             "lora.target_modules=[up_proj]"])
+    assert cfg.federation.num_clients == 7
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.method.name == "finetune"
+    assert cfg.lora.target_modules == ["up_proj"]
+    assert cfg.clients_per_round == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["federation.foo=1"], "federation.foo: unknown key"),
+        (["nope=1"], "nope: unknown key"),
+        (["federation.num_clients=abc"], "federation.num_clients: expected an integer"),
+        (["federation.num_clients=1.5"], "federation.num_clients: expected an integer"),
+        (["federation.server_hosts_clients=1"], "federation.server_hosts_clients: expected true"),
+        (["federation.client_selection_frac=0"], "federation.client_selection_frac: 0.0 is out"),
+        (["federation.fed_alg=fedsgd"], "federation.fed_alg: 'fedsgd' is out of range"),
+        (["method.tau=0"], "method.tau: 0.0 is out of range"),
+        (["method.tau=1.01"], "method.tau: 1.01 is out of range"),
+        (["method.epsilon=0"], "method.epsilon: 0.0 is out of range"),
+        (["benchmark.dirichlet_beta=-1"], "benchmark.dirichlet_beta: -1.0 is out of range"),
+        (["lora.target_modules=up_proj"], "lora.target_modules: expected a list"),
+        (["train=3"], "train: expected a mapping"),
+        (["model.num_heads=3"], "model.num_heads: 3 does not divide"),
+        (["debug.nan_clients=[99]"], "debug.nan_clients: client id 99"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert fragment in str(e.value)
+
+
+def test_tau_one_is_allowed():
+    assert load_config(None, ["method.tau=1"]).method.tau == 1.0
+
+
+def test_malformed_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: malformed YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(lst)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["federation.client_selection_frac=0"], "federation.client_selection_frac"),
+        (["federation.bogus=1"], "federation.bogus: unknown key"),
+        (["train.batch_size=x"], "train.batch_size: expected an integer"),
+    ],
+)
+def test_cli_bad_input_exit_2_and_leaves_the_run_alone(tmp_path, smoke_config, args, fragment):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("precious\n")
+    p = fcit("run", str(smoke_config), "--out", str(run), *args)
+    assert p.returncode == 2
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and fragment in lines[0]
+    assert (run / "config.yaml").read_text() == "precious\n"
+    assert sorted(x.name for x in run.iterdir()) == ["config.yaml"]
+
+
+def test_cli_malformed_yaml_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: {num_clients: 3\n")
+    p = fcit("run", str(bad))
+    assert p.returncode == 2
+    assert "bad.yaml: malformed YAML" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_resolved_config_is_written(tmp_path, smoke_config):
+    out = tmp_path / "r"
+    p = fcit("run", str(smoke_config), "--out", str(out), "federation.num_rounds=1",
+             "benchmark.num_tasks=1", "eval.enabled=false")
+    assert p.returncode == 0, p.stderr
+    cfg = load_config(out / "config.yaml")
+    assert cfg.federation.num_rounds == 1 and cfg.out_dir == str(out)
+    assert Path(out / "state.h5").is_file()
