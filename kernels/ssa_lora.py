@@ -64,7 +64,9 @@ def ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling: float):
     y = torch.nn.functional.linear(x, weight, bias)  # [M, out]
     h = x @ A_cat.t()  # [M, S·r]
     h = (h.view(h.shape[0], -1, r) * (alpha.to(h.dtype) * scaling).unsqueeze(-1)).view_as(h)
-    return torch.addmm(y, h, B_cat.t(), out=y) if not y.requires_grad else y + h @ B_cat.t()
+    if torch.is_grad_enabled() and (h.requires_grad or B_cat.requires_grad or y.requires_grad):
+        return y + h @ B_cat.t()
+    return torch.addmm(y, h, B_cat.t(), out=y)
 
 
 def ssa_gate(f, G, epsilon: float, mode: str = "softmax"):

@@ -35,6 +35,10 @@ def test_world_size_invariance(serial_run, tmp_path, n):
     assert st.done and st.num_subspaces == 2  # two tasks, two subspaces discovered
     # clients really were spread over the ranks
     assert set(st.clients["rank"]) == set(range(n))
+    # DKO: each subspace only ever receives updates from clients of its own task
+    ok = st.clients[st.clients["status"] == 0]
+    pairs = {(int(u), int(k)) for u, k in zip(ok["unit"], ok["subspace"], strict=True)}
+    assert len(pairs) == 2 and len({k for _, k in pairs}) == 2
 
 
 def test_sigkill_mid_round_then_resume_is_bitwise_identical(serial_run, tmp_path):
@@ -121,3 +125,14 @@ def test_existing_run_is_not_overwritten(serial_run):
     p = fcit("run", SMOKE, "--out", str(serial_run))
     assert p.returncode == 2 and "a run already exists here" in p.stderr
     assert (serial_run / "state.h5").read_bytes() == before
+
+
+def test_deepspeed_backend_under_mpi_matches_torch(serial_run, tmp_path):
+    out = tmp_path / "ds"
+    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(out), "train.backend=deepspeed",
+                "train.zero_stage=2", env={"FCIT_DS_PORT_BASE": "29710"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = read_state(serial_run), read_state(out)
+    np.testing.assert_allclose(b.adapter, a.adapter, atol=1e-5, rtol=0)
+    assert b.num_subspaces == a.num_subspaces
+    np.testing.assert_array_equal(b.clients["subspace"], a.clients["subspace"])

@@ -22,6 +22,8 @@ class SubspaceLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float, s_max: int):
         super().__init__()
         self.base = base
+        for p in base.parameters():  # the base model is never trained
+            p.requires_grad_(False)
         self.r = r
         self.scaling = lora_alpha / r
         self.s_max = s_max

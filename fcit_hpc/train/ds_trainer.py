@@ -25,7 +25,7 @@ def init_single_process_world(local_rank: int, port_base: int = 29500) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["RANK"] = "0"
     os.environ["WORLD_SIZE"] = "1"
-    os.environ["LOCAL_RANK"] = "0"
+    os.environ["LOCAL_RANK"] = str(local_rank)  # DeepSpeed checks it against the MPI env
     os.environ["LOCAL_SIZE"] = "1"
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     port = int(os.environ.get("FCIT_DS_PORT_BASE", port_base)) + local_rank

@@ -1,0 +1,81 @@
+import h5py
+import numpy as np
+import pytest
+
+from fcit_hpc.errors import StateError
+from fcit_hpc.state.schema import (
+    CLIENT_DTYPE, ROUND_DTYPE, RunState, comparable_content, read_state, same_content,
+    write_state,
+)
+
+
+def _state():
+    st = RunState(
+        config_yaml="seed: 0\nout_dir: a\n",
+        adapter=np.arange(12, dtype=np.float32).reshape(2, 6),
+        tokens=np.ones((2, 4), np.float32),
+        token_counts=np.array([3.0, 0.0]),
+        accuracy=np.full((2, 3), np.nan),
+        num_subspaces=1, stage=1, round=0,
+        server_opt={"m": np.zeros((2, 6), np.float32)},
+        rng_torch=np.arange(5, dtype=np.uint8),
+    )
+    st.append_metrics(np.zeros(1, ROUND_DTYPE), np.zeros(2, CLIENT_DTYPE))
+    return st
+
+
+def test_roundtrip(tmp_path):
+    st = _state()
+    write_state(tmp_path, st)
+    back = read_state(tmp_path)
+    assert np.array_equal(back.adapter, st.adapter)
+    assert (back.stage, back.round, back.done, back.num_subspaces) == (1, 0, False, 1)
+    assert np.array_equal(back.server_opt["m"], st.server_opt["m"])
+    assert len(back.clients) == 2 and back.clients.dtype == CLIENT_DTYPE
+    assert not list(tmp_path.glob(".*tmp"))  # temp file replaced
+
+
+def test_no_pickle_in_state_file(tmp_path):
+    write_state(tmp_path, _state())
+    with h5py.File(tmp_path / "state.h5") as f:
+        kinds = []
+        f.visititems(lambda n, o: kinds.append(o.dtype.kind) if isinstance(o, h5py.Dataset)
+                     else None)
+    assert set(kinds) <= {"f", "i", "u", "V"}  # numbers and compound records only
+    assert b"pickle" not in (tmp_path / "state.h5").read_bytes()
+
+
+def test_comparable_content_ignores_time_and_placement(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    s1, s2 = _state(), _state()
+    s2.config_yaml = "seed: 0\nout_dir: b\n"
+    s2.clients["seconds"] = 9.0
+    s2.clients["rank"] = 1
+    write_state(a, s1)
+    write_state(b, s2)
+    assert same_content(comparable_content(a), comparable_content(b)) == []
+    s2.adapter[0, 0] = np.nextafter(s2.adapter[0, 0], 1)
+    write_state(b, s2)
+    assert same_content(comparable_content(a), comparable_content(b)) == ["global/adapter"]
+
+
+def test_missing_dataset_and_wrong_shape(tmp_path):
+    write_state(tmp_path, _state())
+    with h5py.File(tmp_path / "state.h5", "a") as f:
+        del f["global/tokens"]
+    with pytest.raises(StateError, match="missing dataset global/tokens"):
+        read_state(tmp_path)
+    write_state(tmp_path, _state())
+    with h5py.File(tmp_path / "state.h5", "a") as f:
+        del f["server_opt/m"]
+        f["server_opt/m"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(StateError, match="server_opt/m shape"):
+        read_state(tmp_path)
+
+
+def test_not_hdf5(tmp_path):
+    (tmp_path / "state.h5").write_text("hello")
+    with pytest.raises(StateError, match="unreadable state file"):
+        read_state(tmp_path)
