@@ -23,6 +23,7 @@ setup(
         "transformers>=4.50",
         "peft>=0.14",
         "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # An MPI implementation from PyPI: mpiexec inside the venv, no root needed.

@@ -28,8 +28,10 @@ def cmd_run(args, comm) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         if args.config or args.overrides:
-            raise ConfigError("--resume RUN_DIR takes the config stored in RUN_DIR/state.h5; "
-                              "give no CONFIG or overrides")
+            raise ConfigError(
+                "--resume RUN_DIR takes the config stored in RUN_DIR/state.h5; "
+                "give no CONFIG or overrides"
+            )
         st = read_state(run_dir)  # every rank checks the file, so all fail alike
         try:
             cfg = config_from_yaml_text(st.config_yaml)
@@ -45,8 +47,10 @@ def cmd_run(args, comm) -> int:
         cfg = load_config(args.config, overrides)
         run_dir = Path(cfg.out_dir)
         if (run_dir / STATE_FILE).exists():
-            raise StateError(f"{run_dir / STATE_FILE}: a run already exists here; use "
-                             f"`fcit run --resume {run_dir}` or another --out")
+            raise StateError(
+                f"{run_dir / STATE_FILE}: a run already exists here; use "
+                f"`fcit run --resume {run_dir}` or another --out"
+            )
         comm.barrier()
         if comm.is_root:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +66,10 @@ def _print_summary(st, run_dir: Path) -> None:
 
     acc = st.accuracy
     if not np.isnan(acc[-1]).all():
-        print(f"final accuracy per task: {np.round(acc[-1], 1).tolist()}  "
-              f"mean {np.nanmean(acc[-1]):.2f}")
+        print(
+            f"final accuracy per task: {np.round(acc[-1], 1).tolist()}  "
+            f"mean {np.nanmean(acc[-1]):.2f}"
+        )
     print(f"subspaces: {st.num_subspaces}  state: {run_dir / 'state.h5'}")
 
 
@@ -78,12 +84,18 @@ def cmd_bench(args, comm) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fcit", description="Federated Continual Instruction Tuning "
-                                "simulator (MPI, DeepSpeed, HDF5)")
+    p = argparse.ArgumentParser(
+        prog="fcit",
+        description="Federated Continual Instruction Tuning simulator (MPI, DeepSpeed, HDF5)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a config (under mpiexec for several ranks)")
-    r.add_argument("items", nargs="*", metavar="CONFIG [key.sub=value ...]",
-                   help="YAML config, then dotted overrides")
+    r.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG [key.sub=value ...]",
+        help="YAML config, then dotted overrides",
+    )
     r.add_argument("--out", help="run directory (overrides out_dir)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     b = sub.add_parser("bench", help="benchmarks: round wall time at 1 vs 2 ranks; kernels")

@@ -1,4 +1,4 @@
-"""Typed run configuration: YAML + ``a.b=c`` overrides, validated once, every error naming its field.
+"""Typed run configuration: YAML + ``a.b=c`` overrides, validated once; errors name the field.
 
 Field names follow the conventions of federated instruction-tuning code bases (``num_clients``,
 ``client_selection_frac``, ``fed_alg``, ``prox_mu``, ``fedopt_eta`` ...). Unknown keys are errors.

@@ -30,10 +30,11 @@ def ssa_lora_concat_fp32(x, weight, bias, A_cat, B_cat, alpha, scaling):
 
 
 def ssa_gate_reference(f, G, epsilon, mode="softmax"):
-    """α from features f [M, D] and global identity tokens G [S, D]: softmax(cos / ε) or variants."""
-    s = torch.nn.functional.normalize(f.float(), dim=-1) @ torch.nn.functional.normalize(
-        G.float(), dim=-1
-    ).t()
+    """α from features f [M, D] and global tokens G [S, D]: softmax(cos / ε) or variants."""
+    s = (
+        torch.nn.functional.normalize(f.float(), dim=-1)
+        @ torch.nn.functional.normalize(G.float(), dim=-1).t()
+    )
     if mode == "softmax":
         return torch.softmax(s / epsilon, dim=-1)
     if mode == "cosine":

@@ -19,12 +19,16 @@ def _check(x, weight, bias, A_cat, B_cat, alpha):
     if S == 0:
         raise ValueError("ssa_lora_linear: S = 0 subspaces")
     if weight.shape[1] != K or A_cat.shape[1] != K:
-        raise ValueError(f"ssa_lora_linear: in-features mismatch x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}, A_cat {tuple(A_cat.shape)}")
+        raise ValueError(
+            f"ssa_lora_linear: in-features mismatch x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}, A_cat {tuple(A_cat.shape)}"
+        )
     R = A_cat.shape[0]
     if R % S or B_cat.shape != (N, R):
-        raise ValueError(f"ssa_lora_linear: rank mismatch A_cat {tuple(A_cat.shape)}, "
-                         f"B_cat {tuple(B_cat.shape)}, S={S}")
+        raise ValueError(
+            f"ssa_lora_linear: rank mismatch A_cat {tuple(A_cat.shape)}, "
+            f"B_cat {tuple(B_cat.shape)}, S={S}"
+        )
     if alpha.shape[0] != M:
         raise ValueError(f"ssa_lora_linear: alpha rows {alpha.shape[0]} != x rows {M}")
     if bias is not None and bias.shape != (N,):
@@ -52,8 +56,7 @@ def ssa_lora_linear(x, weight, bias, A_cat, B_cat, alpha, scaling: float, backen
     if backend == "triton" or (backend == "auto" and _use_triton(x)):
         from kernels import triton_ssa_lora
 
-        return triton_ssa_lora.ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha,
-                                                      scaling)
+        return triton_ssa_lora.ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha, scaling)
     return ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling)
 
 

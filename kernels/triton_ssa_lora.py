@@ -23,10 +23,31 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------- kernels
 @triton.jit
 def _ssa_lora_add_kernel(
-    x_ptr, a_ptr, b_ptr, alpha_ptr, y_ptr,
-    M, N, K, R, r, scaling,
-    sxm, sxk, sar, sak, sbn, sbr, salm, sals, sym, syn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    b_ptr,
+    alpha_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    r,
+    scaling,
+    sxm,
+    sxk,
+    sar,
+    sak,
+    sbn,
+    sbr,
+    salm,
+    sals,
+    sym,
+    syn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    RP: tl.constexpr,
     LOW_PRECISION_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -39,21 +60,33 @@ def _ssa_lora_add_kernel(
     h = tl.zeros((BM, RP), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        at = tl.load(a_ptr + rr[None, :] * sar + kk[:, None] * sak,
-                     mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)  # [BK, RP]
+        xt = tl.load(
+            x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+            mask=(rm[:, None] < M) & (kk[None, :] < K),
+            other=0.0,
+        )
+        at = tl.load(
+            a_ptr + rr[None, :] * sar + kk[:, None] * sak,
+            mask=(rr[None, :] < R) & (kk[:, None] < K),
+            other=0.0,
+        )  # [BK, RP]
         if LOW_PRECISION_DOT:
             h += tl.dot(xt, at)
         else:  # fp32, or bf16 upcast right after the load
             h += tl.dot(xt.to(tl.float32), at.to(tl.float32))
     # gate: column j belongs to subspace j // r
-    g = tl.load(alpha_ptr + rm[:, None] * salm + (rr[None, :] // r) * sals,
-                mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    g = tl.load(
+        alpha_ptr + rm[:, None] * salm + (rr[None, :] // r) * sals,
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+        other=0.0,
+    )
     h = h * g.to(tl.float32) * scaling
     # expand and add into y
-    bt = tl.load(b_ptr + rn[None, :] * sbn + rr[:, None] * sbr,
-                 mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)  # [RP, BN]
+    bt = tl.load(
+        b_ptr + rn[None, :] * sbn + rr[:, None] * sbr,
+        mask=(rn[None, :] < N) & (rr[:, None] < R),
+        other=0.0,
+    )  # [RP, BN]
     if LOW_PRECISION_DOT:
         out = tl.dot(h.to(bt.dtype), bt)
     else:
@@ -66,9 +99,22 @@ def _ssa_lora_add_kernel(
 
 @triton.jit
 def _ssa_gate_kernel(
-    f_ptr, g_ptr, out_ptr, M, S, D, inv_eps,
-    sfm, sfd, sgs, sgd, som, sos,
-    BM: tl.constexpr, SP: tl.constexpr, BD: tl.constexpr,
+    f_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    S,
+    D,
+    inv_eps,
+    sfm,
+    sfd,
+    sgs,
+    sgd,
+    som,
+    sos,
+    BM: tl.constexpr,
+    SP: tl.constexpr,
+    BD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
@@ -79,10 +125,16 @@ def _ssa_gate_kernel(
     gn = tl.zeros((SP,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         dd = d0 + rd
-        ft = tl.load(f_ptr + rm[:, None] * sfm + dd[None, :] * sfd,
-                     mask=(rm[:, None] < M) & (dd[None, :] < D), other=0.0).to(tl.float32)
-        gt = tl.load(g_ptr + rs[None, :] * sgs + dd[:, None] * sgd,
-                     mask=(rs[None, :] < S) & (dd[:, None] < D), other=0.0).to(tl.float32)
+        ft = tl.load(
+            f_ptr + rm[:, None] * sfm + dd[None, :] * sfd,
+            mask=(rm[:, None] < M) & (dd[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        gt = tl.load(
+            g_ptr + rs[None, :] * sgs + dd[:, None] * sgd,
+            mask=(rs[None, :] < S) & (dd[:, None] < D),
+            other=0.0,
+        ).to(tl.float32)
         dot += tl.dot(ft, gt)
         fn += tl.sum(ft * ft, axis=1)
         gn += tl.sum(gt * gt, axis=0)
@@ -93,8 +145,11 @@ def _ssa_gate_kernel(
     mx = tl.max(logits, axis=1)
     e = tl.exp(logits - mx[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
-    tl.store(out_ptr + rm[:, None] * som + rs[None, :] * sos, p,
-             mask=(rm[:, None] < M) & (rs[None, :] < S))
+    tl.store(
+        out_ptr + rm[:, None] * som + rs[None, :] * sos,
+        p,
+        mask=(rm[:, None] < M) & (rs[None, :] < S),
+    )
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -135,14 +190,20 @@ def ssa_lora_add_(y, x, A_cat, B_cat, alpha, scaling: float) -> torch.Tensor:
     N, R = B_cat.shape  # [out, S·r]
     S = alpha.shape[1]
     _require(x.dtype in _DTYPES, f"ssa_lora: unsupported dtype {x.dtype}")
-    _require(A_cat.dtype == B_cat.dtype == x.dtype == y.dtype,
-             f"ssa_lora: dtypes differ x {x.dtype}, A {A_cat.dtype}, B {B_cat.dtype}, y {y.dtype}")
-    _require(A_cat.shape == (R, K) and y.shape == (M, N) and alpha.shape[0] == M,
-             f"ssa_lora: shapes x {tuple(x.shape)} A {tuple(A_cat.shape)} B {tuple(B_cat.shape)} "
-             f"alpha {tuple(alpha.shape)} y {tuple(y.shape)}")
+    _require(
+        A_cat.dtype == B_cat.dtype == x.dtype == y.dtype,
+        f"ssa_lora: dtypes differ x {x.dtype}, A {A_cat.dtype}, B {B_cat.dtype}, y {y.dtype}",
+    )
+    _require(
+        A_cat.shape == (R, K) and y.shape == (M, N) and alpha.shape[0] == M,
+        f"ssa_lora: shapes x {tuple(x.shape)} A {tuple(A_cat.shape)} B {tuple(B_cat.shape)} "
+        f"alpha {tuple(alpha.shape)} y {tuple(y.shape)}",
+    )
     _require(S > 0 and R % S == 0, f"ssa_lora: R={R} is not a multiple of S={S}")
-    _require(x.stride(-1) == 1 and A_cat.is_contiguous() and B_cat.is_contiguous()
-             and y.is_contiguous(), "ssa_lora: x rows, A_cat, B_cat and y must be contiguous")
+    _require(
+        x.stride(-1) == 1 and A_cat.is_contiguous() and B_cat.is_contiguous() and y.is_contiguous(),
+        "ssa_lora: x rows, A_cat, B_cat and y must be contiguous",
+    )
     _require(alpha.dtype == torch.float32, "ssa_lora: alpha must be float32")
     r = R // S
     RP = max(16, triton.next_power_of_2(R))
@@ -150,10 +211,32 @@ def ssa_lora_add_(y, x, A_cat, B_cat, alpha, scaling: float) -> torch.Tensor:
     low = x.dtype == torch.float16
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _ssa_lora_add_kernel[grid](
-        x, A_cat, B_cat, alpha, y, M, N, K, R, r, float(scaling),
-        x.stride(0), x.stride(1), A_cat.stride(0), A_cat.stride(1), B_cat.stride(0),
-        B_cat.stride(1), alpha.stride(0), alpha.stride(1), y.stride(0), y.stride(1),
-        BM=BM, BN=BN, BK=BK, RP=RP, LOW_PRECISION_DOT=low,
+        x,
+        A_cat,
+        B_cat,
+        alpha,
+        y,
+        M,
+        N,
+        K,
+        R,
+        r,
+        float(scaling),
+        x.stride(0),
+        x.stride(1),
+        A_cat.stride(0),
+        A_cat.stride(1),
+        B_cat.stride(0),
+        B_cat.stride(1),
+        alpha.stride(0),
+        alpha.stride(1),
+        y.stride(0),
+        y.stride(1),
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        RP=RP,
+        LOW_PRECISION_DOT=low,
     )
     return y
 
@@ -167,8 +250,22 @@ def ssa_gate_launch(f, G, epsilon: float) -> torch.Tensor:
     SP = max(16, triton.next_power_of_2(S))
     BM, BD = 16, 64
     _ssa_gate_kernel[(triton.cdiv(M, BM),)](
-        f, G, out, M, S, D, 1.0 / epsilon, f.stride(0), f.stride(1), G.stride(0), G.stride(1),
-        out.stride(0), out.stride(1), BM=BM, SP=SP, BD=BD,
+        f,
+        G,
+        out,
+        M,
+        S,
+        D,
+        1.0 / epsilon,
+        f.stride(0),
+        f.stride(1),
+        G.stride(0),
+        G.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BM=BM,
+        SP=SP,
+        BD=BD,
     )
     return out
 

@@ -24,16 +24,18 @@ def mpiexec(n: int, *args: str, timeout: float = 300, env: dict | None = None, *
     e.pop("TRITON_INTERPRET", None)
     e.update(env or {})
     cmd = [str(BIN / "mpiexec"), "--oversubscribe", "-n", str(n), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT,
-                          **kw)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT, **kw
+    )
 
 
 def fcit(*args: str, timeout: float = 300):
     """Run the ``fcit`` console script as a plain process (world size 1)."""
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)
-    return subprocess.run([str(BIN / "fcit"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=ROOT)
+    return subprocess.run(
+        [str(BIN / "fcit"), *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT
+    )
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ def test_mpi_collectives(n):
 
 def test_no_module_but_comm_imports_mpi4py():
     offenders = [
-        str(f.relative_to(ROOT)) for f in (ROOT / "fcit_hpc").rglob("*.py")
+        str(f.relative_to(ROOT))
+        for f in (ROOT / "fcit_hpc").rglob("*.py")
         if ("import mpi4py" in f.read_text() or "from mpi4py" in f.read_text())
         and f.name != "comm.py"
     ]

@@ -16,8 +16,13 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     # the resolved YAML loads back to the same config
-    again = load_config(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                               for k, v in _flatten(yaml.safe_load(to_yaml(cfg)))])
+    again = load_config(
+        None,
+        [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+            for k, v in _flatten(yaml.safe_load(to_yaml(cfg)))
+        ],
+    )
     assert to_yaml(again) == to_yaml(cfg)
 
 
@@ -30,8 +35,15 @@ def _flatten(d, prefix=""):
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(None, ["federation.num_clients=7", "train.lr=1e-3", "method.name=finetune",
-                             "lora.target_modules=[up_proj]"])
+    cfg = load_config(
+        None,
+        [
+            "federation.num_clients=7",
+            "train.lr=1e-3",
+            "method.name=finetune",
+            "lora.target_modules=[up_proj]",
+        ],
+    )
     assert cfg.federation.num_clients == 7
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.method.name == "finetune"
@@ -113,8 +125,15 @@ def test_cli_malformed_yaml_exit_2(tmp_path):
 
 def test_resolved_config_is_written(tmp_path, smoke_config):
     out = tmp_path / "r"
-    p = fcit("run", str(smoke_config), "--out", str(out), "federation.num_rounds=1",
-             "benchmark.num_tasks=1", "eval.enabled=false")
+    p = fcit(
+        "run",
+        str(smoke_config),
+        "--out",
+        str(out),
+        "federation.num_rounds=1",
+        "benchmark.num_tasks=1",
+        "eval.enabled=false",
+    )
     assert p.returncode == 0, p.stderr
     cfg = load_config(out / "config.yaml")
     assert cfg.federation.num_rounds == 1 and cfg.out_dir == str(out)

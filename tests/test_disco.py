@@ -49,12 +49,20 @@ def test_only_assigned_subspace_gets_gradients():
 def test_injection_targets_ffn_only():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
-                                     num_hidden_layers=2, num_attention_heads=2))
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        )
+    )
     layers = inject_subspace_lora(m, {"gate_proj", "up_proj", "down_proj"}, 2, 4.0, 0.0, 2)
     names = [n for n, _ in layers]
-    assert len(names) == 6 and all(n.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")
-                                   for n in names)
+    assert len(names) == 6 and all(
+        n.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for n in names
+    )
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert all("lora_" in n for n in trainable)
     with pytest.raises(ValueError, match="lora.target_modules"):
@@ -99,8 +107,9 @@ def test_dko_running_mean_and_exact_tau():
     n = np.zeros(2)
     c = np.cos(0.3)
     mu2 = _t(c, np.sin(0.3))  # cos to (1, 0) is exactly cos(0.3)
-    d, live = dko_assign(G, n, 0, [0, 5], [_t(1, 0), mu2], [3, 1], tau=float(cosine(mu2, _t(1, 0)
-                                                                                   [None])[0]))
+    d, live = dko_assign(
+        G, n, 0, [0, 5], [_t(1, 0), mu2], [3, 1], tau=float(cosine(mu2, _t(1, 0)[None])[0])
+    )
     assert d[1].action == MATCHED and live == 1  # similarity == τ counts as a match
     np.testing.assert_allclose(G[0], (np.array([1, 0]) * 3 + mu2 * 1) / 4, rtol=1e-6)
     assert n[0] == 4
@@ -119,7 +128,7 @@ def test_dko_full_policy():
 def test_ssa_variants_match_formulas():
     f = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
     G = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
-    cos = np.array([[1, 0, 2 ** -0.5], [0.6, 0.8, 1.4 * 2 ** -0.5]])
+    cos = np.array([[1, 0, 2**-0.5], [0.6, 0.8, 1.4 * 2**-0.5]])
     sm = np.exp(cos / 0.05) / np.exp(cos / 0.05).sum(1, keepdims=True)
     np.testing.assert_allclose(ssa_activation(f, G, 0.05, "softmax"), sm, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ssa_activation(f, G, 0.05, "cosine"), cos, rtol=1e-5)

@@ -6,8 +6,9 @@ from fcit_hpc.benchmark.schedule import HET_TABLE_TASK, Schedule
 from fcit_hpc.errors import ConfigError
 
 
-@pytest.mark.parametrize("n,k,beta,m", [(500, 50, 0.5, 2), (500, 50, 5.0, 2), (97, 10, 1.0, 9),
-                                        (60, 3, 0.1, 1)])
+@pytest.mark.parametrize(
+    "n,k,beta,m", [(500, 50, 0.5, 2), (500, 50, 5.0, 2), (97, 10, 1.0, 9), (60, 3, 0.1, 1)]
+)
 def test_every_sample_exactly_once_and_minimum(n, k, beta, m):
     for seed in range(5):
         shards = dirichlet_partition(n, k, beta, m, seed)

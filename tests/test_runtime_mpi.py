@@ -44,8 +44,18 @@ def test_world_size_invariance(serial_run, tmp_path, n):
 def test_sigkill_mid_round_then_resume_is_bitwise_identical(serial_run, tmp_path):
     out = tmp_path / "killed"
     t0 = time.monotonic()
-    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(out), "debug.kill_rank=1",
-                "debug.kill_stage=1", "debug.kill_round=1", timeout=120)
+    p = mpiexec(
+        2,
+        FCIT,
+        "run",
+        SMOKE,
+        "--out",
+        str(out),
+        "debug.kill_rank=1",
+        "debug.kill_stage=1",
+        "debug.kill_round=1",
+        timeout=120,
+    )
     assert p.returncode != 0
     assert time.monotonic() - t0 < 60
     st = read_state(out)  # the last state is readable and is the last completed round
@@ -55,16 +65,26 @@ def test_sigkill_mid_round_then_resume_is_bitwise_identical(serial_run, tmp_path
     assert same_content(comparable_content(serial_run), comparable_content(out)) == []
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert lines == (serial_run / "metrics.jsonl").read_text().splitlines() or [
-        x[:60] for x in lines] == [x[:60] for x in (serial_run / "metrics.jsonl").read_text(
-        ).splitlines()]
+        x[:60] for x in lines
+    ] == [x[:60] for x in (serial_run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dead_rank_ends_job_within_60s(tmp_path):
     """A rank dying (SIGKILL) while others wait in a collective: the job exits non-zero."""
     out = tmp_path / "dead"
     t0 = time.monotonic()
-    p = mpiexec(3, FCIT, "run", SMOKE, "--out", str(out), "debug.kill_rank=2",
-                "debug.kill_stage=0", "debug.kill_round=0", timeout=120)
+    p = mpiexec(
+        3,
+        FCIT,
+        "run",
+        SMOKE,
+        "--out",
+        str(out),
+        "debug.kill_rank=2",
+        "debug.kill_stage=0",
+        "debug.kill_round=0",
+        timeout=120,
+    )
     assert p.returncode != 0
     assert time.monotonic() - t0 < 60
     assert not (out / "state.h5").exists() or read_state(out).round <= 0
@@ -83,16 +103,25 @@ def test_exception_on_one_rank_aborts_all(tmp_path):
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     t0 = time.monotonic()
-    p = mpiexec(2, sys.executable, str(script), "run", SMOKE, "--out", str(tmp_path / "x"),
-                timeout=120)
+    p = mpiexec(
+        2, sys.executable, str(script), "run", SMOKE, "--out", str(tmp_path / "x"), timeout=120
+    )
     assert p.returncode != 0 and "injected" in p.stderr
     assert time.monotonic() - t0 < 60
 
 
 def test_bad_updates_are_rejected_and_round_completes(tmp_path):
     out = tmp_path / "bad"
-    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(out), "debug.nan_clients=[3]",
-                "debug.bad_shape_clients=[4]")
+    p = mpiexec(
+        2,
+        FCIT,
+        "run",
+        SMOKE,
+        "--out",
+        str(out),
+        "debug.nan_clients=[3]",
+        "debug.bad_shape_clients=[4]",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "client 3: update rejected, contains NaN/Inf" in p.stderr
     assert "client 4: update rejected" in p.stderr
@@ -129,8 +158,17 @@ def test_existing_run_is_not_overwritten(serial_run):
 
 def test_deepspeed_backend_under_mpi_matches_torch(serial_run, tmp_path):
     out = tmp_path / "ds"
-    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(out), "train.backend=deepspeed",
-                "train.zero_stage=2", env={"FCIT_DS_PORT_BASE": "29710"})
+    p = mpiexec(
+        2,
+        FCIT,
+        "run",
+        SMOKE,
+        "--out",
+        str(out),
+        "train.backend=deepspeed",
+        "train.zero_stage=2",
+        env={"FCIT_DS_PORT_BASE": "29710"},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = read_state(serial_run), read_state(out)
     np.testing.assert_allclose(b.adapter, a.adapter, atol=1e-5, rtol=0)

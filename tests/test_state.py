@@ -4,7 +4,12 @@ import pytest
 
 from fcit_hpc.errors import StateError
 from fcit_hpc.state.schema import (
-    CLIENT_DTYPE, ROUND_DTYPE, RunState, comparable_content, read_state, same_content,
+    CLIENT_DTYPE,
+    ROUND_DTYPE,
+    RunState,
+    comparable_content,
+    read_state,
+    same_content,
     write_state,
 )
 
@@ -16,7 +21,9 @@ def _state():
         tokens=np.ones((2, 4), np.float32),
         token_counts=np.array([3.0, 0.0]),
         accuracy=np.full((2, 3), np.nan),
-        num_subspaces=1, stage=1, round=0,
+        num_subspaces=1,
+        stage=1,
+        round=0,
         server_opt={"m": np.zeros((2, 6), np.float32)},
         rng_torch=np.arange(5, dtype=np.uint8),
     )
@@ -39,8 +46,9 @@ def test_no_pickle_in_state_file(tmp_path):
     write_state(tmp_path, _state())
     with h5py.File(tmp_path / "state.h5") as f:
         kinds = []
-        f.visititems(lambda n, o: kinds.append(o.dtype.kind) if isinstance(o, h5py.Dataset)
-                     else None)
+        f.visititems(
+            lambda n, o: kinds.append(o.dtype.kind) if isinstance(o, h5py.Dataset) else None
+        )
     assert set(kinds) <= {"f", "i", "u", "V"}  # numbers and compound records only
     assert b"pickle" not in (tmp_path / "state.h5").read_bytes()
 

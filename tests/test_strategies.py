@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from fcit_hpc.fed.strategies import (
-    ServerOptConfig, init_server_state, server_update, weighted_average,
+    ServerOptConfig,
+    init_server_state,
+    server_update,
+    weighted_average,
 )
 
 

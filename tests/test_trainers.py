@@ -19,7 +19,7 @@ def _setup(prox=0.0):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "method.name=disco", "lora.max_subspaces=3"])
     model, adapter, tok = build_model(cfg)
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
-    start[-adapter.layers[-1].lora_B[0].numel():] = 0.01  # non-zero B so every grad is non-zero
+    start[-adapter.layers[-1].lora_B[0].numel() :] = 0.01  # non-zero B so every grad is non-zero
     samples = make_split(1, 20, 0, "train")
     batches = make_batches(tok, samples, 4, 48, 1, torch.Generator().manual_seed(1))
     kw = dict(lr=5e-3, weight_decay=0.01, warmup_ratio=0.2, prox_mu=prox)
@@ -44,8 +44,10 @@ def test_torch_trainer_trains_only_its_subspace():
     assert res.steps == len(batches) == 5
 
 
-@pytest.mark.parametrize("stage,offload,prox", [(0, False, 0.0), (1, False, 0.0), (2, False, 0.0),
-                                                (2, True, 0.0), (2, False, 0.05)])
+@pytest.mark.parametrize(
+    "stage,offload,prox",
+    [(0, False, 0.0), (1, False, 0.0), (2, False, 0.0), (2, True, 0.0), (2, False, 0.05)],
+)
 def test_deepspeed_matches_torch(stage, offload, prox):
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 

@@ -19,7 +19,9 @@ class FederatedData:
         b = cfg.benchmark
         self.schedule = Schedule(b.setting, b.scenario, b.num_tasks, b.het_assignment, cfg.seed)
         self.task_names = list(TASK_NAMES[: b.num_tasks])
-        self.test = {t: make_split(t, b.test_per_task, cfg.seed, "test") for t in range(b.num_tasks)}
+        self.test = {
+            t: make_split(t, b.test_per_task, cfg.seed, "test") for t in range(b.num_tasks)
+        }
         self.units: list[list[Sample]] = []
         self.shards: list[list[np.ndarray]] = []
         for u, tasks in enumerate(self.schedule.stages):
@@ -28,8 +30,13 @@ class FederatedData:
             data = [data[i] for i in perm]
             self.units.append(data)
             self.shards.append(
-                dirichlet_partition(len(data), cfg.federation.num_clients, b.dirichlet_beta,
-                                    b.min_client_samples, [cfg.seed, u])
+                dirichlet_partition(
+                    len(data),
+                    cfg.federation.num_clients,
+                    b.dirichlet_beta,
+                    b.min_client_samples,
+                    [cfg.seed, u],
+                )
             )
 
     @property

@@ -12,9 +12,15 @@ from fcit_hpc.model.tokenizer import EOS, PAD
 @torch.no_grad()
 def greedy(model, tok, instruction: str, max_new_tokens: int) -> str:
     ids = torch.tensor([tok.prompt(instruction)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
-    return tok.decode(out[0, ids.shape[1]:].tolist())
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    return tok.decode(out[0, ids.shape[1] :].tolist())
 
 
 def exact_match(pred: str, answer: str) -> bool:

@@ -37,8 +37,18 @@ def compute_tokens(encoder, data, plan_rows: np.ndarray) -> tuple[np.ndarray, np
 
 
 def train_clients(
-    cfg: Config, rank: int, stage: int, round_: int, plan_rows: np.ndarray, subspaces: dict,
-    global_adapter: np.ndarray, model, adapter, tok, trainer, data,
+    cfg: Config,
+    rank: int,
+    stage: int,
+    round_: int,
+    plan_rows: np.ndarray,
+    subspaces: dict,
+    global_adapter: np.ndarray,
+    model,
+    adapter,
+    tok,
+    trainer,
+    data,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train this rank's clients one after another, each from the global state.
 
@@ -56,20 +66,30 @@ def train_clients(
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         samples = data.client_samples(unit, client)
-        batches = make_batches(tok, samples, cfg.train.batch_size, cfg.model.max_seq_len,
-                               cfg.train.local_epochs, gen)
+        batches = make_batches(
+            tok, samples, cfg.train.batch_size, cfg.model.max_seq_len, cfg.train.local_epochs, gen
+        )
         start = global_adapter[k]
         prox = cfg.federation.prox_mu if cfg.federation.fed_alg == "fedprox" else 0.0
-        res = trainer.train(model, adapter, k, start, batches, lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay,
-                            warmup_ratio=cfg.train.warmup_ratio, prox_mu=prox)
+        res = trainer.train(
+            model,
+            adapter,
+            k,
+            start,
+            batches,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            warmup_ratio=cfg.train.warmup_ratio,
+            prox_mu=prox,
+        )
         delta = (res.vector - start).astype(np.float32)
         if client in dbg.nan_clients:
             delta[:: max(1, delta.size // 7)] = np.nan
         if client in dbg.bad_shape_clients:
             delta = delta[:-1]
-        heads.append([client, k, len(samples), res.loss, time.perf_counter() - t0, delta.size,
-                      res.steps])
+        heads.append(
+            [client, k, len(samples), res.loss, time.perf_counter() - t0, delta.size, res.steps]
+        )
         deltas.append(delta)
         if rank == dbg.kill_rank and stage == dbg.kill_stage and round_ == dbg.kill_round:
             os.kill(os.getpid(), signal.SIGKILL)  # dies mid-round, after its first client

@@ -75,42 +75,69 @@ class MetricsLog:
     @staticmethod
     def _round_line(r, clients) -> str:
         cs = clients[(clients["stage"] == r["stage"]) & (clients["round"] == r["round"])]
-        return json.dumps({
-            "kind": "round", "stage": int(r["stage"]), "round": int(r["round"]),
-            "loss": float(r["loss"]), "samples": int(r["samples"]),
-            "seconds": round(float(r["seconds"]), 4), "bytes_sent": int(r["bytes_sent"]),
-            "bytes_recv": int(r["bytes_recv"]), "accepted": int(r["accepted"]),
-            "rejected": int(r["rejected"]), "num_subspaces": int(r["num_subspaces"]),
-            "clients": [{"client": int(c["client"]), "subspace": int(c["subspace"]),
-                         "samples": int(c["samples"]), "status": STATUS[int(c["status"])],
-                         "similarity": None if np.isnan(c["similarity"]) else
-                         round(float(c["similarity"]), 4), "dko": int(c["dko_action"])}
-                        for c in cs],
-        })
+        return json.dumps(
+            {
+                "kind": "round",
+                "stage": int(r["stage"]),
+                "round": int(r["round"]),
+                "loss": float(r["loss"]),
+                "samples": int(r["samples"]),
+                "seconds": round(float(r["seconds"]), 4),
+                "bytes_sent": int(r["bytes_sent"]),
+                "bytes_recv": int(r["bytes_recv"]),
+                "accepted": int(r["accepted"]),
+                "rejected": int(r["rejected"]),
+                "num_subspaces": int(r["num_subspaces"]),
+                "clients": [
+                    {
+                        "client": int(c["client"]),
+                        "subspace": int(c["subspace"]),
+                        "samples": int(c["samples"]),
+                        "status": STATUS[int(c["status"])],
+                        "similarity": None
+                        if np.isnan(c["similarity"])
+                        else round(float(c["similarity"]), 4),
+                        "dko": int(c["dko_action"]),
+                    }
+                    for c in cs
+                ],
+            }
+        )
 
     @staticmethod
     def _eval_line(stage, acc, names) -> str:
-        return json.dumps({"kind": "eval", "stage": int(stage),
-                           "accuracy": {n: float(a) for n, a in zip(names, acc, strict=True)}})
+        return json.dumps(
+            {
+                "kind": "eval",
+                "stage": int(stage),
+                "accuracy": {n: float(a) for n, a in zip(names, acc, strict=True)},
+            }
+        )
 
     def append(self, line: str) -> None:
         with open(self.path, "a") as f:
             f.write(line + "\n")
 
 
-def run_federated(cfg: Config, comm: Comm, run_dir: Path, state: RunState | None) -> RunState | None:
+def run_federated(
+    cfg: Config, comm: Comm, run_dir: Path, state: RunState | None
+) -> RunState | None:
     """Run (or continue, when ``state`` is given on rank 0) the whole schedule."""
     torch.set_num_threads(cfg.train.num_threads)
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)
     data = FederatedData(cfg)
-    encoder = make_encoder(cfg.method.identity_encoder, cfg.method.identity_dim) \
-        if method.uses_identity else None
+    encoder = (
+        make_encoder(cfg.method.identity_encoder, cfg.method.identity_dim)
+        if method.uses_identity
+        else None
+    )
     if cfg.train.backend == "deepspeed":
         from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
-        trainer = DeepSpeedTrainer(cfg.train.zero_stage, cfg.train.offload, cfg.train.batch_size,
-                                   local_rank())
+        trainer = DeepSpeedTrainer(
+            cfg.train.zero_stage, cfg.train.offload, cfg.train.batch_size, local_rank()
+        )
     else:
         from fcit_hpc.train.torch_trainer import TorchTrainer
 
@@ -123,9 +150,11 @@ def run_federated(cfg: Config, comm: Comm, run_dir: Path, state: RunState | None
         if st.adapter.shape != (method.num_slots(), adapter.numel):
             from fcit_hpc.errors import StateError
 
-            raise StateError(f"{run_dir / 'state.h5'}: /global/adapter shape "
-                             f"{st.adapter.shape} does not fit the model "
-                             f"({method.num_slots()}, {adapter.numel})")
+            raise StateError(
+                f"{run_dir / 'state.h5'}: /global/adapter shape "
+                f"{st.adapter.shape} does not fit the model "
+                f"({method.num_slots()}, {adapter.numel})"
+            )
         if st.rng_torch.size:
             torch.set_rng_state(torch.from_numpy(st.rng_torch.copy()))
         metrics.rewrite(st, data.task_names)
@@ -147,13 +176,15 @@ def run_federated(cfg: Config, comm: Comm, run_dir: Path, state: RunState | None
     for stage in range(start_stage, data.num_stages):
         first = last_round + 1 if stage == start_stage else 0
         for rnd in range(first, num_rounds):
-            st = _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method,
-                        encoder)
+            st = _round(
+                cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method, encoder
+            )
             if root:
                 metrics.append(MetricsLog._round_line(st.rounds[-1], st.clients))
                 write_state(run_dir, st)
-                bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}",
-                                S=st.num_subspaces)
+                bar.set_postfix(
+                    stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces
+                )
                 bar.update(1)
         if not method.trains and root:
             bar.update(1)
@@ -184,8 +215,9 @@ def _broadcast_view(comm: Comm, st: RunState | None) -> RunState:
     live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
     if st is not None:
         return st
-    return RunState("", adapter, tokens, np.zeros(len(tokens)), np.zeros((0, 0)),
-                    num_subspaces=int(live[0]))
+    return RunState(
+        "", adapter, tokens, np.zeros(len(tokens)), np.zeros((0, 0)), num_subspaces=int(live[0])
+    )
 
 
 def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method, encoder):
@@ -212,16 +244,38 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
     else:
         subspaces = {int(c): 0 for c in plan[:, 0]}
     # --- local training of this rank's virtual clients
-    head, deltas = train_clients(cfg, comm.rank, stage, rnd, mine, subspaces, view.adapter, model,
-                                 adapter, tok, trainer, data)
+    head, deltas = train_clients(
+        cfg,
+        comm.rank,
+        stage,
+        rnd,
+        mine,
+        subspaces,
+        view.adapter,
+        model,
+        adapter,
+        tok,
+        trainer,
+        data,
+    )
     heads = comm.gatherv(head.reshape(-1))
     values = comm.gatherv(deltas)
     if root:
         updates = server.parse_updates(heads, values)
         bytes_down = adapter.numel * 4 + 3 * 8
-        row, crows = server.aggregate_round(cfg, st, updates, adapter.numel, stage, rnd, plan,
-                                            decisions, time.perf_counter() - t0, bytes_down,
-                                            token_bytes)
+        row, crows = server.aggregate_round(
+            cfg,
+            st,
+            updates,
+            adapter.numel,
+            stage,
+            rnd,
+            plan,
+            decisions,
+            time.perf_counter() - t0,
+            bytes_down,
+            token_bytes,
+        )
         st.append_metrics(row, crows)
         st.stage, st.round = stage, rnd
         torch.manual_seed(_derive(cfg.seed, stage, rnd, 999))
@@ -242,16 +296,16 @@ def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:
     decisions, ok = {}, []
     for client, samples, mu in entries:
         if mu.size != dim:
-            log.warning("client %d: identity token rejected, dimension %d != %d", client, mu.size,
-                        dim)
+            log.warning(
+                "client %d: identity token rejected, dimension %d != %d", client, mu.size, dim
+            )
         elif not np.isfinite(mu).all():
             log.warning("client %d: identity token rejected, contains NaN/Inf", client)
         else:
             ok.append((client, samples, mu))
             continue
         decisions[client] = DkoDecision(client, -1, float("nan"), 0)
-    for d in method.assign(st, [c for c, _, _ in ok], [m for _, _, m in ok],
-                           [n for _, n, _ in ok]):
+    for d in method.assign(st, [c for c, _, _ in ok], [m for _, _, m in ok], [n for _, n, _ in ok]):
         decisions[d.client] = d
     return decisions
 

@@ -8,7 +8,13 @@ import numpy as np
 
 from fcit_hpc.config import Config
 from fcit_hpc.fed.client import (
-    H_CLIENT, H_LOSS, H_NUMEL, H_SAMPLES, H_SECONDS, H_SUBSPACE, HEADER_WIDTH,
+    H_CLIENT,
+    H_LOSS,
+    H_NUMEL,
+    H_SAMPLES,
+    H_SECONDS,
+    H_SUBSPACE,
+    HEADER_WIDTH,
 )
 from fcit_hpc.fed.strategies import ServerOptConfig, server_update, weighted_average
 from fcit_hpc.state.schema import CLIENT_DTYPE, ROUND_DTYPE, RunState
@@ -30,8 +36,9 @@ def plan_round(cfg: Config, schedule, stage: int, round_: int, world: int) -> np
     """
     f = cfg.federation
     clients = sample_clients(cfg.seed, stage, round_, f.num_clients, cfg.clients_per_round)
-    workers = list(range(world)) if (f.server_hosts_clients or world == 1) else list(
-        range(1, world))
+    workers = (
+        list(range(world)) if (f.server_hosts_clients or world == 1) else list(range(1, world))
+    )
     rows = [
         (c, schedule.unit_of(stage, round_, j), workers[j % len(workers)])
         for j, c in enumerate(clients)
@@ -41,8 +48,9 @@ def plan_round(cfg: Config, schedule, stage: int, round_: int, world: int) -> np
 
 def opt_config(cfg: Config) -> ServerOptConfig:
     f = cfg.federation
-    return ServerOptConfig(f.fed_alg, f.fedopt_eta, f.fedopt_tau, f.fedopt_beta1, f.fedopt_beta2,
-                           f.server_momentum)
+    return ServerOptConfig(
+        f.fed_alg, f.fedopt_eta, f.fedopt_tau, f.fedopt_beta1, f.fedopt_beta2, f.server_momentum
+    )
 
 
 def parse_updates(heads: list[np.ndarray], values: list[np.ndarray]):
@@ -60,8 +68,17 @@ def parse_updates(heads: list[np.ndarray], values: list[np.ndarray]):
 
 
 def aggregate_round(
-    cfg: Config, st: RunState, updates, numel: int, stage: int, round_: int,
-    plan: np.ndarray, decisions: dict, seconds: float, bytes_down: int, token_bytes: int,
+    cfg: Config,
+    st: RunState,
+    updates,
+    numel: int,
+    stage: int,
+    round_: int,
+    plan: np.ndarray,
+    decisions: dict,
+    seconds: float,
+    bytes_down: int,
+    token_bytes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate updates, average per subspace (sample-weighted, client-id order), apply the server
     optimizer. Mutates ``st``. Returns (round row, client rows) for the metrics."""
@@ -74,23 +91,54 @@ def aggregate_round(
         status = 0
         if delta.size != numel:
             status = 2
-            log.warning("client %d: update rejected, %d values, expected %d", client, delta.size,
-                        numel)
+            log.warning(
+                "client %d: update rejected, %d values, expected %d", client, delta.size, numel
+            )
         elif not np.isfinite(delta).all():
             status = 1
             log.warning("client %d: update rejected, contains NaN/Inf", client)
         else:
             by_subspace.setdefault(k, []).append((delta, int(head[H_SAMPLES])))
         d = decisions.get(client)
-        rows.append((stage, round_, client, rank_of[client], unit_of[client], k,
-                     int(head[H_SAMPLES]), float(head[H_LOSS]), float(head[H_SECONDS]),
-                     int(delta.size) * 4 + HEADER_WIDTH * 8 + token_bytes, bytes_down, status,
-                     d.similarity if d else np.nan, d.action if d else 0))
+        rows.append(
+            (
+                stage,
+                round_,
+                client,
+                rank_of[client],
+                unit_of[client],
+                k,
+                int(head[H_SAMPLES]),
+                float(head[H_LOSS]),
+                float(head[H_SECONDS]),
+                int(delta.size) * 4 + HEADER_WIDTH * 8 + token_bytes,
+                bytes_down,
+                status,
+                d.similarity if d else np.nan,
+                d.action if d else 0,
+            )
+        )
     # clients rejected at the token stage trained nothing
     for c, d in decisions.items():
         if d.subspace < 0:
-            rows.append((stage, round_, c, rank_of[c], unit_of[c], -1, 0, np.nan, 0.0,
-                         token_bytes, 0, 3, np.nan, 0))
+            rows.append(
+                (
+                    stage,
+                    round_,
+                    c,
+                    rank_of[c],
+                    unit_of[c],
+                    -1,
+                    0,
+                    np.nan,
+                    0.0,
+                    token_bytes,
+                    0,
+                    3,
+                    np.nan,
+                    0,
+                )
+            )
     opt = opt_config(cfg)
     for k in sorted(by_subspace):
         vecs = [v for v, _ in by_subspace[k]]
@@ -103,9 +151,20 @@ def aggregate_round(
     n = int(ok["samples"].sum())
     loss = float((ok["loss"] * ok["samples"]).sum() / n) if n else float("nan")
     round_row = np.array(
-        [(stage, round_, loss, n, seconds, int(client_rows["bytes_sent"].sum()),
-          int(client_rows["bytes_recv"].sum()), len(ok), len(client_rows) - len(ok),
-          st.num_subspaces)],
+        [
+            (
+                stage,
+                round_,
+                loss,
+                n,
+                seconds,
+                int(client_rows["bytes_sent"].sum()),
+                int(client_rows["bytes_recv"].sum()),
+                len(ok),
+                len(client_rows) - len(ok),
+                st.num_subspaces,
+            )
+        ],
         dtype=ROUND_DTYPE,
     )
     return round_row, client_rows

@@ -20,8 +20,9 @@ class Method:
         """S_max: subspaces allocated in the global adapter."""
         return 1
 
-    def assign(self, state, clients: list[int], tokens: list[np.ndarray],
-               samples: list[int]) -> list[DkoDecision]:
+    def assign(
+        self, state, clients: list[int], tokens: list[np.ndarray], samples: list[int]
+    ) -> list[DkoDecision]:
         """Server: the subspace each client trains this round (client-id order)."""
         return [DkoDecision(c, 0, float("nan"), MATCHED) for c in clients]
 

@@ -35,8 +35,14 @@ def cosine(a: np.ndarray, G: np.ndarray) -> np.ndarray:
 
 
 def dko_assign(
-    G: np.ndarray, counts: np.ndarray, live: int, clients: list[int], tokens: list[np.ndarray],
-    samples: list[int], tau: float, full_policy: str = "nearest",
+    G: np.ndarray,
+    counts: np.ndarray,
+    live: int,
+    clients: list[int],
+    tokens: list[np.ndarray],
+    samples: list[int],
+    tau: float,
+    full_policy: str = "nearest",
 ) -> tuple[list[DkoDecision], int]:
     """Match tokens to global tokens; updates ``G`` [S_max, D] and ``counts`` [S_max] in place.
 
@@ -61,9 +67,7 @@ def dko_assign(
                 f"and all {s_max} subspaces (lora.max_subspaces) are in use"
             )
         n = counts[k]
-        G[k] = ((G[k].astype(np.float64) * n + mu.astype(np.float64) * m) / (n + m)).astype(
-            G.dtype
-        )
+        G[k] = ((G[k].astype(np.float64) * n + mu.astype(np.float64) * m) / (n + m)).astype(G.dtype)
         counts[k] = n + m
         decisions.append(DkoDecision(cid, k, best_sim, action))
     return decisions, live
@@ -99,8 +103,14 @@ class Disco:
     def assign(self, state, clients, tokens, samples):
         m = self.cfg.method
         decisions, state.num_subspaces = dko_assign(
-            state.tokens, state.token_counts, state.num_subspaces, clients, tokens, samples,
-            m.tau, m.full_policy,
+            state.tokens,
+            state.token_counts,
+            state.num_subspaces,
+            clients,
+            tokens,
+            samples,
+            m.tau,
+            m.full_policy,
         )
         return decisions
 

@@ -1,4 +1,4 @@
-"""Finetune: one shared LoRA trained by every client and averaged (the paper's Finetune baseline)."""
+"""Finetune: one shared LoRA trained by every client and averaged (the Finetune baseline)."""
 
 from fcit_hpc.methods.base import Method
 

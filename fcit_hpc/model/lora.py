@@ -29,12 +29,16 @@ class SubspaceLoRALinear(nn.Module):
         self.s_max = s_max
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterList(
-            [nn.Parameter(torch.zeros(r, base.in_features, device=dev, dtype=dt))
-             for _ in range(s_max)]
+            [
+                nn.Parameter(torch.zeros(r, base.in_features, device=dev, dtype=dt))
+                for _ in range(s_max)
+            ]
         )
         self.lora_B = nn.ParameterList(
-            [nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
-             for _ in range(s_max)]
+            [
+                nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+                for _ in range(s_max)
+            ]
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active: int | None = 0
@@ -49,8 +53,7 @@ class SubspaceLoRALinear(nn.Module):
             a = a.repeat_interleave(x2.shape[0] // a.shape[0], dim=0)  # [B·T, S]
             A_cat = torch.cat(list(self.lora_A[:s]), 0)  # [S·r, in]
             B_cat = torch.cat(list(self.lora_B[:s]), 1)  # [out, S·r]
-            y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a,
-                                self.scaling)
+            y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
             return y.view(*lead, -1)
         y = self.base(x)
         if self.active is None:

@@ -33,22 +33,43 @@ STATE_FILE = "state.h5"
 
 ROUND_DTYPE = np.dtype(
     [
-        ("stage", "i4"), ("round", "i4"), ("loss", "f8"), ("samples", "i8"), ("seconds", "f8"),
-        ("bytes_sent", "i8"), ("bytes_recv", "i8"), ("accepted", "i4"), ("rejected", "i4"),
+        ("stage", "i4"),
+        ("round", "i4"),
+        ("loss", "f8"),
+        ("samples", "i8"),
+        ("seconds", "f8"),
+        ("bytes_sent", "i8"),
+        ("bytes_recv", "i8"),
+        ("accepted", "i4"),
+        ("rejected", "i4"),
         ("num_subspaces", "i4"),
     ]
 )
 # status: 0 accepted, 1 rejected (non-finite update), 2 rejected (wrong shape), 3 rejected token
 CLIENT_DTYPE = np.dtype(
     [
-        ("stage", "i4"), ("round", "i4"), ("client", "i4"), ("rank", "i4"), ("unit", "i4"),
-        ("subspace", "i4"), ("samples", "i8"), ("loss", "f8"), ("seconds", "f8"),
-        ("bytes_sent", "i8"), ("bytes_recv", "i8"), ("status", "i4"), ("similarity", "f8"),
+        ("stage", "i4"),
+        ("round", "i4"),
+        ("client", "i4"),
+        ("rank", "i4"),
+        ("unit", "i4"),
+        ("subspace", "i4"),
+        ("samples", "i8"),
+        ("loss", "f8"),
+        ("seconds", "f8"),
+        ("bytes_sent", "i8"),
+        ("bytes_recv", "i8"),
+        ("status", "i4"),
+        ("similarity", "f8"),
         ("dko_action", "i4"),
     ]
 )
-STATUS = {0: "accepted", 1: "rejected: non-finite update", 2: "rejected: wrong shape",
-          3: "rejected: bad identity token"}
+STATUS = {
+    0: "accepted",
+    1: "rejected: non-finite update",
+    2: "rejected: wrong shape",
+    3: "rejected: bad identity token",
+}
 # Fields that measure time or placement, not the federated computation.
 VOLATILE_FIELDS = {"seconds", "rank"}
 
@@ -128,8 +149,10 @@ def read_state(run_dir: str | Path) -> RunState:
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema_version") != SCHEMA_VERSION:
-                raise StateError(f"{path}: schema_version {f.attrs.get('schema_version')!r}, "
-                                 f"expected {SCHEMA_VERSION}")
+                raise StateError(
+                    f"{path}: schema_version {f.attrs.get('schema_version')!r}, "
+                    f"expected {SCHEMA_VERSION}"
+                )
             adapter = np.asarray(_need(f, "global/adapter", path)[()], np.float32)
             tokens = np.asarray(_need(f, "global/tokens", path)[()], np.float32)
             counts = np.asarray(_need(f, "global/token_counts", path)[()], np.float64)

@@ -38,7 +38,11 @@ def encode_sample(tok: ByteTokenizer, s: Sample, max_len: int) -> tuple[list[int
 
 
 def make_batches(
-    tok: ByteTokenizer, samples: list[Sample], batch_size: int, max_len: int, epochs: int,
+    tok: ByteTokenizer,
+    samples: list[Sample],
+    batch_size: int,
+    max_len: int,
+    epochs: int,
     generator: torch.Generator,
 ) -> list[dict[str, torch.Tensor]]:
     """Shuffled, right-padded batches for ``epochs`` passes over ``samples``."""
@@ -69,6 +73,17 @@ class LocalTrainer:
     """Trains subspace ``k`` of the adapter from ``start`` on ``batches``; one interface, two
     implementations (plain torch, DeepSpeed ZeRO)."""
 
-    def train(self, model, adapter, k: int, start: np.ndarray, batches, *, lr: float,
-              weight_decay: float, warmup_ratio: float, prox_mu: float) -> LocalResult:
+    def train(
+        self,
+        model,
+        adapter,
+        k: int,
+        start: np.ndarray,
+        batches,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_ratio: float,
+        prox_mu: float,
+    ) -> LocalResult:
         raise NotImplementedError

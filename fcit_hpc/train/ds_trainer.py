@@ -66,8 +66,7 @@ class DeepSpeedTrainer(LocalTrainer):
             "wall_clock_breakdown": False,
         }
 
-    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio,
-              prox_mu):
+    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio, prox_mu):
         import deepspeed
 
         adapter.set(k, start)

@@ -8,8 +8,7 @@ from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term
 
 
 class TorchTrainer(LocalTrainer):
-    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio,
-              prox_mu):
+    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio, prox_mu):
         adapter.set(k, start)
         adapter.train_subspace(k)
         params = adapter.params(k)
