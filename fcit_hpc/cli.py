@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fcit_hpc.errors import FcitError
+from fcit_hpc.errors import ConfigError, FcitError
 
 
 def _setup_env() -> None:
@@ -73,6 +73,33 @@ def _print_summary(st, run_dir: Path) -> None:
     print(f"subspaces: {st.num_subspaces}  state: {run_dir / 'state.h5'}")
 
 
+def cmd_export(args) -> int:
+    import numpy as np
+
+    from fcit_hpc.config import config_from_yaml_text
+    from fcit_hpc.model.export import export_adapters
+    from fcit_hpc.state.schema import read_state
+
+    st = read_state(args.run_dir)
+    cfg = config_from_yaml_text(st.config_yaml)
+    alpha = None
+    if args.alpha:
+        try:
+            alpha = np.array([float(x) for x in args.alpha.split(",")], np.float32)
+        except ValueError:
+            raise ConfigError(
+                f"--alpha: expected comma-separated numbers, got {args.alpha!r}"
+            ) from None
+    out = Path(args.out) if args.out else Path(args.run_dir) / "adapters"
+    try:
+        dirs = export_adapters(cfg, st, out, alpha)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for d in dirs:
+        print(d)
+    return 0
+
+
 def cmd_bench(args, comm) -> int:
     if args.what == "rounds":
         from fcit_hpc.bench import bench_rounds
@@ -103,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--config", default=None, help="config for `bench rounds`")
+    e = sub.add_parser("export", help="export a run's subspaces as PEFT LoRA adapters")
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="directory (default RUN_DIR/adapters)")
+    e.add_argument("--alpha", help="comma-separated SSA weights: also write the merged adapter")
     return p
 
 
@@ -126,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     try:
-        code = cmd_run(args, comm) if args.cmd == "run" else cmd_bench(args, comm)
+        if args.cmd == "run":
+            code = cmd_run(args, comm)
+        elif args.cmd == "export":
+            code = cmd_export(args)
+        else:
+            code = cmd_bench(args, comm)
     except FcitError as e:
         if comm is None or comm.is_root or comm.size == 1:
             print(f"fcit: error: {e}", file=sys.stderr)

@@ -77,8 +77,10 @@ class MethodConfig:
     tau: float = 0.9  # DKO matching threshold
     epsilon: float = 0.05  # SSA softmax temperature
     ssa: str = "softmax"
-    identity_encoder: str = "hashing"  # hashing | minilm
-    identity_dim: int = 256
+    identity_encoder: str = "hashing"  # hashing | minilm | clip | open_clip
+    identity_dim: int = 256  # hashing encoder only; the others have their own width
+    encoder_path: str = ""  # clip: local HF directory; open_clip: local checkpoint file
+    open_clip_model: str = "ViT-L-14-336"
     full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
 
 
@@ -110,6 +112,8 @@ class DebugConfig:
     kill_round: int = 0
     nan_clients: list[int] = field(default_factory=list)
     bad_shape_clients: list[int] = field(default_factory=list)
+    nan_token_clients: list[int] = field(default_factory=list)
+    bad_token_clients: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -171,7 +175,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "method.epsilon": (lambda v: v > 0, "> 0"),
     "method.ssa": _in(SSA_MODES),
-    "method.identity_encoder": _in(("hashing", "minilm")),
+    "method.identity_encoder": _in(("hashing", "minilm", "clip", "open_clip")),
     "method.identity_dim": (lambda v: v >= 2, ">= 2"),
     "method.full_policy": _in(("nearest", "error")),
     "train.backend": _in(("torch", "deepspeed")),
@@ -248,7 +252,12 @@ def validate(cfg: Config) -> Config:
         value = get_field(cfg, path)
         if not ok(value):
             raise ConfigError(f"{path}: {value!r} is out of range (must be {want})")
-    for path in ("debug.nan_clients", "debug.bad_shape_clients"):
+    for path in (
+        "debug.nan_clients",
+        "debug.bad_shape_clients",
+        "debug.nan_token_clients",
+        "debug.bad_token_clients",
+    ):
         for cid in get_field(cfg, path):
             if not 0 <= cid < cfg.federation.num_clients:
                 raise ConfigError(f"{path}: client id {cid} not in [0, num_clients)")
@@ -256,6 +265,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.num_heads: {cfg.model.num_heads} does not divide hidden_size "
             f"{cfg.model.hidden_size}"
+        )
+    if cfg.method.identity_encoder in ("clip", "open_clip") and not cfg.method.encoder_path:
+        raise ConfigError(
+            f"method.encoder_path: required when method.identity_encoder is "
+            f"{cfg.method.identity_encoder!r}"
         )
     if cfg.model.name == "hf" and not cfg.model.path:
         raise ConfigError("model.path: required when model.name is 'hf'")

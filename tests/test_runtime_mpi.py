@@ -174,3 +174,26 @@ def test_deepspeed_backend_under_mpi_matches_torch(serial_run, tmp_path):
     np.testing.assert_allclose(b.adapter, a.adapter, atol=1e-5, rtol=0)
     assert b.num_subspaces == a.num_subspaces
     np.testing.assert_array_equal(b.clients["subspace"], a.clients["subspace"])
+
+
+def test_bad_identity_tokens_are_rejected(tmp_path):
+    out = tmp_path / "tok"
+    p = mpiexec(
+        2,
+        FCIT,
+        "run",
+        SMOKE,
+        "--out",
+        str(out),
+        "debug.nan_token_clients=[3]",
+        "debug.bad_token_clients=[5]",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "client 3: identity token rejected, contains NaN/Inf" in p.stderr
+    assert "client 5: identity token rejected, dimension" in p.stderr
+    st = read_state(out)
+    c = st.clients
+    for cid in (3, 5):
+        rows = c[c["client"] == cid]
+        assert len(rows) and set(rows["status"]) == {3} and set(rows["subspace"]) == {-1}
+    assert np.isfinite(st.tokens).all() and st.num_subspaces == 2

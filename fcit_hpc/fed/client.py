@@ -23,13 +23,17 @@ def client_seed(seed: int, stage: int, round_: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, stage, round_, client]).generate_state(1)[0])
 
 
-def compute_tokens(encoder, data, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def compute_tokens(encoder, data, plan_rows: np.ndarray, dbg=None) -> tuple[np.ndarray, np.ndarray]:
     """Identity tokens of this rank's clients: int64 header [n, 3] (client, samples, dim) and the
     token values float32 [n·D]."""
     heads, vals = [], []
     for client, unit, _ in plan_rows:
         samples = data.client_samples(int(unit), int(client))
         mu = identity_token(encoder, [s.instruction for s in samples])
+        if dbg is not None and client in dbg.nan_token_clients:
+            mu[0] = np.nan
+        if dbg is not None and client in dbg.bad_token_clients:
+            mu = mu[:-1]
         heads.append([client, len(samples), mu.size])
         vals.append(mu)
     head = np.asarray(heads, dtype=np.int64).reshape(-1, 3)

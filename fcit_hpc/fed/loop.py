@@ -36,12 +36,11 @@ def _derive(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def init_state(cfg: Config, adapter, method) -> RunState:
+def init_state(cfg: Config, adapter, method, dim: int) -> RunState:
     """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet."""
     s_max = method.num_slots()
     gen = torch.Generator().manual_seed(_derive(cfg.seed, 77))
     vecs = np.stack([adapter.init_vector(gen).numpy() for _ in range(s_max)]).astype(np.float32)
-    dim = cfg.method.identity_dim if cfg.method.identity_encoder == "hashing" else 384
     b = cfg.benchmark
     stages = b.num_tasks if b.setting == "task" else max(1, min(4, b.num_tasks // 2))
     st = RunState(
@@ -127,11 +126,7 @@ def run_federated(
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)
     data = FederatedData(cfg)
-    encoder = (
-        make_encoder(cfg.method.identity_encoder, cfg.method.identity_dim)
-        if method.uses_identity
-        else None
-    )
+    encoder = make_encoder(cfg.method) if method.uses_identity else None
     if cfg.train.backend == "deepspeed":
         from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
@@ -146,7 +141,8 @@ def run_federated(
     st = None
     metrics = MetricsLog(run_dir / "metrics.jsonl") if root else None
     if root:
-        st = state if state is not None else init_state(cfg, adapter, method)
+        dim = encoder.dim if encoder is not None else 1
+        st = state if state is not None else init_state(cfg, adapter, method, dim)
         if st.adapter.shape != (method.num_slots(), adapter.numel):
             from fcit_hpc.errors import StateError
 
@@ -231,7 +227,7 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
     decisions: dict[int, DkoDecision] = {}
     token_bytes = 0
     if method.uses_identity:
-        head, vals = compute_tokens(encoder, data, mine)
+        head, vals = compute_tokens(encoder, data, mine, cfg.debug)
         heads = comm.gatherv(head.reshape(-1))
         values = comm.gatherv(vals)
         assign = None

@@ -53,7 +53,7 @@ class MiniLMEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        root = next(p for p in Path(pkg.__file__).parent.rglob("config.json")).parent
+        root = Path(pkg.__file__).parent / "model"
         self.tok = AutoTokenizer.from_pretrained(root, local_files_only=True)
         self.model = AutoModel.from_pretrained(root, local_files_only=True).eval()
         self.torch = torch
@@ -69,11 +69,58 @@ class MiniLMEncoder:
             return torch.nn.functional.normalize(f, dim=-1).numpy().astype(np.float32)
 
 
-def make_encoder(name: str, dim: int):
+class CLIPTextEncoder:
+    """Hugging Face CLIP text tower from a local directory (the paper's choice): pooled output of
+    the instruction, truncated at 77 tokens, frozen."""
+
+    def __init__(self, path: str):
+        import torch
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval()
+        self.dim = self.model.config.hidden_size
+        self.torch = torch
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        with self.torch.no_grad():
+            b = self.tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            return self.model(**b).pooler_output.float().numpy()
+
+
+class OpenCLIPEncoder:
+    """open_clip text tower from a local checkpoint (``method.encoder_path``) of the model named by
+    ``method.open_clip_model``; features of ``encode_text``."""
+
+    def __init__(self, model_name: str, path: str):
+        try:
+            import open_clip
+        except ImportError as e:
+            raise ImportError("method.identity_encoder=open_clip needs fcit_hpc[clip]") from e
+        import torch
+
+        self.model = open_clip.create_model(model_name, pretrained=path).eval()
+        self.tok = open_clip.get_tokenizer(model_name)
+        self.torch = torch
+        with torch.no_grad():
+            self.dim = int(self.model.encode_text(self.tok(["x"])).shape[-1])
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model.encode_text(self.tok(texts)).float().numpy()
+
+
+def make_encoder(method_cfg):
+    """The identity encoder named by ``method.identity_encoder``."""
+    name = method_cfg.identity_encoder
     if name == "hashing":
-        return HashingEncoder(dim)
+        return HashingEncoder(method_cfg.identity_dim)
     if name == "minilm":
         return MiniLMEncoder()
+    if name == "clip":
+        return CLIPTextEncoder(method_cfg.encoder_path)
+    if name == "open_clip":
+        return OpenCLIPEncoder(method_cfg.open_clip_model, method_cfg.encoder_path)
     raise ValueError(f"method.identity_encoder: unknown {name!r}")
 
 

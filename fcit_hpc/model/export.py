@@ -1,0 +1,81 @@
+"""Export of a run's adapters as PEFT LoRA adapters (``PeftModel.from_pretrained`` loads them).
+
+- ``subspace_<k>/``: subspace k alone (rank r, lora_alpha as configured): SSA with α = one-hot(k).
+- ``merged/``: one adapter for a fixed α: Σ_i α_i B_i A_i = (B_cat · diag(expand_r(α))) A_cat,
+  an exact LoRA of rank S·r whose lora_alpha keeps the scaling alpha / r.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcit_hpc.config import Config
+from fcit_hpc.model.build import build_base_model, build_model
+from fcit_hpc.state.schema import RunState
+
+
+def _peft_model(cfg: Config, r: int, lora_alpha: float):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_base_model(cfg)
+    lc = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(cfg.lora.target_modules)
+    )
+    return get_peft_model(base, lc)
+
+
+def _fill(peft_model, names, weights) -> None:
+    """weights: per wrapped layer name, (A [r', in], B [out, r'])."""
+    root = peft_model.base_model.model
+    with torch.no_grad():
+        for name in names:
+            layer = root.get_submodule(name)
+            A, B = weights[name]
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+
+
+def export_adapters(
+    cfg: Config, st: RunState, out_dir: str | Path, alpha: np.ndarray | None = None
+) -> list[Path]:
+    """Write the base model (``base/``), one PEFT adapter per live subspace and, if ``alpha`` [S]
+    is given, the merged adapter. Returns the adapter directories."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, adapter, _ = build_model(cfg)
+    for k in range(st.adapter.shape[0]):
+        adapter.set(k, st.adapter[k])
+    build_base_model(cfg).save_pretrained(out / "base")
+    r, la = cfg.lora.lora_r, cfg.lora.lora_alpha
+    written = []
+    live = max(st.num_subspaces, 1)
+    pm = _peft_model(cfg, r, la)
+    for k in range(live):
+        _fill(
+            pm,
+            adapter.names,
+            {
+                n: (m.lora_A[k], m.lora_B[k])
+                for n, m in zip(adapter.names, adapter.layers, strict=True)
+            },
+        )
+        pm.save_pretrained(out / f"subspace_{k}")
+        written.append(out / f"subspace_{k}")
+    if alpha is not None:
+        alpha = np.asarray(alpha, dtype=np.float32)
+        if alpha.shape != (live,) or not np.isfinite(alpha).all():
+            raise ValueError(f"--alpha: expected {live} finite weights, got {alpha.tolist()}")
+        a = torch.from_numpy(alpha).repeat_interleave(r)  # [S·r]
+        pm = _peft_model(cfg, r * live, la / r * (r * live))
+        weights = {}
+        for n, m in zip(adapter.names, adapter.layers, strict=True):
+            A_cat = torch.cat(list(m.lora_A[:live]), 0)  # [S·r, in]
+            B_cat = torch.cat(list(m.lora_B[:live]), 1) * a  # [out, S·r]
+            weights[n] = (A_cat, B_cat)
+        _fill(pm, adapter.names, weights)
+        pm.save_pretrained(out / "merged")
+        written.append(out / "merged")
+    return written

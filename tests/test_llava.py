@@ -1,0 +1,72 @@
+"""Subspace LoRA inside a Hugging Face LLaVA model: language-model FFN only, with images."""
+
+import torch
+
+from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
+
+
+def _tiny_llava():
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    text = LlamaConfig(
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=100, vision_feature_layer=-1
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def test_llava_language_model_ffn_only_and_images_flow():
+    model = _tiny_llava()
+    layers = inject_subspace_lora(model, {"gate_proj", "up_proj", "down_proj"}, 4, 8.0, 0.0, 2)
+    names = [n for n, _ in layers]
+    assert len(names) == 6
+    assert all("language_model" in n and "vision" not in n for n in names)
+    ad = SubspaceAdapter(layers)
+    g = torch.Generator().manual_seed(1)
+    for k in range(2):
+        ad.set(k, torch.randn(ad.numel, generator=g) * 0.1)
+    ids = torch.tensor([[1, 100, 100, 100, 100, 5, 6, 7]])  # 4 image tokens = 2x2 patches
+    pix = torch.randn(1, 3, 32, 32)
+    ad.train_subspace(None)
+    with torch.no_grad():
+        base = model(input_ids=ids, pixel_values=pix).logits
+    ad.set_activation(torch.tensor([[0.0, 1.0]]))
+    with torch.no_grad():
+        gated = model(input_ids=ids, pixel_values=pix).logits
+        other_image = model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+    assert (gated - base).abs().max() > 1e-4
+    assert (gated - other_image).abs().max() > 1e-5  # the image reaches the language model
+    ad.train_subspace(1)  # α one-hot(1) in SSA equals training mode on subspace 1
+    with torch.no_grad():
+        trained_mode = model(input_ids=ids, pixel_values=pix).logits
+    torch.testing.assert_close(trained_mode, gated, atol=1e-5, rtol=1e-5)
+    # gradients reach only subspace 1 and no base or vision weight
+    model.train()
+    model(input_ids=ids, pixel_values=pix).logits.sum().backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got and all(".1" in n and "lora_" in n for n in got)
+    # text-only input works too
+    ad.set_activation(torch.tensor([[0.5, 0.5]]))
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 120)
