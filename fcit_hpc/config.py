@@ -24,8 +24,11 @@ SSA_MODES = ("softmax", "cosine", "argmax", "concat")
 
 @dataclass
 class BenchmarkConfig:
-    suite: str = "synthetic"  # embedded synthetic text suite
+    suite: str = "synthetic"  # synthetic (embedded text) | fcit-mini (embedded images) | released
+    data_root: str = ""  # released: the layout root; fcit-mini: cache folder (default ~/.cache)
+    image_root: str = ""  # where image paths are relative to (default: from the layout)
     setting: str = "task"  # task | capability
+    capability_order: str = "paper"  # paper (General, Chart, Math, Other) | eval_scripts
     scenario: str = "hom"  # hom | het
     num_tasks: int = 8  # tasks of the suite used (task setting: one per stage)
     train_per_task: int = 400
@@ -60,6 +63,9 @@ class ModelConfig:
     num_heads: int = 4
     max_seq_len: int = 64
     init_seed: int = 1234
+    image_size: int = 32  # tiny-llava vision tower
+    patch_size: int = 8
+    vision_hidden_size: int = 32
 
 
 @dataclass
@@ -143,7 +149,8 @@ def _in(choices: tuple[str, ...]):
 _RULES: dict[str, tuple[Any, str]] = {
     "benchmark.setting": _in(("task", "capability")),
     "benchmark.scenario": _in(("hom", "het")),
-    "benchmark.suite": _in(("synthetic",)),
+    "benchmark.suite": _in(("synthetic", "fcit-mini", "released")),
+    "benchmark.capability_order": _in(("paper", "eval_scripts")),
     "benchmark.num_tasks": (lambda v: 1 <= v <= 8, "in [1, 8]"),
     "benchmark.train_per_task": (lambda v: v >= 1, ">= 1"),
     "benchmark.test_per_task": (lambda v: v >= 0, ">= 0"),
@@ -160,7 +167,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "federation.fedopt_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "federation.fedopt_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "federation.server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.name": _in(("tiny-llama", "hf")),
+    "model.name": _in(("tiny-llama", "tiny-llava", "hf")),
+    "model.image_size": (lambda v: v >= 8, ">= 8"),
+    "model.patch_size": (lambda v: v >= 2, ">= 2"),
+    "model.vision_hidden_size": (lambda v: v >= 8 and v % 2 == 0, "even and >= 8"),
     "model.hidden_size": (lambda v: v >= 8, ">= 8"),
     "model.intermediate_size": (lambda v: v >= 8, ">= 8"),
     "model.num_layers": (lambda v: v >= 1, ">= 1"),
@@ -271,6 +281,13 @@ def validate(cfg: Config) -> Config:
             f"method.encoder_path: required when method.identity_encoder is "
             f"{cfg.method.identity_encoder!r}"
         )
+    if cfg.model.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"model.patch_size: {cfg.model.patch_size} does not divide image_size "
+            f"{cfg.model.image_size}"
+        )
+    if cfg.benchmark.suite == "released" and not cfg.benchmark.data_root:
+        raise ConfigError("benchmark.data_root: required when benchmark.suite is 'released'")
     if cfg.model.name == "hf" and not cfg.model.path:
         raise ConfigError("model.path: required when model.name is 'hf'")
     return cfg

@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
         ],
     )
     model, adapter, tok = build_model(cfg)
-    st = init_state(cfg, adapter, make_method(cfg), 8)
+    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8))
     g = torch.Generator().manual_seed(5)
     st.adapter = (torch.randn(st.adapter.shape, generator=g) * 0.05).numpy()  # non-trivial A, B
     st.num_subspaces = 3
@@ -81,7 +81,7 @@ def test_merged_adapter_matches_fixed_alpha(trained):
 
 def test_bad_alpha(trained, tmp_path):
     cfg, model, adapter, tok, out, _ = trained
-    st = init_state(cfg, adapter, make_method(cfg), 8)
+    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8))
     st.num_subspaces = 2
     with pytest.raises(ValueError, match="--alpha"):
         export_adapters(cfg, st, tmp_path, np.array([1.0, np.nan], np.float32))

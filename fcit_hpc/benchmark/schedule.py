@@ -26,15 +26,24 @@ class Schedule:
     the published table (cycled when more than 5 clients are selected) or at random, seeded.
     """
 
-    def __init__(self, setting: str, scenario: str, num_tasks: int, het: str, seed: int):
-        if setting == "task":
+    def __init__(
+        self,
+        setting: str,
+        scenario: str,
+        num_tasks: int,
+        het: str,
+        seed: int,
+        stages: list[list[int]] | None = None,
+    ):
+        if stages is not None:
+            self.stages = stages
+        elif setting == "task":
             self.stages = [[t] for t in range(num_tasks)]
-            table = HET_TABLE_TASK
         else:
             groups = max(1, min(4, num_tasks // 2))
             self.stages = [list(g) for g in np.array_split(np.arange(num_tasks), groups)]
             self.stages = [[int(t) for t in g] for g in self.stages]
-            table = HET_TABLE_CAPABILITY
+        table = HET_TABLE_TASK if setting == "task" else HET_TABLE_CAPABILITY
         self.scenario = scenario
         self.het = het
         self.seed = seed

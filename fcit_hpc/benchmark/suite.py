@@ -1,13 +1,64 @@
-"""The federated data of a run: per-stage data units partitioned over clients, and test sets."""
+"""The federated data of a run: per-stage data units partitioned over clients, and test sets.
+
+Sources (``benchmark.suite``): ``synthetic`` (embedded text tasks, in memory), ``fcit-mini``
+(embedded image benchmark, generated once into a cache and read through the released layout), and
+``released`` (the released FCIT layout at ``benchmark.data_root``).
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
+from fcit_hpc.benchmark.layout import LayoutData, prepare, unit_dir
 from fcit_hpc.benchmark.partition import dirichlet_partition
+from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
 from fcit_hpc.benchmark.schedule import Schedule
 from fcit_hpc.benchmark.synthetic import TASK_NAMES, Sample, make_split
 from fcit_hpc.config import Config
+
+
+def mini_root(cfg: Config) -> Path:
+    """Cache folder of fcit-mini for this config's sizes and seed."""
+    from fcit_hpc.benchmark.mini import recipe_hash
+
+    b = cfg.benchmark
+    if b.data_root:
+        return Path(b.data_root)
+    base = Path(os.environ.get("FCIT_CACHE", Path.home() / ".cache" / "fcit_hpc"))
+    return base / f"fcit-mini-{recipe_hash(b.train_per_task, b.test_per_task, cfg.seed)}"
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generate and partition fcit-mini if the cache lacks it (call on one rank, then barrier)."""
+    b, f = cfg.benchmark, cfg.federation
+    if b.suite != "fcit-mini":
+        return
+    from fcit_hpc.benchmark.mini import write_raw
+
+    root = mini_root(cfg)
+    write_raw(root / "raw", b.train_per_task, b.test_per_task, cfg.seed)
+    stages = stage_datasets(b.setting, b.capability_order)
+    if (
+        not unit_dir(root, b.setting, b.scenario, b.dirichlet_beta, len(stages) - 1).is_dir()
+        or not (
+            unit_dir(root, b.setting, b.scenario, b.dirichlet_beta, 0)
+            / f"client_{f.num_clients - 1}.json"
+        ).is_file()
+    ):
+        prepare(
+            root / "raw",
+            root,
+            stages,
+            b.setting,
+            b.scenario,
+            b.dirichlet_beta,
+            f.num_clients,
+            b.min_client_samples,
+            cfg.seed,
+        )
 
 
 class FederatedData:
@@ -17,8 +68,34 @@ class FederatedData:
 
     def __init__(self, cfg: Config):
         b = cfg.benchmark
+        if b.suite == "synthetic":
+            self._synthetic(cfg)
+            return
+        root = mini_root(cfg) if b.suite == "fcit-mini" else Path(b.data_root)
+        names = stage_datasets(b.setting, b.capability_order)
+        self._layout = LayoutData(
+            root,
+            names,
+            b.setting,
+            b.scenario,
+            b.dirichlet_beta,
+            cfg.federation.num_clients,
+            b.image_root or None,
+        )
+        self.task_names = self._layout.task_names
+        stages = [[self._layout.task_of[n] for n in st] for st in names]
+        self.schedule = Schedule(
+            b.setting, b.scenario, len(self.task_names), b.het_assignment, cfg.seed, stages
+        )
+        self.test = self._layout.test
+        self.scorers = [DATASETS[n].scorer for n in self.task_names]
+
+    def _synthetic(self, cfg: Config) -> None:
+        b = cfg.benchmark
+        self._layout = None
         self.schedule = Schedule(b.setting, b.scenario, b.num_tasks, b.het_assignment, cfg.seed)
         self.task_names = list(TASK_NAMES[: b.num_tasks])
+        self.scorers = ["exact"] * b.num_tasks
         self.test = {
             t: make_split(t, b.test_per_task, cfg.seed, "test") for t in range(b.num_tasks)
         }
@@ -27,8 +104,7 @@ class FederatedData:
         for u, tasks in enumerate(self.schedule.stages):
             data = [s for t in tasks for s in make_split(t, b.train_per_task, cfg.seed, "train")]
             perm = np.random.default_rng([cfg.seed, u, 3]).permutation(len(data))
-            data = [data[i] for i in perm]
-            self.units.append(data)
+            self.units.append([data[i] for i in perm])
             self.shards.append(
                 dirichlet_partition(
                     len(data),
@@ -48,4 +124,6 @@ class FederatedData:
         return len(self.task_names)
 
     def client_samples(self, unit: int, client: int) -> list[Sample]:
+        if self._layout is not None:
+            return self._layout.client_samples(unit, client)
         return [self.units[unit][i] for i in self.shards[unit][client]]

@@ -19,11 +19,14 @@ WORDS = (
 
 @dataclass(frozen=True)
 class Sample:
-    """One instruction-tuning sample. ``instruction`` is the user turn, ``answer`` the target."""
+    """One instruction-tuning sample. ``instruction`` is the user turn (no image placeholder, no
+    system line), ``answer`` the target, ``image`` an absolute path or None."""
 
     instruction: str
     answer: str
     task: int
+    image: str | None = None
+    id: str = ""
 
 
 def _add(r: np.random.Generator):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fcit_hpc.benchmark.suite import FederatedData
+from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config, to_yaml
 from fcit_hpc.eval.generate import evaluate
 from fcit_hpc.fed import server
@@ -36,19 +36,17 @@ def _derive(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def init_state(cfg: Config, adapter, method, dim: int) -> RunState:
+def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int]) -> RunState:
     """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet."""
     s_max = method.num_slots()
     gen = torch.Generator().manual_seed(_derive(cfg.seed, 77))
     vecs = np.stack([adapter.init_vector(gen).numpy() for _ in range(s_max)]).astype(np.float32)
-    b = cfg.benchmark
-    stages = b.num_tasks if b.setting == "task" else max(1, min(4, b.num_tasks // 2))
     st = RunState(
         config_yaml=to_yaml(cfg),
         adapter=vecs,
         tokens=np.zeros((s_max, dim), np.float32),
         token_counts=np.zeros(s_max, np.float64),
-        accuracy=np.full((stages, b.num_tasks), np.nan),
+        accuracy=np.full(shape, np.nan),  # [stages, tasks]
         server_opt=init_server_state(cfg.federation.fed_alg, vecs.shape, cfg.federation.fedopt_tau),
     )
     if not method.uses_identity:
@@ -125,6 +123,9 @@ def run_federated(
     torch.set_num_threads(cfg.train.num_threads)
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)
+    if comm.is_root:
+        ensure_data(cfg)
+    comm.barrier()
     data = FederatedData(cfg)
     encoder = make_encoder(cfg.method) if method.uses_identity else None
     if cfg.train.backend == "deepspeed":
@@ -142,7 +143,8 @@ def run_federated(
     metrics = MetricsLog(run_dir / "metrics.jsonl") if root else None
     if root:
         dim = encoder.dim if encoder is not None else 1
-        st = state if state is not None else init_state(cfg, adapter, method, dim)
+        shape = (data.num_stages, data.num_tasks)
+        st = state if state is not None else init_state(cfg, adapter, method, dim, shape)
         if st.adapter.shape != (method.num_slots(), adapter.numel):
             from fcit_hpc.errors import StateError
 

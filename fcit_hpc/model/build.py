@@ -6,7 +6,7 @@ import torch
 
 from fcit_hpc.config import Config
 from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
-from fcit_hpc.model.tokenizer import VOCAB_SIZE, ByteTokenizer
+from fcit_hpc.model.tokenizer import IMAGE, VOCAB_SIZE, ByteTokenizer
 
 
 def build_base_model(cfg: Config):
@@ -18,7 +18,7 @@ def build_base_model(cfg: Config):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(m.path, local_files_only=True)
-    hf_cfg = LlamaConfig(
+    text_cfg = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size,
@@ -33,7 +33,28 @@ def build_base_model(cfg: Config):
     )
     state = torch.random.get_rng_state()
     torch.manual_seed(m.init_seed)
-    model = LlamaForCausalLM(hf_cfg)
+    if m.name == "tiny-llava":
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(
+            hidden_size=m.vision_hidden_size,
+            intermediate_size=2 * m.vision_hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=m.image_size,
+            patch_size=m.patch_size,
+        )
+        model = LlavaForConditionalGeneration(
+            LlavaConfig(
+                vision_config=vision,
+                text_config=text_cfg,
+                image_token_index=IMAGE,
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="default",
+            )
+        )
+    else:
+        model = LlamaForCausalLM(text_cfg)
     torch.random.set_rng_state(state)
     return model
 
@@ -49,4 +70,10 @@ def build_model(cfg: Config):
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )
-    return model, SubspaceAdapter(layers), ByteTokenizer()
+    m = cfg.model
+    tok = (
+        ByteTokenizer((m.image_size // m.patch_size) ** 2, m.image_size)
+        if m.name == "tiny-llava"
+        else ByteTokenizer()
+    )
+    return model, SubspaceAdapter(layers), tok

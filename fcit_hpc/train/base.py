@@ -29,12 +29,18 @@ def lr_at(step: int, total: int, base_lr: float, warmup_ratio: float) -> float:
 
 
 def encode_sample(tok: ByteTokenizer, s: Sample, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked out of the loss (-100)."""
+    """(input_ids, labels) with the prompt masked out of the loss (-100).
+
+    Too long: the answer is kept (up to max_len // 2 tokens) and the instruction loses its
+    beginning, so the question itself (usually at the end) stays in view.
+    """
+    answer = [*tok.encode(s.answer), EOS][: max(1, max_len // 2)]
     prompt = tok.prompt(s.instruction)
-    answer = [*tok.encode(s.answer), EOS]
-    ids = (prompt + answer)[:max_len]
-    labels = ([-100] * len(prompt) + answer)[:max_len]
-    return ids, labels
+    room = max_len - len(answer)
+    if len(prompt) > room:
+        head = 1 + tok.num_image_tokens  # <bos> and image tokens stay
+        prompt = prompt[:head] + prompt[len(prompt) - (room - head) :]
+    return prompt + answer, [-100] * len(prompt) + answer
 
 
 def make_batches(
@@ -45,8 +51,15 @@ def make_batches(
     epochs: int,
     generator: torch.Generator,
 ) -> list[dict[str, torch.Tensor]]:
-    """Shuffled, right-padded batches for ``epochs`` passes over ``samples``."""
+    """Shuffled, right-padded batches for ``epochs`` passes over ``samples`` (with
+    ``pixel_values`` [B, 3, H, W] for a multimodal model)."""
+    max_len = max_len + tok.num_image_tokens
     enc = [encode_sample(tok, s, max_len) for s in samples]
+    images = None
+    if tok.num_image_tokens:
+        from fcit_hpc.model.vision import load_image
+
+        images = [load_image(s.image, tok.image_size) for s in samples]
     batches = []
     for _ in range(epochs):
         order = torch.randperm(len(enc), generator=generator).tolist()
@@ -60,7 +73,10 @@ def make_batches(
                 ids[b, : len(x)] = torch.tensor(x)
                 lab[b, : len(y)] = torch.tensor(y)
                 att[b, : len(x)] = 1
-            batches.append({"input_ids": ids, "attention_mask": att, "labels": lab})
+            batch = {"input_ids": ids, "attention_mask": att, "labels": lab}
+            if images is not None:
+                batch["pixel_values"] = torch.stack([images[j] for j in order[i : i + batch_size]])
+            batches.append(batch)
     return batches
 
 

@@ -1,0 +1,145 @@
+"""Readers and writers of the LLaVA formats: training conversations and test questions.
+
+Training: a JSON list of ``{"id", "image", "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "..."}]}``. Test: a JSON list of ``{"question_id",
+"image", "text", "answer"}``. Every error names the file and the record index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.errors import DataError
+
+IMAGE_TOKEN = "<image>"
+
+
+def user_instruction(text: str) -> str:
+    """The user's instruction: the image placeholder and a system line removed, whitespace
+    collapsed (what a client's identity token is computed from)."""
+    lines = [
+        ln
+        for ln in str(text).replace(IMAGE_TOKEN, "").splitlines()
+        if not ln.lower().startswith("system:")
+    ]
+    return " ".join(" ".join(lines).split())
+
+
+def _read_list(path: Path) -> list:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _image(path: Path, i: int, rec: dict, image_root: Path | None, check: bool) -> str | None:
+    img = rec.get("image")
+    if img in (None, ""):
+        return None
+    if not isinstance(img, str):
+        raise DataError(f"{path}: record {i}: 'image' must be a string")
+    full = Path(img) if Path(img).is_absolute() else (image_root or path.parent) / img
+    if check and not full.is_file():
+        raise DataError(f"{path}: record {i}: image not found: {full}")
+    return str(full)
+
+
+def load_conversations(
+    path: str | Path,
+    task: int,
+    image_root: str | Path | None = None,
+    check_images: bool = True,
+    allow_empty: bool = False,
+) -> list[Sample]:
+    path = Path(path)
+    data = _read_list(path)
+    if not data and not allow_empty:
+        raise DataError(f"{path}: empty client file (no records)")
+    root = Path(image_root) if image_root else None
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: record {i}: expected an object")
+        conv = rec.get("conversations")
+        if conv is None:
+            raise DataError(f"{path}: record {i}: missing 'conversations'")
+        if (
+            not isinstance(conv, list)
+            or len(conv) < 2
+            or not all(isinstance(c, dict) and "value" in c for c in conv)
+        ):
+            raise DataError(f"{path}: record {i}: 'conversations' must list human and gpt turns")
+        human = next((c for c in conv if c.get("from") == "human"), None)
+        gpt = next((c for c in conv if c.get("from") == "gpt"), None)
+        if human is None or gpt is None:
+            raise DataError(f"{path}: record {i}: needs a 'human' and a 'gpt' turn")
+        out.append(
+            Sample(
+                user_instruction(human["value"]),
+                str(gpt["value"]),
+                task,
+                _image(path, i, rec, root, check_images),
+                str(rec.get("id", i)),
+            )
+        )
+    return out
+
+
+def load_test(
+    path: str | Path, task: int, image_root: str | Path | None = None, check_images: bool = True
+) -> list[Sample]:
+    path = Path(path)
+    data = _read_list(path)
+    root = Path(image_root) if image_root else None
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: record {i}: expected an object")
+        for key in ("question_id", "text", "answer"):
+            if key not in rec:
+                raise DataError(f"{path}: record {i}: missing '{key}'")
+        ans = rec["answer"]
+        out.append(
+            Sample(
+                user_instruction(rec["text"]),
+                json.dumps(ans) if isinstance(ans, list) else str(ans),
+                task,
+                _image(path, i, rec, root, check_images),
+                str(rec["question_id"]),
+            )
+        )
+    return out
+
+
+def to_conversation(s: Sample, image_rel: str | None) -> dict:
+    rec = {
+        "id": s.id,
+        "conversations": [
+            {"from": "human", "value": (IMAGE_TOKEN + "\n" if image_rel else "") + s.instruction},
+            {"from": "gpt", "value": s.answer},
+        ],
+    }
+    if image_rel:
+        rec["image"] = image_rel
+    return rec
+
+
+def to_test(s: Sample, image_rel: str | None) -> dict:
+    rec = {"question_id": s.id, "text": s.instruction, "answer": s.answer}
+    if image_rel:
+        rec["image"] = image_rel
+    return rec
+
+
+def write_json(path: Path, records: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(records, indent=0, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
