@@ -267,8 +267,13 @@ def _finish(comm, code: int, abort: bool = False) -> None:
     if comm is not None and comm.size > 1:
         if abort:
             comm.abort(code)
-        # an input error is raised on every rank alike: exit without a collective
+        # an input error is raised on every rank alike: exit without a collective; rank 0 has
+        # printed the message, the others give it time to reach the terminal first
         sys.stderr.flush()
+        if not comm.is_root:
+            import time
+
+            time.sleep(2.0)
         os._exit(code)
 
 
