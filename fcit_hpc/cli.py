@@ -46,7 +46,7 @@ def cmd_run(args, comm) -> int:
             overrides.append(f"out_dir={args.out}")
         cfg = load_config(args.config, overrides)
         run_dir = Path(cfg.out_dir)
-        if (run_dir / STATE_FILE).exists():
+        if (run_dir / STATE_FILE).exists() and not cfg.compare:
             raise StateError(
                 f"{run_dir / STATE_FILE}: a run already exists here; use "
                 f"`fcit run --resume {run_dir}` or another --out"
@@ -55,6 +55,11 @@ def cmd_run(args, comm) -> int:
         if comm.is_root:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.compare:
+        from fcit_hpc.compare import run_compare
+
+        run_compare(cfg, comm, run_dir)
+        return 0
     st = run_federated(cfg, comm, run_dir, state)
     if comm.is_root and st is not None:
         _print_summary(st, run_dir)
@@ -162,6 +167,18 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fcit_hpc.eval.report import comparison_table, write_report
+
+    for d in args.run_dirs:
+        write_report(d)
+    table = comparison_table(args.run_dirs)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
 def cmd_bench(args, comm) -> int:
     if args.what == "rounds":
         from fcit_hpc.bench import bench_rounds
@@ -192,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--config", default=None, help="config for `bench rounds`")
+    rp = sub.add_parser("report", help="write report.md + plots; print a table over runs")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", help="also write the table (markdown) to this file")
     d = sub.add_parser("data", help="benchmark data: prepare the released layout, fcit-mini")
     dsub = d.add_subparsers(dest="action", required=True)
     dp = dsub.add_parser("prepare", help="partition raw per-dataset files into the layout")
@@ -244,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_run(args, comm)
         elif args.cmd == "export":
             code = cmd_export(args)
+        elif args.cmd == "report":
+            code = cmd_report(args)
         elif args.cmd == "data":
             code = cmd_data(args)
         else:

@@ -122,10 +122,24 @@ class DebugConfig:
     bad_token_clients: list[int] = field(default_factory=list)
 
 
+COMPARE_ENTRIES = (
+    "zero_shot",
+    "finetune",
+    "disco",
+    "multitask",
+    "disco-cosine",
+    "disco-argmax",
+    "disco-concat",
+)
+
+
 @dataclass
 class Config:
     seed: int = 0
     out_dir: str = "runs/default"
+    # several runs in one job: one sub-run per entry and seed, then one comparison table
+    compare: list[str] = field(default_factory=list)
+    compare_seeds: list[int] = field(default_factory=list)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,7 +161,7 @@ def _in(choices: tuple[str, ...]):
 
 
 _RULES: dict[str, tuple[Any, str]] = {
-    "benchmark.setting": _in(("task", "capability")),
+    "benchmark.setting": _in(("task", "capability", "joint")),
     "benchmark.scenario": _in(("hom", "het")),
     "benchmark.suite": _in(("synthetic", "fcit-mini", "released")),
     "benchmark.capability_order": _in(("paper", "eval_scripts")),
@@ -167,7 +181,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "federation.fedopt_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "federation.fedopt_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "federation.server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.name": _in(("tiny-llama", "tiny-llava", "hf")),
+    "model.name": _in(("tiny-llama", "tiny-llava", "embedded", "hf")),
     "model.image_size": (lambda v: v >= 8, ">= 8"),
     "model.patch_size": (lambda v: v >= 2, ">= 2"),
     "model.vision_hidden_size": (lambda v: v >= 8 and v % 2 == 0, "even and >= 8"),

@@ -207,8 +207,9 @@ def test_fcit_mini_multimodal_run_is_world_size_invariant(tmp_path):
     assert p1.returncode == 0, p1.stderr[-3000:]
     p2 = mpiexec(2, FCIT, "run", mini, "--out", str(tmp_path / "b"), env=env)
     assert p2.returncode == 0, p2.stderr[-3000:]
-    assert same_content(comparable_content(tmp_path / "a"), comparable_content(tmp_path / "b")) \
-        == []
+    assert (
+        same_content(comparable_content(tmp_path / "a"), comparable_content(tmp_path / "b")) == []
+    )
     st = read_state(tmp_path / "b")
     assert st.accuracy.shape == (8, 8) and not np.isnan(st.accuracy).any()
     assert (tmp_path / "cache").is_dir()

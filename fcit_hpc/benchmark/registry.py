@@ -67,4 +67,6 @@ def stage_datasets(setting: str, order: str = "paper") -> list[list[str]]:
     """Datasets of each stage: task-related = 8 stages of one dataset; capability-related = 4."""
     if setting == "task":
         return [[d] for d in TASK_ORDER]
+    if setting == "joint":  # the centralized multi-task upper bound: every task in one stage
+        return [list(TASK_ORDER)]
     return [list(CAPABILITY_GROUPS[g]) for g in CAPABILITY_ORDERS[order]]

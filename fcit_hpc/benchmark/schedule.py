@@ -39,6 +39,8 @@ class Schedule:
             self.stages = stages
         elif setting == "task":
             self.stages = [[t] for t in range(num_tasks)]
+        elif setting == "joint":
+            self.stages = [list(range(num_tasks))]
         else:
             groups = max(1, min(4, num_tasks // 2))
             self.stages = [list(g) for g in np.array_split(np.arange(num_tasks), groups)]

@@ -121,11 +121,15 @@ def run_federated(
 ) -> RunState | None:
     """Run (or continue, when ``state`` is given on rank 0) the whole schedule."""
     torch.set_num_threads(cfg.train.num_threads)
+    if comm.is_root:  # one rank generates caches (data, embedded model); the others wait
+        ensure_data(cfg)
+        if cfg.model.name == "embedded":
+            from fcit_hpc.model.embedded import ensure_embedded
+
+            ensure_embedded(log.info)
+    comm.barrier()
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)
-    if comm.is_root:
-        ensure_data(cfg)
-    comm.barrier()
     data = FederatedData(cfg)
     encoder = make_encoder(cfg.method) if method.uses_identity else None
     if cfg.train.backend == "deepspeed":
@@ -203,7 +207,43 @@ def run_federated(
             write_state(run_dir, st)
     if bar is not None:
         bar.close()
+    if root and (st.summary == {} or not st.task_names):
+        _finalize(cfg, st, data, method, encoder)
+        write_state(run_dir, st)
+        metrics.append(json.dumps({"kind": "summary", "stage": data.num_stages, **st.summary}))
+    if root and st.done:
+        from fcit_hpc.eval.report import write_report
+
+        write_report(run_dir, st)
     return st
+
+
+def _finalize(cfg, st: RunState, data, method, encoder) -> None:
+    """Continual-learning metrics and the SSA activation map (test task x subspace, mean α)."""
+    from fcit_hpc.eval.metrics import cl_metrics, first_stages
+
+    st.task_names = list(data.task_names)
+    trained = [(int(c["stage"]), int(c["unit"])) for c in st.clients if c["status"] == 0]
+    st.first_stage = np.asarray(first_stages(data.schedule.stages, data.num_tasks, trained))
+    if cfg.eval.enabled and not np.isnan(st.accuracy).any():
+        st.summary = cl_metrics(st.accuracy, list(st.first_stage))
+    else:
+        st.summary = {"last": float("nan")}
+    live = st.num_subspaces
+    if method.uses_identity and live and encoder is not None:
+        from fcit_hpc.methods.disco import ssa_activation
+
+        rows = []
+        for t in range(data.num_tasks):
+            ins = [s.instruction for s in data.test[t]]
+            if not ins:
+                rows.append(np.full(live, np.nan))
+                continue
+            a = ssa_activation(
+                encoder.encode(ins), st.tokens[:live], cfg.method.epsilon, cfg.method.ssa
+            )
+            rows.append(a.mean(0))
+        st.activation = np.stack(rows)
 
 
 def _broadcast_view(comm: Comm, st: RunState | None) -> RunState:

@@ -14,6 +14,14 @@ def build_base_model(cfg: Config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
+    if m.name == "embedded":
+        from transformers import LlavaForConditionalGeneration
+
+        from fcit_hpc.model.embedded import ensure_embedded
+
+        return LlavaForConditionalGeneration.from_pretrained(
+            ensure_embedded(), local_files_only=True
+        )
     if m.name == "hf":
         from transformers import AutoModelForCausalLM
 

@@ -13,12 +13,16 @@ Layout::
     /metrics/rounds          compound [n_rounds]  ROUND_DTYPE
     /metrics/clients         compound [n_updates] CLIENT_DTYPE (incl. DKO decisions, bytes)
     /eval/accuracy           float64 [stages, tasks] R[t][i] (NaN until evaluated)
+    /eval/first_stage        int64   [tasks]        stage at which each task was first trained
+    /eval/activation         float64 [tasks, S]     mean SSA α per test task (DISCO)
+    /eval                    attrs: task_names (JSON list), last, avg, forgetting, bwt, fwt
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +93,10 @@ class RunState:
     rng_torch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     rounds: np.ndarray = field(default_factory=lambda: np.zeros(0, ROUND_DTYPE))
     clients: np.ndarray = field(default_factory=lambda: np.zeros(0, CLIENT_DTYPE))
+    task_names: list[str] = field(default_factory=list)
+    first_stage: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    activation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    summary: dict[str, float] = field(default_factory=dict)
 
     def append_metrics(self, round_row: np.ndarray, client_rows: np.ndarray) -> None:
         self.rounds = np.concatenate([self.rounds, round_row.astype(ROUND_DTYPE)])
@@ -127,7 +135,13 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         m = f.create_group("metrics")
         m.create_dataset("rounds", data=st.rounds)
         m.create_dataset("clients", data=st.clients)
-        f.create_group("eval").create_dataset("accuracy", data=st.accuracy)
+        ev = f.create_group("eval")
+        ev.create_dataset("accuracy", data=st.accuracy)
+        ev.create_dataset("first_stage", data=np.asarray(st.first_stage, np.int64))
+        ev.create_dataset("activation", data=np.asarray(st.activation, np.float64))
+        ev.attrs["task_names"] = json.dumps(st.task_names)
+        for k, v in st.summary.items():
+            ev.attrs[k] = float(v)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -177,6 +191,10 @@ def read_state(run_dir: str | Path) -> RunState:
                 rng_torch=np.asarray(_need(f, "rng/torch", path)[()], np.uint8),
                 rounds=np.asarray(_need(f, "metrics/rounds", path)[()]).astype(ROUND_DTYPE),
                 clients=np.asarray(_need(f, "metrics/clients", path)[()]).astype(CLIENT_DTYPE),
+                task_names=json.loads(str(f["eval"].attrs.get("task_names", "[]"))),
+                first_stage=np.asarray(_need(f, "eval/first_stage", path)[()], np.int64),
+                activation=np.asarray(_need(f, "eval/activation", path)[()], np.float64),
+                summary={k: float(v) for k, v in f["eval"].attrs.items() if k != "task_names"},
             )
     except StateError:
         raise

@@ -1,0 +1,105 @@
+"""Several runs in one job (``compare`` in the config): one sub-run per method entry and seed in
+``RUN_DIR/<entry>/seed<k>``, then one table of the continual-learning metrics averaged over seeds
+(``RUN_DIR/comparison.md``). Re-running the same command continues unfinished sub-runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fcit_hpc.config import Config, to_yaml, validate
+from fcit_hpc.eval.report import METRIC_COLS
+from fcit_hpc.state.schema import STATE_FILE, read_state
+
+LABELS = {
+    "zero_shot": "Zero-shot",
+    "finetune": "Finetune",
+    "disco": "DISCO",
+    "multitask": "Multi-task (centralized upper bound)",
+    "disco-cosine": "DISCO, SSA cosine",
+    "disco-argmax": "DISCO, SSA argmax",
+    "disco-concat": "DISCO, SSA concat",
+}
+
+
+def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
+    c = dataclasses.replace(
+        cfg,
+        seed=seed,
+        compare=[],
+        compare_seeds=[],
+        out_dir=str(run_dir / entry / f"seed{seed}"),
+        method=dataclasses.replace(cfg.method),
+        federation=dataclasses.replace(cfg.federation),
+        benchmark=dataclasses.replace(cfg.benchmark),
+    )
+    if entry in ("zero_shot", "finetune", "disco"):
+        c.method.name = entry
+    elif entry.startswith("disco-"):
+        c.method.name, c.method.ssa = "disco", entry.split("-", 1)[1]
+    else:  # multitask: one client holding all data, as many samples seen as the federated run
+        f = cfg.federation
+        c.method.name = "finetune"
+        c.benchmark.setting, c.benchmark.scenario = "joint", "hom"
+        c.benchmark.min_client_samples = 1
+        c.federation.num_clients, c.federation.client_selection_frac = 1, 1.0
+        c.federation.num_rounds = max(
+            1, math.ceil(f.num_rounds * cfg.clients_per_round / f.num_clients)
+        )
+    return validate(c)
+
+
+def run_compare(cfg: Config, comm, run_dir: Path) -> None:
+    from fcit_hpc.fed.loop import run_federated
+
+    seeds = cfg.compare_seeds or [cfg.seed]
+    t0 = time.time()
+    for seed in seeds:
+        for entry in cfg.compare:
+            sub = sub_config(cfg, entry, seed, run_dir)
+            d = Path(sub.out_dir)
+            state = None
+            if (d / STATE_FILE).exists():
+                st = read_state(d)  # every rank reads it: all continue alike
+                if st.done:
+                    continue
+                state = st if comm.is_root else None
+            elif comm.is_root:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "config.yaml").write_text(to_yaml(sub))
+            comm.barrier()
+            if comm.is_root:
+                print(f"== {entry} seed {seed} -> {d}", flush=True)
+            run_federated(sub, comm, d, state)
+    if comm.is_root:
+        table = comparison(run_dir, cfg.compare, seeds)
+        seconds = time.time() - t0
+        text = (
+            f"{table}\n\nMean over seeds {seeds}; ± is the standard deviation. Wall time of "
+            f"this job: {seconds:.0f} s on {comm.size} rank(s).\n"
+        )
+        (run_dir / "comparison.md").write_text(text)
+        print(text)
+
+
+def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
+    head = "| method | " + " | ".join(h for _, h in METRIC_COLS) + " | subspaces |"
+    lines = [head, "|---" * (len(METRIC_COLS) + 2) + "|"]
+    for entry in entries:
+        states = [read_state(run_dir / entry / f"seed{s}") for s in seeds]
+        cells = []
+        for key, _ in METRIC_COLS:
+            v = np.array([st.summary.get(key, np.nan) for st in states], float)
+            if np.isnan(v).all():
+                cells.append("–")
+            elif len(v) > 1:
+                cells.append(f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}")
+            else:
+                cells.append(f"{v[0]:.2f}")
+        subs = "/".join(str(st.num_subspaces) for st in states)
+        lines.append(f"| {LABELS[entry]} | " + " | ".join(cells) + f" | {subs} |")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The embedded base model: a small LLaVA (Hugging Face classes, so images take the real path),
+pre-trained at first use on a general corpus that is disjoint from the FCIT-mini tasks.
+
+Deterministic from its recipe, cached on disk (``$FCIT_CACHE/embedded-<recipe hash>``) and rebuilt
+when the recipe (this file's corpus and settings) changes. The general corpus teaches the model
+to follow a prompt, copy text and read coarse image content (colour, brightness, position); none of
+its instructions or answer forms is an FCIT-mini task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from fcit_hpc.benchmark.synthetic import Sample
+
+RECIPE = {
+    "version": 1,
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_layers": 3,
+    "num_heads": 4,
+    "vision_hidden_size": 48,
+    "image_size": 32,
+    "patch_size": 8,
+    "max_seq_len": 160,
+    "steps": 1500,
+    "batch_size": 16,
+    "lr": 2e-3,
+    "seed": 7,
+}
+_TONES = {
+    "crimson": (200, 20, 60),
+    "teal": (0, 128, 128),
+    "navy": (20, 20, 120),
+    "olive": (128, 128, 0),
+    "pink": (250, 150, 200),
+    "gray": (128, 128, 128),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+}
+_WORDS = (
+    "harbor",
+    "velvet",
+    "quartz",
+    "saddle",
+    "timber",
+    "nectar",
+    "orbit",
+    "pepper",
+    "basil",
+    "cobalt",
+    "meadow",
+    "kettle",
+    "jungle",
+    "ivory",
+    "falcon",
+    "willow",
+)
+
+
+def _general_sample(r: np.random.Generator, path: Path, i: int) -> Sample:
+    """One sample of the general corpus (an image is written to ``path``)."""
+    kind = int(r.integers(6))
+    tone = list(_TONES)[int(r.integers(len(_TONES)))]
+    img = Image.new("RGB", (32, 32), _TONES[tone])
+    d = ImageDraw.Draw(img)
+    if kind == 0:
+        w = _WORDS[int(r.integers(len(_WORDS)))]
+        q, a = f"Repeat after me: {w}", w
+    elif kind == 1:
+        n = int(r.integers(0, 1000))
+        q, a = f"Copy this number exactly: {n}", str(n)
+    elif kind == 2:
+        q, a = "Which tone fills the background of this picture?", tone
+    elif kind == 3:
+        bright = sum(_TONES[tone]) > 380
+        q, a = "Is this picture light or dark overall?", "light" if bright else "dark"
+    elif kind == 4:
+        side = ["left", "right"][int(r.integers(2))]
+        x = 2 if side == "left" else 18
+        d.rectangle((x, 10, x + 11, 21), fill=(255, 255, 0) if tone != "white" else (0, 0, 0))
+        q, a = "On which side of the picture is the patch, left or right?", side
+    else:
+        a_ = int(r.integers(0, 10))
+        q, a = (
+            f"Write the digit {a_} as a word.",
+            ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][a_],
+        )
+    f = path / f"g{i:05d}.png"
+    img.save(f)
+    return Sample(q, a, 0, str(f))
+
+
+def recipe_hash() -> str:
+    src = Path(__file__).read_bytes()
+    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode() + src).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("FCIT_CACHE", Path.home() / ".cache" / "fcit_hpc"))
+    return base / f"embedded-{recipe_hash()}"
+
+
+def model_config(overrides: dict | None = None):
+    """The Hugging Face LlavaConfig of the embedded model."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from fcit_hpc.model.tokenizer import IMAGE, VOCAB_SIZE
+
+    r = {**RECIPE, **(overrides or {})}
+    text = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=r["hidden_size"],
+        intermediate_size=r["intermediate_size"],
+        num_hidden_layers=r["num_layers"],
+        num_attention_heads=r["num_heads"],
+        num_key_value_heads=r["num_heads"],
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=r["vision_hidden_size"],
+        intermediate_size=2 * r["vision_hidden_size"],
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=r["image_size"],
+        patch_size=r["patch_size"],
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
+def ensure_embedded(log=print) -> Path:
+    """Build (pre-train) the embedded model if its cache is missing; returns its directory."""
+    out = cache_dir()
+    if (out / "config.json").is_file():
+        return out
+    from transformers import LlavaForConditionalGeneration
+
+    from fcit_hpc.model.tokenizer import ByteTokenizer
+    from fcit_hpc.train.base import lr_at, make_batches
+
+    t0 = time.time()
+    r = RECIPE
+    torch.manual_seed(r["seed"])
+    model = LlavaForConditionalGeneration(model_config())
+    tok = ByteTokenizer((r["image_size"] // r["patch_size"]) ** 2, r["image_size"])
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    (tmp / "corpus").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(r["seed"])
+    corpus = [_general_sample(rng, tmp / "corpus", i) for i in range(2000)]
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
+    gen = torch.Generator().manual_seed(r["seed"])
+    batches = []
+    while len(batches) < r["steps"]:
+        batches += make_batches(tok, corpus, r["batch_size"], r["max_seq_len"], 1, gen)
+    model.train()
+    for step, batch in enumerate(batches[: r["steps"]]):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, r["steps"], r["lr"], 0.05)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == r["steps"] - 1:
+            log(f"embedded model pre-training: step {step}/{r['steps']} loss {loss.item():.3f}")
+    model.eval().save_pretrained(tmp)
+    (tmp / "recipe.json").write_text(json.dumps({**r, "seconds": time.time() - t0}))
+    import shutil
+
+    shutil.rmtree(tmp / "corpus")
+    tmp.rename(out)
+    return out
