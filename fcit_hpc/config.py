@@ -56,7 +56,8 @@ class FederationConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny-llama"  # tiny-llama (random init from the fields below) | hf (local path)
-    path: str = ""
+    path: str = ""  # hf: local directory, or pkg:NAME for weights shipped by a Python package
+    gguf_file: str = ""  # hf: load this GGUF file of `path` (dequantized to fp32)
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 2

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from fcit_hpc.benchmark.scorers import score
-from fcit_hpc.model.tokenizer import EOS, PAD
 
 
 @torch.no_grad()
@@ -24,8 +23,8 @@ def greedy(model, tok, instruction: str, max_new_tokens: int, image: str | None 
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         **extra,
     )
     return tok.decode(out[0, ids.shape[1] :].tolist())

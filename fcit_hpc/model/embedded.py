@@ -99,14 +99,15 @@ def _general_sample(r: np.random.Generator, path: Path, i: int) -> Sample:
     return Sample(q, a, 0, str(f))
 
 
-def recipe_hash() -> str:
+def recipe_hash(recipe: dict | None = None) -> str:
     src = Path(__file__).read_bytes()
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode() + src).hexdigest()[:16]
+    key = json.dumps(recipe or RECIPE, sort_keys=True).encode() + src
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
-def cache_dir() -> Path:
+def cache_dir(recipe: dict | None = None) -> Path:
     base = Path(os.environ.get("FCIT_CACHE", Path.home() / ".cache" / "fcit_hpc"))
-    return base / f"embedded-{recipe_hash()}"
+    return base / f"embedded-{recipe_hash(recipe)}"
 
 
 def model_config(overrides: dict | None = None):
@@ -146,9 +147,10 @@ def model_config(overrides: dict | None = None):
     )
 
 
-def ensure_embedded(log=print) -> Path:
+def ensure_embedded(log=print, recipe: dict | None = None) -> Path:
     """Build (pre-train) the embedded model if its cache is missing; returns its directory."""
-    out = cache_dir()
+    r = recipe or RECIPE
+    out = cache_dir(r)
     if (out / "config.json").is_file():
         return out
     from transformers import LlavaForConditionalGeneration
@@ -157,14 +159,13 @@ def ensure_embedded(log=print) -> Path:
     from fcit_hpc.train.base import lr_at, make_batches
 
     t0 = time.time()
-    r = RECIPE
     torch.manual_seed(r["seed"])
-    model = LlavaForConditionalGeneration(model_config())
+    model = LlavaForConditionalGeneration(model_config(r))
     tok = ByteTokenizer((r["image_size"] // r["patch_size"]) ** 2, r["image_size"])
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     (tmp / "corpus").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(r["seed"])
-    corpus = [_general_sample(rng, tmp / "corpus", i) for i in range(2000)]
+    corpus = [_general_sample(rng, tmp / "corpus", i) for i in range(r.get("corpus", 2000))]
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(r["seed"])
     batches = []
@@ -186,5 +187,10 @@ def ensure_embedded(log=print) -> Path:
     import shutil
 
     shutil.rmtree(tmp / "corpus")
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process (e.g. on a node sharing the cache) finished first
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

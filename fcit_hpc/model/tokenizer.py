@@ -27,3 +27,36 @@ class ByteTokenizer:
     def prompt(self, instruction: str) -> list[int]:
         """``<bos> [<image> x N] instruction \\n`` — the answer follows, ended by ``<eos>``."""
         return [BOS, *([IMAGE] * self.num_image_tokens), *self.encode(instruction + "\n")]
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the interface above (text models from a local path).
+
+    The prompt is the model's chat template for one user turn when it has one, else
+    ``instruction + "\\n"``.
+    """
+
+    num_image_tokens = 0
+    image_size = 0
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_token_id = tok.eos_token_id
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.bos_token_id = tok.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def prompt(self, instruction: str) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            ids = self.tok.apply_chat_template(
+                [{"role": "user", "content": instruction}],
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return self.encode(instruction + "\n")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.benchmark.synthetic import Sample
-from fcit_hpc.model.tokenizer import EOS, PAD, ByteTokenizer
+from fcit_hpc.model.tokenizer import ByteTokenizer
 
 
 @dataclass
@@ -34,7 +34,7 @@ def encode_sample(tok: ByteTokenizer, s: Sample, max_len: int) -> tuple[list[int
     Too long: the answer is kept (up to max_len // 2 tokens) and the instruction loses its
     beginning, so the question itself (usually at the end) stays in view.
     """
-    answer = [*tok.encode(s.answer), EOS][: max(1, max_len // 2)]
+    answer = [*tok.encode(s.answer), tok.eos_token_id][: max(1, max_len // 2)]
     prompt = tok.prompt(s.instruction)
     room = max_len - len(answer)
     if len(prompt) > room:
@@ -66,7 +66,7 @@ def make_batches(
         for i in range(0, len(order), batch_size):
             chunk = [enc[j] for j in order[i : i + batch_size]]
             T = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), T), PAD, dtype=torch.long)
+            ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
             lab = torch.full((len(chunk), T), -100, dtype=torch.long)
             att = torch.zeros((len(chunk), T), dtype=torch.long)
             for b, (x, y) in enumerate(chunk):

@@ -1,0 +1,56 @@
+"""Embedded base model (deterministic, cached, recipe-keyed), reports and compare runs."""
+
+import json
+
+import torch
+
+from fcit_hpc.model.embedded import RECIPE, cache_dir, ensure_embedded
+from fcit_hpc.state.schema import read_state
+
+from .conftest import ROOT, fcit
+
+SMALL = {**RECIPE, "steps": 6, "corpus": 40, "hidden_size": 32, "intermediate_size": 64,
+         "num_layers": 1, "vision_hidden_size": 16}
+
+
+def test_embedded_model_is_deterministic_cached_and_keyed_by_recipe(tmp_path, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path / "a"))
+    a = ensure_embedded(lambda *_: None, SMALL)
+    stamp = (a / "config.json").stat().st_mtime_ns
+    assert ensure_embedded(lambda *_: None, SMALL) == a  # cached: not rebuilt
+    assert (a / "config.json").stat().st_mtime_ns == stamp
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path / "b"))
+    b = ensure_embedded(lambda *_: None, SMALL)
+    ma = LlavaForConditionalGeneration.from_pretrained(a).state_dict()
+    mb = LlavaForConditionalGeneration.from_pretrained(b).state_dict()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)  # same recipe, same weights
+    fresh = LlavaForConditionalGeneration(
+        __import__("fcit_hpc.model.embedded", fromlist=["x"]).model_config(SMALL)).state_dict()
+    assert any(not torch.equal(ma[k], fresh[k]) for k in ma)  # it was trained
+    assert cache_dir({**SMALL, "steps": 7}) != cache_dir(SMALL)  # a new recipe, a new model
+    assert json.loads((a / "recipe.json").read_text())["steps"] == 6
+
+
+def test_report_and_compare_on_a_small_run(tmp_path):
+    out = tmp_path / "cmp"
+    p = fcit("run", str(ROOT / "configs/smoke.yaml"), "--out", str(out),
+             "compare=[zero_shot,finetune,disco,multitask]", "compare_seeds=[0,1]")
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = (out / "comparison.md").read_text()
+    for label in ("Zero-shot", "Finetune", "DISCO", "Multi-task"):
+        assert label in table
+    d = read_state(out / "disco" / "seed1")
+    assert d.done and d.summary and set(d.summary) >= {"last", "avg", "forgetting", "bwt"}
+    assert d.num_subspaces == 2 and d.activation.shape == (2, 2)
+    mt = read_state(out / "multitask" / "seed0")
+    assert mt.accuracy.shape == (1, 2) and int(mt.clients["client"].max()) == 0
+    zs = read_state(out / "zero_shot" / "seed0")
+    assert len(zs.rounds) == 0 and zs.accuracy.shape == (2, 2)
+    rep = (out / "disco" / "seed1" / "report.md").read_text()
+    assert "## Accuracy matrix" in rep and "SSA activation" in rep
+    for png in ("accuracy_matrix", "task_curves", "ssa_activation"):
+        assert (out / "disco" / "seed1" / "plots" / f"{png}.png").stat().st_size > 1000
+    p = fcit("report", str(out / "finetune" / "seed0"), str(out / "disco" / "seed0"))
+    assert p.returncode == 0 and "| finetune |" in p.stdout and "| disco |" in p.stdout
