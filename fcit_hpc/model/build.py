@@ -98,10 +98,28 @@ def build_model(cfg: Config):
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )
+    return model, SubspaceAdapter(layers), make_tokenizer(cfg)
+
+
+def make_tokenizer(cfg: Config):
+    """Byte-level for the embedded and tiny models (with image tokens for the LLaVA ones), the
+    checkpoint's own tokenizer for ``model.name: hf``."""
     m = cfg.model
-    tok = (
-        ByteTokenizer((m.image_size // m.patch_size) ** 2, m.image_size)
-        if m.name == "tiny-llava"
-        else ByteTokenizer()
-    )
-    return model, SubspaceAdapter(layers), tok
+    if m.name == "embedded":
+        from fcit_hpc.model.embedded import RECIPE
+
+        return ByteTokenizer(
+            (RECIPE["image_size"] // RECIPE["patch_size"]) ** 2, RECIPE["image_size"]
+        )
+    if m.name == "tiny-llava":
+        return ByteTokenizer((m.image_size // m.patch_size) ** 2, m.image_size)
+    if m.name == "hf":
+        from transformers import AutoTokenizer
+
+        from fcit_hpc.model.tokenizer import HFTokenizer
+
+        kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+        return HFTokenizer(
+            AutoTokenizer.from_pretrained(resolve_path(m.path), local_files_only=True, **kw)
+        )
+    return ByteTokenizer()

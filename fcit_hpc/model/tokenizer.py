@@ -58,5 +58,7 @@ class HFTokenizer:
                 add_generation_prompt=True,
                 tokenize=True,
             )
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            if hasattr(ids, "keys"):  # a BatchEncoding in recent transformers
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
         return self.encode(instruction + "\n")
