@@ -86,6 +86,7 @@ class MethodConfig:
     ssa: str = "softmax"
     identity_encoder: str = "minilm"  # minilm (packaged) | hashing | clip | open_clip
     identity_dim: int = 256  # hashing encoder only; the others have their own width
+    identity_source: str = "text"  # text | image | text+image (identity-token ablation)
     encoder_path: str = ""  # clip: local HF directory; open_clip: local checkpoint file
     open_clip_model: str = "ViT-L-14-336"
     full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
@@ -202,6 +203,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.ssa": _in(SSA_MODES),
     "method.identity_encoder": _in(("hashing", "minilm", "clip", "open_clip")),
     "method.identity_dim": (lambda v: v >= 2, ">= 2"),
+    "method.identity_source": _in(("text", "image", "text+image")),
     "method.full_policy": _in(("nearest", "error")),
     "train.backend": _in(("torch", "deepspeed")),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),

@@ -99,3 +99,43 @@ def test_run_models_feed_images_through_the_vision_tower(tmp_path, monkeypatch):
         with torch.no_grad():
             losses.append(float(model(**batch).loss))
     assert abs(losses[0] - losses[1]) > 1e-6
+
+
+def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from fcit_hpc.benchmark.synthetic import Sample
+    from fcit_hpc.model.identity import HashingEncoder, SampleEncoder
+
+    model = _tiny_llava()
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(a)
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(b)
+    s = [Sample("Same question?", "x", 0, str(a)), Sample("Same question?", "x", 0, str(b))]
+    text = SampleEncoder(HashingEncoder(16), "text")
+    img = SampleEncoder(HashingEncoder(16), "image", model, 32)
+    both = SampleEncoder(HashingEncoder(16), "text+image", model, 32)
+    ft, fi, fb = text.encode_samples(s), img.encode_samples(s), both.encode_samples(s)
+    assert ft.shape == (2, 16) and fi.shape == (2, 32) and fb.shape == (2, 48) == (2, both.dim)
+    assert np.array_equal(ft[0], ft[1]) and not np.allclose(fi[0], fi[1])  # only images differ
+    from fcit_hpc.model.identity import _vision_tower
+
+    ref = _vision_tower(model)(pixel_values=torch.stack(
+        [__import__("fcit_hpc.model.vision", fromlist=["x"]).load_image(str(a), 32)])
+    ).pooler_output[0].detach().numpy()
+    np.testing.assert_allclose(fi[0], ref, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_run_with_text_plus_image_identity(tmp_path):
+    from fcit_hpc.state.schema import read_state
+
+    from .conftest import ROOT, fcit
+
+    out = tmp_path / "ti"
+    p = fcit("run", str(ROOT / "configs/smoke_mini.yaml"), "--out", str(out),
+             "method.identity_source=text+image", "benchmark.num_tasks=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    st = read_state(out)
+    assert st.tokens.shape[1] == 256 + 32 and st.num_subspaces >= 2

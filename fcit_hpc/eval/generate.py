@@ -38,7 +38,7 @@ def predict_local(cfg, comm, model, adapter, tok, method, state, data, encoder):
         for i, s in enumerate(data.test[t]):
             if (t * 100003 + i) % comm.size != comm.rank:
                 continue
-            feature = encoder.encode([s.instruction])[0] if encoder is not None else None
+            feature = encoder.encode_samples([s])[0] if encoder is not None else None
             method.set_inference(adapter, state, feature)
             out.append((t, i, greedy(model, tok, s.instruction, cfg.eval.max_new_tokens, s.image)))
     adapter.set_activation(None)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.config import Config
-from fcit_hpc.model.identity import identity_token
+from fcit_hpc.model.identity import sample_identity_token
 from fcit_hpc.train.base import make_batches
 
 # update header, one float64 row per client
@@ -29,7 +29,7 @@ def compute_tokens(encoder, data, plan_rows: np.ndarray, dbg=None) -> tuple[np.n
     heads, vals = [], []
     for client, unit, _ in plan_rows:
         samples = data.client_samples(int(unit), int(client))
-        mu = identity_token(encoder, [s.instruction for s in samples])
+        mu = sample_identity_token(encoder, samples)
         if dbg is not None and client in dbg.nan_token_clients:
             mu[0] = np.nan
         if dbg is not None and client in dbg.bad_token_clients:

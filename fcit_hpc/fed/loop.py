@@ -27,7 +27,7 @@ from fcit_hpc.fed.strategies import init_server_state
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.disco import DkoDecision
 from fcit_hpc.model.build import build_model
-from fcit_hpc.model.identity import make_encoder
+from fcit_hpc.model.identity import SampleEncoder, make_encoder
 from fcit_hpc.state.schema import CLIENT_DTYPE, STATUS, RunState, write_state
 
 log = logging.getLogger("fcit")
@@ -135,7 +135,11 @@ def run_federated(
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)
     data = FederatedData(cfg)
-    encoder = make_encoder(cfg.method) if method.uses_identity else None
+    encoder = None
+    if method.uses_identity:
+        encoder = SampleEncoder(
+            make_encoder(cfg.method), cfg.method.identity_source, model, tok.image_size
+        )
     if cfg.train.backend == "deepspeed":
         from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
@@ -239,12 +243,12 @@ def _finalize(cfg, st: RunState, data, method, encoder) -> None:
 
         rows = []
         for t in range(data.num_tasks):
-            ins = [s.instruction for s in data.test[t]]
+            ins = data.test[t]
             if not ins:
                 rows.append(np.full(live, np.nan))
                 continue
             a = ssa_activation(
-                encoder.encode(ins), st.tokens[:live], cfg.method.epsilon, cfg.method.ssa
+                encoder.encode_samples(ins), st.tokens[:live], cfg.method.epsilon, cfg.method.ssa
             )
             rows.append(a.mean(0))
         st.activation = np.stack(rows)

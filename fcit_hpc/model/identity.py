@@ -127,3 +127,61 @@ def make_encoder(method_cfg):
 def identity_token(encoder, instructions: list[str]) -> np.ndarray:
     """μ_k: mean feature over a client's training instructions, float32 [D]."""
     return encoder.encode(instructions).mean(axis=0).astype(np.float32)
+
+
+def _vision_tower(model):
+    """The vision tower of a Hugging Face LLaVA model (attribute place differs across versions)."""
+    for obj in (model, getattr(model, "model", None)):
+        tower = getattr(obj, "vision_tower", None)
+        if tower is not None:
+            return tower
+    return None
+
+
+class SampleEncoder:
+    """Identity features of samples from their instruction (``text``, the paper's choice), their
+    image (``image``: pooled output of the run model's own vision tower), or both (``text+image``:
+    the two L2-normalised features concatenated / √2) — the ablation of the paper."""
+
+    def __init__(self, text_encoder, source: str = "text", model=None, image_size: int = 0):
+        self.text = text_encoder
+        self.source = source
+        self.model = model
+        self.image_size = image_size
+        self.tower = _vision_tower(model) if model is not None else None
+        if source != "text" and self.tower is None:
+            raise ValueError(
+                "method.identity_source: image features need a LLaVA model "
+                "(model.name embedded, tiny-llava or a local LLaVA checkpoint)"
+            )
+        vdim = model.config.vision_config.hidden_size if source != "text" else 0
+        self.dim = {"text": text_encoder.dim, "image": vdim, "text+image": text_encoder.dim + vdim}[
+            source
+        ]
+
+    def _image(self, samples) -> np.ndarray:
+        import torch
+
+        from fcit_hpc.model.vision import load_image
+
+        with torch.no_grad():
+            pix = torch.stack([load_image(s.image, self.image_size) for s in samples])
+            out = self.tower(pixel_values=pix).pooler_output  # [N, Dv]
+        return out.float().numpy()
+
+    def encode_samples(self, samples) -> np.ndarray:
+        """float32 [N, dim]."""
+        if self.source == "text":
+            return self.text.encode([s.instruction for s in samples]).astype(np.float32)
+        img = self._image(samples)
+        if self.source == "image":
+            return img.astype(np.float32)
+        t = self.text.encode([s.instruction for s in samples])
+        t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+        i = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+        return (np.concatenate([t, i], axis=1) / np.sqrt(2)).astype(np.float32)
+
+
+def sample_identity_token(encoder: SampleEncoder, samples) -> np.ndarray:
+    """μ_k: mean identity feature over a client's training samples, float32 [D]."""
+    return encoder.encode_samples(samples).mean(axis=0).astype(np.float32)
