@@ -21,14 +21,14 @@ from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config, to_yaml
 from fcit_hpc.eval.generate import evaluate
 from fcit_hpc.fed import server
-from fcit_hpc.fed.client import HEADER_WIDTH, compute_tokens, train_clients
+from fcit_hpc.fed.client import compute_tokens, train_clients
 from fcit_hpc.fed.comm import Comm, local_rank
 from fcit_hpc.fed.strategies import init_server_state
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.disco import DkoDecision
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.identity import SampleEncoder, make_encoder
-from fcit_hpc.state.schema import CLIENT_DTYPE, STATUS, RunState, write_state
+from fcit_hpc.state.schema import STATUS, RunState, write_state
 
 log = logging.getLogger("fcit")
 
@@ -354,6 +354,3 @@ def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:
     for d in method.assign(st, [c for c, _, _ in ok], [m for _, _, m in ok], [n for _, n, _ in ok]):
         decisions[d.client] = d
     return decisions
-
-
-__all__ = ["run_federated", "init_state", "HEADER_WIDTH", "CLIENT_DTYPE"]

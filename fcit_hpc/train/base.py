@@ -80,6 +80,16 @@ def make_batches(
     return batches
 
 
+def start_local(adapter, k: int, start, prox_mu: float):
+    """Load the global subspace ``k`` and make it the only trainable one. Returns its parameters
+    and, for FedProx (μ > 0), frozen copies of them as the proximal anchors (else None)."""
+    adapter.set(k, start)
+    adapter.train_subspace(k)
+    params = adapter.params(k)
+    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    return params, anchors
+
+
 def prox_term(params, anchors, mu: float) -> torch.Tensor:
     """FedProx: (μ/2)·Σ‖w − w_global‖²."""
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))

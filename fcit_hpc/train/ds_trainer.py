@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term
+from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term, start_local
 
 _INITIALISED = False
 
@@ -69,10 +69,7 @@ class DeepSpeedTrainer(LocalTrainer):
     def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio, prox_mu):
         import deepspeed
 
-        adapter.set(k, start)
-        adapter.train_subspace(k)
-        params = adapter.params(k)
-        anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
+        params, anchors = start_local(adapter, k, start, prox_mu)
         engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=self._ds_config(lr, weight_decay)
         )

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term
+from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term, start_local
 
 
 class TorchTrainer(LocalTrainer):
     def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio, prox_mu):
-        adapter.set(k, start)
-        adapter.train_subspace(k)
-        params = adapter.params(k)
-        anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
+        params, anchors = start_local(adapter, k, start, prox_mu)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
         losses = []
