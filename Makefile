@@ -12,7 +12,11 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test lint bench clean smollm2
+.PHONY: install run test lint bench clean smollm2 sysdeps
+
+# System packages for the SLURM test (a real one-node slurmctld/slurmd with munge; pmix for srun).
+SYSPKGS := slurm-wlm munge libpmix2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +29,14 @@ install: $(STAMP)
 run: install
 	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run $(CONFIG)
 
-test: install
+sysdeps:
+	@if ! dpkg -s $(SYSPKGS) >/dev/null 2>&1; then \
+	  echo "installing $(SYSPKGS) (apt)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
+	fi
+
+test: install sysdeps
 	$(BIN)/python -m pytest -q tests
 
 lint: install
