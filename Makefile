@@ -14,8 +14,10 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install run test lint bench clean smollm2 sysdeps
 
-# System packages for the SLURM test (a real one-node slurmctld/slurmd with munge; pmix for srun).
-SYSPKGS := slurm-wlm munge libpmix2
+# System packages: a real one-node SLURM (slurm-wlm, munge, pmix for srun) for the SLURM test,
+# Java for the METEOR caption metric, g++ for DeepSpeed's helpers. Installed with apt if missing.
+SYSPKGS := slurm-wlm munge libpmix2 default-jre-headless g++
+RUNPKGS := default-jre-headless g++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.py
@@ -27,10 +29,13 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 run: install
+	@{ command -v java && command -v g++; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RUNPKGS) >/dev/null; }
 	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run $(CONFIG)
 
 sysdeps:
-	@if ! dpkg -s $(SYSPKGS) >/dev/null 2>&1; then \
+	@if ! { command -v java && command -v g++ && [ -x /usr/sbin/slurmctld ] && \
+	        [ -x /usr/sbin/munged ] && dpkg -s libpmix2; } >/dev/null 2>&1; then \
 	  echo "installing $(SYSPKGS) (apt)"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
