@@ -54,3 +54,21 @@ def test_report_and_compare_on_a_small_run(tmp_path):
         assert (out / "disco" / "seed1" / "plots" / f"{png}.png").stat().st_size > 1000
     p = fcit("report", str(out / "finetune" / "seed0"), str(out / "disco" / "seed0"))
     assert p.returncode == 0 and "| finetune |" in p.stdout and "| disco |" in p.stdout
+
+
+def test_embedded_model_does_not_depend_on_the_callers_thread_count(tmp_path, monkeypatch):
+    """Rank 0 may build the model with any torch thread setting (1 under a core binding, all
+    cores when the other ranks sleep): the weights must not change with it."""
+    small = {**SMALL, "steps": 4, "batch_size": 16, "hidden_size": 96, "intermediate_size": 192}
+    before = torch.get_num_threads()
+    built = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            monkeypatch.setenv("FCIT_CACHE", str(tmp_path / f"t{n}"))
+            path = ensure_embedded(lambda *_: None, small) / "model.safetensors"
+            built.append(path.read_bytes())
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert built[0] == built[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -127,10 +126,7 @@ def run_federated(
         if cfg.model.name == "embedded":
             from fcit_hpc.model.embedded import ensure_embedded
 
-            # the other ranks sleep meanwhile, so this one may use every core of the node
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-            ensure_embedded(log.info)
-            torch.set_num_threads(cfg.train.num_threads)
+            ensure_embedded(log.info)  # one thread (its recipe); the other ranks sleep
     comm.idle_barrier()
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)

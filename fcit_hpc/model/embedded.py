@@ -35,6 +35,9 @@ RECIPE = {
     "batch_size": 16,
     "lr": 2e-3,
     "seed": 7,
+    # CPU float reductions are split differently with more threads, so the weights depend on the
+    # thread count: it is part of the recipe (one thread: the same model on any machine).
+    "threads": 1,
 }
 _TONES = {
     "crimson": (200, 20, 60),
@@ -153,6 +156,15 @@ def ensure_embedded(log=print, recipe: dict | None = None) -> Path:
     out = cache_dir(r)
     if (out / "config.json").is_file():
         return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(r.get("threads", 1))
+    try:
+        return _pretrain(r, out, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(r: dict, out: Path, log) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     from fcit_hpc.model.tokenizer import ByteTokenizer
