@@ -38,6 +38,16 @@ def fcit(*args: str, timeout: float = 300):
     )
 
 
+@pytest.fixture(scope="session")
+def serial_run(tmp_path_factory):
+    """configs/smoke.yaml run once as a plain process: the reference of the MPI and SLURM runs
+    (read only)."""
+    out = tmp_path_factory.mktemp("serial") / "run"
+    p = fcit("run", str(ROOT / "configs/smoke.yaml"), "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    return out
+
+
 @pytest.fixture
 def smoke_config() -> Path:
     return ROOT / "configs" / "smoke.yaml"

@@ -9,8 +9,15 @@ from fcit_hpc.state.schema import read_state
 
 from .conftest import ROOT, fcit
 
-SMALL = {**RECIPE, "steps": 6, "corpus": 40, "hidden_size": 32, "intermediate_size": 64,
-         "num_layers": 1, "vision_hidden_size": 16}
+SMALL = {
+    **RECIPE,
+    "steps": 6,
+    "corpus": 40,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 1,
+    "vision_hidden_size": 16,
+}
 
 
 def test_embedded_model_is_deterministic_cached_and_keyed_by_recipe(tmp_path, monkeypatch):
@@ -27,7 +34,8 @@ def test_embedded_model_is_deterministic_cached_and_keyed_by_recipe(tmp_path, mo
     mb = LlavaForConditionalGeneration.from_pretrained(b).state_dict()
     assert all(torch.equal(ma[k], mb[k]) for k in ma)  # same recipe, same weights
     fresh = LlavaForConditionalGeneration(
-        __import__("fcit_hpc.model.embedded", fromlist=["x"]).model_config(SMALL)).state_dict()
+        __import__("fcit_hpc.model.embedded", fromlist=["x"]).model_config(SMALL)
+    ).state_dict()
     assert any(not torch.equal(ma[k], fresh[k]) for k in ma)  # it was trained
     assert cache_dir({**SMALL, "steps": 7}) != cache_dir(SMALL)  # a new recipe, a new model
     assert json.loads((a / "recipe.json").read_text())["steps"] == 6
@@ -35,8 +43,14 @@ def test_embedded_model_is_deterministic_cached_and_keyed_by_recipe(tmp_path, mo
 
 def test_report_and_compare_on_a_small_run(tmp_path):
     out = tmp_path / "cmp"
-    p = fcit("run", str(ROOT / "configs/smoke.yaml"), "--out", str(out),
-             "compare=[zero_shot,finetune,disco,multitask]", "compare_seeds=[0,1]")
+    p = fcit(
+        "run",
+        str(ROOT / "configs/smoke.yaml"),
+        "--out",
+        str(out),
+        "compare=[zero_shot,finetune,disco,multitask]",
+        "compare_seeds=[0,1]",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     table = (out / "comparison.md").read_text()
     for label in ("Zero-shot", "Finetune", "DISCO", "Multi-task"):

@@ -92,8 +92,14 @@ def test_run_models_feed_images_through_the_vision_tower(tmp_path, monkeypatch):
     Image.new("RGB", (32, 32), (0, 0, 255)).save(b)
     losses = []
     for img in (a, b):
-        batch = make_batches(tok, [Sample("What colour?", "red", 0, str(img))], 1, 64, 1,
-                             torch.Generator().manual_seed(0))[0]
+        batch = make_batches(
+            tok,
+            [Sample("What colour?", "red", 0, str(img))],
+            1,
+            64,
+            1,
+            torch.Generator().manual_seed(0),
+        )[0]
         assert batch["pixel_values"].shape == (1, 3, 32, 32)
         assert int((batch["input_ids"] == tok.image_token_id).sum()) == 16
         with torch.no_grad():
@@ -121,9 +127,16 @@ def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
     assert np.array_equal(ft[0], ft[1]) and not np.allclose(fi[0], fi[1])  # only images differ
     from fcit_hpc.model.identity import _vision_tower
 
-    ref = _vision_tower(model)(pixel_values=torch.stack(
-        [__import__("fcit_hpc.model.vision", fromlist=["x"]).load_image(str(a), 32)])
-    ).pooler_output[0].detach().numpy()
+    ref = (
+        _vision_tower(model)(
+            pixel_values=torch.stack(
+                [__import__("fcit_hpc.model.vision", fromlist=["x"]).load_image(str(a), 32)]
+            )
+        )
+        .pooler_output[0]
+        .detach()
+        .numpy()
+    )
     np.testing.assert_allclose(fi[0], ref, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(fb, axis=1), 1.0, rtol=1e-5)
 
@@ -134,8 +147,14 @@ def test_run_with_text_plus_image_identity(tmp_path):
     from .conftest import ROOT, fcit
 
     out = tmp_path / "ti"
-    p = fcit("run", str(ROOT / "configs/smoke_mini.yaml"), "--out", str(out),
-             "method.identity_source=text+image", "benchmark.num_tasks=2")
+    p = fcit(
+        "run",
+        str(ROOT / "configs/smoke_mini.yaml"),
+        "--out",
+        str(out),
+        "method.identity_source=text+image",
+        "benchmark.num_tasks=2",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     st = read_state(out)
     assert st.tokens.shape[1] == 256 + 32 and st.num_subspaces >= 2

@@ -16,14 +16,6 @@ FCIT = str(ROOT / ".venv/bin/fcit") if (ROOT / ".venv/bin/fcit").exists() else "
 SMOKE = str(ROOT / "configs/smoke.yaml")
 
 
-@pytest.fixture(scope="module")
-def serial_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serial") / "run"
-    p = fcit("run", SMOKE, "--out", str(out))
-    assert p.returncode == 0, p.stderr
-    return out
-
-
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_world_size_invariance(serial_run, tmp_path, n):
     out = tmp_path / f"p{n}"

@@ -8,7 +8,7 @@ import pytest
 
 from fcit_hpc.state.schema import comparable_content, read_state, same_content
 
-from .conftest import ROOT, fcit
+from .conftest import ROOT
 from .slurm_cluster import SlurmCluster, missing_binaries
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -30,14 +30,6 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-@pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serial") / "run"
-    p = fcit("run", SMOKE, "--out", str(out))
-    assert p.returncode == 0, p.stderr
-    return out
-
-
 def _job_env(**extra) -> dict:
     env = {"FCIT_VENV": str(ROOT / ".venv"), "TRITON_INTERPRET": None}
     env.update(extra)
@@ -57,16 +49,16 @@ def _submit(cluster, tmp_path, name, *args, **env):
 
 
 @pytest.mark.parametrize("launch", ["mpirun", "srun"])
-def test_sbatch_run_equals_serial(cluster, serial, tmp_path, launch):
+def test_sbatch_run_equals_serial(cluster, serial_run, tmp_path, launch):
     run = tmp_path / "run"
     rc, log = _submit(cluster, tmp_path, launch, SMOKE, "--out", str(run), FCIT_LAUNCH=launch)
     assert rc == 0, log[-3000:]
     st = read_state(run)
     assert st.done and set(int(r) for r in st.clients["rank"]) == {0, 1}  # two real ranks
-    assert same_content(comparable_content(serial), comparable_content(run)) == []
+    assert same_content(comparable_content(serial_run), comparable_content(run)) == []
 
 
-def test_killed_job_resubmitted_with_resume(cluster, serial, tmp_path):
+def test_killed_job_resubmitted_with_resume(cluster, serial_run, tmp_path):
     run = tmp_path / "run"
     kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
     rc, log = _submit(cluster, tmp_path, "killed", SMOKE, "--out", str(run), *kill)
@@ -75,5 +67,5 @@ def test_killed_job_resubmitted_with_resume(cluster, serial, tmp_path):
     assert (st.stage, st.round, st.done) == (1, 0, False)
     rc, log = _submit(cluster, tmp_path, "resumed", FCIT_RESUME=str(run))
     assert rc == 0, log[-3000:]
-    assert same_content(comparable_content(serial), comparable_content(run)) == []
+    assert same_content(comparable_content(serial_run), comparable_content(run)) == []
     assert os.path.exists(run / "report.md")
