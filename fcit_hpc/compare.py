@@ -19,7 +19,9 @@ LABELS = {
     "zero_shot": "Zero-shot",
     "finetune": "Finetune",
     "disco": "DISCO",
+    "olora": "O-LoRA",
     "multitask": "Multi-task (centralized upper bound)",
+    "disco-softmax": "DISCO, SSA softmax",
     "disco-cosine": "DISCO, SSA cosine",
     "disco-argmax": "DISCO, SSA argmax",
     "disco-concat": "DISCO, SSA concat",
@@ -37,7 +39,7 @@ def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
         federation=dataclasses.replace(cfg.federation),
         benchmark=dataclasses.replace(cfg.benchmark),
     )
-    if entry in ("zero_shot", "finetune", "disco"):
+    if entry in ("zero_shot", "finetune", "disco", "olora"):
         c.method.name = entry
     elif entry.startswith("disco-"):
         c.method.name, c.method.ssa = "disco", entry.split("-", 1)[1]

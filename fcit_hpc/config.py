@@ -18,8 +18,19 @@ import yaml
 from fcit_hpc.errors import ConfigError
 
 FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")
-METHODS = ("finetune", "disco", "zero_shot")
+METHODS = ("finetune", "disco", "olora", "zero_shot")
 SSA_MODES = ("softmax", "cosine", "argmax", "concat")
+COMPARE_ENTRIES = (
+    "zero_shot",
+    "finetune",
+    "disco",
+    "olora",
+    "multitask",
+    "disco-softmax",
+    "disco-cosine",
+    "disco-argmax",
+    "disco-concat",
+)
 
 
 @dataclass
@@ -90,6 +101,7 @@ class MethodConfig:
     encoder_path: str = ""  # clip: local HF directory; open_clip: local checkpoint file
     open_clip_model: str = "ViT-L-14-336"
     full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
+    olora_lambda: float = 0.5  # O-LoRA orthogonality weight λ1 (the O-LoRA paper's default)
 
 
 @dataclass
@@ -122,17 +134,6 @@ class DebugConfig:
     bad_shape_clients: list[int] = field(default_factory=list)
     nan_token_clients: list[int] = field(default_factory=list)
     bad_token_clients: list[int] = field(default_factory=list)
-
-
-COMPARE_ENTRIES = (
-    "zero_shot",
-    "finetune",
-    "disco",
-    "multitask",
-    "disco-cosine",
-    "disco-argmax",
-    "disco-concat",
-)
 
 
 @dataclass
@@ -205,6 +206,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.identity_dim": (lambda v: v >= 2, ">= 2"),
     "method.identity_source": _in(("text", "image", "text+image")),
     "method.full_policy": _in(("nearest", "error")),
+    "method.olora_lambda": (lambda v: v >= 0, ">= 0"),
     "train.backend": _in(("torch", "deepspeed")),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -288,6 +290,11 @@ def validate(cfg: Config) -> Config:
         for cid in get_field(cfg, path):
             if not 0 <= cid < cfg.federation.num_clients:
                 raise ConfigError(f"{path}: client id {cid} not in [0, num_clients)")
+    for entry in cfg.compare:
+        if entry not in COMPARE_ENTRIES:
+            raise ConfigError(
+                f"compare: unknown entry {entry!r} (one of {', '.join(COMPARE_ENTRIES)})"
+            )
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
             f"model.num_heads: {cfg.model.num_heads} does not divide hidden_size "

@@ -53,6 +53,7 @@ def train_clients(
     tok,
     trainer,
     data,
+    method=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train this rank's clients one after another, each from the global state.
 
@@ -75,6 +76,7 @@ def train_clients(
         )
         start = global_adapter[k]
         prox = cfg.federation.prox_mu if cfg.federation.fed_alg == "fedprox" else 0.0
+        ctx = method.training_context(k) if method is not None else ()
         res = trainer.train(
             model,
             adapter,
@@ -85,6 +87,8 @@ def train_clients(
             weight_decay=cfg.train.weight_decay,
             warmup_ratio=cfg.train.warmup_ratio,
             prox_mu=prox,
+            context={i: global_adapter[i] for i in ctx},
+            ortho=method.ortho_lambda if method is not None else 0.0,
         )
         delta = (res.vector - start).astype(np.float32)
         if client in dbg.nan_clients:

@@ -131,6 +131,7 @@ def run_federated(
     model, adapter, tok = build_model(cfg)
     method = make_method(cfg)
     data = FederatedData(cfg)
+    method.check_stages(data.num_stages)
     encoder = None
     if method.uses_identity:
         encoder = SampleEncoder(
@@ -283,8 +284,11 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
         assign = comm.bcast_array(assign)
         subspaces = {int(c): int(k) for c, k in assign}
         token_bytes = view.tokens.shape[1] * 4 + 3 * 8
-    else:
-        subspaces = {int(c): 0 for c in plan[:, 0]}
+    else:  # one subspace for the whole stage (Finetune: always 0; O-LoRA: the stage's own)
+        k = method.stage_subspace(stage)
+        subspaces = {int(c): k for c in plan[:, 0]}
+        if root:
+            st.num_subspaces = max(st.num_subspaces, k + 1)
     # --- local training of this rank's virtual clients
     head, deltas = train_clients(
         cfg,
@@ -299,6 +303,7 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
         tok,
         trainer,
         data,
+        method,
     )
     heads = comm.gatherv(head.reshape(-1))
     values = comm.gatherv(deltas)

@@ -2,9 +2,10 @@
 
 from fcit_hpc.methods.disco import Disco
 from fcit_hpc.methods.finetune import Finetune
+from fcit_hpc.methods.olora import OLoRA
 from fcit_hpc.methods.zero_shot import ZeroShot
 
-REGISTRY = {"disco": Disco, "finetune": Finetune, "zero_shot": ZeroShot}
+REGISTRY = {"disco": Disco, "finetune": Finetune, "olora": OLoRA, "zero_shot": ZeroShot}
 
 
 def make_method(cfg):

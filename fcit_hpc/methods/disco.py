@@ -9,20 +9,11 @@ subspace (logged as FULL), ``error`` stops the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-MATCHED, NEW, FULL = 1, 2, 3
-ACTIONS = {0: "none", MATCHED: "matched", NEW: "new", FULL: "full->nearest"}
+from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, DkoDecision, Method
 
-
-@dataclass
-class DkoDecision:
-    client: int
-    subspace: int
-    similarity: float  # best cosine similarity before the decision (nan when no token existed)
-    action: int
+__all__ = ["ACTIONS", "FULL", "MATCHED", "NEW", "DkoDecision", "Disco", "dko_assign"]
 
 
 def cosine(a: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -87,15 +78,11 @@ def ssa_activation(features: np.ndarray, G: np.ndarray, epsilon: float, mode: st
     return ssa_gate(f, g, epsilon, mode).numpy()
 
 
-class Disco:
+class Disco(Method):
     """DISCO = DKO on the server + SSA at inference (registered as ``method.name: disco``)."""
 
     name = "disco"
-    trains = True
     uses_identity = True
-
-    def __init__(self, cfg):
-        self.cfg = cfg
 
     def num_slots(self) -> int:
         return self.cfg.lora.max_subspaces

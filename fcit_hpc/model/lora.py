@@ -15,7 +15,8 @@ from kernels import ssa_lora_linear
 class SubspaceLoRALinear(nn.Module):
     """``y = base(x) + scaling · Σ_i α_i B_i A_i dropout(x)``.
 
-    Training (``active`` set): only subspace ``active`` contributes and has ``requires_grad``.
+    Training (``active`` set): subspace ``active`` contributes and has ``requires_grad``; the
+    subspaces in ``context`` (O-LoRA: earlier tasks) contribute too, frozen, without dropout.
     Inference (``alpha`` [B, S_live] set): all live subspaces, weighted per sample.
     """
 
@@ -42,6 +43,7 @@ class SubspaceLoRALinear(nn.Module):
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active: int | None = 0
+        self.context: tuple[int, ...] = ()
         self.alpha: torch.Tensor | None = None  # [B, S_live]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +58,8 @@ class SubspaceLoRALinear(nn.Module):
             y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
             return y.view(*lead, -1)
         y = self.base(x)
+        for i in self.context:
+            y = y + (x @ self.lora_A[i].t() @ self.lora_B[i].t()) * self.scaling
         if self.active is None:
             return y
         k = self.active
@@ -103,10 +107,14 @@ class SubspaceAdapter:
             out += [m.lora_A[k], m.lora_B[k]]
         return out
 
-    def train_subspace(self, k: int | None) -> None:
-        """Make subspace k the only one used and trained (None: base model only)."""
+    def train_subspace(self, k: int | None, context: tuple[int, ...] = ()) -> None:
+        """Make subspace k the only one trained (None: none); besides it only the frozen
+        subspaces in ``context`` are used."""
+        if k is not None and k in context:
+            raise ValueError(f"subspace {k} cannot be trained and frozen context at once")
         for m in self.layers:
             m.active = k
+            m.context = tuple(context)
             m.alpha = None
             for i in range(m.s_max):
                 m.lora_A[i].requires_grad_(i == k)
@@ -117,6 +125,7 @@ class SubspaceAdapter:
         for m in self.layers:
             m.alpha = alpha
             m.active = None if alpha is not None else m.active
+            m.context = ()
             for i in range(m.s_max):
                 m.lora_A[i].requires_grad_(False)
                 m.lora_B[i].requires_grad_(False)

@@ -80,19 +80,45 @@ def make_batches(
     return batches
 
 
-def start_local(adapter, k: int, start, prox_mu: float):
-    """Load the global subspace ``k`` and make it the only trainable one. Returns its parameters
-    and, for FedProx (μ > 0), frozen copies of them as the proximal anchors (else None)."""
+def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: float = 0.0):
+    """Load the global subspace ``k`` and make it the only trainable one; load the frozen
+    ``context`` subspaces ({index: flat vector}, O-LoRA's earlier tasks) that act beside it.
+
+    Returns its parameters and the regularizer to add to the loss (None when there is none):
+    FedProx (μ > 0) towards the global values, O-LoRA orthogonality (``ortho`` > 0) to the
+    context subspaces.
+    """
+    context = context or {}
+    for i, vec in sorted(context.items()):
+        adapter.set(i, vec)
     adapter.set(k, start)
-    adapter.train_subspace(k)
+    adapter.train_subspace(k, tuple(sorted(context)))
     params = adapter.params(k)
-    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    return params, anchors
+    terms = []
+    if prox_mu > 0:
+        anchors = [p.detach().clone() for p in params]
+        terms.append(lambda: prox_term(params, anchors, prox_mu))
+    if ortho > 0 and context:
+        olds = [[m.lora_A[i].detach() for i in sorted(context)] for m in adapter.layers]
+        news = [m.lora_A[k] for m in adapter.layers]
+        terms.append(lambda: ortho_term(news, olds, ortho))
+    if not terms:
+        return params, None
+    return params, lambda: sum(t() for t in terms)
 
 
 def prox_term(params, anchors, mu: float) -> torch.Tensor:
     """FedProx: (μ/2)·Σ‖w − w_global‖²."""
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
+def ortho_term(news, olds, lam: float) -> torch.Tensor:
+    """O-LoRA: λ·Σ_layers Σ_i ‖A_i A_new^T‖_F² (A [r, in]: rows span a subspace's input side)."""
+    total = 0.0
+    for a_new, prev in zip(news, olds, strict=True):
+        for a_old in prev:
+            total = total + ((a_old @ a_new.t()) ** 2).sum()
+    return lam * total
 
 
 class LocalTrainer:
@@ -111,5 +137,7 @@ class LocalTrainer:
         weight_decay: float,
         warmup_ratio: float,
         prox_mu: float,
+        context: dict | None = None,
+        ortho: float = 0.0,
     ) -> LocalResult:
         raise NotImplementedError

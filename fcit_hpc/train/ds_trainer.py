@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term, start_local
+from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, start_local
 
 _INITIALISED = False
 
@@ -66,10 +66,24 @@ class DeepSpeedTrainer(LocalTrainer):
             "wall_clock_breakdown": False,
         }
 
-    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio, prox_mu):
+    def train(
+        self,
+        model,
+        adapter,
+        k,
+        start,
+        batches,
+        *,
+        lr,
+        weight_decay,
+        warmup_ratio,
+        prox_mu,
+        context=None,
+        ortho=0.0,
+    ):
         import deepspeed
 
-        params, anchors = start_local(adapter, k, start, prox_mu)
+        params, reg = start_local(adapter, k, start, prox_mu, context, ortho)
         engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=self._ds_config(lr, weight_decay)
         )
@@ -81,8 +95,8 @@ class DeepSpeedTrainer(LocalTrainer):
                     g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
                 loss = engine(**batch).loss
                 losses.append(float(loss.detach()))
-                if anchors is not None:
-                    loss = loss + prox_term(params, anchors, prox_mu)
+                if reg is not None:
+                    loss = loss + reg()
                 engine.backward(loss)
                 engine.step()
         finally:

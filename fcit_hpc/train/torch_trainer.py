@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, prox_term, start_local
+from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, start_local
 
 
 class TorchTrainer(LocalTrainer):
-    def train(self, model, adapter, k, start, batches, *, lr, weight_decay, warmup_ratio, prox_mu):
-        params, anchors = start_local(adapter, k, start, prox_mu)
+    def train(
+        self,
+        model,
+        adapter,
+        k,
+        start,
+        batches,
+        *,
+        lr,
+        weight_decay,
+        warmup_ratio,
+        prox_mu,
+        context=None,
+        ortho=0.0,
+    ):
+        params, reg = start_local(adapter, k, start, prox_mu, context, ortho)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
         losses = []
@@ -18,8 +32,8 @@ class TorchTrainer(LocalTrainer):
                 g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
             loss = model(**batch).loss
             losses.append(float(loss.detach()))
-            if anchors is not None:
-                loss = loss + prox_term(params, anchors, prox_mu)
+            if reg is not None:
+                loss = loss + reg()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
