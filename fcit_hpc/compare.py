@@ -19,6 +19,7 @@ LABELS = {
     "zero_shot": "Zero-shot",
     "finetune": "Finetune",
     "disco": "DISCO",
+    "ewc": "EWC",
     "olora": "O-LoRA",
     "multitask": "Multi-task (centralized upper bound)",
     "disco-softmax": "DISCO, SSA softmax",
@@ -39,7 +40,7 @@ def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
         federation=dataclasses.replace(cfg.federation),
         benchmark=dataclasses.replace(cfg.benchmark),
     )
-    if entry in ("zero_shot", "finetune", "disco", "olora"):
+    if entry in ("zero_shot", "finetune", "disco", "ewc", "olora"):
         c.method.name = entry
     elif entry.startswith("disco-"):
         c.method.name, c.method.ssa = "disco", entry.split("-", 1)[1]

@@ -18,12 +18,13 @@ import yaml
 from fcit_hpc.errors import ConfigError
 
 FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")
-METHODS = ("finetune", "disco", "olora", "zero_shot")
+METHODS = ("finetune", "disco", "ewc", "olora", "zero_shot")
 SSA_MODES = ("softmax", "cosine", "argmax", "concat")
 COMPARE_ENTRIES = (
     "zero_shot",
     "finetune",
     "disco",
+    "ewc",
     "olora",
     "multitask",
     "disco-softmax",
@@ -102,6 +103,7 @@ class MethodConfig:
     open_clip_model: str = "ViT-L-14-336"
     full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
     olora_lambda: float = 0.5  # O-LoRA orthogonality weight λ1 (the O-LoRA paper's default)
+    ewc_lambda: float = 5000.0  # EWC penalty weight λ
 
 
 @dataclass
@@ -207,6 +209,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.identity_source": _in(("text", "image", "text+image")),
     "method.full_policy": _in(("nearest", "error")),
     "method.olora_lambda": (lambda v: v >= 0, ">= 0"),
+    "method.ewc_lambda": (lambda v: v >= 0, ">= 0"),
     "train.backend": _in(("torch", "deepspeed")),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),

@@ -54,6 +54,7 @@ def train_clients(
     trainer,
     data,
     method=None,
+    ewc=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train this rank's clients one after another, each from the global state.
 
@@ -89,6 +90,7 @@ def train_clients(
             prox_mu=prox,
             context={i: global_adapter[i] for i in ctx},
             ortho=method.ortho_lambda if method is not None else 0.0,
+            ewc=ewc,
         )
         delta = (res.vector - start).astype(np.float32)
         if client in dbg.nan_clients:

@@ -195,6 +195,10 @@ def run_federated(
                 bar.update(1)
         if not method.trains and root:
             bar.update(1)
+        if method.needs_fisher and num_rounds > 0:  # EWC: consolidate the stage (once)
+            todo = np.array([1 if root and st.ewc_stages <= stage else 0], np.int64)
+            if comm.bcast_array(todo)[0]:
+                _fisher_phase(cfg, comm, stage, num_rounds - 1, st, model, adapter, tok, data)
         # evaluation after the stage (skipped if a resumed run had done it)
         needs_eval = np.array([1 if root and np.isnan(st.accuracy[stage]).all() else 0], np.int64)
         needs_eval = comm.bcast_array(needs_eval)
@@ -256,10 +260,19 @@ def _broadcast_view(comm: Comm, st: RunState | None) -> RunState:
     adapter = comm.bcast_array(st.adapter if st is not None else None)
     tokens = comm.bcast_array(st.tokens if st is not None else None)
     live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
+    fisher = comm.bcast_array(st.ewc_fisher if st is not None else None)
+    anchor = comm.bcast_array(st.ewc_anchor if st is not None else None)
     if st is not None:
         return st
     return RunState(
-        "", adapter, tokens, np.zeros(len(tokens)), np.zeros((0, 0)), num_subspaces=int(live[0])
+        "",
+        adapter,
+        tokens,
+        np.zeros(len(tokens)),
+        np.zeros((0, 0)),
+        num_subspaces=int(live[0]),
+        ewc_fisher=fisher,
+        ewc_anchor=anchor,
     )
 
 
@@ -304,6 +317,7 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
         trainer,
         data,
         method,
+        ewc=(view.ewc_fisher, view.ewc_anchor, method.ewc_lambda) if view.ewc_fisher.size else None,
     )
     heads = comm.gatherv(head.reshape(-1))
     values = comm.gatherv(deltas)
@@ -328,6 +342,56 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
         torch.manual_seed(_derive(cfg.seed, stage, rnd, 999))
         st.rng_torch = torch.get_rng_state().numpy().copy()
     return st
+
+
+def _fisher_phase(cfg, comm, stage, last_round, st, model, adapter, tok, data) -> None:
+    """EWC at the end of a stage: the clients of its last round compute the diagonal Fisher of
+    their data at the global adapter; rank 0 adds the sample-weighted mean to the running Fisher
+    and sets the anchor to this stage's adapter. Non-finite or wrong-size uploads are rejected."""
+    from fcit_hpc.fed.client import client_seed
+    from fcit_hpc.train.base import fisher_diagonal, make_batches
+
+    root = comm.is_root
+    plan = server.plan_round(cfg, data.schedule, stage, last_round, comm.size) if root else None
+    plan = comm.bcast_array(plan)
+    view = _broadcast_view(comm, st)
+    heads, vals = [], []
+    for client, unit, _ in plan[plan[:, 2] == comm.rank]:
+        samples = data.client_samples(int(unit), int(client))
+        gen = torch.Generator().manual_seed(client_seed(cfg.seed, stage, 1 << 20, int(client)))
+        batches = make_batches(tok, samples, cfg.train.batch_size, cfg.model.max_seq_len, 1, gen)
+        f = fisher_diagonal(model, adapter, view.adapter[0], batches)
+        heads.append([int(client), len(samples), f.size])
+        vals.append(f.astype(np.float32))
+    head = np.asarray(heads, np.int64).reshape(-1)
+    body = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    all_heads, all_vals = comm.gatherv(head), comm.gatherv(body)
+    if not root:
+        return
+    numel = st.adapter.shape[1]
+    acc, total = np.zeros(numel, np.float64), 0
+    entries = []
+    for h, v in zip(all_heads, all_vals, strict=True):
+        off = 0
+        for client, n, size in h.reshape(-1, 3):
+            entries.append((int(client), int(n), v[off : off + size]))
+            off += int(size)
+    for client, n, f in sorted(entries, key=lambda e: e[0]):
+        if f.size != numel or not np.isfinite(f).all() or (f < 0).any():
+            log.warning(
+                "client %d: Fisher rejected (size %d, expected %d, or not finite >= 0)",
+                client,
+                f.size,
+                numel,
+            )
+            continue
+        acc += f.astype(np.float64) * n
+        total += n
+    if total:
+        prev = st.ewc_fisher if st.ewc_fisher.size else np.zeros(numel, np.float32)
+        st.ewc_fisher = (prev.astype(np.float64) + acc / total).astype(np.float32)
+        st.ewc_anchor = st.adapter[0].copy()
+    st.ewc_stages = stage + 1
 
 
 def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:

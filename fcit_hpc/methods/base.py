@@ -50,6 +50,8 @@ class Method:
         return ()
 
     ortho_lambda = 0.0  # weight of an orthogonality loss to the context subspaces (O-LoRA)
+    needs_fisher = False  # a Fisher phase at the end of every stage (EWC)
+    ewc_lambda = 0.0
 
     def set_inference(self, adapter, state, feature: np.ndarray | None) -> None:
         """Configure the adapter for one test sample (feature: its instruction feature [D])."""

@@ -16,6 +16,9 @@ Layout::
     /eval/first_stage        int64   [tasks]        stage at which each task was first trained
     /eval/activation         float64 [tasks, S]     mean SSA α per test task (DISCO)
     /eval                    attrs: task_names (JSON list), last, avg, forgetting, bwt, fwt
+    /ewc/fisher              float32 [P]          EWC: summed diagonal Fisher of the stages so far
+    /ewc/anchor              float32 [P]          EWC: the adapter at the end of the last stage
+    /ewc                     attrs: stages (stages consolidated); empty datasets for other methods
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 """
@@ -97,6 +100,9 @@ class RunState:
     first_stage: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     activation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     summary: dict[str, float] = field(default_factory=dict)
+    ewc_fisher: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    ewc_anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    ewc_stages: int = 0
 
     def append_metrics(self, round_row: np.ndarray, client_rows: np.ndarray) -> None:
         self.rounds = np.concatenate([self.rounds, round_row.astype(ROUND_DTYPE)])
@@ -142,6 +148,10 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         ev.attrs["task_names"] = json.dumps(st.task_names)
         for k, v in st.summary.items():
             ev.attrs[k] = float(v)
+        ew = f.create_group("ewc")
+        ew.attrs["stages"] = st.ewc_stages
+        ew.create_dataset("fisher", data=np.asarray(st.ewc_fisher, np.float32))
+        ew.create_dataset("anchor", data=np.asarray(st.ewc_anchor, np.float32))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -177,6 +187,11 @@ def read_state(run_dir: str | Path) -> RunState:
                 if v.shape != adapter.shape:
                     raise StateError(f"{path}: /server_opt/{k} shape {v.shape} != {adapter.shape}")
             cur = _need(f, "cursor", path).attrs
+            ewc = f.get("ewc")
+            fisher = np.asarray(ewc["fisher"][()] if ewc else [], np.float32)
+            anchor = np.asarray(ewc["anchor"][()] if ewc else [], np.float32)
+            if fisher.shape != anchor.shape or fisher.size not in (0, adapter.shape[1]):
+                raise StateError(f"{path}: /ewc datasets do not fit /global/adapter")
             st = RunState(
                 config_yaml=str(f.attrs["config_yaml"]),
                 adapter=adapter,
@@ -195,6 +210,9 @@ def read_state(run_dir: str | Path) -> RunState:
                 first_stage=np.asarray(_need(f, "eval/first_stage", path)[()], np.int64),
                 activation=np.asarray(_need(f, "eval/activation", path)[()], np.float64),
                 summary={k: float(v) for k, v in f["eval"].attrs.items() if k != "task_names"},
+                ewc_fisher=fisher,
+                ewc_anchor=anchor,
+                ewc_stages=int(ewc.attrs["stages"]) if ewc else 0,
             )
     except StateError:
         raise

@@ -80,13 +80,13 @@ def make_batches(
     return batches
 
 
-def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: float = 0.0):
+def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: float = 0.0, ewc=None):
     """Load the global subspace ``k`` and make it the only trainable one; load the frozen
     ``context`` subspaces ({index: flat vector}, O-LoRA's earlier tasks) that act beside it.
 
     Returns its parameters and the regularizer to add to the loss (None when there is none):
     FedProx (μ > 0) towards the global values, O-LoRA orthogonality (``ortho`` > 0) to the
-    context subspaces.
+    context subspaces, EWC (``ewc`` = (fisher, anchor, λ) flat over the subspace's vector).
     """
     context = context or {}
     for i, vec in sorted(context.items()):
@@ -102,6 +102,9 @@ def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: flo
         olds = [[m.lora_A[i].detach() for i in sorted(context)] for m in adapter.layers]
         news = [m.lora_A[k] for m in adapter.layers]
         terms.append(lambda: ortho_term(news, olds, ortho))
+    if ewc is not None and ewc[2] > 0:
+        fisher, anchor = _split_like(params, ewc[0]), _split_like(params, ewc[1])
+        terms.append(lambda: ewc_term(params, fisher, anchor, ewc[2]))
     if not terms:
         return params, None
     return params, lambda: sum(t() for t in terms)
@@ -110,6 +113,43 @@ def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: flo
 def prox_term(params, anchors, mu: float) -> torch.Tensor:
     """FedProx: (μ/2)·Σ‖w − w_global‖²."""
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
+def _split_like(params, vec) -> list[torch.Tensor]:
+    """A flat vector (the subspace's layout) as tensors shaped like ``params``."""
+    vec = torch.as_tensor(np.asarray(vec, np.float32))
+    if vec.numel() != sum(p.numel() for p in params):
+        raise ValueError(f"EWC vector has {vec.numel()} values, the subspace has a different size")
+    out, off = [], 0
+    for p in params:
+        out.append(vec[off : off + p.numel()].view_as(p).to(p.dtype))
+        off += p.numel()
+    return out
+
+
+def ewc_term(params, fisher, anchor, lam: float) -> torch.Tensor:
+    """EWC: (λ/2)·Σ F·(θ − θ*)²."""
+    return (
+        0.5
+        * lam
+        * sum((f * (p - a) ** 2).sum() for p, f, a in zip(params, fisher, anchor, strict=True))
+    )
+
+
+def fisher_diagonal(model, adapter, vec, batches) -> np.ndarray:
+    """Empirical diagonal Fisher of subspace 0 at ``vec``: mean over the batches of the squared
+    gradient of the batch loss (flat float32, the subspace's layout)."""
+    adapter.set(0, vec)
+    adapter.train_subspace(0)
+    params = adapter.params(0)
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    model.eval()  # no dropout: the Fisher of the model as it is used
+    for batch in batches:
+        grads = torch.autograd.grad(model(**batch).loss, params)
+        for a, g in zip(acc, grads, strict=True):
+            a += g.detach().float() ** 2
+    n = max(1, len(batches))
+    return torch.cat([a.reshape(-1) / n for a in acc]).numpy()
 
 
 def ortho_term(news, olds, lam: float) -> torch.Tensor:
@@ -139,5 +179,6 @@ class LocalTrainer:
         prox_mu: float,
         context: dict | None = None,
         ortho: float = 0.0,
+        ewc=None,
     ) -> LocalResult:
         raise NotImplementedError

@@ -80,10 +80,11 @@ class DeepSpeedTrainer(LocalTrainer):
         prox_mu,
         context=None,
         ortho=0.0,
+        ewc=None,
     ):
         import deepspeed
 
-        params, reg = start_local(adapter, k, start, prox_mu, context, ortho)
+        params, reg = start_local(adapter, k, start, prox_mu, context, ortho, ewc)
         engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=self._ds_config(lr, weight_decay)
         )

@@ -22,8 +22,9 @@ class TorchTrainer(LocalTrainer):
         prox_mu,
         context=None,
         ortho=0.0,
+        ewc=None,
     ):
-        params, reg = start_local(adapter, k, start, prox_mu, context, ortho)
+        params, reg = start_local(adapter, k, start, prox_mu, context, ortho, ewc)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
         losses = []

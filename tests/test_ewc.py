@@ -1,0 +1,98 @@
+"""EWC baseline: the penalty (hand-computed), the diagonal Fisher (against per-batch .grad), the
+pull towards the anchor, DeepSpeed = torch with it, and whole runs (one Fisher consolidation per
+stage, equal at 1 and 2 ranks and after a kill + resume)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fcit_hpc.state.schema import comparable_content, read_state, same_content
+from fcit_hpc.train.base import ewc_term, fisher_diagonal
+from fcit_hpc.train.torch_trainer import TorchTrainer
+
+from .conftest import ROOT, fcit, mpiexec
+from .test_trainers import ATOL, _setup
+
+SMOKE = str(ROOT / "configs/smoke.yaml")
+FCIT = str(ROOT / ".venv/bin/fcit")
+EWC = ["method.name=ewc"]
+
+
+def test_ewc_term_hand_computed():
+    p = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    f = [torch.tensor([0.5, 2.0]), torch.tensor([[4.0]])]
+    a = [torch.tensor([0.0, 1.0]), torch.tensor([[1.0]])]
+    # 0.5·λ·(0.5·1 + 2·1 + 4·4) = 0.5·3·18.5
+    assert float(ewc_term(p, f, a, 3.0)) == pytest.approx(0.5 * 3 * 18.5)
+
+
+def test_fisher_diagonal_is_mean_squared_batch_gradient():
+    model, adapter, start, batches, _ = _setup()
+    got = fisher_diagonal(model, adapter, start, batches)
+    ref = np.zeros_like(got, dtype=np.float64)
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        ref += np.concatenate([p.grad.detach().reshape(-1).numpy() ** 2 for p in adapter.params(0)])
+    ref /= len(batches)
+    assert got.shape == (adapter.numel,) and (got >= 0).all() and got.max() > 0
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-12)
+
+
+def _drift(lam):
+    model, adapter, start, batches, kw = _setup()
+    fisher = np.ones(adapter.numel, np.float32)
+    res = TorchTrainer().train(
+        model, adapter, 0, start, batches, **kw, ewc=(fisher, start.copy(), lam)
+    )
+    return float(np.linalg.norm(res.vector - start))
+
+
+def test_penalty_pulls_towards_the_anchor():
+    assert _drift(1000.0) < 0.5 * _drift(0.0)
+
+
+def test_deepspeed_matches_torch_with_ewc():
+    from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
+
+    model, adapter, start, batches, kw = _setup()
+    fisher = np.random.default_rng(0).random(adapter.numel).astype(np.float32)
+    anchor = start + 0.01
+    ewc = (fisher, anchor, 50.0)
+    ref = TorchTrainer().train(model, adapter, 0, start, batches, **kw, ewc=ewc)
+    ds = DeepSpeedTrainer(1, False, 4).train(model, adapter, 0, start, batches, **kw, ewc=ewc)
+    assert np.abs(ref.vector - start).max() > 1e-3
+    np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def ewc_serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ewc") / "run"
+    p = fcit("run", SMOKE, "--out", str(out), *EWC)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_ewc_run_consolidates_every_stage(ewc_serial):
+    st = read_state(ewc_serial)
+    assert st.done and st.ewc_stages == 2 and st.num_subspaces == 1
+    assert st.ewc_fisher.shape == (st.adapter.shape[1],)
+    assert np.isfinite(st.ewc_fisher).all() and (st.ewc_fisher >= 0).all()
+    assert st.ewc_fisher.max() > 0
+    np.testing.assert_array_equal(st.ewc_anchor, st.adapter[0])  # the last stage's adapter
+
+
+@pytest.mark.mpi
+def test_ewc_two_ranks_and_resume_equal_serial(ewc_serial, tmp_path):
+    out = tmp_path / "p2"
+    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(out), *EWC)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert same_content(comparable_content(ewc_serial), comparable_content(out)) == []
+    killed = tmp_path / "killed"
+    kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
+    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(killed), *EWC, *kill, timeout=120)
+    assert p.returncode != 0
+    assert read_state(killed).ewc_stages == 1  # stage 0 consolidated before the kill
+    p = mpiexec(2, FCIT, "run", "--resume", str(killed))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert same_content(comparable_content(ewc_serial), comparable_content(killed)) == []
