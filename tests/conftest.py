@@ -38,14 +38,18 @@ def fcit(*args: str, timeout: float = 300):
     )
 
 
+def smoke_serial(out: Path, *overrides: str) -> Path:
+    """configs/smoke.yaml (with overrides) as a plain process into ``out``; asserts success."""
+    p = fcit("run", str(ROOT / "configs/smoke.yaml"), "--out", str(out), *overrides)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def serial_run(tmp_path_factory):
     """configs/smoke.yaml run once as a plain process: the reference of the MPI and SLURM runs
     (read only)."""
-    out = tmp_path_factory.mktemp("serial") / "run"
-    p = fcit("run", str(ROOT / "configs/smoke.yaml"), "--out", str(out))
-    assert p.returncode == 0, p.stderr
-    return out
+    return smoke_serial(tmp_path_factory.mktemp("serial") / "run")
 
 
 @pytest.fixture

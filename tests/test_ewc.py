@@ -10,8 +10,8 @@ from fcit_hpc.state.schema import comparable_content, read_state, same_content
 from fcit_hpc.train.base import ewc_term, fisher_diagonal
 from fcit_hpc.train.torch_trainer import TorchTrainer
 
-from .conftest import ROOT, fcit, mpiexec
-from .test_trainers import ATOL, _setup
+from .conftest import ROOT, mpiexec, smoke_serial
+from .test_trainers import _setup, assert_deepspeed_matches_torch
 
 SMOKE = str(ROOT / "configs/smoke.yaml")
 FCIT = str(ROOT / ".venv/bin/fcit")
@@ -53,24 +53,15 @@ def test_penalty_pulls_towards_the_anchor():
 
 
 def test_deepspeed_matches_torch_with_ewc():
-    from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
-
-    model, adapter, start, batches, kw = _setup()
+    setup = _setup()
+    adapter, start = setup[1], setup[2]
     fisher = np.random.default_rng(0).random(adapter.numel).astype(np.float32)
-    anchor = start + 0.01
-    ewc = (fisher, anchor, 50.0)
-    ref = TorchTrainer().train(model, adapter, 0, start, batches, **kw, ewc=ewc)
-    ds = DeepSpeedTrainer(1, False, 4).train(model, adapter, 0, start, batches, **kw, ewc=ewc)
-    assert np.abs(ref.vector - start).max() > 1e-3
-    np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
+    assert_deepspeed_matches_torch(0, 1, setup, ewc=(fisher, start + 0.01, 50.0))
 
 
 @pytest.fixture(scope="module")
 def ewc_serial(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ewc") / "run"
-    p = fcit("run", SMOKE, "--out", str(out), *EWC)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+    return smoke_serial(tmp_path_factory.mktemp("ewc") / "run", *EWC)
 
 
 def test_ewc_run_consolidates_every_stage(ewc_serial):

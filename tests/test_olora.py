@@ -11,8 +11,8 @@ from fcit_hpc.state.schema import comparable_content, read_state, same_content
 from fcit_hpc.train.base import ortho_term
 from fcit_hpc.train.torch_trainer import TorchTrainer
 
-from .conftest import ROOT, fcit, mpiexec
-from .test_trainers import ATOL, _setup
+from .conftest import ROOT, fcit, mpiexec, smoke_serial
+from .test_trainers import _setup, assert_deepspeed_matches_torch
 
 SMOKE = str(ROOT / "configs/smoke.yaml")
 OLORA = ["method.name=olora"]
@@ -70,24 +70,15 @@ def test_orthogonality_loss_makes_the_new_subspace_orthogonal():
 
 
 def test_deepspeed_matches_torch_with_context_and_ortho():
-    from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
-
-    model, adapter, start, batches, kw = _setup()
+    setup = _setup()
+    adapter = setup[1]
     ctx = {0: _vec(adapter, 4), 1: _vec(adapter, 5)}
-    ref = TorchTrainer().train(model, adapter, 2, start, batches, **kw, context=ctx, ortho=0.5)
-    ds = DeepSpeedTrainer(2, False, 4).train(
-        model, adapter, 2, start, batches, **kw, context=ctx, ortho=0.5
-    )
-    assert np.abs(ref.vector - start).max() > 1e-3
-    np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
+    assert_deepspeed_matches_torch(2, 2, setup, context=ctx, ortho=0.5)
 
 
 @pytest.fixture(scope="module")
 def olora_serial(tmp_path_factory):
-    out = tmp_path_factory.mktemp("olora") / "run"
-    p = fcit("run", SMOKE, "--out", str(out), *OLORA)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+    return smoke_serial(tmp_path_factory.mktemp("olora") / "run", *OLORA)
 
 
 def test_olora_run_one_subspace_per_stage(olora_serial):

@@ -62,6 +62,17 @@ def test_deepspeed_matches_torch(stage, offload, prox):
     np.testing.assert_array_equal(ds2.vector, ds.vector)
 
 
+def assert_deepspeed_matches_torch(k, stage, setup, **extra):
+    """Train subspace k with both trainers from the same start (``extra``: context/ortho/ewc)."""
+    from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
+
+    model, adapter, start, batches, kw = setup
+    ref = TorchTrainer().train(model, adapter, k, start, batches, **kw, **extra)
+    ds = DeepSpeedTrainer(stage, False, 4).train(model, adapter, k, start, batches, **kw, **extra)
+    assert np.abs(ref.vector - start).max() > 1e-3  # it did train
+    np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
+
+
 def test_deepspeed_zero3_is_a_clear_error():
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 

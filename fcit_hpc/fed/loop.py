@@ -344,6 +344,18 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
     return st
 
 
+def _unpack(heads, values):
+    """(client, count, values) per client, in client-id order, from gathered int64 headers
+    [n·3] = (client, count, size) and the matching flat values of every rank."""
+    out = []
+    for h, v in zip(heads, values, strict=True):
+        off = 0
+        for client, n, size in h.reshape(-1, 3):
+            out.append((int(client), int(n), v[off : off + int(size)]))
+            off += int(size)
+    return sorted(out, key=lambda e: e[0])
+
+
 def _fisher_phase(cfg, comm, stage, last_round, st, model, adapter, tok, data) -> None:
     """EWC at the end of a stage: the clients of its last round compute the diagonal Fisher of
     their data at the global adapter; rank 0 adds the sample-weighted mean to the running Fisher
@@ -370,13 +382,7 @@ def _fisher_phase(cfg, comm, stage, last_round, st, model, adapter, tok, data) -
         return
     numel = st.adapter.shape[1]
     acc, total = np.zeros(numel, np.float64), 0
-    entries = []
-    for h, v in zip(all_heads, all_vals, strict=True):
-        off = 0
-        for client, n, size in h.reshape(-1, 3):
-            entries.append((int(client), int(n), v[off : off + size]))
-            off += int(size)
-    for client, n, f in sorted(entries, key=lambda e: e[0]):
+    for client, n, f in _unpack(all_heads, all_vals):
         if f.size != numel or not np.isfinite(f).all() or (f < 0).any():
             log.warning(
                 "client %d: Fisher rejected (size %d, expected %d, or not finite >= 0)",
@@ -397,15 +403,8 @@ def _fisher_phase(cfg, comm, stage, last_round, st, model, adapter, tok, data) -
 def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:
     """Validate gathered tokens, then let the method assign subspaces in client-id order."""
     dim = st.tokens.shape[1]
-    entries = []
-    for h, v in zip(heads, values, strict=True):
-        off = 0
-        for client, samples, d in h.reshape(-1, 3):
-            entries.append((int(client), int(samples), v[off : off + d]))
-            off += int(d)
-    entries.sort()
     decisions, ok = {}, []
-    for client, samples, mu in entries:
+    for client, samples, mu in _unpack(heads, values):
         if mu.size != dim:
             log.warning(
                 "client %d: identity token rejected, dimension %d != %d", client, mu.size, dim

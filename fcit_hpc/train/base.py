@@ -161,9 +161,29 @@ def ortho_term(news, olds, lam: float) -> torch.Tensor:
     return lam * total
 
 
+class LocalSession:
+    """One client's optimizer on one backend: ``forward(batch)`` → loss, ``step(loss)`` (backward
+    + optimizer step), ``close()``; ``param_groups`` get the scheduled learning rate."""
+
+    param_groups: list
+
+    def forward(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
 class LocalTrainer:
-    """Trains subspace ``k`` of the adapter from ``start`` on ``batches``; one interface, two
-    implementations (plain torch, DeepSpeed ZeRO)."""
+    """Trains subspace ``k`` of the adapter from ``start`` on ``batches``. The loop (warm-up +
+    cosine schedule, task loss + regularizers) is shared; a backend (plain torch, DeepSpeed ZeRO)
+    only opens a :class:`LocalSession`."""
+
+    def session(self, model, params, lr: float, weight_decay: float) -> LocalSession:
+        raise NotImplementedError
 
     def train(
         self,
@@ -181,4 +201,22 @@ class LocalTrainer:
         ortho: float = 0.0,
         ewc=None,
     ) -> LocalResult:
-        raise NotImplementedError
+        """``context``: frozen subspaces beside k (O-LoRA) with ``ortho`` their orthogonality
+        weight; ``ewc``: (fisher, anchor, λ); ``prox_mu``: FedProx. See :func:`start_local`."""
+        params, reg = start_local(adapter, k, start, prox_mu, context, ortho, ewc)
+        sess = self.session(model, params, lr, weight_decay)
+        losses = []
+        try:
+            for step, batch in enumerate(batches):
+                for g in sess.param_groups:
+                    g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
+                loss = sess.forward(batch)
+                losses.append(float(loss.detach()))
+                if reg is not None:
+                    loss = loss + reg()
+                sess.step(loss)
+        finally:
+            vec = torch.cat([p.detach().float().reshape(-1) for p in params]).numpy().copy()
+            sess.close()
+        model.eval()
+        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))

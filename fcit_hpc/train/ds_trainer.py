@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, start_local
+from fcit_hpc.train.base import LocalSession, LocalTrainer
 
 _INITIALISED = False
 
@@ -66,46 +64,33 @@ class DeepSpeedTrainer(LocalTrainer):
             "wall_clock_breakdown": False,
         }
 
-    def train(
-        self,
-        model,
-        adapter,
-        k,
-        start,
-        batches,
-        *,
-        lr,
-        weight_decay,
-        warmup_ratio,
-        prox_mu,
-        context=None,
-        ortho=0.0,
-        ewc=None,
-    ):
+    def session(self, model, params, lr, weight_decay):
+        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay))
+
+
+class _DeepSpeedSession(LocalSession):
+    """A fresh engine per client (new optimizer state), destroyed afterwards."""
+
+    def __init__(self, model, params, config):
         import deepspeed
 
-        params, reg = start_local(adapter, k, start, prox_mu, context, ortho, ewc)
-        engine, opt, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params, config=self._ds_config(lr, weight_decay)
+        self.params = params
+        self.engine, opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=config
         )
-        engine.train()
-        losses = []
-        try:
-            for step, batch in enumerate(batches):
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
-                loss = engine(**batch).loss
-                losses.append(float(loss.detach()))
-                if reg is not None:
-                    loss = loss + reg()
-                engine.backward(loss)
-                engine.step()
-        finally:
-            engine.eval()
-            vec = torch.cat([p.detach().float().reshape(-1) for p in params]).numpy().copy()
-            if hasattr(engine, "destroy"):
-                engine.destroy()
-            for p in params:
-                p.grad = None
-        model.eval()
-        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))
+        self.param_groups = opt.param_groups
+        self.engine.train()
+
+    def forward(self, batch):
+        return self.engine(**batch).loss
+
+    def step(self, loss):
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def close(self):
+        self.engine.eval()
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        for p in self.params:
+            p.grad = None

@@ -4,40 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from fcit_hpc.train.base import LocalResult, LocalTrainer, lr_at, start_local
+from fcit_hpc.train.base import LocalSession, LocalTrainer
+
+
+class _TorchSession(LocalSession):
+    def __init__(self, model, params, lr, weight_decay):
+        self.model = model
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.param_groups = self.opt.param_groups
+        model.train()
+
+    def forward(self, batch):
+        return self.model(**batch).loss
+
+    def step(self, loss):
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 class TorchTrainer(LocalTrainer):
-    def train(
-        self,
-        model,
-        adapter,
-        k,
-        start,
-        batches,
-        *,
-        lr,
-        weight_decay,
-        warmup_ratio,
-        prox_mu,
-        context=None,
-        ortho=0.0,
-        ewc=None,
-    ):
-        params, reg = start_local(adapter, k, start, prox_mu, context, ortho, ewc)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        model.train()
-        losses = []
-        for step, batch in enumerate(batches):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, len(batches), lr, warmup_ratio)
-            loss = model(**batch).loss
-            losses.append(float(loss.detach()))
-            if reg is not None:
-                loss = loss + reg()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        model.eval()
-        vec = adapter.get(k).numpy()
-        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))
+    def session(self, model, params, lr, weight_decay):
+        return _TorchSession(model, params, lr, weight_decay)
