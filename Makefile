@@ -19,6 +19,8 @@ export TRANSFORMERS_OFFLINE := 1
 SYSPKGS := slurm-wlm munge libpmix2 default-jre-headless g++
 RUNPKGS := default-jre-headless g++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL = $(SUDO) apt-get update -qq && \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,16 +31,14 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 run: install
-	@{ command -v java && command -v g++; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RUNPKGS) >/dev/null; }
+	@{ command -v java && command -v g++; } >/dev/null 2>&1 || { $(APT_INSTALL) $(RUNPKGS) >/dev/null; }
 	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run $(CONFIG)
 
 sysdeps:
 	@if ! { command -v java && command -v g++ && [ -x /usr/sbin/slurmctld ] && \
 	        [ -x /usr/sbin/munged ] && dpkg -s libpmix2; } >/dev/null 2>&1; then \
 	  echo "installing $(SYSPKGS) (apt)"; \
-	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
+	  $(APT_INSTALL) $(SYSPKGS) >/dev/null; \
 	fi
 
 test: install sysdeps

@@ -38,11 +38,17 @@ def fcit(*args: str, timeout: float = 300):
     )
 
 
-def smoke_serial(out: Path, *overrides: str) -> Path:
-    """configs/smoke.yaml (with overrides) as a plain process into ``out``; asserts success."""
-    p = fcit("run", str(ROOT / "configs/smoke.yaml"), "--out", str(out), *overrides)
+def run_ok(config: str, out: Path, *overrides: str) -> Path:
+    """``fcit run configs/<config>`` (with overrides) as a plain process into ``out``; asserts
+    success."""
+    p = fcit("run", str(ROOT / "configs" / config), "--out", str(out), *overrides)
     assert p.returncode == 0, p.stderr[-3000:]
     return out
+
+
+def smoke_serial(out: Path, *overrides: str) -> Path:
+    """configs/smoke.yaml (with overrides) as a plain process into ``out``; asserts success."""
+    return run_ok("smoke.yaml", out, *overrides)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 from fcit_hpc.model.embedded import RECIPE, cache_dir, ensure_embedded
 from fcit_hpc.state.schema import read_state
 
-from .conftest import ROOT, fcit
+from .conftest import fcit, smoke_serial
 
 SMALL = {
     **RECIPE,
@@ -42,16 +42,9 @@ def test_embedded_model_is_deterministic_cached_and_keyed_by_recipe(tmp_path, mo
 
 
 def test_report_and_compare_on_a_small_run(tmp_path):
-    out = tmp_path / "cmp"
-    p = fcit(
-        "run",
-        str(ROOT / "configs/smoke.yaml"),
-        "--out",
-        str(out),
-        "compare=[zero_shot,finetune,disco,multitask]",
-        "compare_seeds=[0,1]",
+    out = smoke_serial(
+        tmp_path / "cmp", "compare=[zero_shot,finetune,disco,multitask]", "compare_seeds=[0,1]"
     )
-    assert p.returncode == 0, p.stderr[-2000:]
     table = (out / "comparison.md").read_text()
     for label in ("Zero-shot", "Finetune", "DISCO", "Multi-task"):
         assert label in table

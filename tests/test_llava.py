@@ -144,17 +144,13 @@ def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
 def test_run_with_text_plus_image_identity(tmp_path):
     from fcit_hpc.state.schema import read_state
 
-    from .conftest import ROOT, fcit
+    from .conftest import run_ok
 
-    out = tmp_path / "ti"
-    p = fcit(
-        "run",
-        str(ROOT / "configs/smoke_mini.yaml"),
-        "--out",
-        str(out),
+    out = run_ok(
+        "smoke_mini.yaml",
+        tmp_path / "ti",
         "method.identity_source=text+image",
         "benchmark.num_tasks=2",
     )
-    assert p.returncode == 0, p.stderr[-2000:]
     st = read_state(out)
     assert st.tokens.shape[1] == 256 + 32 and st.num_subspaces >= 2

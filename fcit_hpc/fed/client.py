@@ -53,7 +53,7 @@ def train_clients(
     tok,
     trainer,
     data,
-    method=None,
+    method,
     ewc=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train this rank's clients one after another, each from the global state.
@@ -77,7 +77,6 @@ def train_clients(
         )
         start = global_adapter[k]
         prox = cfg.federation.prox_mu if cfg.federation.fed_alg == "fedprox" else 0.0
-        ctx = method.training_context(k) if method is not None else ()
         res = trainer.train(
             model,
             adapter,
@@ -88,8 +87,8 @@ def train_clients(
             weight_decay=cfg.train.weight_decay,
             warmup_ratio=cfg.train.warmup_ratio,
             prox_mu=prox,
-            context={i: global_adapter[i] for i in ctx},
-            ortho=method.ortho_lambda if method is not None else 0.0,
+            context={i: global_adapter[i] for i in method.training_context(k)},
+            ortho=method.ortho_lambda,
             ewc=ewc,
         )
         delta = (res.vector - start).astype(np.float32)

@@ -146,7 +146,6 @@ class SampleEncoder:
     def __init__(self, text_encoder, source: str = "text", model=None, image_size: int = 0):
         self.text = text_encoder
         self.source = source
-        self.model = model
         self.image_size = image_size
         self.tower = _vision_tower(model) if model is not None else None
         if source != "text" and self.tower is None:

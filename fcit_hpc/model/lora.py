@@ -134,16 +134,21 @@ class SubspaceAdapter:
     def get(self, k: int) -> torch.Tensor:
         return torch.cat([p.detach().float().reshape(-1) for p in self.params(k)])
 
-    @torch.no_grad()
-    def set(self, k: int, vec) -> None:
+    def unflatten(self, vec) -> list[torch.Tensor]:
+        """A flat subspace vector as tensors shaped (and typed) like ``params(k)``."""
         vec = torch.as_tensor(vec, dtype=torch.float32)
         if vec.numel() != self.numel:
             raise ValueError(f"subspace vector has {vec.numel()} values, expected {self.numel}")
-        off = 0
-        for p in self.params(k):
-            n = p.numel()
-            p.copy_(vec[off : off + n].view_as(p).to(p.dtype))
-            off += n
+        out, off = [], 0
+        for p in self.params(0):
+            out.append(vec[off : off + p.numel()].view_as(p).to(p.dtype))
+            off += p.numel()
+        return out
+
+    @torch.no_grad()
+    def set(self, k: int, vec) -> None:
+        for p, v in zip(self.params(k), self.unflatten(vec), strict=True):
+            p.copy_(v)
 
     def init_vector(self, generator: torch.Generator) -> torch.Tensor:
         """Fresh subspace: A ~ N(0, 0.01), B = 0, as flat vector."""

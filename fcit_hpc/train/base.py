@@ -103,7 +103,7 @@ def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: flo
         news = [m.lora_A[k] for m in adapter.layers]
         terms.append(lambda: ortho_term(news, olds, ortho))
     if ewc is not None and ewc[2] > 0:
-        fisher, anchor = _split_like(params, ewc[0]), _split_like(params, ewc[1])
+        fisher, anchor = adapter.unflatten(ewc[0]), adapter.unflatten(ewc[1])
         terms.append(lambda: ewc_term(params, fisher, anchor, ewc[2]))
     if not terms:
         return params, None
@@ -113,18 +113,6 @@ def start_local(adapter, k: int, start, prox_mu: float, context=None, ortho: flo
 def prox_term(params, anchors, mu: float) -> torch.Tensor:
     """FedProx: (μ/2)·Σ‖w − w_global‖²."""
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-
-
-def _split_like(params, vec) -> list[torch.Tensor]:
-    """A flat vector (the subspace's layout) as tensors shaped like ``params``."""
-    vec = torch.as_tensor(np.asarray(vec, np.float32))
-    if vec.numel() != sum(p.numel() for p in params):
-        raise ValueError(f"EWC vector has {vec.numel()} values, the subspace has a different size")
-    out, off = [], 0
-    for p in params:
-        out.append(vec[off : off + p.numel()].view_as(p).to(p.dtype))
-        off += p.numel()
-    return out
 
 
 def ewc_term(params, fisher, anchor, lam: float) -> torch.Tensor:
