@@ -69,6 +69,9 @@ def test_overrides_apply_with_types():
         (["train=3"], "train: expected a mapping"),
         (["model.num_heads=3"], "model.num_heads: 3 does not divide"),
         (["debug.nan_clients=[99]"], "debug.nan_clients: client id 99"),
+        (["compare=[disco,fedsgd]"], "compare: unknown entry 'fedsgd'"),
+        (["method.name=ewc", "method.ewc_lambda=-1"], "method.ewc_lambda: -1.0 is out of range"),
+        (["method.olora_lambda=-0.5"], "method.olora_lambda: -0.5 is out of range"),
     ],
 )
 def test_bad_values_name_the_field(overrides, fragment):

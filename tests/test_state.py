@@ -83,6 +83,23 @@ def test_missing_dataset_and_wrong_shape(tmp_path):
         read_state(tmp_path)
 
 
+def test_ewc_state_roundtrip_and_mismatch(tmp_path):
+    st = _state()
+    st.ewc_fisher, st.ewc_anchor, st.ewc_stages = np.ones(6, np.float32), st.adapter[0], 1
+    write_state(tmp_path, st)
+    back = read_state(tmp_path)
+    assert back.ewc_stages == 1 and np.array_equal(back.ewc_anchor, st.adapter[0])
+    before = (tmp_path / "state.h5").read_bytes()
+    with h5py.File(tmp_path / "state.h5", "a") as f:
+        del f["ewc/anchor"]
+        f["ewc/anchor"] = np.zeros(5, np.float32)
+    with pytest.raises(StateError, match="state.h5: /ewc datasets do not fit"):
+        read_state(tmp_path)
+    assert (
+        before != (tmp_path / "state.h5").read_bytes()
+    )  # the edit happened; reading wrote nothing
+
+
 def test_not_hdf5(tmp_path):
     (tmp_path / "state.h5").write_text("hello")
     with pytest.raises(StateError, match="unreadable state file"):
