@@ -11,7 +11,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fcit_hpc", "fcit_hpc.*", "kernels", "kernels.*"]),
+    # the kernels/ folder installs as `fcit_kernels`: a top-level `kernels` would shadow the
+    # Hugging Face `kernels` package that transformers looks for
+    packages=[*find_packages(include=["fcit_hpc", "fcit_hpc.*"]), "fcit_kernels"],
+    package_dir={"fcit_kernels": "kernels"},
     include_package_data=True,
     package_data={"": ["*.yaml"]},
     install_requires=[

@@ -184,7 +184,7 @@ def cmd_bench(args, comm) -> int:
         from fcit_hpc.bench import bench_rounds
 
         return bench_rounds(args)
-    from kernels.bench import main as bench_kernels
+    from fcit_kernels.bench import main as bench_kernels
 
     return bench_kernels(args)
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from kernels.ssa_lora import ssa_lora_linear
+from fcit_kernels.ssa_lora import ssa_lora_linear
 
 FULL_GRID = dict(
     H=(1024, 4096), out=(4096, 11008), S=(1, 2, 4, 8, 16), r=(8, 16), M=(1, 4, 16, 512)

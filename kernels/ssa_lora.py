@@ -54,7 +54,7 @@ def ssa_lora_linear(x, weight, bias, A_cat, B_cat, alpha, scaling: float, backen
     """
     _check(x, weight, bias, A_cat, B_cat, alpha)
     if backend == "triton" or (backend == "auto" and _use_triton(x)):
-        from kernels import triton_ssa_lora
+        from fcit_kernels import triton_ssa_lora
 
         return triton_ssa_lora.ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha, scaling)
     return ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling)
@@ -81,9 +81,9 @@ def ssa_gate(f, G, epsilon: float, mode: str = "softmax"):
     if epsilon <= 0:
         raise ValueError(f"ssa_gate: epsilon must be > 0, got {epsilon}")
     if mode == "softmax" and _use_triton(f):
-        from kernels import triton_ssa_lora
+        from fcit_kernels import triton_ssa_lora
 
         return triton_ssa_lora.ssa_gate_triton(f, G, epsilon)
-    from kernels.reference import ssa_gate_reference
+    from fcit_kernels.reference import ssa_gate_reference
 
     return ssa_gate_reference(f, G, epsilon, mode)

@@ -35,3 +35,74 @@ def test_no_module_but_comm_imports_mpi4py():
         and f.name != "comm.py"
     ]
     assert offenders == []
+
+
+class RecordingComm(LocalComm):
+    """World of one that keeps a copy of every array broadcast and gathered."""
+
+    def __init__(self):
+        self.sent_down: list[np.ndarray] = []
+        self.sent_up: list[np.ndarray] = []
+
+    def bcast_array(self, arr, root=0):
+        self.sent_down.append(np.array(arr, copy=True))
+        return super().bcast_array(arr, root)
+
+    def gatherv(self, arr, root=0):
+        self.sent_up.append(np.array(arr, copy=True))
+        return super().gatherv(arr, root)
+
+
+def test_round_bytes_are_the_bytes_of_the_buffers_that_travel(tmp_path, monkeypatch):
+    """bytes_recv of every client = every buffer broadcast during its round (each with the
+    int64 header of dtype, ndim and 4 dims); bytes_sent = its update header row and delta plus its
+    identity-token header row and token, counted here from the recorded arrays' sizes."""
+    from fcit_hpc.config import load_config
+    from fcit_hpc.fed import loop
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["eval.enabled=false"])
+    comm = RecordingComm()
+    down_of, up_of = {}, {}
+    original = loop._round
+
+    def recorded_round(cfg_, comm_, stage, rnd, *rest):
+        d0, u0 = len(comm.sent_down), len(comm.sent_up)
+        st = original(cfg_, comm_, stage, rnd, *rest)
+        down_of[stage, rnd] = comm.sent_down[d0:]
+        up_of[stage, rnd] = comm.sent_up[u0:]
+        return st
+
+    monkeypatch.setattr(loop, "_round", recorded_round)
+    st = loop.run_federated(cfg, comm, tmp_path, None)
+    assert len(down_of) == 4 and st.adapter.shape[0] == 4  # 2 stages x 2 rounds, S_max = 4
+    numel, dim = st.adapter.shape[1], st.tokens.shape[1]
+    for (stage, rnd), arrays in down_of.items():
+        # plan, adapter [S_max, P], tokens, live count, EWC Fisher/anchor, DKO assignment
+        assert any(a.shape == st.adapter.shape for a in arrays)
+        expected_down = sum(6 * 8 + a.size * a.itemsize for a in arrays)
+        # gathered: token headers, tokens, update headers, deltas (one rank, so all clients)
+        tok_head, toks, upd_head, deltas = up_of[stage, rnd]
+        assert toks.size == tok_head.size // 3 * dim and deltas.size == upd_head.size // 7 * numel
+        rows = st.clients[(st.clients["stage"] == stage) & (st.clients["round"] == rnd)]
+        assert len(rows) == 3
+        for r in rows:
+            assert r["bytes_recv"] == expected_down
+            assert r["bytes_sent"] == 7 * 8 + numel * 4 + 3 * 8 + dim * 4
+        rnd_row = st.rounds[(st.rounds["stage"] == stage) & (st.rounds["round"] == rnd)][0]
+        assert rnd_row["bytes_recv"] == 3 * expected_down
+
+
+def test_to_host_copies_any_float_tensor_to_float32():
+    import torch
+
+    from fcit_hpc.host import to_host
+
+    t = torch.tensor([[1.5, -2.25], [3.0, 0.125]], dtype=torch.bfloat16, requires_grad=True)
+    a = to_host(t * 1)
+    assert a.dtype == np.float32 and a.flags.c_contiguous
+    assert a.tolist() == [[1.5, -2.25], [3.0, 0.125]]
+    f = torch.arange(4.0)
+    b = to_host(f)
+    f += 1  # the host copy shares no memory with the tensor
+    assert b.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert to_host(torch.arange(3), np.int64).dtype == np.int64

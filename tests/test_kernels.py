@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-
-from kernels import ssa_gate, ssa_lora_linear
-from kernels.reference import ssa_gate_reference, ssa_lora_concat_fp32, ssa_lora_loop
-from kernels.ssa_lora import ssa_lora_linear_torch
+from fcit_kernels import ssa_gate, ssa_lora_linear
+from fcit_kernels.reference import ssa_gate_reference, ssa_lora_concat_fp32, ssa_lora_loop
+from fcit_kernels.ssa_lora import ssa_lora_linear_torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -138,3 +137,20 @@ def test_bad_inputs_raise_value_error():
         ssa_gate(torch.randn(3, 4), torch.randn(2, 5), 0.05)
     with pytest.raises(ValueError):
         ssa_gate(torch.randn(3, 4), torch.randn(2, 4), 0.0)
+
+
+def test_kernels_install_under_our_own_name(tmp_path):
+    """The kernels/ folder is importable as `fcit_kernels` only: a top-level `kernels` would
+    shadow the Hugging Face package of that name (which transformers looks for)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util as u; "
+        "print(u.find_spec('fcit_kernels').origin); print(u.find_spec('kernels'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    assert out == [str(root / "kernels" / "__init__.py"), "None"]

@@ -48,6 +48,18 @@ def _submit(cluster, tmp_path, name, *args, **env):
     return rc, log
 
 
+def test_srun_pmix_starts_a_step(cluster):
+    """`srun --mpi=pmix` loads the PMIx library (on Debian the unversioned libpmix.so comes with
+    libpmix-dev; `srun --mpi=list` names pmix even without it), and the set-up check agrees."""
+    import subprocess
+
+    p = subprocess.run(
+        ["srun", "-n1", "--mpi=pmix", "true"], env=cluster.env, capture_output=True, text=True
+    )
+    check = subprocess.run([str(ROOT / "slurm/check_pmix.sh")], capture_output=True, text=True)
+    assert p.returncode == 0 and check.returncode == 0, p.stderr + check.stderr
+
+
 @pytest.mark.parametrize("launch", ["mpirun", "srun"])
 def test_sbatch_run_equals_serial(cluster, serial_run, tmp_path, launch):
     run = tmp_path / "run"

@@ -1,6 +1,7 @@
 """Continual-learning metrics from the accuracy matrix R[t][i] (after stage t, on task i).
 
-With T stages and ``first_stage[i]`` the stage at which task i is first trained:
+With T stages and ``first_stage[i]`` the first stage in which any client trained task i (T when
+no client ever trained it):
 
 - Last       = mean_i R[T-1][i]                                   (every task, after the end)
 - Avg        = mean_t mean_{i seen by t} R[t][i]                  (seen = first_stage[i] <= t)
@@ -38,15 +39,18 @@ def cl_metrics(R: np.ndarray, first_stage: list[int]) -> dict[str, float]:
     }
 
 
-def first_stages(stages: list[list[int]], num_tasks: int, assigned=None) -> list[int]:
-    """Stage at which each task is first trained: from the schedule, or from the units clients
-    actually trained (Het-FCIT trains tasks early). Never-trained tasks get the last stage."""
-    first = [len(stages) - 1] * num_tasks
-    for t, tasks in enumerate(stages):
-        for i in tasks:
-            first[i] = min(first[i], t)
-    if assigned is not None:
-        for stage, unit in assigned:
-            for i in stages[unit]:
-                first[i] = min(first[i], stage)
+def first_stages(stages: list[list[int]], num_tasks: int, trained) -> list[int]:
+    """First stage in which any client trained each task; ``len(stages)`` (never) for a task no
+    client trained, so it counts in Last only.
+
+    ``trained`` lists (stage, data unit) for every client that trained (the run's own client
+    records, or for a method that trains nothing the plan the schedule gives every round), and
+    ``stages[unit]`` the tasks of a data unit. Het-FCIT trains tasks both early and late (in the
+    published task-related table ImageNet-R, task 0, is first trained in stage 2).
+    """
+    never = len(stages)
+    first = [never] * num_tasks
+    for stage, unit in trained:
+        for i in stages[unit]:
+            first[i] = min(first[i], int(stage))
     return first

@@ -16,6 +16,18 @@ import numpy as np
 _DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8, np.uint32]
 _CODE = {np.dtype(d): i for i, d in enumerate(_DTYPES)}
 _MAX_NDIM = 4
+# int64 header (dtype code, ndim, shape[_MAX_NDIM]) sent ahead of every broadcast array
+BCAST_HEADER = (2 + _MAX_NDIM) * 8
+
+
+def wire_nbytes(*arrays: np.ndarray) -> int:
+    """Bytes of the buffers as they travel: the one formula of the communication accounting."""
+    return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+def bcast_nbytes(arr: np.ndarray) -> int:
+    """Bytes one broadcast of ``arr`` moves to each receiving rank: its header and its data."""
+    return BCAST_HEADER + wire_nbytes(arr)
 
 
 class Comm:
@@ -23,6 +35,9 @@ class Comm:
 
     rank: int = 0
     size: int = 1
+    # bytes every rank has received (root: sent) by broadcast so far; the same on every rank and
+    # for every world size, so round deltas of it are the downlink of the round
+    bytes_broadcast: int = 0
 
     def bcast_array(self, arr: np.ndarray | None, root: int = 0) -> np.ndarray:
         """Root passes ``arr``; every rank returns a copy of it (any shape, dtypes in _DTYPES)."""
@@ -58,7 +73,9 @@ class LocalComm(Comm):
     size = 1
 
     def bcast_array(self, arr, root=0):
-        return np.array(arr, copy=True)
+        out = np.array(arr, copy=True)
+        self.bytes_broadcast += bcast_nbytes(out)
+        return out
 
     def gatherv(self, arr, root=0):
         return [np.array(arr, copy=True)]
@@ -100,6 +117,7 @@ class MPIComm(Comm):
             shape = tuple(int(s) for s in header[2 : 2 + int(header[1])])
             arr = np.empty(shape, dtype=_DTYPES[int(header[0])])
         self._comm.Bcast(arr, root=root)
+        self.bytes_broadcast += bcast_nbytes(arr)
         return arr
 
     def gatherv(self, arr, root=0):

@@ -21,8 +21,9 @@ from fcit_hpc.config import Config, to_yaml
 from fcit_hpc.eval.generate import evaluate
 from fcit_hpc.fed import server
 from fcit_hpc.fed.client import compute_tokens, train_clients
-from fcit_hpc.fed.comm import Comm, local_rank
+from fcit_hpc.fed.comm import Comm, local_rank, wire_nbytes
 from fcit_hpc.fed.strategies import init_server_state
+from fcit_hpc.host import to_host
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.disco import DkoDecision
 from fcit_hpc.model.build import build_model
@@ -40,7 +41,7 @@ def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int]) -
     """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet."""
     s_max = method.num_slots()
     gen = torch.Generator().manual_seed(_derive(cfg.seed, 77))
-    vecs = np.stack([adapter.init_vector(gen).numpy() for _ in range(s_max)]).astype(np.float32)
+    vecs = np.stack([to_host(adapter.init_vector(gen)) for _ in range(s_max)])
     st = RunState(
         config_yaml=to_yaml(cfg),
         adapter=vecs,
@@ -232,7 +233,10 @@ def _finalize(cfg, st: RunState, data, method, encoder) -> None:
     from fcit_hpc.eval.metrics import cl_metrics, first_stages
 
     st.task_names = list(data.task_names)
-    trained = [(int(c["stage"]), int(c["unit"])) for c in st.clients if c["status"] == 0]
+    if method.trains:  # the run's own client records: who really trained what, and when
+        trained = [(int(c["stage"]), int(c["unit"])) for c in st.clients if c["status"] == 0]
+    else:  # the schedule's plan (Het-FCIT's table for Zero-shot too)
+        trained = server.planned_units(cfg, data.schedule)
     st.first_stage = np.asarray(first_stages(data.schedule.stages, data.num_tasks, trained))
     if cfg.eval.enabled and not np.isnan(st.accuracy).any():
         st.summary = cl_metrics(st.accuracy, list(st.first_stage))
@@ -279,24 +283,24 @@ def _broadcast_view(comm: Comm, st: RunState | None) -> RunState:
 def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method, encoder):
     root = comm.is_root
     t0 = time.perf_counter()
+    down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
     plan = server.plan_round(cfg, data.schedule, stage, rnd, comm.size) if root else None
     plan = comm.bcast_array(plan)
     view = _broadcast_view(comm, st)
     mine = plan[plan[:, 2] == comm.rank]
     # --- DKO: identity tokens up, subspace assignment down
     decisions: dict[int, DkoDecision] = {}
-    token_bytes = 0
+    token_bytes: dict[int, int] = {}  # client -> bytes of its identity-token upload
     if method.uses_identity:
         head, vals = compute_tokens(encoder, data, mine, cfg.debug)
         heads = comm.gatherv(head.reshape(-1))
         values = comm.gatherv(vals)
         assign = None
         if root:
-            decisions = _dko(cfg, st, method, heads, values)
+            decisions, token_bytes = _dko(cfg, st, method, heads, values)
             assign = np.array([[c, d.subspace] for c, d in sorted(decisions.items())], np.int64)
         assign = comm.bcast_array(assign)
         subspaces = {int(c): int(k) for c, k in assign}
-        token_bytes = view.tokens.shape[1] * 4 + 3 * 8
     else:  # one subspace for the whole stage (Finetune: always 0; O-LoRA: the stage's own)
         k = method.stage_subspace(stage)
         subspaces = {int(c): k for c in plan[:, 0]}
@@ -323,7 +327,7 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
     values = comm.gatherv(deltas)
     if root:
         updates = server.parse_updates(heads, values)
-        bytes_down = adapter.numel * 4 + 3 * 8
+        bytes_down = comm.bytes_broadcast - down0
         row, crows = server.aggregate_round(
             cfg,
             st,
@@ -345,14 +349,16 @@ def _round(cfg, comm, stage, rnd, st, model, adapter, tok, trainer, data, method
 
 
 def _unpack(heads, values):
-    """(client, count, values) per client, in client-id order, from gathered int64 headers
-    [n·3] = (client, count, size) and the matching flat values of every rank."""
+    """(client, count, values, upload bytes) per client, in client-id order, from gathered int64
+    headers [n·3] = (client, count, size) and the matching flat values of every rank."""
     out = []
     for h, v in zip(heads, values, strict=True):
         off = 0
-        for client, n, size in h.reshape(-1, 3):
-            out.append((int(client), int(n), v[off : off + int(size)]))
-            off += int(size)
+        for row in h.reshape(-1, 3):
+            client, n, size = (int(x) for x in row)
+            vals = v[off : off + size]
+            out.append((client, n, vals, wire_nbytes(row, vals)))
+            off += size
     return sorted(out, key=lambda e: e[0])
 
 
@@ -382,7 +388,7 @@ def _fisher_phase(cfg, comm, stage, last_round, st, model, adapter, tok, data) -
         return
     numel = st.adapter.shape[1]
     acc, total = np.zeros(numel, np.float64), 0
-    for client, n, f in _unpack(all_heads, all_vals):
+    for client, n, f, _ in _unpack(all_heads, all_vals):
         if f.size != numel or not np.isfinite(f).all() or (f < 0).any():
             log.warning(
                 "client %d: Fisher rejected (size %d, expected %d, or not finite >= 0)",
@@ -400,11 +406,13 @@ def _fisher_phase(cfg, comm, stage, last_round, st, model, adapter, tok, data) -
     st.ewc_stages = stage + 1
 
 
-def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:
-    """Validate gathered tokens, then let the method assign subspaces in client-id order."""
+def _dko(cfg, st, method, heads, values) -> tuple[dict[int, DkoDecision], dict[int, int]]:
+    """Validate gathered tokens, then let the method assign subspaces in client-id order.
+    Returns the decisions and the bytes of every client's token upload."""
     dim = st.tokens.shape[1]
-    decisions, ok = {}, []
-    for client, samples, mu in _unpack(heads, values):
+    decisions, ok, nbytes = {}, [], {}
+    for client, samples, mu, size in _unpack(heads, values):
+        nbytes[client] = size
         if mu.size != dim:
             log.warning(
                 "client %d: identity token rejected, dimension %d != %d", client, mu.size, dim
@@ -417,4 +425,4 @@ def _dko(cfg, st, method, heads, values) -> dict[int, DkoDecision]:
         decisions[client] = DkoDecision(client, -1, float("nan"), 0)
     for d in method.assign(st, [c for c, _, _ in ok], [m for _, _, m in ok], [n for _, n, _ in ok]):
         decisions[d.client] = d
-    return decisions
+    return decisions, nbytes

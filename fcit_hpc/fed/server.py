@@ -16,6 +16,7 @@ from fcit_hpc.fed.client import (
     H_SUBSPACE,
     HEADER_WIDTH,
 )
+from fcit_hpc.fed.comm import wire_nbytes
 from fcit_hpc.fed.strategies import ServerOptConfig, server_update, weighted_average
 from fcit_hpc.state.schema import CLIENT_DTYPE, ROUND_DTYPE, RunState
 
@@ -44,6 +45,17 @@ def plan_round(cfg: Config, schedule, stage: int, round_: int, world: int) -> np
         for j, c in enumerate(clients)
     ]
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def planned_units(cfg: Config, schedule) -> list[tuple[int, int]]:
+    """(stage, data unit) of every client the schedule plans over the whole run: what clients
+    would train, for a method that trains nothing (Zero-shot) and so has no client records."""
+    return [
+        (stage, int(unit))
+        for stage in range(schedule.num_stages)
+        for rnd in range(cfg.federation.num_rounds)
+        for _, unit, _ in plan_round(cfg, schedule, stage, rnd, 1)
+    ]
 
 
 def opt_config(cfg: Config) -> ServerOptConfig:
@@ -78,10 +90,14 @@ def aggregate_round(
     decisions: dict,
     seconds: float,
     bytes_down: int,
-    token_bytes: int,
+    token_bytes: dict[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate updates, average per subspace (sample-weighted, client-id order), apply the server
-    optimizer. Mutates ``st``. Returns (round row, client rows) for the metrics."""
+    optimizer. Mutates ``st``. Returns (round row, client rows) for the metrics.
+
+    Per client, bytes received = ``bytes_down`` (every buffer broadcast in the round) and bytes
+    sent = its update header and delta plus its identity-token upload (``token_bytes``), as they
+    travelled (:func:`fcit_hpc.fed.comm.wire_nbytes`)."""
     rank_of = {int(c): int(r) for c, _, r in plan}
     unit_of = {int(c): int(u) for c, u, _ in plan}
     by_subspace: dict[int, list[tuple[np.ndarray, int]]] = {}
@@ -111,7 +127,7 @@ def aggregate_round(
                 int(head[H_SAMPLES]),
                 float(head[H_LOSS]),
                 float(head[H_SECONDS]),
-                int(delta.size) * 4 + HEADER_WIDTH * 8 + token_bytes,
+                wire_nbytes(head, delta) + token_bytes.get(client, 0),
                 bytes_down,
                 status,
                 d.similarity if d else np.nan,
@@ -132,8 +148,8 @@ def aggregate_round(
                     0,
                     np.nan,
                     0.0,
-                    token_bytes,
-                    0,
+                    token_bytes.get(c, 0),
+                    bytes_down,
                     3,
                     np.nan,
                     0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcit_hpc.host import to_host
 from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, DkoDecision, Method
 
 __all__ = ["ACTIONS", "FULL", "MATCHED", "NEW", "DkoDecision", "Disco", "dko_assign"]
@@ -71,11 +72,11 @@ def ssa_activation(features: np.ndarray, G: np.ndarray, epsilon: float, mode: st
     """
     import torch
 
-    from kernels import ssa_gate
+    from fcit_kernels import ssa_gate
 
     f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     g = torch.from_numpy(np.ascontiguousarray(G, dtype=np.float32))
-    return ssa_gate(f, g, epsilon, mode).numpy()
+    return to_host(ssa_gate(f, g, epsilon, mode))
 
 
 class Disco(Method):

@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 
+from fcit_hpc.host import to_host
+
 _WORD = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
 
 
@@ -66,7 +68,7 @@ class MiniLMEncoder:
             h = self.model(**b).last_hidden_state  # [N, T, D]
             m = b["attention_mask"].unsqueeze(-1).float()
             f = (h * m).sum(1) / m.sum(1).clamp_min(1)
-            return torch.nn.functional.normalize(f, dim=-1).numpy().astype(np.float32)
+            return to_host(torch.nn.functional.normalize(f, dim=-1))
 
 
 class CLIPTextEncoder:
@@ -85,7 +87,7 @@ class CLIPTextEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         with self.torch.no_grad():
             b = self.tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-            return self.model(**b).pooler_output.float().numpy()
+            return to_host(self.model(**b).pooler_output)
 
 
 class OpenCLIPEncoder:
@@ -107,7 +109,7 @@ class OpenCLIPEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         with self.torch.no_grad():
-            return self.model.encode_text(self.tok(texts)).float().numpy()
+            return to_host(self.model.encode_text(self.tok(texts)))
 
 
 def make_encoder(method_cfg):
@@ -166,7 +168,7 @@ class SampleEncoder:
         with torch.no_grad():
             pix = torch.stack([load_image(s.image, self.image_size) for s in samples])
             out = self.tower(pixel_values=pix).pooler_output  # [N, Dv]
-        return out.float().numpy()
+        return to_host(out)
 
     def encode_samples(self, samples) -> np.ndarray:
         """float32 [N, dim]."""

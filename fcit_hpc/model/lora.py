@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import ssa_lora_linear
+from fcit_kernels import ssa_lora_linear
 
 
 class SubspaceLoRALinear(nn.Module):

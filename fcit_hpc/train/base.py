@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.host import to_host
 from fcit_hpc.model.tokenizer import ByteTokenizer
 
 
@@ -137,7 +138,7 @@ def fisher_diagonal(model, adapter, vec, batches) -> np.ndarray:
         for a, g in zip(acc, grads, strict=True):
             a += g.detach().float() ** 2
     n = max(1, len(batches))
-    return torch.cat([a.reshape(-1) / n for a in acc]).numpy()
+    return to_host(torch.cat([a.reshape(-1) / n for a in acc]))
 
 
 def ortho_term(news, olds, lam: float) -> torch.Tensor:
@@ -204,7 +205,7 @@ class LocalTrainer:
                     loss = loss + reg()
                 sess.step(loss)
         finally:
-            vec = torch.cat([p.detach().float().reshape(-1) for p in params]).numpy().copy()
+            vec = to_host(torch.cat([p.detach().float().reshape(-1) for p in params]))
             sess.close()
         model.eval()
         return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))

@@ -14,6 +14,9 @@ for dt in (np.float32, np.float64, np.int64, np.uint8):
     assert got.dtype == dt and got.shape == (2, 3, 4)
     assert np.array_equal(got, np.arange(24, dtype=dt).reshape(2, 3, 4) * 3)
 
+# every rank counts the broadcast bytes alike: 4 arrays of 24 values, each after a 6 x int64 header
+assert comm.bytes_broadcast == 4 * 6 * 8 + 24 * (4 + 8 + 8 + 1), comm.bytes_broadcast
+
 # Gatherv of ragged parts: rank i sends i+1 values equal to 10*i + j
 part = np.array([10 * r + j for j in range(r + 1)], dtype=np.float32)
 parts = comm.gatherv(part)
