@@ -16,7 +16,7 @@ setup(
     packages=[*find_packages(include=["fcit_hpc", "fcit_hpc.*"]), "fcit_kernels"],
     package_dir={"fcit_kernels": "kernels"},
     include_package_data=True,
-    package_data={"": ["*.yaml"]},
+    package_data={"": ["*.yaml"], "fcit_hpc.model": ["embedded_model/*"]},
     install_requires=[
         *TORCH,
         "numpy>=1.26",

@@ -136,6 +136,8 @@ def cmd_data(args) -> int:
 
         print(write_raw(args.out, args.train, args.test, args.seed))
         return 0
+    if args.action == "embedded":
+        return cmd_embedded(args)
     # identity: separation figures of fcit-mini with an identity encoder
     import tempfile
 
@@ -165,6 +167,57 @@ def cmd_data(args) -> int:
         f"{rep['closest_pair']}  (<= 0.85)"
     )
     return 0
+
+
+def cmd_embedded(args) -> int:
+    """Build the embedded model of RECIPE (``--out``), or rebuild it in a temporary folder and
+    check it against the shipped one (``--check``)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from fcit_hpc.model.embedded import (
+        RECIPE,
+        WEIGHTS,
+        build_embedded,
+        heldout_loss,
+        shipped_model,
+    )
+
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if not args.check:
+        out = Path(args.out)
+        new = out.with_name(out.name + ".new")
+        shutil.rmtree(new, ignore_errors=True)
+        build_embedded(RECIPE, new, log)
+        if out.exists():  # swap in the new build only once it is complete
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            new.rename(out)
+            shutil.rmtree(old)
+        else:
+            new.rename(out)
+        print(f"{out}: held-out loss {heldout_loss(out):.4f}")
+        print((out / "recipe.json").read_text())
+        return 0
+    from safetensors.torch import load_file
+
+    shipped = shipped_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_embedded(RECIPE, Path(tmp) / "model", log)
+        a, b = load_file(shipped / WEIGHTS), load_file(built / WEIGHTS)
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() else None
+        ls, lb = heldout_loss(shipped), heldout_loss(built)
+    ok = same or (diff is not None and abs(lb - ls) <= args.tolerance * ls)
+    print(
+        f"rebuilt embedded model: {'bitwise identical to' if same else 'differs from'} the "
+        f"shipped one (max |weight difference| {diff}); held-out loss shipped {ls:.4f}, "
+        f"rebuilt {lb:.4f} ({'within' if ok else 'OUTSIDE'} {args.tolerance:.0%})"
+    )
+    return 0 if ok else 1
 
 
 def cmd_report(args) -> int:
@@ -233,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     di = dsub.add_parser("identity", help="identity-token separation of fcit-mini")
     di.add_argument("--encoder", default="minilm", choices=["minilm", "hashing"])
     di.add_argument("--seed", type=int, default=0)
+    de = dsub.add_parser("embedded", help="build the embedded model, or check the shipped one")
+    g = de.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", help="build the model of RECIPE into this folder")
+    g.add_argument("--check", action="store_true", help="rebuild and compare with the shipped")
+    de.add_argument(
+        "--tolerance", type=float, default=0.05, help="relative held-out loss difference allowed"
+    )
     e = sub.add_parser("export", help="export a run's subspaces as PEFT LoRA adapters")
     e.add_argument("run_dir")
     e.add_argument("--out", help="directory (default RUN_DIR/adapters)")

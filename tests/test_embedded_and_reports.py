@@ -1,7 +1,9 @@
 """Embedded base model (deterministic, cached, recipe-keyed), reports and compare runs."""
 
+import hashlib
 import json
 
+import pytest
 import torch
 
 from fcit_hpc.model.embedded import RECIPE, cache_dir, ensure_embedded
@@ -38,7 +40,63 @@ def test_embedded_model_is_deterministic_cached_and_keyed_by_recipe(tmp_path, mo
     ).state_dict()
     assert any(not torch.equal(ma[k], fresh[k]) for k in ma)  # it was trained
     assert cache_dir({**SMALL, "steps": 7}) != cache_dir(SMALL)  # a new recipe, a new model
-    assert json.loads((a / "recipe.json").read_text())["steps"] == 6
+    meta = json.loads((a / "recipe.json").read_text())
+    assert meta["recipe"]["steps"] == 6
+    assert meta["sha256"] == hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_shipped_model_is_the_recipe_s_and_is_checked(tmp_path, monkeypatch):
+    """`model.name: embedded` loads the model shipped with the package (no pre-training on a new
+    machine); its recipe.json names RECIPE and the weights' sha256, and a corrupted or foreign
+    copy is refused with an error naming the file."""
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    from fcit_hpc.errors import StateError
+    from fcit_hpc.model import embedded
+
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path / "cache"))
+    d = ensure_embedded(lambda *_: None)
+    assert d == embedded.SHIPPED and not (tmp_path / "cache").exists()  # nothing built
+    model = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True)
+    want = embedded.model_config(RECIPE)
+    got = model.config
+    assert got.text_config.hidden_size == want.text_config.hidden_size == RECIPE["hidden_size"]
+    assert got.text_config.num_hidden_layers == RECIPE["num_layers"]
+    assert got.vision_config.image_size == RECIPE["image_size"]
+    # pre-trained, not an initialisation: far below the loss of the untrained model
+    fresh = tmp_path / "fresh"
+    LlavaForConditionalGeneration(want).save_pretrained(fresh)
+    assert embedded.heldout_loss(d) < 0.25 * embedded.heldout_loss(fresh)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    monkeypatch.setattr(embedded, "SHIPPED", bad)
+    w = bytearray((bad / "model.safetensors").read_bytes())
+    w[-5] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(w))
+    with pytest.raises(StateError, match="model.safetensors"):
+        ensure_embedded(lambda *_: None)
+    shutil.copy(d / "model.safetensors", bad / "model.safetensors")
+    meta = json.loads((bad / "recipe.json").read_text())
+    meta["recipe"]["steps"] += 1
+    (bad / "recipe.json").write_text(json.dumps(meta))
+    with pytest.raises(StateError, match="recipe.json: built from another recipe"):
+        ensure_embedded(lambda *_: None)
+    (bad / "recipe.json").write_text("{not json")
+    with pytest.raises(StateError, match="recipe.json: unreadable"):
+        ensure_embedded(lambda *_: None)
+
+
+@pytest.mark.slow
+def test_rebuilt_model_matches_the_shipped_one(tmp_path):
+    """`fcit data embedded --check` pre-trains RECIPE again (about 2 minutes on one thread) and
+    compares it with the shipped weights: bitwise on the CPU it was built on; elsewhere the
+    held-out loss must agree within 5%."""
+    p = fcit("data", "embedded", "--check", timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+    assert "held-out loss shipped" in p.stdout
 
 
 def test_report_and_compare_on_a_small_run(tmp_path):

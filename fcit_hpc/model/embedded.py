@@ -1,10 +1,13 @@
 """The embedded base model: a small LLaVA (Hugging Face classes, so images take the real path),
-pre-trained at first use on a general corpus that is disjoint from the FCIT-mini tasks.
+pre-trained on a general corpus that is disjoint from the FCIT-mini tasks.
 
-Deterministic from its recipe, cached on disk (``$FCIT_CACHE/embedded-<recipe hash>``) and rebuilt
-when the recipe (this file's corpus and settings) changes. The general corpus teaches the model
-to follow a prompt, copy text and read coarse image content (colour, brightness, position); none of
-its instructions or answer forms is an FCIT-mini task.
+The model of ``RECIPE`` is built once by the project (``fcit data embedded``) and shipped with the
+package in ``embedded_model/`` (config.json, model.safetensors, recipe.json with the recipe and the
+weights' sha256): no machine pre-trains it again, so every machine starts from the same bytes. A
+recipe other than ``RECIPE`` (tests, experiments) is pre-trained at first use into
+``$FCIT_CACHE/embedded-<recipe hash>``. The general corpus teaches the model to follow a prompt,
+copy text and read coarse image content (colour, brightness, position); none of its instructions or
+answer forms is an FCIT-mini task.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -150,18 +155,80 @@ def model_config(overrides: dict | None = None):
     )
 
 
+SHIPPED = Path(__file__).with_name("embedded_model")  # the model of RECIPE, kept with the project
+WEIGHTS = "model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_model() -> Path:
+    """The shipped model of ``RECIPE``, checked: its recipe.json names ``RECIPE`` and the sha256
+    of its weights. Raises :class:`StateError` naming the file otherwise."""
+    from fcit_hpc.errors import StateError
+
+    meta_file = SHIPPED / "recipe.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+        recipe, digest = meta["recipe"], meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StateError(f"{meta_file}: unreadable ({e}); rebuild: {REBUILD}") from None
+    if recipe != RECIPE:
+        raise StateError(f"{meta_file}: built from another recipe than RECIPE; rebuild: {REBUILD}")
+    weights = SHIPPED / WEIGHTS
+    if not weights.is_file() or _sha256(weights) != digest:
+        raise StateError(f"{weights}: missing or not the weights recipe.json names (sha256)")
+    return SHIPPED
+
+
+REBUILD = "fcit data embedded --out fcit_hpc/model/embedded_model"
+
+
 def ensure_embedded(log=print, recipe: dict | None = None) -> Path:
-    """Build (pre-train) the embedded model if its cache is missing; returns its directory."""
+    """Directory of the embedded model: the shipped one for ``RECIPE``; for another recipe,
+    pre-trained at first use into the cache."""
     r = recipe or RECIPE
+    if r == RECIPE:
+        return shipped_model()
     out = cache_dir(r)
     if (out / "config.json").is_file():
         return out
+    return build_embedded(r, out, log)
+
+
+def build_embedded(recipe: dict, out: Path, log=print) -> Path:
+    """Pre-train the model of ``recipe`` into ``out`` (on the recipe's thread count: float
+    reductions split over more threads round differently); returns ``out``."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(r.get("threads", 1))
+    torch.set_num_threads(recipe.get("threads", 1))
     try:
-        return _pretrain(r, out, log)
+        return _pretrain(recipe, Path(out), log)
     finally:
         torch.set_num_threads(threads)
+
+
+def heldout_loss(model_dir: Path, recipe: dict | None = None, n: int = 256) -> float:
+    """Mean loss of a built model on ``n`` general-corpus samples drawn with another seed than
+    its training corpus (a check that weights are a product of the recipe)."""
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    from fcit_hpc.model.tokenizer import ByteTokenizer
+    from fcit_hpc.train.base import make_batches
+
+    r = recipe or RECIPE
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = ByteTokenizer((r["image_size"] // r["patch_size"]) ** 2, r["image_size"])
+    rng = np.random.default_rng(r["seed"] + 1_000_003)
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = [_general_sample(rng, Path(tmp), i) for i in range(n)]
+        gen = torch.Generator().manual_seed(0)
+        batches = make_batches(tok, samples, 32, r["max_seq_len"], 1, gen)
+        with torch.no_grad():
+            losses = [float(model(**b).loss) * len(b["input_ids"]) for b in batches]
+    return sum(losses) / n
 
 
 def _pretrain(r: dict, out: Path, log) -> Path:
@@ -195,10 +262,20 @@ def _pretrain(r: dict, out: Path, log) -> Path:
         if step % 250 == 0 or step == r["steps"] - 1:
             log(f"embedded model pre-training: step {step}/{r['steps']} loss {loss.item():.3f}")
     model.eval().save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps({**r, "seconds": time.time() - t0}))
-    import shutil
-
     shutil.rmtree(tmp / "corpus")
+    meta = {
+        "recipe": r,
+        "sha256": _sha256(tmp / WEIGHTS),
+        "built": {
+            "seconds": round(time.time() - t0, 1),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+    }
+    (tmp / "recipe.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    if out.is_dir() and not (out / "config.json").is_file():
+        shutil.rmtree(out)  # an empty or half-written folder of an earlier attempt
     try:
         tmp.rename(out)
     except OSError:  # another process (e.g. on a node sharing the cache) finished first
