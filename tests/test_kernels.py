@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from fcit_kernels import ssa_gate, ssa_lora_linear
 from fcit_kernels.reference import ssa_gate_reference, ssa_lora_concat_fp32, ssa_lora_loop
 from fcit_kernels.ssa_lora import ssa_lora_linear_torch

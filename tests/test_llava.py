@@ -65,7 +65,14 @@ def test_llava_language_model_ffn_only_and_images_flow():
     model.train()
     model(input_ids=ids, pixel_values=pix).logits.sum().backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert got and all(".1" in n and "lora_" in n for n in got)
+    # a LoRA parameter is named "<layer>.lora_A.<k>" / "<layer>.lora_B.<k>" (ParameterList index)
+    want = {f"{n}.{ab}.1" for n in names for ab in ("lora_A", "lora_B")}
+    params = dict(model.named_parameters())
+    assert want <= params.keys()  # the naming above really is the module's structure
+    for n, m in layers:  # and each names subspace 1 of its own layer
+        assert params[f"{n}.lora_A.1"] is m.lora_A[1] and params[f"{n}.lora_B.1"] is m.lora_B[1]
+    assert got == want, (sorted(got - want), sorted(want - got))
+    assert all(params[n].grad.abs().sum() > 0 for n in want)
     # text-only input works too
     ad.set_activation(torch.tensor([[0.5, 0.5]]))
     with torch.no_grad():

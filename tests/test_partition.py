@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fcit_hpc.benchmark.partition import dirichlet_partition, dirichlet_sizes
-from fcit_hpc.benchmark.schedule import HET_TABLE_TASK, Schedule
+from fcit_hpc.benchmark.schedule import Schedule
 from fcit_hpc.errors import ConfigError
 
 
@@ -38,16 +38,65 @@ def test_bad_beta_and_too_few_samples():
         dirichlet_sizes(10, 10, 1.0, 2, 0)
 
 
+# The published Het-FCIT assignment tables (0-based task / stage ids; one row per stage, one
+# entry per selected client), written out here rather than taken from the code under test.
+PUBLISHED_HET_TASK = [
+    [1, 2, 4, 5, 6],
+    [3, 4, 5, 7, 7],
+    [0, 2, 3, 4, 5],
+    [0, 0, 1, 3, 7],
+    [1, 2, 4, 4, 5],
+    [0, 3, 5, 7, 7],
+    [2, 2, 5, 7, 7],
+    [5, 5, 5, 6, 6],
+]
+PUBLISHED_HET_CAPABILITY = [[0, 1, 1, 3, 3], [0, 2, 2, 2, 3], [1, 2, 2, 3, 3], [0, 0, 0, 1, 1]]
+
+
 def test_schedules():
     hom = Schedule("task", "hom", 8, "table", 0)
     assert hom.stages == [[t] for t in range(8)]
     assert {hom.unit_of(3, r, j) for r in range(3) for j in range(5)} == {3}
-    het = Schedule("task", "het", 8, "table", 0)
-    assert [het.unit_of(1, 0, j) for j in range(5)] == HET_TABLE_TASK[1]
-    assert het.unit_of(1, 0, 5) == HET_TABLE_TASK[1][0]  # cycled beyond 5 clients
     cap = Schedule("capability", "hom", 8, "table", 0)
     assert cap.stages == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    rnd = Schedule("task", "het", 8, "random", 0)
-    draws = [rnd.unit_of(2, r, j) for r in range(10) for j in range(5)]
-    assert draws == [rnd.unit_of(2, r, j) for r in range(10) for j in range(5)]
-    assert len(set(draws)) > 3
+
+
+@pytest.mark.parametrize(
+    "setting,table", [("task", PUBLISHED_HET_TASK), ("capability", PUBLISHED_HET_CAPABILITY)]
+)
+def test_het_table_is_the_published_one(setting, table):
+    het = Schedule(setting, "het", 8, "table", 0)
+    assert het.num_stages == len(table)
+    for t, row in enumerate(table):
+        for r in (0, 1, 7):
+            # slots beyond the 5 published clients cycle through the row
+            got = [het.unit_of(t, r, j) for j in range(12)]
+            assert got == [row[j % len(row)] for j in range(12)], (setting, t, r)
+
+
+def test_het_random_is_uniform_seeded_and_in_range():
+    stages, rounds, slots = 8, 50, 5
+    n = stages * rounds * slots  # draws, each uniform over the 8 stages if the assignment is right
+
+    def draws(seed):
+        rnd = Schedule("task", "het", stages, "random", seed)
+        return np.array(
+            [
+                rnd.unit_of(t, r, j)
+                for t in range(stages)
+                for r in range(rounds)
+                for j in range(slots)
+            ]
+        )
+
+    d0 = draws(0)
+    assert d0.dtype.kind == "i" and d0.min() >= 0 and d0.max() < stages
+    # per stage: Binomial(n, 1/8); the count must lie within mean ± 5σ
+    p = 1 / stages
+    mean, sigma = n * p, np.sqrt(n * p * (1 - p))  # 250, ~14.8
+    counts = np.bincount(d0, minlength=stages)
+    assert np.all(np.abs(counts - mean) <= 5 * sigma), counts
+    assert np.array_equal(draws(0), d0)  # a fresh schedule with the same seed draws the same
+    # another seed: independent draws agree on a slot with probability 1/8 -> Binomial(n, 1/8)
+    agree = int((draws(1) == d0).sum())
+    assert agree <= mean + 5 * sigma, agree

@@ -42,15 +42,47 @@ def test_roundtrip(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # temp file replaced
 
 
-def test_no_pickle_in_state_file(tmp_path):
-    write_state(tmp_path, _state())
-    with h5py.File(tmp_path / "state.h5") as f:
-        kinds = []
-        f.visititems(
-            lambda n, o: kinds.append(o.dtype.kind) if isinstance(o, h5py.Dataset) else None
-        )
-    assert set(kinds) <= {"f", "i", "u", "V"}  # numbers and compound records only
-    assert b"pickle" not in (tmp_path / "state.h5").read_bytes()
+def _plain_dtype(dt: np.dtype) -> bool:
+    """A number, a fixed- or variable-length string, or a compound of numbers: nothing that h5py
+    would store as an opaque blob, a Python object, a reference or a vlen of non-strings."""
+    if h5py.check_string_dtype(dt) is not None:  # fixed ('S') or vlen str/bytes
+        return True
+    if h5py.check_vlen_dtype(dt) is not None or h5py.check_ref_dtype(dt) is not None:
+        return False
+    if dt.fields is not None:
+        return all(sub.kind in "iuf" and sub.fields is None for sub, *_ in dt.fields.values())
+    return dt.kind in "iuf"
+
+
+def _state_file_dtypes(path) -> dict[str, np.dtype]:
+    """Every dataset, committed type and attribute (of the file, groups, datasets) -> dtype."""
+    out = {}
+    with h5py.File(path, "r") as f:
+
+        def visit(name, obj):
+            for k in obj.attrs:
+                out[f"{name}@{k}"] = obj.attrs.get_id(k).dtype
+            if isinstance(obj, h5py.Dataset | h5py.Datatype):
+                out[name] = obj.dtype
+
+        visit("/", f)
+        f.visititems(visit)
+    return out
+
+
+def test_state_file_holds_only_numbers_strings_and_numeric_records(tmp_path):
+    st = _state()
+    st.task_names, st.summary = ["a", "b", "c"], {"avg_acc": 0.5}
+    st.ewc_fisher, st.ewc_anchor, st.ewc_stages = np.ones(6, np.float32), st.adapter[0], 1
+    write_state(tmp_path, st)
+    dtypes = _state_file_dtypes(tmp_path / "state.h5")
+    # the walk sees attributes of the file, of groups and every dataset, records included
+    for key in ("/@config_yaml", "cursor@stage", "eval@task_names", "eval@avg_acc"):
+        assert key in dtypes
+    assert dtypes["metrics/clients"] == CLIENT_DTYPE and dtypes["metrics/rounds"] == ROUND_DTYPE
+    assert {"global/adapter", "server_opt/m", "rng/torch", "ewc/anchor"} <= dtypes.keys()
+    bad = {k: str(dt) for k, dt in dtypes.items() if not _plain_dtype(dt)}
+    assert bad == {}
 
 
 def test_comparable_content_ignores_time_and_placement(tmp_path):
