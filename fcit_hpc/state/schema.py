@@ -13,7 +13,7 @@ Layout::
     /metrics/rounds          compound [n_rounds]  ROUND_DTYPE
     /metrics/clients         compound [n_updates] CLIENT_DTYPE (incl. DKO decisions, bytes)
     /eval/accuracy           float64 [stages, tasks] R[t][i] (NaN until evaluated)
-    /eval/first_stage        int64   [tasks]        first stage any client trained each task (T: never)
+    /eval/first_stage        int64   [tasks]        first stage a client trained task i (T: never)
     /eval/activation         float64 [tasks, S]     mean SSA α per test task (DISCO)
     /eval                    attrs: task_names (JSON list), last, avg, forgetting, bwt, fwt
     /ewc/fisher              float32 [P]          EWC: summed diagonal Fisher of the stages so far
