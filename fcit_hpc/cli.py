@@ -21,7 +21,7 @@ def _setup_env() -> None:
 def cmd_run(args, comm) -> int:
     from fcit_hpc.config import config_from_yaml_text, load_config, to_yaml
     from fcit_hpc.errors import ConfigError, StateError
-    from fcit_hpc.fed.loop import run_federated
+    from fcit_hpc.run import run_federated
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
     state = None

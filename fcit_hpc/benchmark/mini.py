@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from fcit_hpc.benchmark.llava_json import to_conversation, to_test, write_json
 from fcit_hpc.benchmark.registry import DATASETS
-from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.data.sample import Sample
 
 RECIPE_VERSION = 1
 SIZE = 32

@@ -16,8 +16,10 @@ from fcit_hpc.benchmark.layout import LayoutData, prepare, unit_dir
 from fcit_hpc.benchmark.partition import dirichlet_partition
 from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
 from fcit_hpc.benchmark.schedule import Schedule
-from fcit_hpc.benchmark.synthetic import TASK_NAMES, Sample, make_split
+from fcit_hpc.benchmark.synthetic import TASK_NAMES, make_split
 from fcit_hpc.config import Config
+from fcit_hpc.data.sample import Sample
+from fcit_hpc.seeds import SALT_UNIT_SHUFFLE
 
 
 def mini_root(cfg: Config) -> Path:
@@ -103,7 +105,7 @@ class FederatedData:
         self.shards: list[list[np.ndarray]] = []
         for u, tasks in enumerate(self.schedule.stages):
             data = [s for t in tasks for s in make_split(t, b.train_per_task, cfg.seed, "train")]
-            perm = np.random.default_rng([cfg.seed, u, 3]).permutation(len(data))
+            perm = np.random.default_rng([cfg.seed, u, SALT_UNIT_SHUFFLE]).permutation(len(data))
             self.units.append([data[i] for i in perm])
             self.shards.append(
                 dirichlet_partition(

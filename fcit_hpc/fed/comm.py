@@ -12,17 +12,14 @@ import sys
 
 import numpy as np
 
+from fcit_hpc.fed.wire import wire_nbytes
+
 # dtype codes of the header that precedes a broadcast array
 _DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8, np.uint32]
 _CODE = {np.dtype(d): i for i, d in enumerate(_DTYPES)}
 _MAX_NDIM = 4
 # int64 header (dtype code, ndim, shape[_MAX_NDIM]) sent ahead of every broadcast array
 BCAST_HEADER = (2 + _MAX_NDIM) * 8
-
-
-def wire_nbytes(*arrays: np.ndarray) -> int:
-    """Bytes of the buffers as they travel: the one formula of the communication accounting."""
-    return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
 def bcast_nbytes(arr: np.ndarray) -> int:

@@ -87,14 +87,13 @@ def build_base_model(cfg: Config):
     return model
 
 
-def build_model(cfg: Config):
-    """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears."""
+def build_model(cfg: Config, num_subspaces: int):
+    """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears,
+    ``num_subspaces`` (S_max, the method's slots) blocks of rank r each."""
     model = build_base_model(cfg)
     model.eval()
     lc = cfg.lora
-    from fcit_hpc.methods import make_method
-
-    s_max = make_method(cfg).num_slots()
+    s_max = num_subspaces
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.data.sample import Sample
+from fcit_hpc.seeds import SALT_PRETRAIN_DATA
 
 RECIPE = {
     "version": 1,
@@ -215,13 +216,13 @@ def heldout_loss(model_dir: Path, recipe: dict | None = None, n: int = 256) -> f
 
     from transformers import LlavaForConditionalGeneration
 
+    from fcit_hpc.data.batches import make_batches
     from fcit_hpc.model.tokenizer import ByteTokenizer
-    from fcit_hpc.train.base import make_batches
 
     r = recipe or RECIPE
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
     tok = ByteTokenizer((r["image_size"] // r["patch_size"]) ** 2, r["image_size"])
-    rng = np.random.default_rng(r["seed"] + 1_000_003)
+    rng = np.random.default_rng(r["seed"] + SALT_PRETRAIN_DATA)
     with tempfile.TemporaryDirectory() as tmp:
         samples = [_general_sample(rng, Path(tmp), i) for i in range(n)]
         gen = torch.Generator().manual_seed(0)
@@ -234,8 +235,9 @@ def heldout_loss(model_dir: Path, recipe: dict | None = None, n: int = 256) -> f
 def _pretrain(r: dict, out: Path, log) -> Path:
     from transformers import LlavaForConditionalGeneration
 
+    from fcit_hpc.data.batches import make_batches
+    from fcit_hpc.model.steps import lr_at
     from fcit_hpc.model.tokenizer import ByteTokenizer
-    from fcit_hpc.train.base import lr_at, make_batches
 
     t0 = time.time()
     torch.manual_seed(r["seed"])

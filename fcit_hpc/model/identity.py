@@ -163,7 +163,7 @@ class SampleEncoder:
     def _image(self, samples) -> np.ndarray:
         import torch
 
-        from fcit_hpc.model.vision import load_image
+        from fcit_hpc.data.images import load_image
 
         with torch.no_grad():
             pix = torch.stack([load_image(s.image, self.image_size) for s in samples])

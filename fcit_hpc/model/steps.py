@@ -1,0 +1,14 @@
+"""The learning-rate schedule every training loop shares (local training, embedded pre-training)."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_ratio: float) -> float:
+    """Linear warm-up over ceil(warmup_ratio·total) steps, then cosine decay to 0."""
+    warm = math.ceil(warmup_ratio * total)
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
