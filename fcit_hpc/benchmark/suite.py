@@ -7,7 +7,6 @@ Sources (``benchmark.suite``): ``synthetic`` (embedded text tasks, in memory), `
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from fcit_hpc.benchmark.partition import dirichlet_partition
 from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
 from fcit_hpc.benchmark.schedule import Schedule
 from fcit_hpc.benchmark.synthetic import TASK_NAMES, make_split
+from fcit_hpc.cache import cache_root
 from fcit_hpc.config import Config
 from fcit_hpc.data.sample import Sample
 from fcit_hpc.seeds import SALT_UNIT_SHUFFLE
@@ -29,8 +29,7 @@ def mini_root(cfg: Config) -> Path:
     b = cfg.benchmark
     if b.data_root:
         return Path(b.data_root)
-    base = Path(os.environ.get("FCIT_CACHE", Path.home() / ".cache" / "fcit_hpc"))
-    return base / f"fcit-mini-{recipe_hash(b.train_per_task, b.test_per_task, cfg.seed)}"
+    return cache_root() / f"fcit-mini-{recipe_hash(b.train_per_task, b.test_per_task, cfg.seed)}"
 
 
 def ensure_data(cfg: Config) -> None:

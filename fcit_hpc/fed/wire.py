@@ -39,6 +39,16 @@ def _body(parts: list[np.ndarray], empty_dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, empty_dtype)
 
 
+def _items(heads: list[np.ndarray], bodies: list[np.ndarray], width: int, size_col: int):
+    """(header row, its slice of the body) for every item of every rank's message."""
+    for h, b in zip(heads, bodies, strict=True):
+        off = 0
+        for row in h.reshape(-1, width):
+            n = int(row[size_col])
+            yield row, b[off : off + n]
+            off += n
+
+
 # --- update -----------------------------------------------------------------------------------
 
 
@@ -69,25 +79,19 @@ def pack_updates(rows: list[tuple], deltas: list[np.ndarray]) -> tuple[np.ndarra
 
 def unpack_updates(heads: list[np.ndarray], values: list[np.ndarray]) -> list[Update]:
     """Gathered per-rank (header, body) → updates sorted by client id."""
-    out = []
-    for h, v in zip(heads, values, strict=True):
-        off = 0
-        for row in h.reshape(-1, UPDATE_WIDTH):
-            n = int(row[5])
-            delta = v[off : off + n]
-            off += n
-            out.append(
-                Update(
-                    int(row[0]),
-                    int(row[1]),
-                    int(row[2]),
-                    float(row[3]),
-                    float(row[4]),
-                    int(row[6]),
-                    delta,
-                    wire_nbytes(row, delta),
-                )
-            )
+    out = [
+        Update(
+            int(r[0]),
+            int(r[1]),
+            int(r[2]),
+            float(r[3]),
+            float(r[4]),
+            int(r[6]),
+            d,
+            wire_nbytes(r, d),
+        )
+        for r, d in _items(heads, values, UPDATE_WIDTH, UPDATE_FIELDS.index("numel"))
+    ]
     out.sort(key=lambda u: u.client)
     return out
 
@@ -112,14 +116,10 @@ def pack_tokens(rows: list[tuple[int, int]], values: list[np.ndarray]):
 
 def unpack_tokens(heads: list[np.ndarray], values: list[np.ndarray]) -> list[TokenUpload]:
     """Gathered per-rank (header, body) → uploads sorted by client id."""
-    out = []
-    for h, v in zip(heads, values, strict=True):
-        off = 0
-        for row in h.reshape(-1, TOKEN_WIDTH):
-            client, n, size = (int(x) for x in row)
-            vals = v[off : off + size]
-            out.append(TokenUpload(client, n, vals, wire_nbytes(row, vals)))
-            off += size
+    out = [
+        TokenUpload(int(r[0]), int(r[1]), v, wire_nbytes(r, v))
+        for r, v in _items(heads, values, TOKEN_WIDTH, TOKEN_FIELDS.index("size"))
+    ]
     return sorted(out, key=lambda e: e.client)
 
 
@@ -138,10 +138,7 @@ def pack_predictions(local: list[tuple[int, int, str]]) -> tuple[np.ndarray, np.
 
 def unpack_predictions(heads, bodies) -> dict[tuple[int, int], str]:
     """Gathered per-rank (header, body) → (task, index) → text."""
-    preds = {}
-    for h, b in zip(heads, bodies, strict=True):
-        off = 0
-        for t, i, n in h.reshape(-1, PREDICTION_WIDTH):
-            preds[(int(t), int(i))] = bytes(b[off : off + n]).decode("utf-8")
-            off += int(n)
-    return preds
+    return {
+        (int(r[0]), int(r[1])): bytes(b).decode("utf-8")
+        for r, b in _items(heads, bodies, PREDICTION_WIDTH, PREDICTION_FIELDS.index("nbytes"))
+    }

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.host import to_host
-from fcit_hpc.model.steps import lr_at
+from fcit_hpc.model.steps import run_steps
 
 # given the trainable parameters (loaded at the start values): zero-argument loss terms
 TermsFactory = Callable[[list], list[Callable[[], torch.Tensor]]]
@@ -84,15 +84,13 @@ class LocalTrainer:
         extra = terms(params) if terms is not None else []
         sess = self.session(model, params, opt.lr, opt.weight_decay)
         losses = []
+
+        def step(_, loss):
+            sess.step(loss + sum(t() for t in extra) if extra else loss)
+
         try:
-            for step, batch in enumerate(batches):
-                for g in sess.param_groups:
-                    g["lr"] = lr_at(step, len(batches), opt.lr, opt.warmup_ratio)
-                loss = sess.forward(batch)
-                losses.append(float(loss.detach()))
-                if extra:
-                    loss = loss + sum(t() for t in extra)
-                sess.step(loss)
+            groups = sess.param_groups
+            losses = run_steps(batches, groups, opt.lr, opt.warmup_ratio, sess.forward, step)
         finally:
             vec = to_host(torch.cat([p.detach().float().reshape(-1) for p in params]))
             sess.close()
