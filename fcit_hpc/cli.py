@@ -21,7 +21,7 @@ def _setup_env() -> None:
 def cmd_run(args, comm) -> int:
     from fcit_hpc.config import config_from_yaml_text, load_config, to_yaml
     from fcit_hpc.errors import ConfigError, StateError
-    from fcit_hpc.fed.loop import run_federated
+    from fcit_hpc.run import run_federated
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
     state = None
@@ -138,13 +138,17 @@ def cmd_data(args) -> int:
         return 0
     if args.action == "embedded":
         return cmd_embedded(args)
-    # identity: separation figures of fcit-mini with an identity encoder
+    return cmd_identity(args)
+
+
+def cmd_identity(args) -> int:
+    """Identity separation figures of fcit-mini with an identity encoder."""
     import tempfile
 
-    from fcit_hpc.benchmark.identity_report import separation
     from fcit_hpc.benchmark.llava_json import load_conversations
     from fcit_hpc.benchmark.mini import GENERATORS, write_raw
     from fcit_hpc.config import load_config
+    from fcit_hpc.eval.identity_report import separation
     from fcit_hpc.model.identity import make_encoder
 
     cfg = load_config(None, [f"method.identity_encoder={args.encoder}"])

@@ -13,20 +13,10 @@ import numpy as np
 
 from fcit_hpc.config import Config, to_yaml, validate
 from fcit_hpc.eval.report import METRIC_COLS
+from fcit_hpc.registry import COMPARE_LABELS, METHODS
 from fcit_hpc.state.schema import STATE_FILE, read_state
 
-LABELS = {
-    "zero_shot": "Zero-shot",
-    "finetune": "Finetune",
-    "disco": "DISCO",
-    "ewc": "EWC",
-    "olora": "O-LoRA",
-    "multitask": "Multi-task (centralized upper bound)",
-    "disco-softmax": "DISCO, SSA softmax",
-    "disco-cosine": "DISCO, SSA cosine",
-    "disco-argmax": "DISCO, SSA argmax",
-    "disco-concat": "DISCO, SSA concat",
-}
+LABELS = COMPARE_LABELS
 
 
 def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
@@ -40,7 +30,7 @@ def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
         federation=dataclasses.replace(cfg.federation),
         benchmark=dataclasses.replace(cfg.benchmark),
     )
-    if entry in ("zero_shot", "finetune", "disco", "ewc", "olora"):
+    if entry in METHODS:
         c.method.name = entry
     elif entry.startswith("disco-"):
         c.method.name, c.method.ssa = "disco", entry.split("-", 1)[1]
@@ -57,7 +47,7 @@ def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
 
 
 def run_compare(cfg: Config, comm, run_dir: Path) -> None:
-    from fcit_hpc.fed.loop import run_federated
+    from fcit_hpc.run import run_federated
 
     seeds = cfg.compare_seeds or [cfg.seed]
     t0 = time.time()

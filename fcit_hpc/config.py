@@ -16,22 +16,10 @@ from typing import Any
 import yaml
 
 from fcit_hpc.errors import ConfigError
+from fcit_hpc.registry import COMPARE_ENTRIES, FED_ALGS, SSA_MODES
+from fcit_hpc.registry import METHODS as _REGISTRY_METHODS
 
-FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")
-METHODS = ("finetune", "disco", "ewc", "olora", "zero_shot")
-SSA_MODES = ("softmax", "cosine", "argmax", "concat")
-COMPARE_ENTRIES = (
-    "zero_shot",
-    "finetune",
-    "disco",
-    "ewc",
-    "olora",
-    "multitask",
-    "disco-softmax",
-    "disco-cosine",
-    "disco-argmax",
-    "disco-concat",
-)
+METHODS = tuple(_REGISTRY_METHODS)
 
 
 @dataclass

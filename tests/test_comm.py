@@ -59,21 +59,21 @@ def test_round_bytes_are_the_bytes_of_the_buffers_that_travel(tmp_path, monkeypa
     identity-token header row and token, counted here from the recorded arrays' sizes."""
     from fcit_hpc.config import load_config
     from fcit_hpc.fed import loop
+    from fcit_hpc.run import run_federated
 
     cfg = load_config(ROOT / "configs/smoke.yaml", ["eval.enabled=false"])
     comm = RecordingComm()
     down_of, up_of = {}, {}
-    original = loop._round
+    original = loop.run_round
 
-    def recorded_round(cfg_, comm_, stage, rnd, *rest):
+    def recorded_round(ctx, role, stage, rnd):
         d0, u0 = len(comm.sent_down), len(comm.sent_up)
-        st = original(cfg_, comm_, stage, rnd, *rest)
+        original(ctx, role, stage, rnd)
         down_of[stage, rnd] = comm.sent_down[d0:]
         up_of[stage, rnd] = comm.sent_up[u0:]
-        return st
 
-    monkeypatch.setattr(loop, "_round", recorded_round)
-    st = loop.run_federated(cfg, comm, tmp_path, None)
+    monkeypatch.setattr(loop, "run_round", recorded_round)
+    st = run_federated(cfg, comm, tmp_path, None)
     assert len(down_of) == 4 and st.adapter.shape[0] == 4  # 2 stages x 2 rounds, S_max = 4
     numel, dim = st.adapter.shape[1], st.tokens.shape[1]
     for (stage, rnd), arrays in down_of.items():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from fcit_hpc.methods.ewc import ewc_term, ewc_terms, fisher_diagonal
 from fcit_hpc.state.schema import comparable_content, read_state, same_content
-from fcit_hpc.train.base import ewc_term, fisher_diagonal
 from fcit_hpc.train.torch_trainer import TorchTrainer
 
 from .conftest import ROOT, mpiexec, smoke_serial
@@ -43,7 +43,13 @@ def _drift(lam):
     model, adapter, start, batches, kw = _setup()
     fisher = np.ones(adapter.numel, np.float32)
     res = TorchTrainer().train(
-        model, adapter, 0, start, batches, **kw, ewc=(fisher, start.copy(), lam)
+        model,
+        adapter,
+        0,
+        start,
+        batches,
+        **kw,
+        terms=lambda p: ewc_terms(adapter, p, fisher, start.copy(), lam),
     )
     return float(np.linalg.norm(res.vector - start))
 
@@ -56,7 +62,9 @@ def test_deepspeed_matches_torch_with_ewc():
     setup = _setup()
     adapter, start = setup[1], setup[2]
     fisher = np.random.default_rng(0).random(adapter.numel).astype(np.float32)
-    assert_deepspeed_matches_torch(0, 1, setup, ewc=(fisher, start + 0.01, 50.0))
+    anchor = start + 0.01
+    terms = lambda p: ewc_terms(adapter, p, fisher, anchor, 50.0)  # noqa: E731
+    assert_deepspeed_matches_torch(0, 1, setup, terms=terms)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fcit_hpc.config import load_config
-from fcit_hpc.fed.loop import init_state
+from fcit_hpc.fed.server import init_state
 from fcit_hpc.methods import make_method
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.export import export_adapters
@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
             "lora.lora_dropout=0.0",
         ],
     )
-    model, adapter, tok = build_model(cfg)
+    model, adapter, tok = build_model(cfg, make_method(cfg).num_slots())
     st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8))
     g = torch.Generator().manual_seed(5)
     st.adapter = (torch.randn(st.adapter.shape, generator=g) * 0.05).numpy()  # non-trivial A, B

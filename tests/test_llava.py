@@ -82,16 +82,16 @@ def test_llava_language_model_ffn_only_and_images_flow():
 def test_run_models_feed_images_through_the_vision_tower(tmp_path, monkeypatch):
     """The tiny-LLaVA run path: prompts carry image tokens, batches carry pixel_values, and the
     loss depends on the image."""
-    from fcit_hpc.benchmark.synthetic import Sample
     from fcit_hpc.config import load_config
+    from fcit_hpc.data.batches import make_batches
+    from fcit_hpc.data.sample import Sample
     from fcit_hpc.model.build import build_model, make_tokenizer
-    from fcit_hpc.train.base import make_batches
 
     monkeypatch.setenv("FCIT_CACHE", str(tmp_path))
     cfg = load_config("configs/smoke_mini.yaml")
     assert make_tokenizer(cfg).num_image_tokens == 16
     assert make_tokenizer(load_config("configs/default.yaml")).num_image_tokens == 16
-    model, adapter, tok = build_model(cfg)
+    model, adapter, tok = build_model(cfg, cfg.lora.max_subspaces)
     from PIL import Image
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
@@ -118,7 +118,7 @@ def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from fcit_hpc.benchmark.synthetic import Sample
+    from fcit_hpc.data.sample import Sample
     from fcit_hpc.model.identity import HashingEncoder, SampleEncoder
 
     model = _tiny_llava()
@@ -137,7 +137,7 @@ def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
     ref = (
         _vision_tower(model)(
             pixel_values=torch.stack(
-                [__import__("fcit_hpc.model.vision", fromlist=["x"]).load_image(str(a), 32)]
+                [__import__("fcit_hpc.data.images", fromlist=["x"]).load_image(str(a), 32)]
             )
         )
         .pooler_output[0]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fcit_hpc.methods.olora import ortho_term, ortho_terms
 from fcit_hpc.state.schema import comparable_content, read_state, same_content
-from fcit_hpc.train.base import ortho_term
 from fcit_hpc.train.torch_trainer import TorchTrainer
 
 from .conftest import ROOT, fcit, mpiexec, smoke_serial
@@ -61,7 +61,16 @@ def test_orthogonality_loss_makes_the_new_subspace_orthogonal():
     def overlap(lam):
         model, adapter, start, batches, kw = _setup()
         ctx = {0: _vec(adapter, 3)}
-        TorchTrainer().train(model, adapter, 1, start, batches, **kw, context=ctx, ortho=lam)
+        TorchTrainer().train(
+            model,
+            adapter,
+            1,
+            start,
+            batches,
+            **kw,
+            context=ctx,
+            terms=lambda p: ortho_terms(adapter, 1, ctx, lam),
+        )
         olds = [[m.lora_A[0].detach()] for m in adapter.layers]
         news = [m.lora_A[1].detach() for m in adapter.layers]
         return float(ortho_term(news, olds, 1.0))
@@ -73,7 +82,8 @@ def test_deepspeed_matches_torch_with_context_and_ortho():
     setup = _setup()
     adapter = setup[1]
     ctx = {0: _vec(adapter, 4), 1: _vec(adapter, 5)}
-    assert_deepspeed_matches_torch(2, 2, setup, context=ctx, ortho=0.5)
+    terms = lambda p: ortho_terms(setup[1], 2, ctx, 0.5)  # noqa: E731
+    assert_deepspeed_matches_torch(2, 2, setup, context=ctx, terms=terms)
 
 
 @pytest.fixture(scope="module")

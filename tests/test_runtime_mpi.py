@@ -15,7 +15,7 @@ from .conftest import ROOT, fcit, mpiexec
 pytestmark = pytest.mark.mpi
 FCIT = str(ROOT / ".venv/bin/fcit") if (ROOT / ".venv/bin/fcit").exists() else "fcit"
 SMOKE = str(ROOT / "configs/smoke.yaml")
-# Fields of a metrics.jsonl line (fcit_hpc/fed/loop.py MetricsLog) that are not part of the
+# Fields of a metrics.jsonl line (fcit_hpc/fed/server/metrics_log.py) that are not part of the
 # federated computation: a round's wall time, and the rank that ran a client (today's lines carry
 # none; the state file's VOLATILE_FIELDS drops it too). Everything else (losses, sample and byte
 # counts, per-client records, accuracies, the summary) must agree exactly across world sizes and

@@ -71,3 +71,29 @@ def test_fedyogi_sign_rule():
     # when v > d^2 the rule decreases v: from v1 with d=0.01: v = v1 - 0.01*1e-4
     x2, st2 = _run("fedyogi", [0.5, 0.01])
     assert st2["v"][0] == pytest.approx(v1 - 0.01 * 1e-4, rel=1e-6)
+
+
+def test_one_strategy_per_registered_fed_alg_and_fedprox_client_term():
+    import torch
+
+    from fcit_hpc.fed.strategies import STRATEGIES, FedProx, make_strategy
+    from fcit_hpc.registry import FED_ALGS
+
+    assert set(STRATEGIES) == set(FED_ALGS)
+    assert make_strategy(ServerOptConfig("fedavg")).client_terms([]) == []
+    p = [torch.tensor([1.0, 2.0], requires_grad=True)]
+    (term,) = FedProx(ServerOptConfig("fedprox", prox_mu=0.5)).client_terms(p)
+    with torch.no_grad():
+        p[0] += torch.tensor([1.0, -2.0])
+    assert float(term()) == pytest.approx(0.5 * 0.5 * (1 + 4))
+
+
+def test_registry_lists_every_method_once():
+    from fcit_hpc.config import METHODS
+    from fcit_hpc.methods import method_class
+    from fcit_hpc.registry import COMPARE_LABELS
+    from fcit_hpc.registry import METHODS as REG
+
+    assert tuple(REG) == METHODS
+    for name in REG:
+        assert method_class(name).name == name and name in COMPARE_LABELS

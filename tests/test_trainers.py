@@ -6,8 +6,11 @@ import torch
 
 from fcit_hpc.benchmark.synthetic import make_split
 from fcit_hpc.config import load_config
+from fcit_hpc.data.batches import make_batches
+from fcit_hpc.fed.strategies import FedProx, ServerOptConfig
 from fcit_hpc.model.build import build_model
-from fcit_hpc.train.base import lr_at, make_batches
+from fcit_hpc.model.steps import lr_at
+from fcit_hpc.train.base import LocalOpt
 from fcit_hpc.train.torch_trainer import TorchTrainer
 
 # DeepSpeed's ZeRO wraps torch AdamW over flat fp32 partitions: same arithmetic, measured bitwise
@@ -17,12 +20,14 @@ ATOL = 1e-6
 
 def _setup(prox=0.0):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "method.name=disco", "lora.max_subspaces=3"])
-    model, adapter, tok = build_model(cfg)
+    model, adapter, tok = build_model(cfg, 3)
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
     start[-adapter.layers[-1].lora_B[0].numel() :] = 0.01  # non-zero B so every grad is non-zero
     samples = make_split(1, 20, 0, "train")
     batches = make_batches(tok, samples, 4, 48, 1, torch.Generator().manual_seed(1))
-    kw = dict(lr=5e-3, weight_decay=0.01, warmup_ratio=0.2, prox_mu=prox)
+    kw = dict(opt=LocalOpt(lr=5e-3, weight_decay=0.01, warmup_ratio=0.2))
+    if prox:  # FedProx's client term, as the strategy adds it
+        kw["terms"] = FedProx(ServerOptConfig("fedprox", prox_mu=prox)).client_terms
     return model, adapter, start, batches, kw
 
 
@@ -63,7 +68,7 @@ def test_deepspeed_matches_torch(stage, offload, prox):
 
 
 def assert_deepspeed_matches_torch(k, stage, setup, **extra):
-    """Train subspace k with both trainers from the same start (``extra``: context/ortho/ewc)."""
+    """Train subspace k with both trainers from the same start (``extra``: context/terms)."""
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
     model, adapter, start, batches, kw = setup

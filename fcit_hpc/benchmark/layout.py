@@ -23,6 +23,7 @@ from fcit_hpc.benchmark.llava_json import (
 from fcit_hpc.benchmark.partition import dirichlet_partition
 from fcit_hpc.benchmark.registry import dataset
 from fcit_hpc.errors import DataError
+from fcit_hpc.seeds import SALT_UNIT_SHUFFLE
 
 LAYOUT_META = "fcit_layout.json"
 
@@ -64,7 +65,7 @@ def prepare(
         samples = []
         for n in stage_names:
             samples += load_conversations(raw / n / "train.json", task_of[n], raw)
-        perm = np.random.default_rng([seed, u, 3]).permutation(len(samples))
+        perm = np.random.default_rng([seed, u, SALT_UNIT_SHUFFLE]).permutation(len(samples))
         samples = [samples[i] for i in perm]  # the stage's datasets concatenated and shuffled
         shards = dirichlet_partition(len(samples), num_clients, beta, min_samples, [seed, u])
         for c, idx in enumerate(shards):

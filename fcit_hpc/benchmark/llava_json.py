@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.data.sample import Sample
 from fcit_hpc.errors import DataError
 
 IMAGE_TOKEN = "<image>"

@@ -9,7 +9,6 @@ instructions; FigureQA and DVQA share the bar-chart renderer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from fcit_hpc.benchmark.llava_json import to_conversation, to_test, write_json
 from fcit_hpc.benchmark.registry import DATASETS
-from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.cache import recipe_hash as _recipe_hash
+from fcit_hpc.data.sample import Sample
 
 RECIPE_VERSION = 1
 SIZE = 32
@@ -215,9 +215,7 @@ assert set(GENERATORS) == set(DATASETS)
 
 
 def recipe_hash(train: int, test: int, seed: int) -> str:
-    src = Path(__file__).read_bytes()
-    key = f"{RECIPE_VERSION}|{train}|{test}|{seed}|".encode() + src
-    return hashlib.sha256(key).hexdigest()[:16]
+    return _recipe_hash(f"{RECIPE_VERSION}|{train}|{test}|{seed}|".encode(), __file__)
 
 
 def write_raw(raw: str | Path, train: int, test: int, seed: int) -> Path:

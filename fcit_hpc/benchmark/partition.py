@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fcit_hpc.errors import ConfigError
+from fcit_hpc.seeds import SALT_PARTITION
 
 
 def dirichlet_sizes(n: int, num_clients: int, beta: float, min_size: int, seed) -> np.ndarray:
@@ -35,6 +36,6 @@ def dirichlet_partition(
 ) -> list[np.ndarray]:
     """Shuffled sample indices of ``n`` items split into ``num_clients`` shards (sizes above)."""
     sizes = dirichlet_sizes(n, num_clients, beta, min_size, seed)
-    perm = np.random.default_rng([*np.atleast_1d(seed), 7]).permutation(n)
+    perm = np.random.default_rng([*np.atleast_1d(seed), SALT_PARTITION]).permutation(n)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     return [np.sort(perm[bounds[c] : bounds[c + 1]]) for c in range(num_clients)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcit_hpc.seeds import SALT_HET_ASSIGN
+
 # Published Het-FCIT assignment tables (0-based task ids, one list per stage, 5 clients per round).
 HET_TABLE_TASK = [
     [1, 2, 4, 5, 6],
@@ -63,5 +65,5 @@ class Schedule:
         if self.het == "table":
             row = self.table[stage]
             return row[slot % len(row)]
-        rng = np.random.default_rng([self.seed, stage, round_, slot, 11])
+        rng = np.random.default_rng([self.seed, stage, round_, slot, SALT_HET_ASSIGN])
         return int(rng.integers(0, self.num_stages))

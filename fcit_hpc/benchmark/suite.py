@@ -7,7 +7,6 @@ Sources (``benchmark.suite``): ``synthetic`` (embedded text tasks, in memory), `
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,11 @@ from fcit_hpc.benchmark.layout import LayoutData, prepare, unit_dir
 from fcit_hpc.benchmark.partition import dirichlet_partition
 from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
 from fcit_hpc.benchmark.schedule import Schedule
-from fcit_hpc.benchmark.synthetic import TASK_NAMES, Sample, make_split
+from fcit_hpc.benchmark.synthetic import TASK_NAMES, make_split
+from fcit_hpc.cache import cache_root
 from fcit_hpc.config import Config
+from fcit_hpc.data.sample import Sample
+from fcit_hpc.seeds import SALT_UNIT_SHUFFLE
 
 
 def mini_root(cfg: Config) -> Path:
@@ -27,8 +29,7 @@ def mini_root(cfg: Config) -> Path:
     b = cfg.benchmark
     if b.data_root:
         return Path(b.data_root)
-    base = Path(os.environ.get("FCIT_CACHE", Path.home() / ".cache" / "fcit_hpc"))
-    return base / f"fcit-mini-{recipe_hash(b.train_per_task, b.test_per_task, cfg.seed)}"
+    return cache_root() / f"fcit-mini-{recipe_hash(b.train_per_task, b.test_per_task, cfg.seed)}"
 
 
 def ensure_data(cfg: Config) -> None:
@@ -103,7 +104,7 @@ class FederatedData:
         self.shards: list[list[np.ndarray]] = []
         for u, tasks in enumerate(self.schedule.stages):
             data = [s for t in tasks for s in make_split(t, b.train_per_task, cfg.seed, "train")]
-            perm = np.random.default_rng([cfg.seed, u, 3]).permutation(len(data))
+            perm = np.random.default_rng([cfg.seed, u, SALT_UNIT_SHUFFLE]).permutation(len(data))
             self.units.append([data[i] for i in perm])
             self.shards.append(
                 dirichlet_partition(

@@ -6,27 +6,15 @@ identity tokens of DISCO are computed from), and a deterministic answer, so exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from fcit_hpc.data.sample import Sample
 
 WORDS = (
     "kelp moss tiger river stone cloud maple ember frost lotus amber cedar delta falcon harbor "
     "ivory jungle kettle lemon meadow nectar orbit pepper quartz raven saddle timber umber velvet "
     "willow yarrow zephyr basil cobalt dune"
 ).split()
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One instruction-tuning sample. ``instruction`` is the user turn (no image placeholder, no
-    system line), ``answer`` the target, ``image`` an absolute path or None."""
-
-    instruction: str
-    answer: str
-    task: int
-    image: str | None = None
-    id: str = ""
 
 
 def _add(r: np.random.Generator):

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from fcit_hpc.benchmark.scorers import score
+from fcit_hpc.fed.wire import pack_predictions, unpack_predictions
+from fcit_hpc.seeds import EVAL_DEAL_STRIDE
 
 
 @torch.no_grad()
@@ -15,7 +17,7 @@ def greedy(model, tok, instruction: str, max_new_tokens: int, image: str | None 
     ids = torch.tensor([tok.prompt(instruction)])
     extra = {}
     if tok.num_image_tokens:
-        from fcit_hpc.model.vision import load_image
+        from fcit_hpc.data.images import load_image
 
         extra["pixel_values"] = load_image(image, tok.image_size)[None]
     out = model.generate(
@@ -30,46 +32,38 @@ def greedy(model, tok, instruction: str, max_new_tokens: int, image: str | None 
     return tok.decode(out[0, ids.shape[1] :].tolist())
 
 
-def predict_local(cfg, comm, model, adapter, tok, method, state, data, encoder):
+def predict_local(ctx, state) -> list[tuple[int, int, str]]:
     """This rank's share of the test samples: list of (task, index, prediction)."""
+    comm, data, encoder, adapter = ctx.comm, ctx.data, ctx.encoder, ctx.adapter
     out = []
-    model.eval()
+    ctx.model.eval()
     for t in range(data.num_tasks):
         for i, s in enumerate(data.test[t]):
-            if (t * 100003 + i) % comm.size != comm.rank:
+            if (t * EVAL_DEAL_STRIDE + i) % comm.size != comm.rank:
                 continue
             feature = encoder.encode_samples([s])[0] if encoder is not None else None
-            method.set_inference(adapter, state, feature)
-            out.append((t, i, greedy(model, tok, s.instruction, cfg.eval.max_new_tokens, s.image)))
+            ctx.method.set_inference(adapter, state, feature)
+            text = greedy(ctx.model, ctx.tok, s.instruction, ctx.cfg.eval.max_new_tokens, s.image)
+            out.append((t, i, text))
     adapter.set_activation(None)
     return out
 
 
 def gather_predictions(comm, local) -> dict[tuple[int, int], str] | None:
-    """(task, index) → prediction on rank 0, moved as int64 headers + UTF-8 bytes."""
-    blobs = [p.encode("utf-8") for _, _, p in local]
-    head = np.array(
-        [[t, i, len(b)] for (t, i, _), b in zip(local, blobs, strict=True)], np.int64
-    ).reshape(-1)
-    body = np.frombuffer(b"".join(blobs), np.uint8) if blobs else np.zeros(0, np.uint8)
+    """(task, index) → prediction on rank 0, moved as prediction messages (no pickle)."""
+    head, body = pack_predictions(local)
     heads, bodies = comm.gatherv(head), comm.gatherv(body)
     if heads is None:
         return None
-    preds = {}
-    for h, b in zip(heads, bodies, strict=True):
-        off = 0
-        for t, i, n in h.reshape(-1, 3):
-            preds[(int(t), int(i))] = bytes(b[off : off + n]).decode("utf-8")
-            off += int(n)
-    return preds
+    return unpack_predictions(heads, bodies)
 
 
-def evaluate(cfg, comm, model, adapter, tok, method, state, data, encoder) -> np.ndarray | None:
+def evaluate(ctx, state) -> np.ndarray | None:
     """Score (0–100) per task on rank 0, None elsewhere."""
-    local = predict_local(cfg, comm, model, adapter, tok, method, state, data, encoder)
-    preds = gather_predictions(comm, local)
+    preds = gather_predictions(ctx.comm, predict_local(ctx, state))
     if preds is None:
         return None
+    data = ctx.data
     acc = np.zeros(data.num_tasks)
     for t in range(data.num_tasks):
         tests = data.test[t]

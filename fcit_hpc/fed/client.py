@@ -1,4 +1,5 @@
-"""Local work of a rank: identity tokens and local training of its virtual clients."""
+"""Local work of a rank, for each of its virtual clients: identity tokens, local training and the
+stage-end upload (EWC's Fisher), packed for the wire (:mod:`fcit_hpc.fed.wire`)."""
 
 from __future__ import annotations
 
@@ -9,98 +10,93 @@ import time
 import numpy as np
 import torch
 
-from fcit_hpc.config import Config
+from fcit_hpc.data.batches import make_batches
+from fcit_hpc.fed.wire import pack_tokens, pack_updates
 from fcit_hpc.model.identity import sample_identity_token
-from fcit_hpc.train.base import make_batches
+from fcit_hpc.seeds import SALT_FISHER_ROUND, client_seed
+from fcit_hpc.train.base import LocalOpt
 
-# update header, one float64 row per client
-H_CLIENT, H_SUBSPACE, H_SAMPLES, H_LOSS, H_SECONDS, H_NUMEL, H_STEPS = range(7)
-HEADER_WIDTH = 7
-
-
-def client_seed(seed: int, stage: int, round_: int, client: int) -> int:
-    """All randomness of a client's local work derives from (seed, stage, round, client id)."""
-    return int(np.random.SeedSequence([seed, stage, round_, client]).generate_state(1)[0])
+__all__ = ["client_seed", "compute_tokens", "stage_end_uploads", "train_clients"]
 
 
-def compute_tokens(encoder, data, plan_rows: np.ndarray, dbg=None) -> tuple[np.ndarray, np.ndarray]:
-    """Identity tokens of this rank's clients: int64 header [n, 3] (client, samples, dim) and the
-    token values float32 [n·D]."""
-    heads, vals = [], []
+def compute_tokens(ctx, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Identity tokens μ_k of this rank's clients, packed as token messages."""
+    dbg = ctx.cfg.debug
+    rows, vals = [], []
     for client, unit, _ in plan_rows:
-        samples = data.client_samples(int(unit), int(client))
-        mu = sample_identity_token(encoder, samples)
-        if dbg is not None and client in dbg.nan_token_clients:
+        samples = ctx.data.client_samples(int(unit), int(client))
+        mu = sample_identity_token(ctx.encoder, samples)
+        if client in dbg.nan_token_clients:
             mu[0] = np.nan
-        if dbg is not None and client in dbg.bad_token_clients:
+        if client in dbg.bad_token_clients:
             mu = mu[:-1]
-        heads.append([client, len(samples), mu.size])
+        rows.append((int(client), len(samples)))
         vals.append(mu)
-    head = np.asarray(heads, dtype=np.int64).reshape(-1, 3)
-    return head, (np.concatenate(vals) if vals else np.zeros(0, np.float32))
+    return pack_tokens(rows, vals)
 
 
-def train_clients(
-    cfg: Config,
-    rank: int,
-    stage: int,
-    round_: int,
-    plan_rows: np.ndarray,
-    subspaces: dict,
-    global_adapter: np.ndarray,
-    model,
-    adapter,
-    tok,
-    trainer,
-    data,
-    method,
-    ewc=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train this rank's clients one after another, each from the global state.
+def _client_batches(ctx, unit: int, client: int, seed: int, epochs: int):
+    samples = ctx.data.client_samples(unit, client)
+    gen = torch.Generator().manual_seed(seed)
+    c = ctx.cfg
+    batches = make_batches(ctx.tok, samples, c.train.batch_size, c.model.max_seq_len, epochs, gen)
+    return samples, batches
 
-    Returns the float64 header [n, HEADER_WIDTH] and the float32 deltas concatenated.
-    """
-    heads, deltas = [], []
-    dbg = cfg.debug
+
+def train_one(ctx, k: int, start: np.ndarray, batches, view):
+    """Local training of subspace k from ``start``: the strategy's and the method's loss terms."""
+    adapter, t = ctx.adapter, ctx.cfg.train
+    context = {i: view.adapter[i] for i in ctx.method.training_context(k)}
+
+    def terms(params):
+        return ctx.strategy.client_terms(params) + ctx.method.client_terms(
+            adapter, k, context, params, view
+        )
+
+    opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
+    return ctx.trainer.train(ctx.model, adapter, k, start, batches, opt, context, terms)
+
+
+def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
+    """Malformed uploads on request (config ``debug``), to exercise the server's validation."""
+    if client in dbg.nan_clients:
+        delta[:: max(1, delta.size // 7)] = np.nan
+    if client in dbg.bad_shape_clients:
+        delta = delta[:-1]
+    return delta
+
+
+def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces: dict, view):
+    """Train this rank's clients one after another, each from the global state ``view``; packed
+    as update messages. Clients assigned subspace -1 (token rejected) train nothing."""
+    rows, deltas = [], []
+    dbg = ctx.cfg.debug
     for client, unit, _ in plan_rows:
         client, unit = int(client), int(unit)
         k = subspaces[client]
-        if k < 0:  # rejected at the token stage
+        if k < 0:
             continue
         t0 = time.perf_counter()
-        seed = client_seed(cfg.seed, stage, round_, client)
+        seed = client_seed(ctx.cfg.seed, stage, round_, client)
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        samples = data.client_samples(unit, client)
-        batches = make_batches(
-            tok, samples, cfg.train.batch_size, cfg.model.max_seq_len, cfg.train.local_epochs, gen
-        )
-        start = global_adapter[k]
-        prox = cfg.federation.prox_mu if cfg.federation.fed_alg == "fedprox" else 0.0
-        res = trainer.train(
-            model,
-            adapter,
-            k,
-            start,
-            batches,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_ratio=cfg.train.warmup_ratio,
-            prox_mu=prox,
-            context={i: global_adapter[i] for i in method.training_context(k)},
-            ortho=method.ortho_lambda,
-            ewc=ewc,
-        )
-        delta = (res.vector - start).astype(np.float32)
-        if client in dbg.nan_clients:
-            delta[:: max(1, delta.size // 7)] = np.nan
-        if client in dbg.bad_shape_clients:
-            delta = delta[:-1]
-        heads.append(
-            [client, k, len(samples), res.loss, time.perf_counter() - t0, delta.size, res.steps]
-        )
+        samples, batches = _client_batches(ctx, unit, client, seed, ctx.cfg.train.local_epochs)
+        start = view.adapter[k]
+        res = train_one(ctx, k, start, batches, view)
+        delta = _debug_delta(dbg, client, (res.vector - start).astype(np.float32))
+        rows.append((client, k, len(samples), res.loss, time.perf_counter() - t0, res.steps))
         deltas.append(delta)
-        if rank == dbg.kill_rank and stage == dbg.kill_stage and round_ == dbg.kill_round:
+        if ctx.comm.rank == dbg.kill_rank and (stage, round_) == (dbg.kill_stage, dbg.kill_round):
             os.kill(os.getpid(), signal.SIGKILL)  # dies mid-round, after its first client
-    head = np.asarray(heads, dtype=np.float64).reshape(-1, HEADER_WIDTH)
-    return head, (np.concatenate(deltas) if deltas else np.zeros(0, np.float32))
+    return pack_updates(rows, deltas)
+
+
+def stage_end_uploads(ctx, stage: int, plan_rows: np.ndarray, view):
+    """The method's stage-end statistic (EWC: diagonal Fisher) of this rank's clients of the
+    stage's last round, at the global adapter; packed as token messages."""
+    rows, vals = [], []
+    for client, unit, _ in plan_rows:
+        seed = client_seed(ctx.cfg.seed, stage, SALT_FISHER_ROUND, int(client))
+        samples, batches = _client_batches(ctx, int(unit), int(client), seed, 1)
+        vals.append(ctx.method.stage_end_upload(ctx.model, ctx.adapter, view, batches))
+        rows.append((int(client), len(samples)))
+    return pack_tokens(rows, vals)

@@ -2,15 +2,20 @@
 
 Everything travels as flat typed numpy buffers (``Bcast`` / ``Gatherv`` / ``Scatterv`` with explicit
 counts), never as pickled objects. ``LocalComm`` is the in-process implementation (world size 1)
-used when the program is not started under ``mpiexec``; the server loop runs the same code on it.
+used when the program is not started under ``mpiexec``; ``ThreadComm`` is an in-process world of
+any size (threads and queues) for tests; the server loop runs the same code on all three.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 
 import numpy as np
+
+from fcit_hpc.fed.wire import wire_nbytes
 
 # dtype codes of the header that precedes a broadcast array
 _DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8, np.uint32]
@@ -18,11 +23,6 @@ _CODE = {np.dtype(d): i for i, d in enumerate(_DTYPES)}
 _MAX_NDIM = 4
 # int64 header (dtype code, ndim, shape[_MAX_NDIM]) sent ahead of every broadcast array
 BCAST_HEADER = (2 + _MAX_NDIM) * 8
-
-
-def wire_nbytes(*arrays: np.ndarray) -> int:
-    """Bytes of the buffers as they travel: the one formula of the communication accounting."""
-    return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
 def bcast_nbytes(arr: np.ndarray) -> int:
@@ -90,6 +90,123 @@ class LocalComm(Comm):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+class _ThreadWorld:
+    """Shared by the ranks of a :class:`ThreadComm` world: one FIFO queue per (sender, receiver)
+    pair, a barrier, and the turn lock (one rank computes at a time)."""
+
+    def __init__(self, size: int, timeout: float):
+        self.size = size
+        self.timeout = timeout
+        self.queues = [[queue.Queue() for _ in range(size)] for _ in range(size)]
+        self.barrier = threading.Barrier(size)
+        self.turn = threading.Lock()
+        self.failed = False
+
+
+class ThreadComm(Comm):
+    """In-process world of ``size`` ranks, one thread each, talking through queues: the server and
+    client logic at P > 1 without mpiexec (see :func:`run_threads`).
+
+    Ranks take turns: a rank holds the world's turn lock while it computes and gives it up only
+    while it waits in a collective, so process-global state (torch's RNG, thread count) behaves as
+    in separate processes. Byte accounting is MPIComm's (:func:`bcast_nbytes`)."""
+
+    def __init__(self, world: _ThreadWorld, rank: int):
+        self.world = world
+        self.rank = rank
+        self.size = world.size
+
+    def _wait(self, fn):
+        self.world.turn.release()
+        try:
+            return fn()
+        finally:
+            self.world.turn.acquire()
+
+    def _get(self, src: int) -> np.ndarray:
+        q, w = self.world.queues[src][self.rank], self.world
+
+        def get():
+            for _ in range(max(1, int(w.timeout / 0.2))):
+                if w.failed:
+                    raise RuntimeError(f"rank {self.rank}: another rank failed")
+                try:
+                    return q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            raise TimeoutError(f"rank {self.rank}: nothing from rank {src} in {w.timeout} s")
+
+        return self._wait(get)
+
+    def _put(self, dst: int, arr: np.ndarray) -> None:
+        self.world.queues[self.rank][dst].put(np.array(arr, copy=True))
+
+    def bcast_array(self, arr, root=0):
+        if self.rank == root:
+            arr = np.ascontiguousarray(arr)
+            if arr.ndim > _MAX_NDIM or arr.dtype not in _CODE:
+                raise ValueError(f"cannot broadcast array of dtype {arr.dtype}, ndim {arr.ndim}")
+            for r in range(self.size):
+                if r != root:
+                    self._put(r, arr)
+            out = np.array(arr, copy=True)
+        else:
+            out = self._get(root)
+        self.bytes_broadcast += bcast_nbytes(out)
+        return out
+
+    def gatherv(self, arr, root=0):
+        arr = np.ascontiguousarray(arr).reshape(-1)
+        if self.rank != root:
+            self._put(root, arr)
+            return None
+        return [np.array(arr, copy=True) if r == root else self._get(r) for r in range(self.size)]
+
+    def scatterv(self, parts, dtype, root=0):
+        if self.rank != root:
+            return self._get(root)
+        for r in range(self.size):
+            if r != root:
+                self._put(r, np.asarray(parts[r], dtype=dtype).reshape(-1))
+        return np.asarray(parts[root], dtype=dtype).reshape(-1).copy()
+
+    def barrier(self):
+        self._wait(lambda: self.world.barrier.wait(timeout=self.world.timeout))
+
+    def abort(self, code):
+        self.world.barrier.abort()
+        raise RuntimeError(f"rank {self.rank}: abort({code})")
+
+
+def run_threads(size: int, fn, timeout: float = 600.0) -> list:
+    """Run ``fn(comm)`` on ``size`` in-process ranks (threads of a :class:`ThreadComm` world);
+    returns every rank's result, rank order. An exception on any rank is raised here."""
+    world = _ThreadWorld(size, timeout)
+    results: list = [None] * size
+    errors: list = []
+
+    def main(rank: int) -> None:
+        world.turn.acquire()
+        try:
+            results[rank] = fn(ThreadComm(world, rank))
+        except BaseException as e:  # noqa: BLE001 — re-raised in the caller
+            errors.append((rank, e))
+            world.failed = True
+            world.barrier.abort()
+        finally:
+            world.turn.release()
+
+    threads = [threading.Thread(target=main, args=(r,), daemon=True) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        rank, e = min(errors, key=lambda x: x[0])
+        raise RuntimeError(f"rank {rank} failed: {e!r}") from e
+    return results
 
 
 class MPIComm(Comm):

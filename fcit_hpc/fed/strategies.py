@@ -1,4 +1,6 @@
-"""Federated aggregation and server optimizers as pure functions over flat vectors.
+"""Federated optimizers as small strategy objects over flat vectors, in the style of Flower's
+strategies: the weighted mean is a pure function, a strategy owns its server update (and state),
+plus any term it adds to the clients' loss.
 
 Server-side adaptive optimizers follow Reddi et al., "Adaptive Federated Optimization" (ICLR 2021):
 with the sample-weighted mean client delta Δ = Σ_k n_k (x_k − x) / Σ_k n_k,
@@ -15,9 +17,12 @@ v starts at τ² as in the paper's pseudo-code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+LossTerm = Callable[[], "object"]  # () -> scalar torch.Tensor, added to a client's loss
 
 
 def weighted_average(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -33,6 +38,11 @@ def weighted_average(vectors: list[np.ndarray], weights: list[float]) -> np.ndar
     return (acc / total).astype(np.float32)
 
 
+def prox_term(params, anchors, mu: float):
+    """FedProx: (μ/2)·Σ‖w − w_global‖²."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
 @dataclass
 class ServerOptConfig:
     fed_alg: str = "fedavg"
@@ -41,43 +51,127 @@ class ServerOptConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     momentum: float = 0.9
+    prox_mu: float = 0.0
+
+
+class FedAvg:
+    """x ← x + Δ (McMahan et al., 2017). No state, no client term."""
+
+    def __init__(self, opt: ServerOptConfig):
+        self.opt = opt
+
+    def init_state(self, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Optimizer state arrays (float32, of ``shape``), stored in state.h5 under /server_opt."""
+        return {}
+
+    def update(self, x: np.ndarray, delta: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
+        """New global vector from ``x`` and the mean delta; ``state`` (views of this subspace's
+        rows) is updated in place."""
+        return (x.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
+
+    def client_terms(self, params) -> list[LossTerm]:
+        """Terms the clients add to their loss, given the trainable parameters at the global
+        values (called after they are loaded)."""
+        return []
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; clients add (μ/2)·‖w − x‖² (Li et al., 2020)."""
+
+    def client_terms(self, params):
+        mu = self.opt.prox_mu
+        if mu <= 0:
+            return []
+        anchors = [p.detach().clone() for p in params]
+        return [lambda: prox_term(params, anchors, mu)]
+
+
+class FedAvgM(FedAvg):
+    """Server momentum (Hsu et al., 2019)."""
+
+    def init_state(self, shape):
+        return {"m": np.zeros(shape, np.float32)}
+
+    def update(self, x, delta, state):
+        m = self.opt.momentum * state["m"].astype(np.float64) + delta.astype(np.float64)
+        state["m"][...] = m
+        return (x.astype(np.float64) + m).astype(np.float32)
+
+
+class FedOpt(FedAvg):
+    """Adaptive server optimizers (Reddi et al., 2021); subclasses give the second moment."""
+
+    def init_state(self, shape):
+        tau = self.opt.tau
+        return {"m": np.zeros(shape, np.float32), "v": np.full(shape, tau * tau, np.float32)}
+
+    def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, x, delta, state):
+        opt = self.opt
+        d = delta.astype(np.float64)
+        m = opt.beta1 * state["m"].astype(np.float64) + (1 - opt.beta1) * d
+        v = self.second_moment(state["v"].astype(np.float64), d * d)
+        state["m"][...] = m
+        state["v"][...] = v
+        return (x.astype(np.float64) + opt.eta * m / (np.sqrt(v) + opt.tau)).astype(np.float32)
+
+
+class FedAdagrad(FedOpt):
+    def second_moment(self, v, d2):
+        return v + d2
+
+
+class FedAdam(FedOpt):
+    def second_moment(self, v, d2):
+        return self.opt.beta2 * v + (1 - self.opt.beta2) * d2
+
+
+class FedYogi(FedOpt):
+    def second_moment(self, v, d2):
+        return v - (1 - self.opt.beta2) * d2 * np.sign(v - d2)
+
+
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedadagrad": FedAdagrad,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedprox": FedProx,
+}
+
+
+def make_strategy(opt: ServerOptConfig) -> FedAvg:
+    """The strategy of ``opt.fed_alg`` (the one dispatch on the federated optimizer)."""
+    if opt.fed_alg not in STRATEGIES:
+        raise ValueError(f"federation.fed_alg: unknown {opt.fed_alg!r}")
+    return STRATEGIES[opt.fed_alg](opt)
+
+
+def strategy_from_config(fed) -> FedAvg:
+    """The strategy of a ``FederationConfig``."""
+    return make_strategy(
+        ServerOptConfig(
+            fed.fed_alg,
+            fed.fedopt_eta,
+            fed.fedopt_tau,
+            fed.fedopt_beta1,
+            fed.fedopt_beta2,
+            fed.server_momentum,
+            fed.prox_mu,
+        )
+    )
 
 
 def init_server_state(alg: str, shape: tuple[int, ...], tau: float) -> dict[str, np.ndarray]:
-    """Optimizer state arrays (all float32, of ``shape``), stored in state.h5 under /server_opt."""
-    if alg == "fedavgm":
-        return {"m": np.zeros(shape, np.float32)}
-    if alg in ("fedadam", "fedadagrad", "fedyogi"):
-        return {"m": np.zeros(shape, np.float32), "v": np.full(shape, tau * tau, np.float32)}
-    return {}
+    """Optimizer state of ``alg`` (see :meth:`FedAvg.init_state`)."""
+    return make_strategy(ServerOptConfig(alg, tau=tau)).init_state(shape)
 
 
 def server_update(
     x: np.ndarray, delta: np.ndarray, state: dict[str, np.ndarray], opt: ServerOptConfig
 ) -> np.ndarray:
-    """New global vector from the current one ``x`` and the mean delta; updates ``state`` in place.
-
-    ``state`` holds views of this subspace's rows (see init_server_state).
-    """
-    alg = opt.fed_alg
-    x64, d = x.astype(np.float64), delta.astype(np.float64)
-    if alg in ("fedavg", "fedprox"):
-        return (x64 + d).astype(np.float32)
-    if alg == "fedavgm":
-        m = opt.momentum * state["m"].astype(np.float64) + d
-        state["m"][...] = m
-        return (x64 + m).astype(np.float32)
-    m = opt.beta1 * state["m"].astype(np.float64) + (1 - opt.beta1) * d
-    v = state["v"].astype(np.float64)
-    d2 = d * d
-    if alg == "fedadagrad":
-        v = v + d2
-    elif alg == "fedadam":
-        v = opt.beta2 * v + (1 - opt.beta2) * d2
-    elif alg == "fedyogi":
-        v = v - (1 - opt.beta2) * d2 * np.sign(v - d2)
-    else:
-        raise ValueError(f"federation.fed_alg: unknown {alg!r}")
-    state["m"][...] = m
-    state["v"][...] = v
-    return (x64 + opt.eta * m / (np.sqrt(v) + opt.tau)).astype(np.float32)
+    """One server update of ``opt.fed_alg`` (see :meth:`FedAvg.update`)."""
+    return make_strategy(opt).update(x, delta, state)

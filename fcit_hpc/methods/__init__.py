@@ -1,13 +1,16 @@
-"""Methods by ``method.name``: adding a method means adding one file and one line here."""
+"""Methods by ``method.name`` (listed in :data:`fcit_hpc.registry.METHODS`)."""
 
-from fcit_hpc.methods.disco import Disco
-from fcit_hpc.methods.ewc import EWC
-from fcit_hpc.methods.finetune import Finetune
-from fcit_hpc.methods.olora import OLoRA
-from fcit_hpc.methods.zero_shot import ZeroShot
+from __future__ import annotations
 
-REGISTRY = {"disco": Disco, "ewc": EWC, "finetune": Finetune, "olora": OLoRA, "zero_shot": ZeroShot}
+import importlib
+
+from fcit_hpc.registry import METHODS
+
+
+def method_class(name: str):
+    module, cls = METHODS[name].cls.split(":")
+    return getattr(importlib.import_module(f"fcit_hpc.methods.{module}"), cls)
 
 
 def make_method(cfg):
-    return REGISTRY[cfg.method.name](cfg)
+    return method_class(cfg.method.name)(cfg)

@@ -21,9 +21,22 @@ class DkoDecision:
 
 
 class Method:
+    """A federated continual method's behaviour, as hooks the server, the clients and evaluation
+    call. A method is one file in ``methods/`` plus one line in :data:`fcit_hpc.registry.METHODS`.
+
+    - slots: :meth:`num_slots` subspaces allocated; :meth:`assign` (server, with identity tokens)
+      or :meth:`stage_subspace` (without) says which one a client trains;
+    - client: :meth:`training_context` (frozen subspaces beside it), :meth:`client_terms` (extra
+      loss terms);
+    - stage end: :meth:`stage_end_upload` (clients) and :meth:`merge_stage_end` (server), when
+      ``has_stage_end``;
+    - inference: :meth:`set_inference` gates the subspaces for one test sample.
+    """
+
     name = "base"
     trains = True  # False: no federated training at all (zero-shot)
     uses_identity = False  # clients upload identity tokens (DKO)
+    has_stage_end = False  # a stage-end phase after the last round of every stage (EWC's Fisher)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -32,14 +45,14 @@ class Method:
         """S_max: subspaces allocated in the global adapter."""
         return 1
 
+    def check_stages(self, num_stages: int) -> None:
+        """Raise a ConfigError when the method cannot run this many stages."""
+
     def assign(
         self, state, clients: list[int], tokens: list[np.ndarray], samples: list[int]
     ) -> list[DkoDecision]:
         """Server: the subspace each client trains this round (client-id order)."""
         return [DkoDecision(c, 0, float("nan"), MATCHED) for c in clients]
-
-    def check_stages(self, num_stages: int) -> None:
-        """Raise a ConfigError when the method cannot run this many stages."""
 
     def stage_subspace(self, stage: int) -> int:
         """Methods without identity tokens: the subspace every client trains in this stage."""
@@ -49,9 +62,18 @@ class Method:
         """Subspaces that act (frozen) beside subspace k while it is trained."""
         return ()
 
-    ortho_lambda = 0.0  # weight of an orthogonality loss to the context subspaces (O-LoRA)
-    needs_fisher = False  # a Fisher phase at the end of every stage (EWC)
-    ewc_lambda = 0.0
+    def client_terms(self, adapter, k: int, context: dict, params: list, view) -> list:
+        """Zero-argument loss terms a client adds while training subspace k (``params``, loaded
+        at the global values; ``context``: the frozen subspaces; ``view``: the global state)."""
+        return []
+
+    def stage_end_upload(self, model, adapter, view, batches) -> np.ndarray:
+        """Client, at the end of a stage: the statistic it uploads (float32, flat)."""
+        raise NotImplementedError
+
+    def merge_stage_end(self, st, uploads: list[tuple[np.ndarray, int]], stage: int) -> None:
+        """Server: merge the accepted (values, samples) uploads of the stage into ``st``."""
+        raise NotImplementedError
 
     def set_inference(self, adapter, state, feature: np.ndarray | None) -> None:
         """Configure the adapter for one test sample (feature: its instruction feature [D])."""

@@ -4,13 +4,69 @@ of its last round compute the diagonal Fisher of their data at the global adapte
 averages them (sample-weighted), adds the mean to the running Fisher F and sets the anchor θ* to
 the adapter of that stage (online EWC with γ = 1)."""
 
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fcit_hpc.host import to_host
 from fcit_hpc.methods.base import Method
+
+
+def ewc_term(params, fisher, anchor, lam: float) -> torch.Tensor:
+    """EWC: (λ/2)·Σ F·(θ − θ*)²."""
+    return (
+        0.5
+        * lam
+        * sum((f * (p - a) ** 2).sum() for p, f, a in zip(params, fisher, anchor, strict=True))
+    )
+
+
+def fisher_diagonal(model, adapter, vec, batches) -> np.ndarray:
+    """Empirical diagonal Fisher of subspace 0 at ``vec``: mean over the batches of the squared
+    gradient of the batch loss (flat float32, the subspace's layout)."""
+    adapter.set(0, vec)
+    adapter.train_subspace(0)
+    params = adapter.params(0)
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    model.eval()  # no dropout: the Fisher of the model as it is used
+    for batch in batches:
+        grads = torch.autograd.grad(model(**batch).loss, params)
+        for a, g in zip(acc, grads, strict=True):
+            a += g.detach().float() ** 2
+    n = max(1, len(batches))
+    return to_host(torch.cat([a.reshape(-1) / n for a in acc]))
+
+
+def ewc_terms(adapter, params, fisher: np.ndarray, anchor: np.ndarray, lam: float) -> list:
+    """The EWC loss term over ``params`` (none when there is no Fisher yet or λ = 0)."""
+    if not fisher.size or lam <= 0:
+        return []
+    f, a = adapter.unflatten(fisher), adapter.unflatten(anchor)
+    return [lambda: ewc_term(params, f, a, lam)]
 
 
 class EWC(Method):
     name = "ewc"
-    needs_fisher = True
+    has_stage_end = True
 
-    @property
-    def ewc_lambda(self) -> float:
-        return self.cfg.method.ewc_lambda
+    def client_terms(self, adapter, k, context, params, view):
+        return ewc_terms(
+            adapter, params, view.ewc_fisher, view.ewc_anchor, self.cfg.method.ewc_lambda
+        )
+
+    def stage_end_upload(self, model, adapter, view, batches):
+        return fisher_diagonal(model, adapter, view.adapter[0], batches).astype(np.float32)
+
+    def merge_stage_end(self, st, uploads, stage):
+        """F ← F + Σ n_k F_k / Σ n_k (float64 sums), θ* ← this stage's adapter."""
+        numel = st.adapter.shape[1]
+        acc, total = np.zeros(numel, np.float64), 0
+        for f, n in uploads:
+            acc += f.astype(np.float64) * n
+            total += n
+        if total:
+            prev = st.ewc_fisher if st.ewc_fisher.size else np.zeros(numel, np.float32)
+            st.ewc_fisher = (prev.astype(np.float64) + acc / total).astype(np.float32)
+            st.ewc_anchor = st.adapter[0].copy()
+        st.ewc_stages = stage + 1

@@ -11,15 +11,29 @@ from fcit_hpc.errors import ConfigError
 from fcit_hpc.methods.base import Method
 
 
+def ortho_term(news, olds, lam: float) -> torch.Tensor:
+    """O-LoRA: λ·Σ_layers Σ_i ‖A_i A_new^T‖_F² (A [r, in]: rows span a subspace's input side)."""
+    total = 0.0
+    for a_new, prev in zip(news, olds, strict=True):
+        for a_old in prev:
+            total = total + ((a_old @ a_new.t()) ** 2).sum()
+    return lam * total
+
+
+def ortho_terms(adapter, k: int, context: dict, lam: float) -> list:
+    """The orthogonality term of subspace k's A to the context subspaces' (none when λ = 0)."""
+    if lam <= 0 or not context:
+        return []
+    olds = [[m.lora_A[i].detach() for i in sorted(context)] for m in adapter.layers]
+    news = [m.lora_A[k] for m in adapter.layers]
+    return [lambda: ortho_term(news, olds, lam)]
+
+
 class OLoRA(Method):
     name = "olora"
 
     def num_slots(self) -> int:
         return self.cfg.lora.max_subspaces
-
-    @property
-    def ortho_lambda(self) -> float:
-        return self.cfg.method.olora_lambda
 
     def check_stages(self, num_stages: int) -> None:
         if num_stages > self.num_slots():
@@ -33,6 +47,9 @@ class OLoRA(Method):
 
     def training_context(self, k: int) -> tuple[int, ...]:
         return tuple(range(k))
+
+    def client_terms(self, adapter, k, context, params, view):
+        return ortho_terms(adapter, k, context, self.cfg.method.olora_lambda)
 
     def set_inference(self, adapter, state, feature) -> None:
         live = max(1, state.num_subspaces)

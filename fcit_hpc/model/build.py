@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from fcit_hpc.config import Config
+from fcit_hpc.model.hf_configs import llama_config, llava_config
 from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
-from fcit_hpc.model.tokenizer import IMAGE, VOCAB_SIZE, ByteTokenizer
+from fcit_hpc.model.tokenizer import ByteTokenizer
 
 
 def resolve_path(path: str) -> str:
@@ -27,7 +28,7 @@ def resolve_path(path: str) -> str:
 
 def build_base_model(cfg: Config):
     """A Hugging Face causal LM (weights frozen later). Deterministic from ``model.init_seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     m = cfg.model
     if m.name == "embedded":
@@ -46,55 +47,29 @@ def build_base_model(cfg: Config):
             resolve_path(m.path), local_files_only=True, torch_dtype=torch.float32, **kw
         )
         return model
-    text_cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_heads,
-        max_position_embeddings=max(128, m.max_seq_len * 2),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+    text_cfg = llama_config(
+        m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, max(128, m.max_seq_len * 2)
     )
     state = torch.random.get_rng_state()
     torch.manual_seed(m.init_seed)
     if m.name == "tiny-llava":
-        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
-        vision = CLIPVisionConfig(
-            hidden_size=m.vision_hidden_size,
-            intermediate_size=2 * m.vision_hidden_size,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=m.image_size,
-            patch_size=m.patch_size,
-        )
-        model = LlavaForConditionalGeneration(
-            LlavaConfig(
-                vision_config=vision,
-                text_config=text_cfg,
-                image_token_index=IMAGE,
-                vision_feature_layer=-1,
-                vision_feature_select_strategy="default",
-            )
-        )
+        llava = llava_config(text_cfg, m.vision_hidden_size, m.image_size, m.patch_size)
+        model = LlavaForConditionalGeneration(llava)
     else:
         model = LlamaForCausalLM(text_cfg)
     torch.random.set_rng_state(state)
     return model
 
 
-def build_model(cfg: Config):
-    """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears."""
+def build_model(cfg: Config, num_subspaces: int):
+    """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears,
+    ``num_subspaces`` (S_max, the method's slots) blocks of rank r each."""
     model = build_base_model(cfg)
     model.eval()
     lc = cfg.lora
-    from fcit_hpc.methods import make_method
-
-    s_max = make_method(cfg).num_slots()
+    s_max = num_subspaces
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )

@@ -24,7 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fcit_hpc.benchmark.synthetic import Sample
+from fcit_hpc.cache import cache_root
+from fcit_hpc.cache import recipe_hash as _recipe_hash
+from fcit_hpc.data.sample import Sample
+from fcit_hpc.model.hf_configs import llama_config, llava_config
+from fcit_hpc.seeds import SALT_PRETRAIN_DATA
 
 RECIPE = {
     "version": 1,
@@ -108,51 +112,20 @@ def _general_sample(r: np.random.Generator, path: Path, i: int) -> Sample:
 
 
 def recipe_hash(recipe: dict | None = None) -> str:
-    src = Path(__file__).read_bytes()
-    key = json.dumps(recipe or RECIPE, sort_keys=True).encode() + src
-    return hashlib.sha256(key).hexdigest()[:16]
+    return _recipe_hash(json.dumps(recipe or RECIPE, sort_keys=True).encode(), __file__)
 
 
 def cache_dir(recipe: dict | None = None) -> Path:
-    base = Path(os.environ.get("FCIT_CACHE", Path.home() / ".cache" / "fcit_hpc"))
-    return base / f"embedded-{recipe_hash(recipe)}"
+    return cache_root() / f"embedded-{recipe_hash(recipe)}"
 
 
 def model_config(overrides: dict | None = None):
     """The Hugging Face LlavaConfig of the embedded model."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    from fcit_hpc.model.tokenizer import IMAGE, VOCAB_SIZE
-
     r = {**RECIPE, **(overrides or {})}
-    text = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=r["hidden_size"],
-        intermediate_size=r["intermediate_size"],
-        num_hidden_layers=r["num_layers"],
-        num_attention_heads=r["num_heads"],
-        num_key_value_heads=r["num_heads"],
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+    text = llama_config(
+        r["hidden_size"], r["intermediate_size"], r["num_layers"], r["num_heads"], 256
     )
-    vision = CLIPVisionConfig(
-        hidden_size=r["vision_hidden_size"],
-        intermediate_size=2 * r["vision_hidden_size"],
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=r["image_size"],
-        patch_size=r["patch_size"],
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
+    return llava_config(text, r["vision_hidden_size"], r["image_size"], r["patch_size"])
 
 
 SHIPPED = Path(__file__).with_name("embedded_model")  # the model of RECIPE, kept with the project
@@ -215,13 +188,13 @@ def heldout_loss(model_dir: Path, recipe: dict | None = None, n: int = 256) -> f
 
     from transformers import LlavaForConditionalGeneration
 
+    from fcit_hpc.data.batches import make_batches
     from fcit_hpc.model.tokenizer import ByteTokenizer
-    from fcit_hpc.train.base import make_batches
 
     r = recipe or RECIPE
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
     tok = ByteTokenizer((r["image_size"] // r["patch_size"]) ** 2, r["image_size"])
-    rng = np.random.default_rng(r["seed"] + 1_000_003)
+    rng = np.random.default_rng(r["seed"] + SALT_PRETRAIN_DATA)
     with tempfile.TemporaryDirectory() as tmp:
         samples = [_general_sample(rng, Path(tmp), i) for i in range(n)]
         gen = torch.Generator().manual_seed(0)
@@ -234,8 +207,9 @@ def heldout_loss(model_dir: Path, recipe: dict | None = None, n: int = 256) -> f
 def _pretrain(r: dict, out: Path, log) -> Path:
     from transformers import LlavaForConditionalGeneration
 
+    from fcit_hpc.data.batches import make_batches
+    from fcit_hpc.model.steps import run_steps
     from fcit_hpc.model.tokenizer import ByteTokenizer
-    from fcit_hpc.train.base import lr_at, make_batches
 
     t0 = time.time()
     torch.manual_seed(r["seed"])
@@ -251,16 +225,18 @@ def _pretrain(r: dict, out: Path, log) -> Path:
     while len(batches) < r["steps"]:
         batches += make_batches(tok, corpus, r["batch_size"], r["max_seq_len"], 1, gen)
     model.train()
-    for step, batch in enumerate(batches[: r["steps"]]):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, r["steps"], r["lr"], 0.05)
-        loss = model(**batch).loss
+
+    def step(i, loss):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % 250 == 0 or step == r["steps"] - 1:
-            log(f"embedded model pre-training: step {step}/{r['steps']} loss {loss.item():.3f}")
+        if i % 250 == 0 or i == r["steps"] - 1:
+            log(f"embedded model pre-training: step {i}/{r['steps']} loss {loss.item():.3f}")
+
+    run_steps(
+        batches[: r["steps"]], opt.param_groups, r["lr"], 0.05, lambda b: model(**b).loss, step
+    )
     model.eval().save_pretrained(tmp)
     shutil.rmtree(tmp / "corpus")
     meta = {

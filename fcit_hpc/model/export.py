@@ -45,7 +45,7 @@ def export_adapters(
     is given, the merged adapter. Returns the adapter directories."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, adapter, _ = build_model(cfg)
+    model, adapter, _ = build_model(cfg, st.adapter.shape[0])
     for k in range(st.adapter.shape[0]):
         adapter.set(k, st.adapter[k])
     build_base_model(cfg).save_pretrained(out / "base")

@@ -126,9 +126,14 @@ def make_encoder(method_cfg):
     raise ValueError(f"method.identity_encoder: unknown {name!r}")
 
 
+def mean_token(features: np.ndarray) -> np.ndarray:
+    """μ_k: the mean of a client's features [N, D] → float32 [D]."""
+    return features.mean(axis=0).astype(np.float32)
+
+
 def identity_token(encoder, instructions: list[str]) -> np.ndarray:
     """μ_k: mean feature over a client's training instructions, float32 [D]."""
-    return encoder.encode(instructions).mean(axis=0).astype(np.float32)
+    return mean_token(encoder.encode(instructions))
 
 
 def _vision_tower(model):
@@ -163,7 +168,7 @@ class SampleEncoder:
     def _image(self, samples) -> np.ndarray:
         import torch
 
-        from fcit_hpc.model.vision import load_image
+        from fcit_hpc.data.images import load_image
 
         with torch.no_grad():
             pix = torch.stack([load_image(s.image, self.image_size) for s in samples])
@@ -185,4 +190,4 @@ class SampleEncoder:
 
 def sample_identity_token(encoder: SampleEncoder, samples) -> np.ndarray:
     """μ_k: mean identity feature over a client's training samples, float32 [D]."""
-    return encoder.encode_samples(samples).mean(axis=0).astype(np.float32)
+    return mean_token(encoder.encode_samples(samples))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 
 import h5py
@@ -52,7 +53,7 @@ ROUND_DTYPE = np.dtype(
         ("num_subspaces", "i4"),
     ]
 )
-# status: 0 accepted, 1 rejected (non-finite update), 2 rejected (wrong shape), 3 rejected token
+# status: a ClientStatus
 CLIENT_DTYPE = np.dtype(
     [
         ("stage", "i4"),
@@ -71,11 +72,22 @@ CLIENT_DTYPE = np.dtype(
         ("dko_action", "i4"),
     ]
 )
+
+
+class ClientStatus(IntEnum):
+    """What the server did with a client's round (stored as ``/clients.status``)."""
+
+    ACCEPTED = 0
+    NON_FINITE = 1  # update rejected: contains NaN/Inf
+    WRONG_SHAPE = 2  # update rejected: not the subspace's size
+    BAD_TOKEN = 3  # identity token rejected, the client trained nothing
+
+
 STATUS = {
-    0: "accepted",
-    1: "rejected: non-finite update",
-    2: "rejected: wrong shape",
-    3: "rejected: bad identity token",
+    ClientStatus.ACCEPTED: "accepted",
+    ClientStatus.NON_FINITE: "rejected: non-finite update",
+    ClientStatus.WRONG_SHAPE: "rejected: wrong shape",
+    ClientStatus.BAD_TOKEN: "rejected: bad identity token",
 }
 # Fields that measure time or placement, not the federated computation.
 VOLATILE_FIELDS = {"seconds", "rank"}

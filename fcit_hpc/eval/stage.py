@@ -1,0 +1,28 @@
+"""What the loop asks of evaluation: a stage's accuracy (all ranks), the run's summary and report
+(the server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fcit_hpc.state.schema import RunState
+
+
+class Evaluation:
+    def evaluate(self, ctx, view: RunState) -> np.ndarray | None:
+        """Accuracy (0–100) per task on rank 0, None elsewhere."""
+        from fcit_hpc.eval.generate import evaluate
+
+        return evaluate(ctx, view)
+
+    def finalize(self, cfg, st: RunState, data, method, encoder) -> None:
+        from fcit_hpc.eval.summary import finalize
+
+        finalize(cfg, st, data, method, encoder)
+
+    def report(self, run_dir: Path, st: RunState) -> None:
+        from fcit_hpc.eval.report import write_report
+
+        write_report(run_dir, st)

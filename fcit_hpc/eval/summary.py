@@ -1,0 +1,51 @@
+"""End of a run on the server: continual-learning metrics and the SSA activation map."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fcit_hpc.eval.metrics import cl_metrics, first_stages
+from fcit_hpc.fed.server.plan import planned_units
+from fcit_hpc.state.schema import ClientStatus, RunState
+
+
+def trained_units(cfg, st: RunState, schedule, trains: bool) -> list[tuple[int, int]]:
+    """(stage, unit) of every client that trained: the run's own accepted client records, or,
+    for a method that trains nothing, the schedule's plan (Het-FCIT's table for Zero-shot too)."""
+    if trains:
+        return [
+            (int(c["stage"]), int(c["unit"]))
+            for c in st.clients
+            if c["status"] == ClientStatus.ACCEPTED
+        ]
+    return planned_units(cfg, schedule)
+
+
+def activation_map(cfg, st: RunState, data, encoder) -> np.ndarray:
+    """Mean SSA activation α per test task and live subspace [tasks, S] (NaN rows: no tests)."""
+    from fcit_hpc.methods.disco import ssa_activation
+
+    live = st.num_subspaces
+    rows = []
+    for t in range(data.num_tasks):
+        ins = data.test[t]
+        if not ins:
+            rows.append(np.full(live, np.nan))
+            continue
+        m = cfg.method
+        a = ssa_activation(encoder.encode_samples(ins), st.tokens[:live], m.epsilon, m.ssa)
+        rows.append(a.mean(0))
+    return np.stack(rows)
+
+
+def finalize(cfg, st: RunState, data, method, encoder) -> None:
+    """Fill the summary, first stages, task names and activation map of ``st``."""
+    st.task_names = list(data.task_names)
+    trained = trained_units(cfg, st, data.schedule, method.trains)
+    st.first_stage = np.asarray(first_stages(data.schedule.stages, data.num_tasks, trained))
+    if cfg.eval.enabled and not np.isnan(st.accuracy).any():
+        st.summary = cl_metrics(st.accuracy, list(st.first_stage))
+    else:
+        st.summary = {"last": float("nan")}
+    if method.uses_identity and st.num_subspaces and encoder is not None:
+        st.activation = activation_map(cfg, st, data, encoder)

@@ -1,0 +1,63 @@
+"""What a rank does on the server's side of the loop. Every rank runs the same driver
+(:mod:`fcit_hpc.fed.loop`); its role is decided once: rank 0 is the :class:`~fcit_hpc.fed.server.
+Server`, every other rank a :class:`Role`, which holds no global state and decides nothing (each of
+its answers is what a non-root rank passes to a collective: nothing)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fcit_hpc.state.schema import RunState
+
+
+class Role:
+    """A client-only rank: no state, no plans, no decisions."""
+
+    def cursor(self) -> np.ndarray | None:
+        """int64 [3]: (stage, round, done) to continue from."""
+        return None
+
+    def start_progress(self, start_stage: int, last_round: int, num_rounds: int) -> None:
+        pass
+
+    def plan(self, stage: int, round_: int) -> np.ndarray | None:
+        """The round plan (int64 [n, 3]: client, unit, rank)."""
+        return None
+
+    def state(self) -> RunState | None:
+        """The global state (for the broadcast of adapter, tokens, ...)."""
+        return None
+
+    def dko(self, heads, values) -> np.ndarray | None:
+        """The subspace of every client (int64 [n, 2]) from the gathered identity tokens."""
+        return None
+
+    def use_subspace(self, k: int) -> None:
+        """Without identity tokens: subspace k is trained this round."""
+
+    def end_round(self, stage: int, round_: int, plan, heads, values, t0: float, down0: int):
+        """Aggregate the gathered updates, record and store the round."""
+
+    def after_rounds(self, stage: int) -> None:
+        pass
+
+    def stage_end_todo(self, stage: int) -> np.ndarray | None:
+        """int64 [1]: 1 when the stage-end phase of ``stage`` is still to run."""
+        return None
+
+    def merge_stage_end(self, stage: int, heads, values) -> None:
+        pass
+
+    def needs_eval(self, stage: int) -> np.ndarray | None:
+        """int64 [1]: 1 when ``stage`` has not been evaluated yet."""
+        return None
+
+    def record_eval(self, stage: int, acc) -> None:
+        pass
+
+    def end_stage(self, stage: int) -> None:
+        pass
+
+    def finish(self) -> RunState | None:
+        """The final state (the server's), after the summary and the report."""
+        return None

@@ -1,0 +1,106 @@
+"""Validation of the clients' updates and their aggregation: per subspace, the sample-weighted mean
+delta in client-id order, then the strategy's server update."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from fcit_hpc.fed.strategies import FedAvg, weighted_average
+from fcit_hpc.fed.wire import Update
+from fcit_hpc.methods.base import DkoDecision
+from fcit_hpc.state.schema import CLIENT_DTYPE, ROUND_DTYPE, ClientStatus, RunState
+
+log = logging.getLogger("fcit.server")
+
+
+@dataclass
+class RoundInfo:
+    """What the server knows of a round besides the updates."""
+
+    stage: int
+    round: int
+    plan: np.ndarray  # int64 [n, 3]: (client, unit, rank)
+    decisions: dict[int, DkoDecision]  # DKO's decision per client (empty without DKO)
+    token_bytes: dict[int, int]  # client -> bytes of its identity-token upload
+    bytes_down: int  # every buffer broadcast in the round (each client received all of it)
+    seconds: float = 0.0
+
+
+@dataclass
+class Aggregation:
+    """The metrics of an aggregated round: ROUND_DTYPE [1] and CLIENT_DTYPE [n] (client order)."""
+
+    round_row: np.ndarray
+    client_rows: np.ndarray
+
+
+def update_status(u: Update, numel: int) -> ClientStatus:
+    """Accepted, or why the update is rejected (logged)."""
+    if u.delta.size != numel:
+        log.warning(
+            "client %d: update rejected, %d values, expected %d", u.client, u.delta.size, numel
+        )
+        return ClientStatus.WRONG_SHAPE
+    if not np.isfinite(u.delta).all():
+        log.warning("client %d: update rejected, contains NaN/Inf", u.client)
+        return ClientStatus.NON_FINITE
+    return ClientStatus.ACCEPTED
+
+
+def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, sent, status):
+    """One CLIENT_DTYPE record. Bytes received = everything broadcast in the round; bytes sent =
+    the client's uploads as they travelled (``fcit_hpc.fed.wire.wire_nbytes``)."""
+    rank = {int(c): int(r) for c, _, r in info.plan}[client]
+    unit = {int(c): int(u) for c, u, _ in info.plan}[client]
+    d = info.decisions.get(client)
+    sim, action = (
+        (d.similarity, d.action) if d and status != ClientStatus.BAD_TOKEN else (np.nan, 0)
+    )
+    sent += info.token_bytes.get(client, 0)
+    row = (info.stage, info.round, client, rank, unit, subspace, samples, loss, seconds)
+    return (*row, sent, info.bytes_down, int(status), sim, action)
+
+
+def client_rows(info: RoundInfo, updates: list[Update], numel: int):
+    """(CLIENT_DTYPE rows sorted by client, accepted (delta, samples) per subspace)."""
+    by_subspace: dict[int, list[tuple[np.ndarray, int]]] = {}
+    rows = []
+    for u in updates:
+        status = update_status(u, numel)
+        if status == ClientStatus.ACCEPTED:
+            by_subspace.setdefault(u.subspace, []).append((u.delta, u.samples))
+        rows.append(
+            _client_row(info, u.client, u.subspace, u.samples, u.loss, u.seconds, u.nbytes, status)
+        )
+    for c, d in info.decisions.items():  # rejected at the token stage: trained nothing
+        if d.subspace < 0:
+            rows.append(_client_row(info, c, -1, 0, np.nan, 0.0, 0, ClientStatus.BAD_TOKEN))
+    return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), by_subspace
+
+
+def round_row(info: RoundInfo, rows: np.ndarray, num_subspaces: int) -> np.ndarray:
+    """ROUND_DTYPE [1]: sample-weighted loss of the accepted clients, sums of bytes, counts."""
+    ok = rows[rows["status"] == ClientStatus.ACCEPTED]
+    n = int(ok["samples"].sum())
+    loss = float((ok["loss"] * ok["samples"]).sum() / n) if n else float("nan")
+    sent, recv = int(rows["bytes_sent"].sum()), int(rows["bytes_recv"].sum())
+    rec = (info.stage, info.round, loss, n, info.seconds, sent, recv, len(ok), len(rows) - len(ok))
+    return np.array([(*rec, num_subspaces)], dtype=ROUND_DTYPE)
+
+
+def aggregate_round(
+    st: RunState, updates: list[Update], strategy: FedAvg, info: RoundInfo
+) -> Aggregation:
+    """Validate updates, average per subspace (sample-weighted, client-id order), apply the
+    strategy's server update to ``st.adapter`` (and ``st.server_opt``). Mutates ``st``."""
+    rows, by_subspace = client_rows(info, updates, st.adapter.shape[1])
+    for k in sorted(by_subspace):
+        mean_delta = weighted_average(
+            [v for v, _ in by_subspace[k]], [n for _, n in by_subspace[k]]
+        )
+        view = {name: arr[k] for name, arr in st.server_opt.items()}
+        st.adapter[k] = strategy.update(st.adapter[k], mean_delta, view)
+    return Aggregation(round_row(info, rows, st.num_subspaces), rows)

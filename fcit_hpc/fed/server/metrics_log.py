@@ -1,0 +1,72 @@
+"""RUN_DIR/metrics.jsonl: one JSON object per round and per evaluation, written by the server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fcit_hpc.state.schema import STATUS, RunState
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, one JSON object per round and per evaluation (rank 0 only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rewrite(self, st: RunState, task_names) -> None:
+        """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
+        lines = [self._round_line(r, st.clients) for r in st.rounds]
+        for t in range(st.accuracy.shape[0]):
+            if not np.isnan(st.accuracy[t]).all():
+                lines.append(self._eval_line(t, st.accuracy[t], task_names))
+        lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
+        self.path.write_text("".join(x + "\n" for x in lines))
+
+    @staticmethod
+    def _round_line(r, clients) -> str:
+        cs = clients[(clients["stage"] == r["stage"]) & (clients["round"] == r["round"])]
+        return json.dumps(
+            {
+                "kind": "round",
+                "stage": int(r["stage"]),
+                "round": int(r["round"]),
+                "loss": float(r["loss"]),
+                "samples": int(r["samples"]),
+                "seconds": round(float(r["seconds"]), 4),
+                "bytes_sent": int(r["bytes_sent"]),
+                "bytes_recv": int(r["bytes_recv"]),
+                "accepted": int(r["accepted"]),
+                "rejected": int(r["rejected"]),
+                "num_subspaces": int(r["num_subspaces"]),
+                "clients": [
+                    {
+                        "client": int(c["client"]),
+                        "subspace": int(c["subspace"]),
+                        "samples": int(c["samples"]),
+                        "status": STATUS[int(c["status"])],
+                        "similarity": None
+                        if np.isnan(c["similarity"])
+                        else round(float(c["similarity"]), 4),
+                        "dko": int(c["dko_action"]),
+                    }
+                    for c in cs
+                ],
+            }
+        )
+
+    @staticmethod
+    def _eval_line(stage, acc, names) -> str:
+        return json.dumps(
+            {
+                "kind": "eval",
+                "stage": int(stage),
+                "accuracy": {n: float(a) for n, a in zip(names, acc, strict=True)},
+            }
+        )
+
+    def append(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")

@@ -1,0 +1,118 @@
+"""The server (rank 0): everything the loop decides — plans, DKO, validation, aggregation, the
+stage-end merge, the state, its file and the metrics log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcit_hpc.fed.role import Role
+from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
+from fcit_hpc.fed.server.dko import DkoResult, run_dko
+from fcit_hpc.fed.server.metrics_log import MetricsLog
+from fcit_hpc.fed.server.plan import plan_round
+from fcit_hpc.fed.server.run_state import check_state, init_state
+from fcit_hpc.fed.server.stage_end import merge_stage_end
+from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
+from fcit_hpc.seeds import SALT_ROUND_RNG, derive_seed
+from fcit_hpc.state.schema import STATE_FILE, RunState, write_state
+
+
+class Server(Role):
+    """Rank 0's role. ``evaluation`` supplies the summary and report at the end of the run."""
+
+    def __init__(self, ctx, run_dir: Path, state: RunState | None, evaluation):
+        self.ctx, self.run_dir, self.evaluation = ctx, Path(run_dir), evaluation
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.dko_result = DkoResult()
+        self.bar = None
+        data, method = ctx.data, ctx.method
+        if state is None:
+            dim = ctx.encoder.dim if ctx.encoder is not None else 1
+            shape = (data.num_stages, data.num_tasks)
+            state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy)
+        check_state(state, method, ctx.adapter.numel, self.run_dir / STATE_FILE)
+        self.st = state
+        if state.rng_torch.size:
+            torch.set_rng_state(torch.from_numpy(state.rng_torch.copy()))
+        self.metrics.rewrite(state, data.task_names)
+
+    def cursor(self):
+        return np.array([self.st.stage, self.st.round, int(self.st.done)], np.int64)
+
+    def start_progress(self, start_stage, last_round, num_rounds):
+        from tqdm import tqdm
+
+        per_stage = max(num_rounds, 1)
+        total = self.ctx.data.num_stages * per_stage
+        done = start_stage * per_stage + last_round + 1
+        self.bar = tqdm(total=total, initial=done, desc="fcit", unit="round", dynamic_ncols=True)
+
+    def plan(self, stage, round_):
+        return plan_round(self.ctx.cfg, self.ctx.data.schedule, stage, round_, self.ctx.comm.size)
+
+    def state(self):
+        return self.st
+
+    def dko(self, heads, values):
+        self.dko_result = run_dko(self.st, self.ctx.method, unpack_tokens(heads, values))
+        return self.dko_result.assignment()
+
+    def use_subspace(self, k):
+        self.st.num_subspaces = max(self.st.num_subspaces, k + 1)
+
+    def end_round(self, stage, round_, plan, heads, values, t0, down0):
+        ctx, st, dko = self.ctx, self.st, self.dko_result
+        bytes_down = ctx.comm.bytes_broadcast - down0
+        seconds = time.perf_counter() - t0
+        info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
+        agg = aggregate_round(st, unpack_updates(heads, values), ctx.strategy, info)
+        self.dko_result = DkoResult()
+        st.append_metrics(agg.round_row, agg.client_rows)
+        st.stage, st.round = stage, round_
+        torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
+        st.rng_torch = torch.get_rng_state().numpy().copy()
+        self.metrics.append(MetricsLog._round_line(st.rounds[-1], st.clients))
+        write_state(self.run_dir, st)
+        self.bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces)
+        self.bar.update(1)
+
+    def after_rounds(self, stage):
+        if not self.ctx.method.trains:
+            self.bar.update(1)
+
+    def stage_end_todo(self, stage):
+        return np.array([1 if self.st.ewc_stages <= stage else 0], np.int64)
+
+    def merge_stage_end(self, stage, heads, values):
+        merge_stage_end(self.st, self.ctx.method, unpack_tokens(heads, values), stage)
+
+    def needs_eval(self, stage):
+        return np.array([1 if np.isnan(self.st.accuracy[stage]).all() else 0], np.int64)
+
+    def record_eval(self, stage, acc):
+        self.st.accuracy[stage] = acc
+        self.metrics.append(MetricsLog._eval_line(stage, acc, self.ctx.data.task_names))
+
+    def end_stage(self, stage):
+        st = self.st
+        st.stage, st.round = stage + 1, -1
+        st.done = stage + 1 == self.ctx.data.num_stages
+        write_state(self.run_dir, st)
+
+    def finish(self):
+        if self.bar is not None:
+            self.bar.close()
+        ctx, st = self.ctx, self.st
+        if st.summary == {} or not st.task_names:
+            self.evaluation.finalize(ctx.cfg, st, ctx.data, ctx.method, ctx.encoder)
+            write_state(self.run_dir, st)
+            line = {"kind": "summary", "stage": ctx.data.num_stages, **st.summary}
+            self.metrics.append(json.dumps(line))
+        if st.done:
+            self.evaluation.report(self.run_dir, st)
+        return st

@@ -1,0 +1,45 @@
+"""The global state's start: a fresh one from the config, or a stored one checked against the
+model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fcit_hpc.config import Config, to_yaml
+from fcit_hpc.errors import StateError
+from fcit_hpc.host import to_host
+from fcit_hpc.seeds import SALT_ADAPTER_INIT, derive_seed
+from fcit_hpc.state.schema import RunState
+
+
+def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy=None):
+    """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet.
+    ``dim``: identity-token dimension D; ``shape``: (stages, tasks) of the accuracy matrix."""
+    if strategy is None:
+        from fcit_hpc.fed.strategies import strategy_from_config
+
+        strategy = strategy_from_config(cfg.federation)
+    s_max = method.num_slots()
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SALT_ADAPTER_INIT))
+    vecs = np.stack([to_host(adapter.init_vector(gen)) for _ in range(s_max)])
+    st = RunState(
+        config_yaml=to_yaml(cfg),
+        adapter=vecs,
+        tokens=np.zeros((s_max, dim), np.float32),
+        token_counts=np.zeros(s_max, np.float64),
+        accuracy=np.full(shape, np.nan),  # [stages, tasks]
+        server_opt=strategy.init_state(vecs.shape),
+    )
+    if not method.uses_identity:
+        st.num_subspaces = 1
+    return st
+
+
+def check_state(st: RunState, method, numel: int, where) -> None:
+    """A stored state must fit the model (S_max subspaces of ``numel`` values)."""
+    if st.adapter.shape != (method.num_slots(), numel):
+        raise StateError(
+            f"{where}: /global/adapter shape {st.adapter.shape} does not fit the model "
+            f"({method.num_slots()}, {numel})"
+        )

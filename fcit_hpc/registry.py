@@ -1,0 +1,32 @@
+"""The one list of methods: name → (class, report label). Config validation, ``compare`` entries,
+report labels and :func:`fcit_hpc.methods.make_method` read it. Adding a method is one file in
+``methods/`` and one line here. (Names only: importing this module imports no method.)"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class MethodEntry(NamedTuple):
+    cls: str  # "module:Class" under fcit_hpc.methods
+    label: str  # how tables name it
+
+
+METHODS: dict[str, MethodEntry] = {
+    "zero_shot": MethodEntry("zero_shot:ZeroShot", "Zero-shot"),
+    "finetune": MethodEntry("finetune:Finetune", "Finetune"),
+    "disco": MethodEntry("disco:Disco", "DISCO"),
+    "ewc": MethodEntry("ewc:EWC", "EWC"),
+    "olora": MethodEntry("olora:OLoRA", "O-LoRA"),
+}
+# federated optimizers (``federation.fed_alg``): one strategy class each in fcit_hpc.fed.strategies
+FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")
+SSA_MODES = ("softmax", "cosine", "argmax", "concat")
+MULTITASK = "multitask"  # the centralized upper bound: Finetune on all data, one client
+# compare entries: every method, the upper bound, and DISCO with each SSA gate
+COMPARE_LABELS: dict[str, str] = {
+    **{name: e.label for name, e in METHODS.items()},
+    MULTITASK: "Multi-task (centralized upper bound)",
+    **{f"disco-{m}": f"DISCO, SSA {m}" for m in SSA_MODES},
+}
+COMPARE_ENTRIES = tuple(COMPARE_LABELS)
