@@ -16,8 +16,6 @@ from fcit_hpc.eval.report import METRIC_COLS
 from fcit_hpc.registry import COMPARE_LABELS, METHODS
 from fcit_hpc.state.schema import STATE_FILE, read_state
 
-LABELS = COMPARE_LABELS
-
 
 def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
     c = dataclasses.replace(
@@ -94,5 +92,5 @@ def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
             else:
                 cells.append(f"{v[0]:.2f}")
         subs = "/".join(str(st.num_subspaces) for st in states)
-        lines.append(f"| {LABELS[entry]} | " + " | ".join(cells) + f" | {subs} |")
+        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + f" | {subs} |")
     return "\n".join(lines)

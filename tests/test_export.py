@@ -6,6 +6,7 @@ import torch
 
 from fcit_hpc.config import load_config
 from fcit_hpc.fed.server import init_state
+from fcit_hpc.fed.strategies import strategy_from_config
 from fcit_hpc.methods import make_method
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.export import export_adapters
@@ -24,7 +25,7 @@ def trained(tmp_path_factory):
         ],
     )
     model, adapter, tok = build_model(cfg, make_method(cfg).num_slots())
-    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8))
+    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8), strategy_from_config(cfg.federation))
     g = torch.Generator().manual_seed(5)
     st.adapter = (torch.randn(st.adapter.shape, generator=g) * 0.05).numpy()  # non-trivial A, B
     st.num_subspaces = 3
@@ -81,7 +82,7 @@ def test_merged_adapter_matches_fixed_alpha(trained):
 
 def test_bad_alpha(trained, tmp_path):
     cfg, model, adapter, tok, out, _ = trained
-    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8))
+    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8), strategy_from_config(cfg.federation))
     st.num_subspaces = 2
     with pytest.raises(ValueError, match="--alpha"):
         export_adapters(cfg, st, tmp_path, np.array([1.0, np.nan], np.float32))

@@ -3,6 +3,8 @@ import pytest
 
 from fcit_hpc.eval.metrics import cl_metrics, first_stages
 
+from .published import PUBLISHED_HET_TASK
+
 R = np.array(
     [
         [80.0, 10.0, 5.0],
@@ -44,25 +46,13 @@ def test_first_stages_from_what_clients_trained():
         cl_metrics(R, [0, 1])
 
 
-# The published task-related Het-FCIT assignment (5 clients per round, one list per stage), written
-# out here rather than imported from the code under test.
-PUBLISHED_HET = [
-    [1, 2, 4, 5, 6],
-    [3, 4, 5, 7, 7],
-    [0, 2, 3, 4, 5],
-    [0, 0, 1, 3, 7],
-    [1, 2, 4, 4, 5],
-    [0, 3, 5, 7, 7],
-    [2, 2, 5, 7, 7],
-    [5, 5, 5, 6, 6],
-]
 # first stage in which any client trains task i, read off the table by hand:
 # task 0 first appears in stage 2 (late), task 7 in stage 1 (early), task 3 in stage 1
 HET_FIRST = [2, 0, 0, 1, 0, 0, 0, 1]
 
 
 def test_first_stages_of_the_published_het_table():
-    trained = [(t, u) for t, row in enumerate(PUBLISHED_HET) for u in row]
+    trained = [(t, u) for t, row in enumerate(PUBLISHED_HET_TASK) for u in row]
     assert first_stages([[i] for i in range(8)], 8, trained) == HET_FIRST
 
 

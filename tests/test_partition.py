@@ -5,6 +5,8 @@ from fcit_hpc.benchmark.partition import dirichlet_partition, dirichlet_sizes
 from fcit_hpc.benchmark.schedule import Schedule
 from fcit_hpc.errors import ConfigError
 
+from .published import PUBLISHED_HET_CAPABILITY, PUBLISHED_HET_TASK
+
 
 @pytest.mark.parametrize(
     "n,k,beta,m", [(500, 50, 0.5, 2), (500, 50, 5.0, 2), (97, 10, 1.0, 9), (60, 3, 0.1, 1)]
@@ -36,21 +38,6 @@ def test_bad_beta_and_too_few_samples():
         dirichlet_sizes(100, 10, 0.0, 1, 0)
     with pytest.raises(ConfigError, match="min_client_samples"):
         dirichlet_sizes(10, 10, 1.0, 2, 0)
-
-
-# The published Het-FCIT assignment tables (0-based task / stage ids; one row per stage, one
-# entry per selected client), written out here rather than taken from the code under test.
-PUBLISHED_HET_TASK = [
-    [1, 2, 4, 5, 6],
-    [3, 4, 5, 7, 7],
-    [0, 2, 3, 4, 5],
-    [0, 0, 1, 3, 7],
-    [1, 2, 4, 4, 5],
-    [0, 3, 5, 7, 7],
-    [2, 2, 5, 7, 7],
-    [5, 5, 5, 6, 6],
-]
-PUBLISHED_HET_CAPABILITY = [[0, 1, 1, 3, 3], [0, 2, 2, 2, 3], [1, 2, 2, 3, 3], [0, 0, 0, 1, 1]]
 
 
 def test_schedules():

@@ -3,12 +3,7 @@
 import numpy as np
 import pytest
 
-from fcit_hpc.fed.strategies import (
-    ServerOptConfig,
-    init_server_state,
-    server_update,
-    weighted_average,
-)
+from fcit_hpc.fed.strategies import ServerOptConfig, make_strategy, weighted_average
 
 
 def test_weighted_average_hand_computed():
@@ -27,9 +22,10 @@ def test_weighted_average_rejects_empty_and_zero_weights():
 def _run(alg, deltas, **kw):
     opt = ServerOptConfig(fed_alg=alg, eta=0.1, tau=0.01, beta1=0.9, beta2=0.99, momentum=0.5, **kw)
     x = np.array([1.0], np.float32)
-    st = init_server_state(alg, x.shape, opt.tau)
+    strategy = make_strategy(opt)
+    st = strategy.init_state(x.shape)
     for d in deltas:
-        x = server_update(x, np.array([d], np.float32), st, opt)
+        x = strategy.update(x, np.array([d], np.float32), st)
     return float(x[0]), st
 
 

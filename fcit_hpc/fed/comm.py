@@ -25,6 +25,12 @@ _MAX_NDIM = 4
 BCAST_HEADER = (2 + _MAX_NDIM) * 8
 
 
+def _check_bcast(arr: np.ndarray) -> None:
+    """What a broadcast header can describe: ndim <= _MAX_NDIM, a dtype of _DTYPES."""
+    if arr.ndim > _MAX_NDIM or arr.dtype not in _CODE:
+        raise ValueError(f"cannot broadcast array of dtype {arr.dtype}, ndim {arr.ndim}")
+
+
 def bcast_nbytes(arr: np.ndarray) -> int:
     """Bytes one broadcast of ``arr`` moves to each receiving rank: its header and its data."""
     return BCAST_HEADER + wire_nbytes(arr)
@@ -146,8 +152,7 @@ class ThreadComm(Comm):
     def bcast_array(self, arr, root=0):
         if self.rank == root:
             arr = np.ascontiguousarray(arr)
-            if arr.ndim > _MAX_NDIM or arr.dtype not in _CODE:
-                raise ValueError(f"cannot broadcast array of dtype {arr.dtype}, ndim {arr.ndim}")
+            _check_bcast(arr)
             for r in range(self.size):
                 if r != root:
                     self._put(r, arr)
@@ -224,8 +229,7 @@ class MPIComm(Comm):
         header = np.zeros(2 + _MAX_NDIM, dtype=np.int64)
         if self.rank == root:
             arr = np.ascontiguousarray(arr)
-            if arr.ndim > _MAX_NDIM or arr.dtype not in _CODE:
-                raise ValueError(f"cannot broadcast array of dtype {arr.dtype}, ndim {arr.ndim}")
+            _check_bcast(arr)
             header[0] = _CODE[arr.dtype]
             header[1] = arr.ndim
             header[2 : 2 + arr.ndim] = arr.shape

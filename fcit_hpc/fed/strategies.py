@@ -163,15 +163,3 @@ def strategy_from_config(fed) -> FedAvg:
             fed.prox_mu,
         )
     )
-
-
-def init_server_state(alg: str, shape: tuple[int, ...], tau: float) -> dict[str, np.ndarray]:
-    """Optimizer state of ``alg`` (see :meth:`FedAvg.init_state`)."""
-    return make_strategy(ServerOptConfig(alg, tau=tau)).init_state(shape)
-
-
-def server_update(
-    x: np.ndarray, delta: np.ndarray, state: dict[str, np.ndarray], opt: ServerOptConfig
-) -> np.ndarray:
-    """One server update of ``opt.fed_alg`` (see :meth:`FedAvg.update`)."""
-    return make_strategy(opt).update(x, delta, state)

@@ -56,7 +56,7 @@ class EWC(Method):
         )
 
     def stage_end_upload(self, model, adapter, view, batches):
-        return fisher_diagonal(model, adapter, view.adapter[0], batches).astype(np.float32)
+        return fisher_diagonal(model, adapter, view.adapter[0], batches)  # float32
 
     def merge_stage_end(self, st, uploads, stage):
         """F ← F + Σ n_k F_k / Σ n_k (float64 sums), θ* ← this stage's adapter."""

@@ -130,6 +130,7 @@ def model_config(overrides: dict | None = None):
 
 SHIPPED = Path(__file__).with_name("embedded_model")  # the model of RECIPE, kept with the project
 WEIGHTS = "model.safetensors"
+REBUILD = "fcit data embedded --out fcit_hpc/model/embedded_model"
 
 
 def _sha256(path: Path) -> str:
@@ -153,9 +154,6 @@ def shipped_model() -> Path:
     if not weights.is_file() or _sha256(weights) != digest:
         raise StateError(f"{weights}: missing or not the weights recipe.json names (sha256)")
     return SHIPPED
-
-
-REBUILD = "fcit data embedded --out fcit_hpc/model/embedded_model"
 
 
 def ensure_embedded(log=print, recipe: dict | None = None) -> Path:

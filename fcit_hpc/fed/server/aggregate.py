@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -27,6 +28,11 @@ class RoundInfo:
     token_bytes: dict[int, int]  # client -> bytes of its identity-token upload
     bytes_down: int  # every buffer broadcast in the round (each client received all of it)
     seconds: float = 0.0
+
+    @cached_property
+    def placement(self) -> dict[int, tuple[int, int]]:
+        """client -> (data unit, rank), from the plan."""
+        return {int(c): (int(u), int(r)) for c, u, r in self.plan}
 
 
 @dataclass
@@ -53,8 +59,7 @@ def update_status(u: Update, numel: int) -> ClientStatus:
 def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, sent, status):
     """One CLIENT_DTYPE record. Bytes received = everything broadcast in the round; bytes sent =
     the client's uploads as they travelled (``fcit_hpc.fed.wire.wire_nbytes``)."""
-    rank = {int(c): int(r) for c, _, r in info.plan}[client]
-    unit = {int(c): int(u) for c, u, _ in info.plan}[client]
+    unit, rank = info.placement[client]
     d = info.decisions.get(client)
     sim, action = (
         (d.similarity, d.action) if d and status != ClientStatus.BAD_TOKEN else (np.nan, 0)

@@ -13,13 +13,10 @@ from fcit_hpc.seeds import SALT_ADAPTER_INIT, derive_seed
 from fcit_hpc.state.schema import RunState
 
 
-def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy=None):
+def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy):
     """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet.
-    ``dim``: identity-token dimension D; ``shape``: (stages, tasks) of the accuracy matrix."""
-    if strategy is None:
-        from fcit_hpc.fed.strategies import strategy_from_config
-
-        strategy = strategy_from_config(cfg.federation)
+    ``dim``: identity-token dimension D; ``shape``: (stages, tasks) of the accuracy matrix;
+    ``strategy``: the run's federated optimizer (its server state starts here)."""
     s_max = method.num_slots()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SALT_ADAPTER_INIT))
     vecs = np.stack([to_host(adapter.init_vector(gen)) for _ in range(s_max)])
