@@ -21,6 +21,7 @@ def _setup_env() -> None:
 def cmd_run(args, comm) -> int:
     from fcit_hpc.config import config_from_yaml_text, load_config, to_yaml
     from fcit_hpc.errors import ConfigError, StateError
+    from fcit_hpc.fed.context import runtime_for
     from fcit_hpc.run import run_federated
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
@@ -45,6 +46,7 @@ def cmd_run(args, comm) -> int:
         if args.out:
             overrides.append(f"out_dir={args.out}")
         cfg = load_config(args.config, overrides)
+        runtime_for(cfg, comm)  # a device or group that cannot be had fails before any write
         run_dir = Path(cfg.out_dir)
         if (run_dir / STATE_FILE).exists() and not cfg.compare:
             raise StateError(
@@ -60,7 +62,7 @@ def cmd_run(args, comm) -> int:
 
         run_compare(cfg, comm, run_dir)
         return 0
-    st = run_federated(cfg, comm, run_dir, state)
+    st = run_federated(cfg, comm, run_dir, state, runtime_for(cfg, comm))
     if comm.is_root and st is not None:
         _print_summary(st, run_dir)
     return 0

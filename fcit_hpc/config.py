@@ -105,6 +105,11 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     local_epochs: int = 1
     num_threads: int = 1
+    device: str = "auto"  # auto (the rank's GPU when CUDA is present, else cpu) | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16: dtype of the base weights and of compute
+    gradient_checkpointing: bool = False
+    gpus_per_client: int = 1  # G: ranks (one device each) that train one client together
+    deterministic: bool = False  # torch deterministic algorithms (cuBLAS workspace on CUDA)
 
 
 @dataclass
@@ -206,6 +211,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.local_epochs": (lambda v: v >= 1, ">= 1"),
     "train.num_threads": (lambda v: v >= 1, ">= 1"),
+    "train.device": _in(("auto", "cpu", "cuda")),
+    "train.precision": _in(("fp32", "bf16", "fp16")),
+    "train.gpus_per_client": (lambda v: v >= 1, ">= 1"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }
 
@@ -303,6 +311,14 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.benchmark.suite == "released" and not cfg.benchmark.data_root:
         raise ConfigError("benchmark.data_root: required when benchmark.suite is 'released'")
+    t = cfg.train
+    if t.backend == "deepspeed" and t.zero_stage == 0 and t.precision != "fp32":
+        raise ConfigError(
+            f"train.zero_stage: 0 with train.precision {t.precision} would run DeepSpeed's "
+            "unfused low-precision optimizer, whose updates measurably differ from the plain "
+            "torch reference (tests/test_runtime.py); use zero_stage 1 or 2 (the reference "
+            "code's setting is ZeRO-2, bf16)"
+        )
     if cfg.model.name == "hf" and not cfg.model.path:
         raise ConfigError("model.path: required when model.name is 'hf'")
     return cfg

@@ -12,7 +12,7 @@ from fcit_hpc.state.schema import RunState
 
 
 def run_federated(
-    cfg: Config, comm: Comm, run_dir: Path, state: RunState | None
+    cfg: Config, comm: Comm, run_dir: Path, state: RunState | None, runtime=None
 ) -> RunState | None:
     """Run (or continue) the whole schedule; the final state on rank 0, None elsewhere."""
-    return loop.run_federated(cfg, comm, run_dir, state, Evaluation())
+    return loop.run_federated(cfg, comm, run_dir, state, Evaluation(), runtime)

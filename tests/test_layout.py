@@ -16,6 +16,7 @@ LEVELS = {
     "registry": 0,
     "cache": 0,
     "config": 0,
+    "runtime": 0,
     "data": 1,
     "state": 1,
     "benchmark": 2,

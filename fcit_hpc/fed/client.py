@@ -68,7 +68,8 @@ def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
 
 def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces: dict, view):
     """Train this rank's clients one after another, each from the global state ``view``; packed
-    as update messages. Clients assigned subspace -1 (token rejected) train nothing."""
+    as update messages. Clients assigned subspace -1 (token rejected) train nothing. In a client
+    group every member trains the same clients together; only the leader's pack holds them."""
     rows, deltas = [], []
     dbg = ctx.cfg.debug
     for client, unit, _ in plan_rows:
@@ -87,6 +88,8 @@ def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces
         deltas.append(delta)
         if ctx.comm.rank == dbg.kill_rank and (stage, round_) == (dbg.kill_stage, dbg.kill_round):
             os.kill(os.getpid(), signal.SIGKILL)  # dies mid-round, after its first client
+    if not ctx.runtime.is_leader:
+        rows, deltas = [], []
     return pack_updates(rows, deltas)
 
 

@@ -10,12 +10,13 @@ import torch
 
 from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config
-from fcit_hpc.fed.comm import Comm, local_rank
+from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.strategies import FedAvg, strategy_from_config
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.base import Method
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.identity import SampleEncoder, make_encoder
+from fcit_hpc.runtime import Runtime, apply_runtime, make_runtime
 
 log = logging.getLogger("fcit")
 
@@ -24,6 +25,7 @@ log = logging.getLogger("fcit")
 class RunContext:
     cfg: Config
     comm: Comm
+    runtime: Runtime
     model: torch.nn.Module
     adapter: object  # SubspaceAdapter
     tok: object  # ByteTokenizer | HFTokenizer
@@ -34,16 +36,52 @@ class RunContext:
     encoder: SampleEncoder | None
 
 
-def make_trainer(cfg: Config):
-    """The local trainer of ``train.backend``."""
+def make_trainer(cfg: Config, runtime: Runtime):
+    """The local trainer of ``train.backend`` on the runtime's device and client group."""
     if cfg.train.backend == "deepspeed":
         from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
         t = cfg.train
-        return DeepSpeedTrainer(t.zero_stage, t.offload, t.batch_size, local_rank())
+        return DeepSpeedTrainer(t.zero_stage, t.offload, t.batch_size, runtime=runtime)
     from fcit_hpc.train.torch_trainer import TorchTrainer
 
-    return TorchTrainer()
+    return TorchTrainer(runtime)
+
+
+def runtime_for(cfg: Config, comm: Comm) -> Runtime:
+    """This rank's runtime (raises ConfigError, on every rank alike, when it cannot be met)."""
+    return make_runtime(cfg.train, cfg.federation, comm.rank, comm.size)
+
+
+def init_group_worlds(cfg: Config, comm: Comm, rt: Runtime) -> None:
+    """The torch.distributed world of each client group: its leader's host name reaches the
+    members through rank 0 (gather, broadcast); port = FCIT_DS_PORT_BASE (29500) + leader rank.
+    DeepSpeed needs a world even for a group of one; plain torch only for groups of two or more."""
+    import os
+    import socket
+
+    import numpy as np
+
+    needs = cfg.train.backend == "deepspeed" or any(g.size > 1 for g in rt.groups)
+    if not needs:
+        return
+    if any(g.size > 1 for g in rt.groups):
+        name = np.frombuffer(socket.gethostname().encode(), np.uint8)
+        names = comm.gatherv(np.concatenate([name, np.zeros(1, np.uint8)]))
+        table = comm.bcast_array(np.concatenate(names) if names is not None else None)
+        hosts = bytes(table).split(b"\0")[:-1]
+    else:
+        hosts = [b"127.0.0.1"] * comm.size
+    if rt.group is None:  # rank 0 serving only: no training, no world
+        return
+    from fcit_hpc.train.ds_trainer import init_group_world
+
+    g = rt.group
+    port = int(os.environ.get("FCIT_DS_PORT_BASE", "29500")) + g.leader
+    addr = hosts[g.leader].decode() if g.size > 1 else "127.0.0.1"
+    init_group_world(
+        g.ranks.index(rt.rank), g.size, addr, port, rt.dist_backend, rt.launch.local_rank
+    )
 
 
 def prepare_caches(cfg: Config, comm: Comm) -> None:
@@ -57,11 +95,13 @@ def prepare_caches(cfg: Config, comm: Comm) -> None:
     comm.idle_barrier()
 
 
-def build_context(cfg: Config, comm: Comm) -> RunContext:
+def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> RunContext:
+    rt = runtime if runtime is not None else runtime_for(cfg, comm)
+    apply_runtime(rt)
     torch.set_num_threads(cfg.train.num_threads)
     prepare_caches(cfg, comm)
     method = make_method(cfg)
-    model, adapter, tok = build_model(cfg, method.num_slots())
+    model, adapter, tok = build_model(cfg, method.num_slots(), rt)
     data = FederatedData(cfg)
     method.check_stages(data.num_stages)
     encoder = None
@@ -70,5 +110,6 @@ def build_context(cfg: Config, comm: Comm) -> RunContext:
             make_encoder(cfg.method), cfg.method.identity_source, model, tok.image_size
         )
     strategy = strategy_from_config(cfg.federation)
-    trainer = make_trainer(cfg)
-    return RunContext(cfg, comm, model, adapter, tok, trainer, data, method, strategy, encoder)
+    init_group_worlds(cfg, comm, rt)
+    trainer = make_trainer(cfg, rt)
+    return RunContext(cfg, comm, rt, model, adapter, tok, trainer, data, method, strategy, encoder)

@@ -24,12 +24,13 @@ from fcit_hpc.state.schema import RunState
 
 
 def run_federated(
-    cfg: Config, comm: Comm, run_dir: Path, state: RunState | None, evaluation
+    cfg: Config, comm: Comm, run_dir: Path, state: RunState | None, evaluation, runtime=None
 ) -> RunState | None:
     """Run (or continue, when ``state`` is given on rank 0) the whole schedule. ``evaluation``:
     evaluates a stage on all ranks, summarises and reports the run (see ``fcit_hpc.eval.stage``).
+    ``runtime``: this rank's device and client group (made from the config when None).
     Returns the final state on rank 0, None elsewhere."""
-    ctx = build_context(cfg, comm)
+    ctx = build_context(cfg, comm, runtime)
     role = Server(ctx, run_dir, state, evaluation) if comm.is_root else Role()
     cursor = comm.bcast_array(role.cursor())
     if cursor[2]:
@@ -76,6 +77,14 @@ def broadcast_view(comm: Comm, st: RunState | None) -> RunState:
     )
 
 
+def my_rows(ctx: RunContext, plan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows this rank trains, rows it reports): the clients planned on its client group's
+    leader; only the leader reports (tokens, updates, stage-end uploads) to the server."""
+    rt = ctx.runtime
+    mine = plan[plan[:, 2] == rt.group.leader] if rt.group is not None else plan[:0]
+    return mine, (mine if rt.is_leader else mine[:0])
+
+
 def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     """One round on every rank (collectives in the same order everywhere)."""
     comm = ctx.comm
@@ -83,9 +92,9 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
     plan = comm.bcast_array(role.plan(stage, rnd))
     view = broadcast_view(comm, role.state())
-    mine = plan[plan[:, 2] == comm.rank]
+    mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
-        head, body = compute_tokens(ctx, mine)
+        head, body = compute_tokens(ctx, lead)
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
         assign = comm.bcast_array(role.dko(heads, bodies))
@@ -106,7 +115,7 @@ def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> N
     comm = ctx.comm
     plan = comm.bcast_array(role.plan(stage, last_round))
     view = broadcast_view(comm, role.state())
-    head, body = stage_end_uploads(ctx, stage, plan[plan[:, 2] == comm.rank], view)
+    head, body = stage_end_uploads(ctx, stage, my_rows(ctx, plan)[1], view)
     heads = comm.gatherv(head)
     bodies = comm.gatherv(body)
     role.merge_stage_end(stage, heads, bodies)

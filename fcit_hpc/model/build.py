@@ -26,8 +26,19 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def build_base_model(cfg: Config):
-    """A Hugging Face causal LM (weights frozen later). Deterministic from ``model.init_seed``."""
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype``
+    before (still accepted, with a deprecation warning, by 5.x)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32):
+    """A Hugging Face causal LM in ``dtype`` (weights frozen later). Random models are drawn in
+    float32 from ``model.init_seed`` and then cast, so every precision starts from the same
+    weights."""
     from transformers import LlamaForCausalLM
 
     m = cfg.model
@@ -37,14 +48,14 @@ def build_base_model(cfg: Config):
         from fcit_hpc.model.embedded import ensure_embedded
 
         return LlavaForConditionalGeneration.from_pretrained(
-            ensure_embedded(), local_files_only=True
+            ensure_embedded(), local_files_only=True, **_dtype_kw(dtype)
         )
     if m.name == "hf":
         from transformers import AutoModelForCausalLM
 
         kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(m.path), local_files_only=True, torch_dtype=torch.float32, **kw
+            resolve_path(m.path), local_files_only=True, **_dtype_kw(dtype), **kw
         )
         return model
     text_cfg = llama_config(
@@ -60,19 +71,28 @@ def build_base_model(cfg: Config):
     else:
         model = LlamaForCausalLM(text_cfg)
     torch.random.set_rng_state(state)
-    return model
+    return model.to(dtype)
 
 
-def build_model(cfg: Config, num_subspaces: int):
+def build_model(cfg: Config, num_subspaces: int, runtime=None):
     """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears,
-    ``num_subspaces`` (S_max, the method's slots) blocks of rank r each."""
-    model = build_base_model(cfg)
+    ``num_subspaces`` (S_max, the method's slots) blocks of rank r each, placed on the runtime's
+    device in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`); the CPU in
+    float32 without a runtime."""
+    dtype = runtime.dtype if runtime is not None else torch.float32
+    model = build_base_model(cfg, dtype)
     model.eval()
     lc = cfg.lora
     s_max = num_subspaces
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )
+    if runtime is not None:
+        model.to(runtime.device)
+        if runtime.gradient_checkpointing:
+            # non-reentrant: recomputes correctly when only the LoRA weights need gradients
+            kw = {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     return model, SubspaceAdapter(layers), make_tokenizer(cfg)
 
 

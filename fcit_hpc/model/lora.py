@@ -2,6 +2,12 @@
 inference (Subspace Selective Activation).
 
 Shapes: A_i [r, in], B_i [out, r]; init A ~ N(0, 0.01) (std), B = 0; scaling = alpha / r.
+
+The LoRA weights are float32 whatever the base model's dtype (fp32 master weights, as PEFT keeps
+adapters by default): a bf16 or fp16 model computes with them cast to its dtype, while the
+optimizer updates them in float32 — an Adam step of lr 2e-4 on a bf16 weight of magnitude 1e-2 is
+below bf16's resolution and would be lost. The global subspaces are float32 in the state and on the
+wire, so a client starts from them exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ class SubspaceLoRALinear(nn.Module):
         self.r = r
         self.scaling = lora_alpha / r
         self.s_max = s_max
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, torch.float32  # fp32 master weights (module docstring)
         self.lora_A = nn.ParameterList(
             [
                 nn.Parameter(torch.zeros(r, base.in_features, device=dev, dtype=dt))
@@ -45,6 +51,19 @@ class SubspaceLoRALinear(nn.Module):
         self.active: int | None = 0
         self.context: tuple[int, ...] = ()
         self.alpha: torch.Tensor | None = None  # [B, S_live]
+        # SSA mode: the live subspaces concatenated in the compute dtype, built on the first
+        # forward after entering SSA mode, dropped when SSA mode or the weights change
+        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _concatenated(self, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat [S·r, in], B_cat [out, S·r]) of the first s subspaces, cached."""
+        c = self._cat
+        if c is None or c[0].shape[0] != s * self.r or c[0].dtype != dtype:
+            with torch.no_grad():
+                a_cat = torch.cat([a.to(dtype) for a in self.lora_A[:s]], 0).contiguous()
+                b_cat = torch.cat([b.to(dtype) for b in self.lora_B[:s]], 1).contiguous()
+            self._cat = c = (a_cat, b_cat)
+        return c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.alpha is not None:
@@ -53,17 +72,18 @@ class SubspaceLoRALinear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]
             a = self.alpha.to(x.dtype)
             a = a.repeat_interleave(x2.shape[0] // a.shape[0], dim=0)  # [B·T, S]
-            A_cat = torch.cat(list(self.lora_A[:s]), 0)  # [S·r, in]
-            B_cat = torch.cat(list(self.lora_B[:s]), 1)  # [out, S·r]
+            A_cat, B_cat = self._concatenated(s, x.dtype)
             y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
             return y.view(*lead, -1)
         y = self.base(x)
+        dt = x.dtype
         for i in self.context:
-            y = y + (x @ self.lora_A[i].t() @ self.lora_B[i].t()) * self.scaling
+            y = y + (x @ self.lora_A[i].to(dt).t() @ self.lora_B[i].to(dt).t()) * self.scaling
         if self.active is None:
             return y
         k = self.active
-        return y + (self.dropout(x) @ self.lora_A[k].t() @ self.lora_B[k].t()) * self.scaling
+        a, b = self.lora_A[k].to(dt), self.lora_B[k].to(dt)
+        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scaling
 
 
 def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_max):
@@ -116,6 +136,7 @@ class SubspaceAdapter:
             m.active = k
             m.context = tuple(context)
             m.alpha = None
+            m._cat = None  # training changes the weights
             for i in range(m.s_max):
                 m.lora_A[i].requires_grad_(i == k)
                 m.lora_B[i].requires_grad_(i == k)
@@ -126,6 +147,8 @@ class SubspaceAdapter:
             m.alpha = alpha
             m.active = None if alpha is not None else m.active
             m.context = ()
+            if alpha is None:
+                m._cat = None
             for i in range(m.s_max):
                 m.lora_A[i].requires_grad_(False)
                 m.lora_B[i].requires_grad_(False)
@@ -149,6 +172,8 @@ class SubspaceAdapter:
     def set(self, k: int, vec) -> None:
         for p, v in zip(self.params(k), self.unflatten(vec), strict=True):
             p.copy_(v)
+        for m in self.layers:
+            m._cat = None
 
     def init_vector(self, generator: torch.Generator) -> torch.Tensor:
         """Fresh subspace: A ~ N(0, 0.01), B = 0, as flat vector."""

@@ -17,12 +17,15 @@ def lr_at(step: int, total: int, base_lr: float, warmup_ratio: float) -> float:
 def run_steps(batches, param_groups, base_lr: float, warmup_ratio: float, forward, step):
     """The training loop every trainer shares: per batch, the scheduled learning rate into the
     optimizer's ``param_groups``, ``loss = forward(batch)``, then ``step(i, loss)`` (backward and
-    optimizer step, plus whatever the caller adds). Returns the task losses (floats)."""
+    optimizer step, plus whatever the caller adds). Returns the task losses (floats), read from
+    the device once at the end rather than synchronising on every step."""
+    import torch
+
     losses = []
     for i, batch in enumerate(batches):
         for g in param_groups:
             g["lr"] = lr_at(i, len(batches), base_lr, warmup_ratio)
         loss = forward(batch)
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach().float().reshape(()))
         step(i, loss)
-    return losses
+    return torch.stack(losses).cpu().tolist() if losses else []

@@ -1,5 +1,12 @@
 """Local trainer protocol: the one local training loop (warm-up + cosine schedule, task loss plus
-the loss terms the strategy and the method add), over a backend session."""
+the loss terms the strategy and the method add), over a backend session.
+
+A client group (``train.gpus_per_client`` = G > 1) trains one client data-parallel: every member
+builds the same batches, takes rows ``member::G`` of each, and the gradients are summed over the
+group. The loss of a member is its tokens' cross-entropy summed and divided by the target tokens of
+the whole batch, so the summed gradient is the gradient of the batch's mean token loss, as with
+G = 1 (up to the order of the sums). With G = 1 the model's own loss is used unchanged.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +39,53 @@ class LocalOpt:
     warmup_ratio: float
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the training device (a no-op on the CPU)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of a client group's batches: rows ``member::size``."""
+
+    member: int
+    size: int
+
+    def take(self, batch: dict) -> tuple[dict, float]:
+        """(rows of this member, weight); a member without rows (a batch smaller than the
+        group) runs row 0 at weight 0 so that it still joins the gradient reduction."""
+        n = batch["input_ids"].shape[0]
+        rows = list(range(self.member, n, self.size))
+        if not rows:
+            return {k: v[:1] for k, v in batch.items()}, 0.0
+        return {k: v[rows] for k, v in batch.items()}, 1.0
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss in a causal-LM batch (labels shifted by one, -100 ignored)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy over the target tokens (next-token, float32 logits, -100 ignored)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def split_flat(adapter, vec) -> list[torch.Tensor]:
+    """A flat subspace vector as float32 tensors shaped like the adapter's parameters."""
+    vec = torch.as_tensor(np.asarray(vec, dtype=np.float32))
+    out, off = [], 0
+    for p in adapter.params(0):
+        out.append(vec[off : off + p.numel()].view(p.shape))
+        off += p.numel()
+    return out
+
+
 def start_local(adapter, k: int, start, context: dict | None = None) -> list:
     """Load the global subspace ``k`` and make it the only trainable one; load the frozen
     ``context`` subspaces ({index: flat vector}, O-LoRA's earlier tasks) that act beside it.
@@ -45,16 +99,24 @@ def start_local(adapter, k: int, start, context: dict | None = None) -> list:
 
 
 class LocalSession:
-    """One client's optimizer on one backend: ``forward(batch)`` → loss, ``step(loss)`` (backward
-    + optimizer step), ``close()``; ``param_groups`` get the scheduled learning rate."""
+    """One client's optimizer on one backend: ``forward(batch)`` → model output, ``step(loss)``
+    (backward, gradient reduction over the client group, optimizer step), ``result(params)`` →
+    the trained float32 values, ``close()``; ``param_groups`` get the scheduled learning rate.
+    ``group_average``: the backend averages gradients over the group (DeepSpeed) instead of
+    summing them."""
 
     param_groups: list
+    group_average = False
 
-    def forward(self, batch) -> torch.Tensor:
+    def forward(self, batch):
         raise NotImplementedError
 
     def step(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def result(self, params) -> torch.Tensor:
+        """The trained subspace, flat float32 (the optimizer's master values)."""
+        return torch.cat([p.detach().float().reshape(-1) for p in params])
 
     def close(self) -> None:
         pass
@@ -62,10 +124,33 @@ class LocalSession:
 
 class LocalTrainer:
     """Trains subspace ``k`` of the adapter from ``start`` on ``batches``. The loop is shared; a
-    backend (plain torch, DeepSpeed ZeRO) only opens a :class:`LocalSession`."""
+    backend (plain torch, DeepSpeed ZeRO) only opens a :class:`LocalSession`. ``runtime``: the
+    device, precision and client group (CPU, float32, alone without one)."""
 
-    def session(self, model, params, lr: float, weight_decay: float) -> LocalSession:
+    def __init__(self, runtime=None):
+        self.runtime = runtime
+        g = runtime.group if runtime is not None else None
+        self.shard = Shard(g.ranks.index(runtime.rank), g.size) if g and g.size > 1 else None
+
+    @property
+    def device(self):
+        return self.runtime.device if self.runtime is not None else torch.device("cpu")
+
+    def session(self, model, params, lr: float, weight_decay: float, start=None) -> LocalSession:
+        """``start``: the exact float32 values of ``params`` (a backend that keeps master
+        weights apart from the module starts them from these)."""
         raise NotImplementedError
+
+    def _loss(self, sess: LocalSession, batch: dict) -> torch.Tensor:
+        """The task loss of a batch: the model's mean token loss alone; in a client group this
+        member's share of it (module docstring)."""
+        batch = to_device(batch, self.device)
+        if self.shard is None:
+            return sess.forward(batch).loss
+        total = max(1, target_tokens(batch["labels"]))
+        part, weight = self.shard.take(batch)
+        labels = part.pop("labels")
+        return token_loss_sum(sess.forward(part).logits, labels) * (weight / total)
 
     def train(
         self,
@@ -82,17 +167,31 @@ class LocalTrainer:
         loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded."""
         params = start_local(adapter, k, start, context)
         extra = terms(params) if terms is not None else []
-        sess = self.session(model, params, opt.lr, opt.weight_decay)
+        sess = self.session(model, params, opt.lr, opt.weight_decay, split_flat(adapter, start))
         losses = []
+        g = self.shard.size if self.shard is not None else 1
+        scale = g if sess.group_average else 1  # DeepSpeed averages over the group, torch sums
 
         def step(_, loss):
-            sess.step(loss + sum(t() for t in extra) if extra else loss)
+            if extra:  # the strategy's and method's terms count once over the group
+                more = sum(t() for t in extra)
+                loss = loss + (more / g if g > 1 else more)
+            sess.step(loss * scale if scale != 1 else loss)
+
+        def forward(batch):
+            return self._loss(sess, batch)
 
         try:
             groups = sess.param_groups
-            losses = run_steps(batches, groups, opt.lr, opt.warmup_ratio, sess.forward, step)
+            losses = run_steps(batches, groups, opt.lr, opt.warmup_ratio, forward, step)
         finally:
-            vec = to_host(torch.cat([p.detach().float().reshape(-1) for p in params]))
+            vec = to_host(sess.result(params))
             sess.close()
         model.eval()
+        if g > 1:  # each member's loss is its share of the batch's loss
+            import torch.distributed as dist
+
+            t = torch.tensor(losses, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            losses = t.tolist()
         return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))

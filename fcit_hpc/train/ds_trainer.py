@@ -1,41 +1,64 @@
 """DeepSpeed ZeRO local trainer.
 
-Each MPI rank runs its own single-process torch.distributed world (gloo), so its engine's
-data-parallel group holds only itself and virtual clients stay independent; weights move between
-ranks through mpi4py only. A fresh engine (and optimizer) is built for every client: the optimizer
-must restart per client and per round, and a DISCO client may train a different subspace each time.
+Each client group (``train.gpus_per_client`` ranks; one rank alone by default) runs its own
+torch.distributed world (nccl on GPUs, gloo on the CPU), so its engines' data-parallel group is the
+client group and virtual clients stay independent; weights move between groups and the server
+through mpi4py only (:mod:`fcit_hpc.fed.comm`).
+
+A fresh engine (and optimizer) is built for every client: the optimizer must restart per client
+and per round, and a DISCO client may train a different subspace each time. What that costs is
+measured by ``fcit bench train`` (engine set-up against the client's local training time).
+
+Precision: with ``train.precision`` bf16 or fp16 the engine runs its bf16 / fp16 block (the module
+in the low precision, float32 master weights in the optimizer). The client's float32 start is
+written into the masters (``safe_set_full_fp32_param``) and its result read from them
+(``safe_get_full_fp32_param``), so the global subspace never passes through the low precision.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 from fcit_hpc.train.base import LocalSession, LocalTrainer
 
-_INITIALISED = False
+_WORLD: tuple | None = None
 
 
-def init_single_process_world(local_rank: int, port_base: int = 29500) -> None:
-    """torch.distributed world of size 1 for this process (distinct port per local rank)."""
-    global _INITIALISED
-    if _INITIALISED:
+def init_group_world(
+    member: int, size: int, master_addr: str, port: int, backend: str, local_rank: int
+) -> None:
+    """The torch.distributed world of this rank's client group (once per process)."""
+    global _WORLD
+    key = (member, size, master_addr, port, backend)
+    if _WORLD is not None:
+        if _WORLD != key:
+            raise RuntimeError(f"torch.distributed already set up as {_WORLD}, not {key}")
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ["RANK"] = "0"
-    os.environ["WORLD_SIZE"] = "1"
+    os.environ["RANK"] = str(member)
+    os.environ["WORLD_SIZE"] = str(size)
     os.environ["LOCAL_RANK"] = str(local_rank)  # DeepSpeed checks it against the MPI env
-    os.environ["LOCAL_SIZE"] = "1"
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    port = int(os.environ.get("FCIT_DS_PORT_BASE", port_base)) + local_rank
+    os.environ["LOCAL_SIZE"] = str(size)
+    os.environ["MASTER_ADDR"] = master_addr
     os.environ["MASTER_PORT"] = str(port)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    _INITIALISED = True
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    _WORLD = key
+
+
+def init_single_process_world(local_rank: int, port_base: int = 29500) -> None:
+    """A world of one for this process (a rank outside any group, or tests)."""
+    port = int(os.environ.get("FCIT_DS_PORT_BASE", port_base)) + local_rank
+    init_group_world(0, 1, "127.0.0.1", port, "gloo", local_rank)
 
 
 class DeepSpeedTrainer(LocalTrainer):
-    def __init__(self, zero_stage: int, offload: bool, batch_size: int, local_rank: int = 0):
+    def __init__(
+        self, zero_stage: int, offload: bool, batch_size: int, local_rank: int = 0, runtime=None
+    ):
+        super().__init__(runtime)
         if zero_stage == 3:
             raise ValueError(
                 "train.zero_stage: 3 partitions the frozen base model too; per-client engines "
@@ -44,14 +67,17 @@ class DeepSpeedTrainer(LocalTrainer):
         self.zero_stage = zero_stage
         self.offload = offload
         self.batch_size = batch_size
-        init_single_process_world(local_rank)
+        if runtime is None:
+            init_single_process_world(local_rank)
+        # with a runtime, fcit_hpc.fed.context sets up the group's world before training
 
     def _ds_config(self, lr: float, weight_decay: float) -> dict:
         zero: dict = {"stage": self.zero_stage}
         if self.offload and self.zero_stage > 0:
             zero["offload_optimizer"] = {"device": "cpu"}
-        return {
-            "train_micro_batch_size_per_gpu": self.batch_size,
+        g = self.shard.size if self.shard is not None else 1
+        cfg = {
+            "train_micro_batch_size_per_gpu": -(-self.batch_size // g),
             "gradient_accumulation_steps": 1,
             "optimizer": {
                 "type": "AdamW",
@@ -63,30 +89,81 @@ class DeepSpeedTrainer(LocalTrainer):
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
+        precision = self.runtime.precision if self.runtime is not None else "fp32"
+        if precision == "bf16":
+            cfg["bf16"] = {"enabled": True}
+        elif precision == "fp16":
+            cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        return cfg
 
-    def session(self, model, params, lr, weight_decay):
-        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay))
+    def session(self, model, params, lr, weight_decay, start=None):
+        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay), start)
 
 
 class _DeepSpeedSession(LocalSession):
     """A fresh engine per client (new optimizer state), destroyed afterwards."""
 
-    def __init__(self, model, params, config):
+    group_average = True  # the engine averages gradients over its data-parallel group
+
+    def __init__(self, model, params, config, start=None):
+        """``start``: the float32 values of ``params`` (the module may hold them rounded)."""
         import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
 
         self.params = params
+        if start is None:
+            start = [p.detach().float().clone() for p in params]
         self.engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=config
         )
+        self.low_precision = "bf16" in config or "fp16" in config
+        if self.low_precision:
+            for p, v in zip(params, start, strict=True):
+                hp = self._unfused_master(p)
+                if hp is not None:
+                    with torch.no_grad():
+                        hp.copy_(v.to(hp.device).view_as(hp))
+                else:
+                    safe_set_full_fp32_param(p, v)
         self.param_groups = opt.param_groups
         self.engine.train()
 
+    def _unfused_master(self, p):
+        """The float32 master of ``p`` kept per parameter (ZeRO 0 with bf16 / fp16:
+        DeepSpeed's unfused optimizer); None under ZeRO 1–2, whose masters are fragments of a
+        flat buffer reached through ``safe_{get,set}_full_fp32_param``."""
+        opt = self.engine.optimizer
+        for lp_group, hp_group in zip(
+            getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=False
+        ):
+            for lp, hp in zip(lp_group, hp_group, strict=False):
+                if lp is p and isinstance(hp, torch.Tensor):
+                    return hp
+        return None
+
     def forward(self, batch):
-        return self.engine(**batch).loss
+        return self.engine(**batch)
 
     def step(self, loss):
         self.engine.backward(loss)
         self.engine.step()
+
+    def result(self, params) -> torch.Tensor:
+        if not self.low_precision:
+            return super().result(params)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = []
+        for p in params:
+            hp = self._unfused_master(p)
+            hp = safe_get_full_fp32_param(p) if hp is None else hp
+            if hp is None:
+                raise RuntimeError(
+                    f"DeepSpeed's {type(self.engine.optimizer).__name__} keeps no float32 master "
+                    "that fcit_hpc can read; use train.zero_stage 1 or 2 with bf16/fp16"
+                )
+            full.append(hp)
+        return torch.cat([f.detach().float().reshape(-1) for f in full])
 
     def close(self):
         self.engine.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fcit_hpc.config import Config
+from fcit_hpc.runtime import client_groups
 from fcit_hpc.seeds import SALT_CLIENT_SAMPLING
 
 
@@ -14,25 +15,28 @@ def sample_clients(seed: int, stage: int, round_: int, num_clients: int, k: int)
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
 
-def worker_ranks(world: int, server_hosts_clients: bool) -> list[int]:
-    """Ranks that host clients: all of them, or all but rank 0 (never none)."""
-    return list(range(world)) if (server_hosts_clients or world == 1) else list(range(1, world))
-
-
 def plan_round(cfg: Config, schedule, stage: int, round_: int, world: int) -> np.ndarray:
     """int64 [n, 3]: (client id, data unit, rank) for the clients selected this round.
 
     Clients are dealt round-robin over the worker ranks (rank 0 too when
-    ``federation.server_hosts_clients``), so 50 clients run on any number of ranks.
+    ``federation.server_hosts_clients``), so 50 clients run on any number of ranks; with client
+    groups (``train.gpus_per_client`` > 1) over the groups' leaders, the rank in the plan.
     """
     f = cfg.federation
-    clients = sample_clients(cfg.seed, stage, round_, f.num_clients, cfg.clients_per_round)
-    workers = worker_ranks(world, f.server_hosts_clients)
+    groups = client_groups(world, cfg.train.gpus_per_client, f.server_hosts_clients)
+    workers = [g.leader for g in groups]
     rows = [
-        (c, schedule.unit_of(stage, round_, j), workers[j % len(workers)])
-        for j, c in enumerate(clients)
+        (c, unit, workers[j % len(workers)])
+        for j, (c, unit) in enumerate(selected_units(cfg, schedule, stage, round_))
     ]
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def selected_units(cfg: Config, schedule, stage: int, round_: int) -> list[tuple[int, int]]:
+    """(client id, data unit) of the clients selected in a round, in client-id order."""
+    f = cfg.federation
+    clients = sample_clients(cfg.seed, stage, round_, f.num_clients, cfg.clients_per_round)
+    return [(int(c), schedule.unit_of(stage, round_, j)) for j, c in enumerate(clients)]
 
 
 def planned_units(cfg: Config, schedule) -> list[tuple[int, int]]:
@@ -42,5 +46,5 @@ def planned_units(cfg: Config, schedule) -> list[tuple[int, int]]:
         (stage, int(unit))
         for stage in range(schedule.num_stages)
         for rnd in range(cfg.federation.num_rounds)
-        for _, unit, _ in plan_round(cfg, schedule, stage, rnd, 1)
+        for _, unit in selected_units(cfg, schedule, stage, rnd)
     ]
