@@ -12,7 +12,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test lint bench clean smollm2 sysdeps
+.PHONY: install run test test-gpu lint bench clean smollm2 sysdeps
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
@@ -47,6 +47,10 @@ sysdeps:
 
 test: install sysdeps
 	$(BIN)/python -m pytest -q tests
+
+# The GPU tests (marker `gpu`, deselected by `make test`): on a machine with a CUDA device.
+test-gpu: install
+	DS_ACCELERATOR=cuda $(BIN)/python -m pytest -q -m gpu tests
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

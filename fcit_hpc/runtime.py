@@ -164,8 +164,11 @@ class Runtime:
 
 
 def _cuda_device(launch: LaunchInfo, gpus_per_client: int, visible: int):
-    """The GPU of this rank: one per rank on its node. A rank that sees exactly one device (a
-    launcher that binds one GPU per task through CUDA_VISIBLE_DEVICES) uses that one."""
+    """The GPU of this rank: node-local rank modulo the visible devices. Ranks that train alone
+    may share a GPU (each has its own model and world of one; useful to test P ranks on one
+    GPU); the members of a client group may not (NCCL needs one device per member). A rank that
+    sees exactly one device while its node runs several (a launcher binding one GPU per task
+    through CUDA_VISIBLE_DEVICES) uses that one."""
     import torch
 
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
@@ -174,16 +177,14 @@ def _cuda_device(launch: LaunchInfo, gpus_per_client: int, visible: int):
             "train.device: 'cuda' was asked for but torch sees no CUDA device "
             f"(CUDA_VISIBLE_DEVICES={cvd!r})"
         )
-    if visible == 1 and launch.local_size > 1 and "CUDA_VISIBLE_DEVICES" in os.environ:
-        return torch.device("cuda", 0)  # per-task binding: each rank was given its own GPU
-    if launch.local_size > visible:
-        what = "train.gpus_per_client" if gpus_per_client > 1 else "train.device"
+    bound = visible == 1 and launch.local_size > 1 and "CUDA_VISIBLE_DEVICES" in os.environ
+    if gpus_per_client > 1 and launch.local_size > visible and not bound:
         raise ConfigError(
-            f"{what}: {launch.local_size} ranks on this node need one GPU each, but only "
-            f"{visible} are visible (CUDA_VISIBLE_DEVICES={cvd!r}); start at most {visible} "
-            "ranks per node"
+            f"train.gpus_per_client: {gpus_per_client} GPUs per client need one GPU per rank, "
+            f"but this node runs {launch.local_size} ranks and sees {visible} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={cvd!r}); start at most {visible} ranks per node"
         )
-    return torch.device("cuda", launch.local_rank)
+    return torch.device("cuda", 0 if bound else launch.local_rank % visible)
 
 
 def make_runtime(

@@ -224,3 +224,41 @@ def test_deepspeed_stage0_low_precision_is_refused():
     with pytest.raises(ConfigError, match="train.zero_stage: 0 with train.precision bf16"):
         load_config(None, ["train.backend=deepspeed", "train.precision=bf16"])
     load_config(None, ["train.backend=deepspeed", "train.precision=bf16", "train.zero_stage=2"])
+
+
+def test_gpu_choice_per_rank():
+    """Node-local rank modulo the visible GPUs; a group's members need distinct GPUs."""
+    from fcit_hpc.runtime import _cuda_device
+
+    assert _cuda_device(LaunchInfo(5, 8, 1, 4), 1, 4) == torch.device("cuda", 1)
+    assert _cuda_device(LaunchInfo(1, 2, 1, 2), 1, 1) == torch.device("cuda", 0)  # shared
+    with pytest.raises(ConfigError, match="train.gpus_per_client: 2 GPUs per client"):
+        _cuda_device(LaunchInfo(1, 4, 1, 4), 2, 2)
+    with pytest.raises(ConfigError, match="train.device: 'cuda'"):
+        _cuda_device(LaunchInfo(), 1, 0)
+
+
+def test_gradient_checkpointing_gives_the_same_update():
+    """Recomputing activations in the backward pass changes memory, not the update."""
+    opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
+    cfg, model, adapter, start, batches = _setup()
+    ref = TorchTrainer().train(model, adapter, 1, start, batches, opt)
+    cfg_c = load_config(None, ["lora.lora_dropout=0.0", "train.gradient_checkpointing=true"])
+    rt = _runtime(cfg_c)
+    model_c, adapter_c, _ = build_model(cfg_c, 2, rt)
+    assert model_c.is_gradient_checkpointing
+    res = TorchTrainer(rt).train(model_c, adapter_c, 1, start, batches, opt)
+    assert np.abs(ref.vector - start).max() > 1e-3
+    np.testing.assert_allclose(res.vector, ref.vector, atol=1e-6, rtol=0)
+
+
+def test_deterministic_switch():
+    from fcit_hpc.runtime import apply_runtime
+
+    cfg = load_config(None, ["train.deterministic=true"])
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        apply_runtime(_runtime(cfg))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
