@@ -98,6 +98,15 @@ def prepare_caches(cfg: Config, comm: Comm) -> None:
 def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> RunContext:
     rt = runtime if runtime is not None else runtime_for(cfg, comm)
     apply_runtime(rt)
+    if comm.is_root:
+        log.info(
+            "runtime: %s, %s, %d rank(s), %d client group(s) of %d",
+            rt.device,
+            rt.precision,
+            comm.size,
+            len(rt.groups),
+            cfg.train.gpus_per_client,
+        )
     torch.set_num_threads(cfg.train.num_threads)
     prepare_caches(cfg, comm)
     method = make_method(cfg)
