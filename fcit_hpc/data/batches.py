@@ -7,6 +7,15 @@ import torch
 from fcit_hpc.data.sample import Sample
 
 
+def prompt_head(tok, prompt: list[int]) -> int:
+    """Tokens at the start of a prompt that truncation keeps: up to the last image token (the
+    model needs all of them), else the first (<bos>)."""
+    img = tok.image_token_id if tok.num_image_tokens else None
+    if img is not None and img in prompt:
+        return len(prompt) - prompt[::-1].index(img)
+    return 1
+
+
 def encode_sample(tok, s: Sample, max_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with the prompt masked out of the loss (-100).
 
@@ -17,7 +26,7 @@ def encode_sample(tok, s: Sample, max_len: int) -> tuple[list[int], list[int]]:
     prompt = tok.prompt(s.instruction)
     room = max_len - len(answer)
     if len(prompt) > room:
-        head = 1 + tok.num_image_tokens  # <bos> and image tokens stay
+        head = prompt_head(tok, prompt)  # <bos>, the template's start and image tokens stay
         prompt = prompt[:head] + prompt[len(prompt) - (room - head) :]
     return prompt + answer, [-100] * len(prompt) + answer
 
@@ -36,9 +45,7 @@ def make_batches(
     enc = [encode_sample(tok, s, max_len) for s in samples]
     images = None
     if tok.num_image_tokens:
-        from fcit_hpc.data.images import load_image
-
-        images = [load_image(s.image, tok.image_size) for s in samples]
+        images = [tok.pixels(s.image) for s in samples]
     batches = []
     for _ in range(epochs):
         order = torch.randperm(len(enc), generator=generator).tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fcit_hpc.config import Config
+from fcit_hpc.errors import ConfigError
 from fcit_hpc.model.hf_configs import llama_config, llava_config
 from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
 from fcit_hpc.model.tokenizer import ByteTokenizer
@@ -19,8 +20,6 @@ def resolve_path(path: str) -> str:
 
         spec = importlib.util.find_spec(path[4:])
         if spec is None or not spec.origin:
-            from fcit_hpc.errors import ConfigError
-
             raise ConfigError(f"model.path: package {path[4:]!r} is not installed")
         return str(Path(spec.origin).parent)
     return path
@@ -33,6 +32,22 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def hf_model_type(path: str, gguf_file: str = "") -> str:
+    """``model_type`` of a local Hugging Face checkpoint (from its config.json)."""
+    import json
+    from pathlib import Path
+
+    if gguf_file:
+        return "gguf"
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise ConfigError(f"model.path: {cfg}: not found (a Hugging Face checkpoint folder)")
+    try:
+        return str(json.loads(cfg.read_text(encoding="utf-8")).get("model_type", ""))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model.path: {cfg}: not valid JSON ({e})") from None
 
 
 def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32):
@@ -51,13 +66,29 @@ def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32):
             ensure_embedded(), local_files_only=True, **_dtype_kw(dtype)
         )
     if m.name == "hf":
-        from transformers import AutoModelForCausalLM
-
+        path = resolve_path(m.path)
         kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(m.path), local_files_only=True, **_dtype_kw(dtype), **kw
-        )
-        return model
+        if hf_model_type(path, m.gguf_file) == "llava":
+            from transformers import LlavaForConditionalGeneration
+
+            return LlavaForConditionalGeneration.from_pretrained(
+                path, local_files_only=True, **_dtype_kw(dtype)
+            )
+        from transformers import AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        kind = hf_model_type(path, m.gguf_file)
+        if kind != "gguf" and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ConfigError(
+                f"model.path: {path}: model_type {kind!r} is neither llava nor a causal "
+                "language model"
+            )
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, **_dtype_kw(dtype), **kw
+            )
+        except OSError as e:
+            raise ConfigError(f"model.path: {path}: cannot load the weights ({e})") from None
     text_cfg = llama_config(
         m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, max(128, m.max_seq_len * 2)
     )
@@ -93,7 +124,29 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
             # non-reentrant: recomputes correctly when only the LoRA weights need gradients
             kw = {"use_reentrant": False}
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    return model, SubspaceAdapter(layers), make_tokenizer(cfg)
+    tok = make_tokenizer(cfg)
+    _check_image_tokens(model, tok, cfg.model.path)
+    return model, SubspaceAdapter(layers), tok
+
+
+def _check_image_tokens(model, tok, path: str) -> None:
+    """A LLaVA checkpoint's processor must expand ``<image>`` into as many tokens as the model
+    has image features, or every training step fails deep inside the model."""
+    vc = getattr(model.config, "vision_config", None)
+    if vc is None or not tok.num_image_tokens or cfg_strategy(model.config) is None:
+        return
+    patches = (vc.image_size // vc.patch_size) ** 2
+    want = patches + (0 if cfg_strategy(model.config) == "default" else 1)  # CLS dropped or kept
+    if tok.num_image_tokens != want:
+        raise ConfigError(
+            f"model.path: {path}: the processor expands <image> into {tok.num_image_tokens} "
+            f"tokens but the model has {want} image features (check num_additional_image_tokens "
+            "and vision_feature_select_strategy in the processor's config)"
+        )
+
+
+def cfg_strategy(config) -> str | None:
+    return getattr(config, "vision_feature_select_strategy", None)
 
 
 def make_tokenizer(cfg: Config):
@@ -113,8 +166,38 @@ def make_tokenizer(cfg: Config):
 
         from fcit_hpc.model.tokenizer import HFTokenizer
 
+        path = resolve_path(m.path)
+        if hf_model_type(path, m.gguf_file) == "llava":
+            return _llava_tokenizer(path)
         kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
-        return HFTokenizer(
-            AutoTokenizer.from_pretrained(resolve_path(m.path), local_files_only=True, **kw)
-        )
+        return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True, **kw))
     return ByteTokenizer()
+
+
+def _llava_tokenizer(path: str):
+    """The checkpoint's own processor (tokenizer, image processor, chat template)."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    from fcit_hpc.model.tokenizer import HFLlavaTokenizer
+
+    # the image processor's settings: preprocessor_config.json (the llava-hf releases), or
+    # inside processor_config.json (what transformers 5 writes)
+    names = ("preprocessor_config.json", "processor_config.json")
+    if not any((Path(path) / n).is_file() for n in names):
+        raise ConfigError(
+            f"model.path: {Path(path) / names[0]}: not found — a LLaVA checkpoint needs its "
+            "processor (image processor, tokenizer, chat template) saved beside the weights "
+            "(LlavaProcessor.save_pretrained)"
+        )
+    try:
+        proc = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: {path}: cannot load the LLaVA processor ({e})") from None
+    if not hasattr(proc, "image_processor") or not hasattr(proc, "tokenizer"):
+        raise ConfigError(f"model.path: {path}: the processor has no image processor/tokenizer")
+    try:
+        return HFLlavaTokenizer(proc, path)
+    except ValueError as e:
+        raise ConfigError(f"model.path: {e}") from None
