@@ -110,6 +110,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gpus_per_client: int = 1  # G: ranks (one device each) that train one client together
     deterministic: bool = False  # torch deterministic algorithms (cuBLAS workspace on CUDA)
+    projector_lr: float = 2e-5  # LLaVA's multimodal projector, trained beside LoRA; 0 freezes it
 
 
 @dataclass
@@ -214,6 +215,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.device": _in(("auto", "cpu", "cuda")),
     "train.precision": _in(("fp32", "bf16", "fp16")),
     "train.gpus_per_client": (lambda v: v >= 1, ">= 1"),
+    "train.projector_lr": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }
 

@@ -13,8 +13,9 @@ import torch
 from fcit_hpc.data.batches import make_batches
 from fcit_hpc.fed.wire import pack_tokens, pack_updates
 from fcit_hpc.model.identity import sample_identity_token
+from fcit_hpc.model.projector import projector_params, set_projector
 from fcit_hpc.seeds import SALT_FISHER_ROUND, client_seed
-from fcit_hpc.train.base import LocalOpt
+from fcit_hpc.train.base import LocalOpt, Side
 
 __all__ = ["client_seed", "compute_tokens", "stage_end_uploads", "train_clients"]
 
@@ -54,7 +55,11 @@ def train_one(ctx, k: int, start: np.ndarray, batches, view):
         )
 
     opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
-    return ctx.trainer.train(ctx.model, adapter, k, start, batches, opt, context, terms)
+    side = None
+    if ctx.projector_numel:  # the projector trains beside the subspace, from the global one
+        set_projector(ctx.model, view.projector)
+        side = Side(projector_params(ctx.model), t.projector_lr, view.projector)
+    return ctx.trainer.train(ctx.model, adapter, k, start, batches, opt, context, terms, side)
 
 
 def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
@@ -83,7 +88,10 @@ def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces
         samples, batches = _client_batches(ctx, unit, client, seed, ctx.cfg.train.local_epochs)
         start = view.adapter[k]
         res = train_one(ctx, k, start, batches, view)
-        delta = _debug_delta(dbg, client, (res.vector - start).astype(np.float32))
+        delta = (res.vector - start).astype(np.float32)
+        if ctx.projector_numel:  # the update: subspace delta, then projector delta
+            delta = np.concatenate([delta, (res.side - view.projector).astype(np.float32)])
+        delta = _debug_delta(dbg, client, delta)
         rows.append((client, k, len(samples), res.loss, time.perf_counter() - t0, res.steps))
         deltas.append(delta)
         if ctx.comm.rank == dbg.kill_rank and (stage, round_) == (dbg.kill_stage, dbg.kill_round):

@@ -16,6 +16,7 @@ from fcit_hpc.methods import make_method
 from fcit_hpc.methods.base import Method
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.identity import SampleEncoder, make_encoder
+from fcit_hpc.model.projector import projector_numel
 from fcit_hpc.runtime import Runtime, apply_runtime, make_runtime
 
 log = logging.getLogger("fcit")
@@ -34,6 +35,8 @@ class RunContext:
     method: Method
     strategy: FedAvg
     encoder: SampleEncoder | None
+    # values of the LLaVA projector that clients train beside LoRA (0: frozen or none)
+    projector_numel: int = 0
 
 
 def make_trainer(cfg: Config, runtime: Runtime):
@@ -121,4 +124,7 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     strategy = strategy_from_config(cfg.federation)
     init_group_worlds(cfg, comm, rt)
     trainer = make_trainer(cfg, rt)
-    return RunContext(cfg, comm, rt, model, adapter, tok, trainer, data, method, strategy, encoder)
+    proj = projector_numel(model) if method.trains and cfg.train.projector_lr > 0 else 0
+    return RunContext(
+        cfg, comm, rt, model, adapter, tok, trainer, data, method, strategy, encoder, proj
+    )

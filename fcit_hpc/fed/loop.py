@@ -20,6 +20,7 @@ from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.context import RunContext, build_context
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server import Server
+from fcit_hpc.model.projector import set_projector
 from fcit_hpc.state.schema import RunState
 
 
@@ -50,19 +51,22 @@ def run_federated(
             view = broadcast_view(comm, role.state())
             for k in range(view.adapter.shape[0]):
                 ctx.adapter.set(k, view.adapter[k])
+            if view.projector.size:
+                set_projector(ctx.model, view.projector)
             role.record_eval(stage, evaluation.evaluate(ctx, view))
         role.end_stage(stage)
     return role.finish()
 
 
 def broadcast_view(comm: Comm, st: RunState | None) -> RunState:
-    """Every rank gets the global adapter, tokens, live count and EWC Fisher/anchor (for local
-    work and evaluation); the server's view is its state itself."""
+    """Every rank gets the global adapter, tokens, live count, EWC Fisher/anchor and projector
+    (for local work and evaluation); the server's view is its state itself."""
     adapter = comm.bcast_array(st.adapter if st is not None else None)
     tokens = comm.bcast_array(st.tokens if st is not None else None)
     live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
     fisher = comm.bcast_array(st.ewc_fisher if st is not None else None)
     anchor = comm.bcast_array(st.ewc_anchor if st is not None else None)
+    projector = comm.bcast_array(st.projector if st is not None else None)
     if st is not None:
         return st
     return RunState(
@@ -74,6 +78,7 @@ def broadcast_view(comm: Comm, st: RunState | None) -> RunState:
         num_subspaces=int(live[0]),
         ewc_fisher=fisher,
         ewc_anchor=anchor,
+        projector=projector,
     )
 
 

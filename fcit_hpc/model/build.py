@@ -118,6 +118,8 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
     layers = inject_subspace_lora(
         model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
     )
+    if runtime is not None and runtime.dtype != torch.float32 and cfg.train.projector_lr > 0:
+        keep_projector_fp32(model, runtime.dtype)
     if runtime is not None:
         model.to(runtime.device)
         if runtime.gradient_checkpointing:
@@ -127,6 +129,28 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
     tok = make_tokenizer(cfg)
     _check_image_tokens(model, tok, cfg.model.path)
     return model, SubspaceAdapter(layers), tok
+
+
+def keep_projector_fp32(model, compute_dtype: torch.dtype) -> None:
+    """A trained LLaVA projector keeps float32 weights in a bf16/fp16 model, like the LoRA
+    masters (an AdamW step of lr 2e-5 is below bf16's resolution): its input is cast to its
+    weights' dtype and its output back to the compute dtype."""
+    from fcit_hpc.model.projector import projector_module
+
+    mod = projector_module(model)
+    if mod is None:
+        return
+    mod.float()
+
+    def cast_in(module, args):
+        dt = next(module.parameters()).dtype
+        return tuple(a.to(dt) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def cast_out(module, args, out):
+        return out.to(compute_dtype)
+
+    mod.register_forward_pre_hook(cast_in)
+    mod.register_forward_hook(cast_out)
 
 
 def _check_image_tokens(model, tok, path: str) -> None:

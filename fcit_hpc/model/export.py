@@ -1,6 +1,8 @@
 """Export of a run's adapters as PEFT LoRA adapters (``PeftModel.from_pretrained`` loads them).
 
 - ``subspace_<k>/``: subspace k alone (rank r, lora_alpha as configured): SSA with α = one-hot(k).
+- the trained LLaVA projector, when the run trained it, in every adapter as PEFT's
+  ``modules_to_save``.
 - ``merged/``: one adapter for a fixed α: Σ_i α_i B_i A_i = (B_cat · diag(expand_r(α))) A_cat,
   an exact LoRA of rank S·r whose lora_alpha keeps the scaling alpha / r.
 """
@@ -14,17 +16,41 @@ import torch
 
 from fcit_hpc.config import Config
 from fcit_hpc.model.build import build_base_model, build_model
+from fcit_hpc.model.projector import projector_name
 from fcit_hpc.state.schema import RunState
 
 
-def _peft_model(cfg: Config, r: int, lora_alpha: float):
+def _peft_model(cfg: Config, r: int, lora_alpha: float, projector: np.ndarray | None = None):
+    """A PEFT LoRA model of the base; with ``projector`` (the run's trained LLaVA projector) the
+    projector is a ``modules_to_save`` module holding those weights."""
     from peft import LoraConfig, get_peft_model
 
     base = build_base_model(cfg)
+    name = projector_name(base) if projector is not None and projector.size else None
     lc = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(cfg.lora.target_modules)
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(cfg.lora.target_modules),
+        modules_to_save=[name.split(".")[-1]] if name else None,
     )
-    return get_peft_model(base, lc)
+    pm = get_peft_model(base, lc)
+    if name:
+        wrapper = pm.base_model.model.get_submodule(name)
+        set_projector_module(wrapper.modules_to_save["default"], projector)
+    return pm
+
+
+def set_projector_module(module, vec) -> None:
+    """Load a flat float32 vector into a projector module's parameters."""
+    vec = torch.as_tensor(np.asarray(vec, np.float32))
+    off = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(vec[off : off + p.numel()].view_as(p))
+            off += p.numel()
+    if off != vec.numel():
+        raise ValueError(f"projector vector has {vec.numel()} values, the module {off}")
 
 
 def _fill(peft_model, names, weights) -> None:
@@ -52,7 +78,7 @@ def export_adapters(
     r, la = cfg.lora.lora_r, cfg.lora.lora_alpha
     written = []
     live = max(st.num_subspaces, 1)
-    pm = _peft_model(cfg, r, la)
+    pm = _peft_model(cfg, r, la, st.projector)
     for k in range(live):
         _fill(
             pm,
@@ -69,7 +95,7 @@ def export_adapters(
         if alpha.shape != (live,) or not np.isfinite(alpha).all():
             raise ValueError(f"--alpha: expected {live} finite weights, got {alpha.tolist()}")
         a = torch.from_numpy(alpha).repeat_interleave(r)  # [S·r]
-        pm = _peft_model(cfg, r * live, la / r * (r * live))
+        pm = _peft_model(cfg, r * live, la / r * (r * live), st.projector)
         weights = {}
         for n, m in zip(adapter.names, adapter.layers, strict=True):
             A_cat = torch.cat(list(m.lora_A[:live]), 0)  # [S·r, in]

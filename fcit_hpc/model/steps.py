@@ -23,8 +23,8 @@ def run_steps(batches, param_groups, base_lr: float, warmup_ratio: float, forwar
 
     losses = []
     for i, batch in enumerate(batches):
-        for g in param_groups:
-            g["lr"] = lr_at(i, len(batches), base_lr, warmup_ratio)
+        for g in param_groups:  # a group with its own "base_lr" (the projector) scales alike
+            g["lr"] = lr_at(i, len(batches), g.get("base_lr", base_lr), warmup_ratio)
         loss = forward(batch)
         losses.append(loss.detach().float().reshape(()))
         step(i, loss)

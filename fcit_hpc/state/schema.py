@@ -7,6 +7,7 @@ Layout::
     /global/adapter          float32 [S_max, P]   every subspace's A/B as flat vectors
     /global/tokens           float32 [S_max, D]   global identity tokens G_i
     /global/token_counts     float64 [S_max]      samples merged into each token
+    /global/projector        float32 [Q]          LLaVA projector weights (empty: not trained)
     /global                  attrs: num_subspaces (live S)
     /server_opt/<name>       float32 [S_max, P]   server-optimizer state (m, v)
     /rng/torch               uint8   [*]          torch CPU generator state of rank 0
@@ -115,6 +116,7 @@ class RunState:
     ewc_fisher: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     ewc_anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     ewc_stages: int = 0
+    projector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def append_metrics(self, round_row: np.ndarray, client_rows: np.ndarray) -> None:
         self.rounds = np.concatenate([self.rounds, round_row.astype(ROUND_DTYPE)])
@@ -146,6 +148,7 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         g.create_dataset("adapter", data=st.adapter)
         g.create_dataset("tokens", data=st.tokens)
         g.create_dataset("token_counts", data=st.token_counts)
+        g.create_dataset("projector", data=np.asarray(st.projector, np.float32))
         so = f.create_group("server_opt")
         for k, v in st.server_opt.items():
             so.create_dataset(k, data=v)
@@ -198,6 +201,10 @@ def read_state(run_dir: str | Path) -> RunState:
             for k, v in so.items():
                 if v.shape != adapter.shape:
                     raise StateError(f"{path}: /server_opt/{k} shape {v.shape} != {adapter.shape}")
+            proj = f["global"].get("projector")
+            projector = np.asarray(proj[()] if proj is not None else [], np.float32)
+            if projector.ndim != 1:
+                raise StateError(f"{path}: /global/projector must be a flat vector")
             cur = _need(f, "cursor", path).attrs
             ewc = f.get("ewc")
             fisher = np.asarray(ewc["fisher"][()] if ewc else [], np.float32)
@@ -225,6 +232,7 @@ def read_state(run_dir: str | Path) -> RunState:
                 ewc_fisher=fisher,
                 ewc_anchor=anchor,
                 ewc_stages=int(ewc.attrs["stages"]) if ewc else 0,
+                projector=projector,
             )
     except StateError:
         raise

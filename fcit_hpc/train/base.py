@@ -28,6 +28,17 @@ class LocalResult:
     vector: np.ndarray  # float32 [numel] — the trained subspace after local training
     loss: float  # mean training loss over the local steps
     steps: int
+    side: np.ndarray | None = None  # float32: the side parameters (LLaVA projector) after it
+
+
+@dataclass
+class Side:
+    """Parameters trained beside the subspace with their own learning rate (the LLaVA
+    projector): the parameters, their learning rate and their exact float32 start (flat)."""
+
+    params: list
+    lr: float
+    start: np.ndarray
 
 
 @dataclass
@@ -78,9 +89,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def split_flat(adapter, vec) -> list[torch.Tensor]:
     """A flat subspace vector as float32 tensors shaped like the adapter's parameters."""
+    return split_like(adapter.params(0), vec)
+
+
+def split_like(params, vec) -> list[torch.Tensor]:
+    """A flat float32 vector as tensors shaped like ``params``."""
     vec = torch.as_tensor(np.asarray(vec, dtype=np.float32))
     out, off = [], 0
-    for p in adapter.params(0):
+    for p in params:
         out.append(vec[off : off + p.numel()].view(p.shape))
         off += p.numel()
     return out
@@ -136,9 +152,12 @@ class LocalTrainer:
     def device(self):
         return self.runtime.device if self.runtime is not None else torch.device("cpu")
 
-    def session(self, model, params, lr: float, weight_decay: float, start=None) -> LocalSession:
+    def session(
+        self, model, params, lr: float, weight_decay: float, start=None, side: Side | None = None
+    ) -> LocalSession:
         """``start``: the exact float32 values of ``params`` (a backend that keeps master
-        weights apart from the module starts them from these)."""
+        weights apart from the module starts them from these); ``side``: parameters trained
+        beside them in a second group, with ``base_lr`` = ``side.lr``."""
         raise NotImplementedError
 
     def _loss(self, sess: LocalSession, batch: dict) -> torch.Tensor:
@@ -162,12 +181,19 @@ class LocalTrainer:
         opt: LocalOpt,
         context: dict | None = None,
         terms: TermsFactory | None = None,
+        side: Side | None = None,
     ) -> LocalResult:
         """``context``: frozen subspaces beside k ({index: flat vector}); ``terms``: the extra
-        loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded."""
+        loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded;
+        ``side``: parameters trained beside the subspace (the LLaVA projector)."""
         params = start_local(adapter, k, start, context)
         extra = terms(params) if terms is not None else []
-        sess = self.session(model, params, opt.lr, opt.weight_decay, split_flat(adapter, start))
+        if side is not None:
+            for p in side.params:
+                p.requires_grad_(True)
+        sess = self.session(
+            model, params, opt.lr, opt.weight_decay, split_flat(adapter, start), side
+        )
         losses = []
         g = self.shard.size if self.shard is not None else 1
         scale = g if sess.group_average else 1  # DeepSpeed averages over the group, torch sums
@@ -186,7 +212,11 @@ class LocalTrainer:
             losses = run_steps(batches, groups, opt.lr, opt.warmup_ratio, forward, step)
         finally:
             vec = to_host(sess.result(params))
+            side_vec = to_host(sess.result(side.params)) if side is not None else None
             sess.close()
+            if side is not None:
+                for p in side.params:
+                    p.requires_grad_(False)
         model.eval()
         if g > 1:  # each member's loss is its share of the batch's loss
             import torch.distributed as dist
@@ -194,4 +224,4 @@ class LocalTrainer:
             t = torch.tensor(losses, dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             losses = t.tolist()
-        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches))
+        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches), side_vec)

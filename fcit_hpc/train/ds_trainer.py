@@ -96,8 +96,8 @@ class DeepSpeedTrainer(LocalTrainer):
             cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         return cfg
 
-    def session(self, model, params, lr, weight_decay, start=None):
-        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay), start)
+    def session(self, model, params, lr, weight_decay, start=None, side=None):
+        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay), start, side)
 
 
 class _DeepSpeedSession(LocalSession):
@@ -105,20 +105,28 @@ class _DeepSpeedSession(LocalSession):
 
     group_average = True  # the engine averages gradients over its data-parallel group
 
-    def __init__(self, model, params, config, start=None):
-        """``start``: the float32 values of ``params`` (the module may hold them rounded)."""
+    def __init__(self, model, params, config, start=None, side=None):
+        """``start``: the float32 values of ``params`` (the module may hold them rounded);
+        ``side``: a second parameter group with its own learning rate (the LLaVA projector)."""
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        self.params = params
+        from fcit_hpc.train.base import split_like
+
+        self.params = list(params) + (list(side.params) if side is not None else [])
         if start is None:
             start = [p.detach().float().clone() for p in params]
+        groups: list = [{"params": list(params)}]
+        if side is not None:
+            lr = side.lr
+            groups.append({"params": list(side.params), "lr": lr, "base_lr": lr})
+            start = list(start) + split_like(side.params, side.start)
         self.engine, opt, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params, config=config
+            model=model, model_parameters=groups, config=config
         )
         self.low_precision = "bf16" in config or "fp16" in config
         if self.low_precision:
-            for p, v in zip(params, start, strict=True):
+            for p, v in zip(self.params, start, strict=True):
                 hp = self._unfused_master(p)
                 if hp is not None:
                     with torch.no_grad():

@@ -69,21 +69,26 @@ def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, 
     return (*row, sent, info.bytes_down, int(status), sim, action)
 
 
-def client_rows(info: RoundInfo, updates: list[Update], numel: int):
-    """(CLIENT_DTYPE rows sorted by client, accepted (delta, samples) per subspace)."""
+def client_rows(info: RoundInfo, updates: list[Update], numel: int, projector: int = 0):
+    """(CLIENT_DTYPE rows sorted by client, accepted (delta, samples) per subspace, accepted
+    (projector delta, samples)). An update is the subspace's ``numel`` values followed by the
+    projector's ``projector`` values."""
     by_subspace: dict[int, list[tuple[np.ndarray, int]]] = {}
+    proj: list[tuple[np.ndarray, int]] = []
     rows = []
     for u in updates:
-        status = update_status(u, numel)
+        status = update_status(u, numel + projector)
         if status == ClientStatus.ACCEPTED:
-            by_subspace.setdefault(u.subspace, []).append((u.delta, u.samples))
+            by_subspace.setdefault(u.subspace, []).append((u.delta[:numel], u.samples))
+            if projector:
+                proj.append((u.delta[numel:], u.samples))
         rows.append(
             _client_row(info, u.client, u.subspace, u.samples, u.loss, u.seconds, u.nbytes, status)
         )
     for c, d in info.decisions.items():  # rejected at the token stage: trained nothing
         if d.subspace < 0:
             rows.append(_client_row(info, c, -1, 0, np.nan, 0.0, 0, ClientStatus.BAD_TOKEN))
-    return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), by_subspace
+    return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), by_subspace, proj
 
 
 def round_row(info: RoundInfo, rows: np.ndarray, num_subspaces: int) -> np.ndarray:
@@ -100,12 +105,18 @@ def aggregate_round(
     st: RunState, updates: list[Update], strategy: FedAvg, info: RoundInfo
 ) -> Aggregation:
     """Validate updates, average per subspace (sample-weighted, client-id order), apply the
-    strategy's server update to ``st.adapter`` (and ``st.server_opt``). Mutates ``st``."""
-    rows, by_subspace = client_rows(info, updates, st.adapter.shape[1])
+    strategy's server update to ``st.adapter`` (and ``st.server_opt``); the projector (when
+    clients train it) moves by the sample-weighted mean of every accepted client's projector
+    delta — plain FedAvg, as the reference code averages it. Mutates ``st``."""
+    numel, q = st.adapter.shape[1], st.projector.size
+    rows, by_subspace, proj = client_rows(info, updates, numel, q)
     for k in sorted(by_subspace):
         mean_delta = weighted_average(
             [v for v, _ in by_subspace[k]], [n for _, n in by_subspace[k]]
         )
         view = {name: arr[k] for name, arr in st.server_opt.items()}
         st.adapter[k] = strategy.update(st.adapter[k], mean_delta, view)
+    if proj:
+        mean = weighted_average([v for v, _ in proj], [n for _, n in proj])
+        st.projector = (st.projector + mean).astype(np.float32)
     return Aggregation(round_row(info, rows, st.num_subspaces), rows)

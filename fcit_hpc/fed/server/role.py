@@ -18,6 +18,8 @@ from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.run_state import check_state, init_state
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
+from fcit_hpc.host import to_host
+from fcit_hpc.model.projector import get_projector
 from fcit_hpc.seeds import SALT_ROUND_RNG, derive_seed
 from fcit_hpc.state.schema import STATE_FILE, RunState, write_state
 
@@ -34,8 +36,10 @@ class Server(Role):
         if state is None:
             dim = ctx.encoder.dim if ctx.encoder is not None else 1
             shape = (data.num_stages, data.num_tasks)
-            state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy)
-        check_state(state, method, ctx.adapter.numel, self.run_dir / STATE_FILE)
+            proj = to_host(get_projector(ctx.model)) if ctx.projector_numel else None
+            state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
+        where = self.run_dir / STATE_FILE
+        check_state(state, method, ctx.adapter.numel, where, ctx.projector_numel)
         self.st = state
         if state.rng_torch.size:
             torch.set_rng_state(torch.from_numpy(state.rng_torch.copy()))

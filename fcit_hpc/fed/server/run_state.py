@@ -13,10 +13,13 @@ from fcit_hpc.seeds import SALT_ADAPTER_INIT, derive_seed
 from fcit_hpc.state.schema import RunState
 
 
-def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy):
+def init_state(
+    cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy, projector=None
+):
     """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet.
     ``dim``: identity-token dimension D; ``shape``: (stages, tasks) of the accuracy matrix;
-    ``strategy``: the run's federated optimizer (its server state starts here)."""
+    ``strategy``: the run's federated optimizer (its server state starts here); ``projector``:
+    the model's projector weights when clients train it (flat float32), else None."""
     s_max = method.num_slots()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SALT_ADAPTER_INIT))
     vecs = np.stack([to_host(adapter.init_vector(gen)) for _ in range(s_max)])
@@ -28,15 +31,23 @@ def init_state(cfg: Config, adapter, method, dim: int, shape: tuple[int, int], s
         accuracy=np.full(shape, np.nan),  # [stages, tasks]
         server_opt=strategy.init_state(vecs.shape),
     )
+    if projector is not None:
+        st.projector = np.asarray(projector, np.float32).copy()
     if not method.uses_identity:
         st.num_subspaces = 1
     return st
 
 
-def check_state(st: RunState, method, numel: int, where) -> None:
-    """A stored state must fit the model (S_max subspaces of ``numel`` values)."""
+def check_state(st: RunState, method, numel: int, where, projector_numel: int = 0) -> None:
+    """A stored state must fit the model (S_max subspaces of ``numel`` values, and the projector
+    when clients train it)."""
     if st.adapter.shape != (method.num_slots(), numel):
         raise StateError(
             f"{where}: /global/adapter shape {st.adapter.shape} does not fit the model "
             f"({method.num_slots()}, {numel})"
+        )
+    if st.projector.size != projector_numel:
+        raise StateError(
+            f"{where}: /global/projector has {st.projector.size} values, the model's trained "
+            f"projector {projector_numel}"
         )
