@@ -111,6 +111,7 @@ class TrainConfig:
 class EvalConfig:
     enabled: bool = True
     max_new_tokens: int = 8
+    batch_size: int = 1  # test samples generated together (left-padded); 1 = one at a time
 
 
 @dataclass
@@ -207,6 +208,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.local_epochs": (lambda v: v >= 1, ">= 1"),
     "train.num_threads": (lambda v: v >= 1, ">= 1"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
 }
 
 
