@@ -117,6 +117,7 @@ class TrainConfig:
 class EvalConfig:
     enabled: bool = True
     max_new_tokens: int = 8
+    batch_size: int = 1  # test samples generated together (left-padded); 1 = one at a time
 
 
 @dataclass
@@ -217,6 +218,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.gpus_per_client": (lambda v: v >= 1, ">= 1"),
     "train.projector_lr": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
 }
 
 

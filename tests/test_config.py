@@ -72,6 +72,7 @@ def test_overrides_apply_with_types():
         (["compare=[disco,fedsgd]"], "compare: unknown entry 'fedsgd'"),
         (["method.name=ewc", "method.ewc_lambda=-1"], "method.ewc_lambda: -1.0 is out of range"),
         (["method.olora_lambda=-0.5"], "method.olora_lambda: -0.5 is out of range"),
+        (["eval.batch_size=0"], "eval.batch_size: 0 is out of range"),
     ],
 )
 def test_bad_values_name_the_field(overrides, fragment):

@@ -38,6 +38,28 @@ def test_tasks_separate_around_tau(make):
     assert within >= 0.95 and across <= 0.85, (within, across)
 
 
+def test_minilm_in_chunks_equals_all_at_once():
+    """Chunks of 3 (each padded to its own longest text) against one batch of all 8 texts, from
+    one word to past the 128-token truncation."""
+    texts = [
+        "x",
+        "Reverse the letters of the word: kelp",
+        "Add the two numbers: 12 + 30 =",
+        "What is shown in the picture? " * 30,  # truncated at 128 tokens
+        "ok",
+        "Sort these digits in ascending order: 9 1 8 2 7 3 6 4 5",
+        "Is 4 an even or an odd number?",
+        "Name the colour.",
+    ]
+    enc = MiniLMEncoder(torch.device("cpu"), batch_size=len(texts))
+    whole = enc.encode(texts)
+    enc.batch_size = 3
+    chunked = enc.encode(texts)
+    assert chunked.shape == whole.shape == (8, enc.dim) and chunked.dtype == np.float32
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    assert enc.encode([]).shape == (0, enc.dim)
+
+
 def test_hashing_is_deterministic_and_normalised():
     e = HashingEncoder(64)
     a = e.encode(["Add the two numbers: 1 + 2 =", "x"])
@@ -81,11 +103,14 @@ def test_hf_clip_text_tower_from_local_path(tmp_path):
     enc = make_encoder(
         load_config(
             None, ["method.identity_encoder=clip", f"method.encoder_path={tmp_path}"]
-        ).method
+        ).method,
+        torch.device("cpu"),
     )
     assert isinstance(enc, CLIPTextEncoder) and enc.dim == 32
     texts = ["What is the first letter", "Sort these digits " * 40]  # second exceeds 77 tokens
     f = enc.encode(texts)
+    enc.batch_size = 1  # one text per chunk (no padding)
+    np.testing.assert_allclose(enc.encode(texts), f, atol=1e-5)
     # reference: the model's pooled output = hidden state at the EOS token, computed by hand
     model = CLIPTextModel.from_pretrained(tmp_path).eval()
     for i, t in enumerate(texts):
@@ -138,6 +163,8 @@ def test_open_clip_from_local_checkpoint(tmp_path):
     tok = open_clip.get_tokenizer("fcit-tiny-clip")
     with torch.no_grad():
         ref = m.eval().encode_text(tok(texts)).numpy()
+    np.testing.assert_allclose(enc.encode(texts), ref, atol=1e-5)
+    enc.batch_size = 1
     np.testing.assert_allclose(enc.encode(texts), ref, atol=1e-5)
 
 

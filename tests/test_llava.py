@@ -146,6 +146,10 @@ def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
     )
     np.testing.assert_allclose(fi[0], ref, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(fb, axis=1), 1.0, rtol=1e-5)
+    # the vision tower in chunks of 2 images equals all 5 at once
+    five = [s[0], s[1], s[0], Sample("q", "x", 0, None), s[1]]
+    chunked = SampleEncoder(HashingEncoder(16), "image", model, 32, torch.device("cpu"), 2)
+    np.testing.assert_allclose(chunked.encode_samples(five), img.encode_samples(five), atol=1e-5)
 
 
 def test_run_with_text_plus_image_identity(tmp_path):

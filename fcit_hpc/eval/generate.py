@@ -1,6 +1,7 @@
-"""Evaluation after a stage: greedy generation per test sample (batch size 1, so SSA gates are per
-sample), samples dealt over the ranks, predictions gathered to rank 0 as UTF-8 bytes (no pickle)
-and scored there with each dataset's scorer. Same numbers at any world size."""
+"""Evaluation after a stage: greedy generation over batches of ``eval.batch_size`` test samples
+(left-padded, each sample with its own SSA gate α), samples dealt over the ranks, predictions
+gathered to rank 0 as UTF-8 bytes (no pickle) and scored there with each dataset's scorer. Same
+numbers at any world size; batch size 1 generates one sample at a time without padding."""
 
 from __future__ import annotations
 
@@ -8,43 +9,104 @@ import numpy as np
 import torch
 
 from fcit_hpc.benchmark.scorers import score
+from fcit_hpc.data.sample import Sample
 from fcit_hpc.fed.wire import pack_predictions, unpack_predictions
+from fcit_hpc.host import to_host
 from fcit_hpc.seeds import EVAL_DEAL_STRIDE
 
 
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as int64 ids [B, T] padded on the left with ``pad_id``, and their attention mask
+    [B, T] (1 on the prompt, 0 on the padding), both on ``device``.
+
+    Left padding puts every prompt's last token in the last column, where generation continues;
+    Hugging Face ``generate`` derives the position ids from the mask (cumsum - 1), so a padded
+    prompt sees the positions it has alone."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[b, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """A row's new tokens up to its first ``eos`` (excluded): a row that finished before the
+    others goes on with padding until the whole batch stops."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
 @torch.no_grad()
-def greedy(model, tok, instruction: str, max_new_tokens: int, image: str | None = None) -> str:
-    ids = torch.tensor([tok.prompt(instruction)])
+def greedy_batch(
+    model,
+    tok,
+    instructions: list[str],
+    max_new_tokens: int,
+    images: list[str | None] | None = None,
+) -> list[str]:
+    """Greedy answers to ``instructions`` generated together (KV cache), one string per
+    instruction; ``images`` (one path or None per instruction) feed a multimodal model.
+
+    The SSA gate, when used, is set on the adapter before (α [B, S_live], row b for prompt b).
+    Inputs go to the model's device; the model is never moved here."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad([tok.prompt(x) for x in instructions], tok.pad_token_id, device)
     extra = {}
     if tok.num_image_tokens:
         from fcit_hpc.data.images import load_image
 
-        extra["pixel_values"] = load_image(image, tok.image_size)[None]
+        paths = images if images is not None else [None] * len(instructions)
+        pix = torch.stack([load_image(p, tok.image_size) for p in paths])  # [B, 3, H, W]
+        extra["pixel_values"] = pix.to(device)
     out = model.generate(
         ids,
-        attention_mask=torch.ones_like(ids),
+        attention_mask=mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         **extra,
     )
-    return tok.decode(out[0, ids.shape[1] :].tolist())
+    new = to_host(out[:, ids.shape[1] :], np.int64)  # [B, ≤ max_new_tokens]
+    return [tok.decode(until_eos(row.tolist(), tok.eos_token_id)) for row in new]
+
+
+def local_samples(ctx) -> list[tuple[int, int, Sample]]:
+    """This rank's (task, index, sample) in task then index order: sample i of task t belongs to
+    rank (t·EVAL_DEAL_STRIDE + i) mod world size."""
+    data, comm = ctx.data, ctx.comm
+    return [
+        (t, i, s)
+        for t in range(data.num_tasks)
+        for i, s in enumerate(data.test[t])
+        if (t * EVAL_DEAL_STRIDE + i) % comm.size == comm.rank
+    ]
 
 
 def predict_local(ctx, state) -> list[tuple[int, int, str]]:
-    """This rank's share of the test samples: list of (task, index, prediction)."""
-    comm, data, encoder, adapter = ctx.comm, ctx.data, ctx.encoder, ctx.adapter
+    """This rank's share of the test samples: list of (task, index, prediction), generated in
+    batches of ``eval.batch_size`` consecutive samples of the share."""
+    encoder, adapter = ctx.encoder, ctx.adapter
+    mine = local_samples(ctx)
+    size = ctx.cfg.eval.batch_size
     out = []
     ctx.model.eval()
-    for t in range(data.num_tasks):
-        for i, s in enumerate(data.test[t]):
-            if (t * EVAL_DEAL_STRIDE + i) % comm.size != comm.rank:
-                continue
-            feature = encoder.encode_samples([s])[0] if encoder is not None else None
-            ctx.method.set_inference(adapter, state, feature)
-            text = greedy(ctx.model, ctx.tok, s.instruction, ctx.cfg.eval.max_new_tokens, s.image)
-            out.append((t, i, text))
+    for start in range(0, len(mine), size):
+        batch = mine[start : start + size]
+        samples = [s for _, _, s in batch]
+        features = encoder.encode_samples(samples) if encoder is not None else None  # [B, D]
+        ctx.method.set_inference(adapter, state, features)
+        texts = greedy_batch(
+            ctx.model,
+            ctx.tok,
+            [s.instruction for s in samples],
+            ctx.cfg.eval.max_new_tokens,
+            [s.image for s in samples],
+        )
+        out += [(t, i, text) for (t, i, _), text in zip(batch, texts, strict=True)]
     adapter.set_activation(None)
     return out
 

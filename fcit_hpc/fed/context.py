@@ -118,8 +118,13 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     method.check_stages(data.num_stages)
     encoder = None
     if method.uses_identity:
+        device = next(model.parameters()).device  # the encoders follow the model (cpu for now)
         encoder = SampleEncoder(
-            make_encoder(cfg.method), cfg.method.identity_source, model, tok.image_size
+            make_encoder(cfg.method, device),
+            cfg.method.identity_source,
+            model,
+            tok.image_size,
+            device,
         )
     strategy = strategy_from_config(cfg.federation)
     init_group_worlds(cfg, comm, rt)

@@ -30,7 +30,7 @@ class Method:
       loss terms);
     - stage end: :meth:`stage_end_upload` (clients) and :meth:`merge_stage_end` (server), when
       ``has_stage_end``;
-    - inference: :meth:`set_inference` gates the subspaces for one test sample.
+    - inference: :meth:`set_inference` gates the subspaces for a batch of test samples.
     """
 
     name = "base"
@@ -75,6 +75,7 @@ class Method:
         """Server: merge the accepted (values, samples) uploads of the stage into ``st``."""
         raise NotImplementedError
 
-    def set_inference(self, adapter, state, feature: np.ndarray | None) -> None:
-        """Configure the adapter for one test sample (feature: its instruction feature [D])."""
+    def set_inference(self, adapter, state, features: np.ndarray | None) -> None:
+        """Configure the adapter for a batch of B test samples (features: their identity
+        features [B, D], None without an identity encoder); a per-sample gate is α [B, S_live]."""
         adapter.train_subspace(0)

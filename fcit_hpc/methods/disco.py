@@ -102,7 +102,8 @@ class Disco(Method):
         )
         return decisions
 
-    def set_inference(self, adapter, state, feature):
+    def set_inference(self, adapter, state, features):
+        """SSA: α [B, S_live] from the batch's features [B, D], one gate row per sample."""
         import torch
 
         live = state.num_subspaces
@@ -110,5 +111,5 @@ class Disco(Method):
             adapter.train_subspace(None)
             return
         m = self.cfg.method
-        alpha = ssa_activation(feature[None, :], state.tokens[:live], m.epsilon, m.ssa)
+        alpha = ssa_activation(features, state.tokens[:live], m.epsilon, m.ssa)
         adapter.set_activation(torch.from_numpy(alpha))

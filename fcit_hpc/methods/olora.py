@@ -51,6 +51,6 @@ class OLoRA(Method):
     def client_terms(self, adapter, k, context, params, view):
         return ortho_terms(adapter, k, context, self.cfg.method.olora_lambda)
 
-    def set_inference(self, adapter, state, feature) -> None:
+    def set_inference(self, adapter, state, features) -> None:
         live = max(1, state.num_subspaces)
-        adapter.set_activation(torch.ones(1, live))
+        adapter.set_activation(torch.ones(1, live))  # one row: every sample of the batch alike

@@ -7,5 +7,5 @@ class ZeroShot(Method):
     name = "zero_shot"
     trains = False
 
-    def set_inference(self, adapter, state, feature):
+    def set_inference(self, adapter, state, features):
         adapter.train_subspace(None)

