@@ -64,6 +64,9 @@ class IdTokenizer:
     def decode(self, ids) -> str:
         return ",".join(str(int(i)) for i in ids)
 
+    def pixels(self, path):
+        return self.tok.pixels(path)
+
 
 def _images(tmp_path, n: int) -> list[str | None]:
     """Random RGB images for all but the last sample (a sample without image gets grey)."""

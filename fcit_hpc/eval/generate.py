@@ -56,10 +56,8 @@ def greedy_batch(
     ids, mask = left_pad([tok.prompt(x) for x in instructions], tok.pad_token_id, device)
     extra = {}
     if tok.num_image_tokens:
-        from fcit_hpc.data.images import load_image
-
         paths = images if images is not None else [None] * len(instructions)
-        pix = torch.stack([load_image(p, tok.image_size) for p in paths])  # [B, 3, H, W]
+        pix = torch.stack([tok.pixels(p) for p in paths])  # [B, 3, H, W]
         extra["pixel_values"] = pix.to(device)
     out = model.generate(
         ids,

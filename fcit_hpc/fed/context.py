@@ -118,13 +118,13 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     method.check_stages(data.num_stages)
     encoder = None
     if method.uses_identity:
-        device = next(model.parameters()).device  # the encoders follow the model (cpu for now)
         encoder = SampleEncoder(
-            make_encoder(cfg.method, device),
+            make_encoder(cfg.method, rt.device),
             cfg.method.identity_source,
             model,
             tok.image_size,
-            device,
+            rt.device,
+            pixels=tok.pixels if tok.num_image_tokens else None,
         )
     strategy = strategy_from_config(cfg.federation)
     init_group_worlds(cfg, comm, rt)

@@ -200,10 +200,15 @@ class SampleEncoder:
         image_size: int = 0,
         device: torch.device = CPU,
         batch_size: int = ENCODE_BATCH,
+        pixels=None,
     ):
+        """``pixels``: path → [3, H, W] pixel values, the run's image pipeline (the tokenizer's:
+        a LLaVA checkpoint's own image processor); default: the embedded models' loader at
+        ``image_size``."""
         self.text = text_encoder
         self.source = source
         self.image_size = image_size
+        self.pixels = pixels
         self.device, self.batch_size = device, batch_size  # the vision tower's (the model's)
         self.tower = _vision_tower(model) if model is not None else None
         if source != "text" and self.tower is None:
@@ -220,9 +225,12 @@ class SampleEncoder:
         """Pooled vision-tower output of the samples' images, float32 [N, Dv]."""
         from fcit_hpc.data.images import load_image
 
+        def load(path):
+            return self.pixels(path) if self.pixels else load_image(path, self.image_size)
+
         parts = []
         for chunk in chunks(samples, self.batch_size):
-            pix = torch.stack([load_image(s.image, self.image_size) for s in chunk])
+            pix = torch.stack([load(s.image) for s in chunk])
             out = self.tower(pixel_values=pix.to(self.device)).pooler_output  # [n, Dv]
             parts.append(to_host(out))
         return stack_features(parts, self.vdim)
