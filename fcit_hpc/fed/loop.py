@@ -10,17 +10,31 @@ method's stage-end phase (EWC's Fisher), then evaluation of every task on all ra
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from fcit_hpc.config import Config
+from fcit_hpc.errors import FcitError
 from fcit_hpc.fed.client import compute_tokens, stage_end_uploads, train_clients
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.context import RunContext, build_context
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server import Server
 from fcit_hpc.state.schema import RunState
+
+
+@contextmanager
+def local_work() -> Iterator[None]:
+    """A rank's own work on lazily read data (client files, images): an input error there is
+    known to this rank only, so it is marked rank-local (see ``FcitError.rank_local``)."""
+    try:
+        yield
+    except FcitError as e:
+        e.rank_local = True
+        raise
 
 
 def run_federated(
@@ -49,7 +63,9 @@ def run_federated(
             view = broadcast_view(comm, role.state())
             for k in range(view.adapter.shape[0]):
                 ctx.adapter.set(k, view.adapter[k])
-            role.record_eval(stage, evaluation.evaluate(ctx, view))
+            with local_work():
+                result = evaluation.evaluate(ctx, view)
+            role.record_eval(stage, result)
         role.end_stage(stage)
     return role.finish()
 
@@ -85,7 +101,8 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     view = broadcast_view(comm, role.state())
     mine = plan[plan[:, 2] == comm.rank]
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
-        head, body = compute_tokens(ctx, mine)
+        with local_work():
+            head, body = compute_tokens(ctx, mine)
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
         assign = comm.bcast_array(role.dko(heads, bodies))
@@ -94,7 +111,8 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         k = ctx.method.stage_subspace(stage)
         subspaces = {int(c): k for c in plan[:, 0]}
         role.use_subspace(k)
-    head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
+    with local_work():
+        head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
     heads = comm.gatherv(head)
     bodies = comm.gatherv(body)
     role.end_round(stage, rnd, plan, heads, bodies, t0, down0)
@@ -106,7 +124,8 @@ def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> N
     comm = ctx.comm
     plan = comm.bcast_array(role.plan(stage, last_round))
     view = broadcast_view(comm, role.state())
-    head, body = stage_end_uploads(ctx, stage, plan[plan[:, 2] == comm.rank], view)
+    with local_work():
+        head, body = stage_end_uploads(ctx, stage, plan[plan[:, 2] == comm.rank], view)
     heads = comm.gatherv(head)
     bodies = comm.gatherv(body)
     role.merge_stage_end(stage, heads, bodies)
