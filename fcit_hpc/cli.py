@@ -118,20 +118,18 @@ def cmd_data(args) -> int:
         stages = stage_datasets(args.setting, args.order)
         if args.datasets:
             keep = set(args.datasets.split(","))
-            stages = [[n for n in st if n in keep] for st in stages]
-            stages = [st for st in stages if st]
+            stages = [[n for n in st if n in keep] for st in stages]  # stage numbers kept
         out = prepare(
             args.raw,
             args.out,
             stages,
             args.setting,
-            args.scenario,
             args.beta,
             args.num_clients,
             args.min_samples,
             args.seed,
         )
-        print(f"wrote {out}/partitioned_data/{args.setting}/{args.scenario}/{float(args.beta)}")
+        print(f"wrote {out}")
         return 0
     if args.action == "mini":
         from fcit_hpc.benchmark.mini import write_raw
@@ -271,13 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write report.md + plots; print a table over runs")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="also write the table (markdown) to this file")
-    d = sub.add_parser("data", help="benchmark data: prepare the released layout, fcit-mini")
+    d = sub.add_parser("data", help="benchmark data: prepare the release tree, fcit-mini")
     dsub = d.add_subparsers(dest="action", required=True)
-    dp = dsub.add_parser("prepare", help="partition raw per-dataset files into the layout")
-    dp.add_argument("--raw", required=True, help="RAW/<Dataset>/{train,test}.json")
-    dp.add_argument("--out", required=True)
-    dp.add_argument("--setting", choices=["task", "capability"], default="task")
-    dp.add_argument("--scenario", choices=["hom", "het"], default="hom")
+    dp = dsub.add_parser("prepare", help="partition raw per-dataset files into the release tree")
+    dp.add_argument(
+        "--raw", required=True, help="RAW/<Dataset>/{train,test}.json, images under RAW"
+    )
+    dp.add_argument("--out", required=True, help="the tree's root (FCIT_data)")
+    dp.add_argument(
+        "--setting",
+        choices=["task", "capability", "joint", "joint-capability"],
+        default="task",
+        help="task: Task-related/seq, capability: Capability-related/cap, joint(-capability): "
+        "their multask (Hom and Het read the same files)",
+    )
     dp.add_argument("--order", choices=["paper", "eval_scripts"], default="paper")
     dp.add_argument("--beta", type=float, default=1.0)
     dp.add_argument("--num-clients", type=int, default=50)
@@ -337,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             code = cmd_bench(args, comm)
     except FcitError as e:
-        if comm is None or comm.is_root or comm.size == 1:
+        if comm is None or comm.is_root or comm.size == 1 or e.rank_local:
             print(f"fcit: error: {e}", file=sys.stderr)
-        _finish(comm, e.exit_code)
+        _finish(comm, e.exit_code, abort=e.rank_local)
         return e.exit_code
     except BaseException:
         import traceback
@@ -351,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _finish(comm, code: int, abort: bool = False) -> None:
-    """A failing rank in a multi-rank job takes the whole job down instead of leaving it hanging."""
+    """A failing rank in a multi-rank job takes the whole job down instead of leaving it hanging
+    (``abort``: the others may be waiting in a collective for this rank)."""
     if comm is not None and comm.size > 1:
         if abort:
             comm.abort(code)

@@ -35,7 +35,8 @@ def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
     else:  # multitask: one client holding all data, as many samples seen as the federated run
         f = cfg.federation
         c.method.name = "finetune"
-        c.benchmark.setting, c.benchmark.scenario = "joint", "hom"
+        joint = "joint-capability" if cfg.benchmark.setting == "capability" else "joint"
+        c.benchmark.setting, c.benchmark.scenario = joint, "hom"
         c.benchmark.min_client_samples = 1
         c.federation.num_clients, c.federation.client_selection_frac = 1, 1.0
         c.federation.num_rounds = max(

@@ -25,9 +25,9 @@ METHODS = tuple(_REGISTRY_METHODS)
 @dataclass
 class BenchmarkConfig:
     suite: str = "synthetic"  # synthetic (embedded text) | fcit-mini (embedded images) | released
-    data_root: str = ""  # released: the layout root; fcit-mini: cache folder (default ~/.cache)
-    image_root: str = ""  # where image paths are relative to (default: from the layout)
-    setting: str = "task"  # task | capability
+    data_root: str = ""  # released: the FCIT_data folder; fcit-mini: cache folder (or ~/.cache)
+    image_root: str = ""  # where image paths are relative to (default: DATA_ROOT/datasets)
+    setting: str = "task"  # task | capability | joint | joint-capability (multi-task bounds)
     capability_order: str = "paper"  # paper (General, Chart, Math, Other) | eval_scripts
     scenario: str = "hom"  # hom | het
     num_tasks: int = 8  # tasks of the suite used (task setting: one per stage)
@@ -161,7 +161,7 @@ def _in(choices: tuple[str, ...]):
 
 
 _RULES: dict[str, tuple[Any, str]] = {
-    "benchmark.setting": _in(("task", "capability", "joint")),
+    "benchmark.setting": _in(("task", "capability", "joint", "joint-capability")),
     "benchmark.scenario": _in(("hom", "het")),
     "benchmark.suite": _in(("synthetic", "fcit-mini", "released")),
     "benchmark.capability_order": _in(("paper", "eval_scripts")),

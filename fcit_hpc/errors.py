@@ -5,6 +5,9 @@ class FcitError(Exception):
     """Bad user input (config, data file, state file). The CLI prints it on one line, exits 2."""
 
     exit_code = 2
+    # Raised by data only this rank reads (a client file, an image, during local work): the other
+    # ranks do not fail alike, so the CLI reports it from this rank and aborts the whole job.
+    rank_local = False
 
 
 class ConfigError(FcitError):

@@ -1,14 +1,13 @@
 """The FCIT benchmark layer: registry, LLaVA loaders, released layout, prepare, scorers."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from fcit_hpc.benchmark import scorers as sc
-from fcit_hpc.benchmark.layout import LayoutData, client_file, prepare
+from fcit_hpc.benchmark.layout import LayoutData, prepare
 from fcit_hpc.benchmark.llava_json import load_conversations, user_instruction
 from fcit_hpc.benchmark.mini import GENERATORS, write_raw
 from fcit_hpc.benchmark.registry import (
@@ -102,7 +101,7 @@ def test_caption_metrics_against_hand_computed_values():
     assert s["mean"] == pytest.approx(np.mean([s[k] for k in keys]))
 
 
-# ------------------------------------------------------------ miniature released layout
+# -------------------------------------------- miniature release tree (more: tests/test_release.py)
 def _img(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
@@ -116,13 +115,14 @@ ANSWERS = {
 }
 
 
-def _write_released(root, setting="capability", scenario="hom", beta=1.0, clients=3):
-    stages = stage_datasets(setting)
+def _write_released(root, clients=3):
+    """Capability-related stages at β = 1.0, in the published tree."""
+    stages = stage_datasets("capability")
     for u, names in enumerate(stages):
         for c in range(clients):
             recs = []
             for n in names:
-                _img(root / "images" / n / f"{u}_{c}.png")
+                _img(root / "datasets" / "images" / n / f"{u}_{c}.png")
                 recs.append(
                     {
                         "id": f"{n}-{c}",
@@ -133,13 +133,13 @@ def _write_released(root, setting="capability", scenario="hom", beta=1.0, client
                         ],
                     }
                 )
-            f = client_file(root, setting, scenario, beta, u, c)
+            f = root / f"partitioned_data/Capability-related/cap/1.0/Task{u + 1}/client_{c}.json"
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(recs))
         for n in names:
-            _img(root / "images" / n / "t.png")
-            (root / "test").mkdir(exist_ok=True)
-            (root / "test" / f"{n}.json").write_text(
+            _img(root / "datasets" / "images" / n / "t.png")
+            (root / "instructions" / n).mkdir(parents=True)
+            (root / "instructions" / n / "test.json").write_text(
                 json.dumps(
                     [
                         {
@@ -157,10 +157,10 @@ def _write_released(root, setting="capability", scenario="hom", beta=1.0, client
 
 def test_released_layout_all_12_datasets_load_and_score(tmp_path):
     stages = _write_released(tmp_path)
-    data = LayoutData(tmp_path, stages, "capability", "hom", 1.0, 3)
+    data = LayoutData(tmp_path, stages, "capability", 1.0, 3)
     assert sorted(data.task_names) == sorted(DATASETS)
-    assert len(data.client_samples(0, 2)) == 4 and data.client_samples(0, 2)[0].image.endswith(
-        "images/AOKVQA/0_2.png"
+    assert len(data.client_samples(0, 2)) == 4 and data.client_samples(0, 2)[0].image == str(
+        tmp_path / "datasets/images/AOKVQA/0_2.png"
     )
     for t, name in enumerate(data.task_names):
         tests = data.test[t]
@@ -178,40 +178,6 @@ def test_released_layout_all_12_datasets_load_and_score(tmp_path):
         sc.score(DATASETS["FigureQA"].scorer, ["ye", "ye"], [s.answer for s in data.test[fig]])
         == 100
     )
-
-
-def test_prepare_produces_layout_and_loads_back_the_same_samples(tmp_path):
-    raw = write_raw(tmp_path / "raw", 12, 3, seed=1)
-    out = tmp_path / "out"
-    p = fcit(
-        "data",
-        "prepare",
-        "--raw",
-        str(raw),
-        "--out",
-        str(out),
-        "--setting",
-        "task",
-        "--beta",
-        "0.5",
-        "--num-clients",
-        "5",
-        "--min-samples",
-        "1",
-    )
-    assert p.returncode == 0, p.stderr
-    stages = stage_datasets("task")
-    data = LayoutData(out, stages, "task", "hom", 0.5, 5)
-    for u, (name,) in enumerate(stages):
-        got = Counter(
-            (s.instruction, s.answer, s.image) for c in range(5) for s in data.client_samples(u, c)
-        )
-        want = Counter(
-            (s.instruction, s.answer, s.image)
-            for s in load_conversations(raw / name / "train.json", 0, raw)
-        )
-        assert got == want
-        assert (out / "partitioned_data/task/hom/0.5" / f"Task{u + 1}" / "client_4.json").is_file()
 
 
 def test_fcit_mini_is_deterministic_and_has_look_alike_pairs(tmp_path):
@@ -280,7 +246,7 @@ def test_bad_beta_and_unknown_dataset(tmp_path):
     p = fcit("run", "configs/smoke.yaml", "benchmark.dirichlet_beta=-1")
     assert p.returncode == 2 and "benchmark.dirichlet_beta" in p.stderr
     with pytest.raises(DataError, match="unknown dataset"):
-        prepare(tmp_path, tmp_path / "o", [["NotADataset"]], "task", "hom", 1.0, 2, 1, 0)
+        prepare(tmp_path, tmp_path / "o", [["NotADataset"]], "task", 1.0, 2, 1, 0)
 
 
 def test_empty_client_file(tmp_path):

@@ -1,8 +1,11 @@
 """Readers and writers of the LLaVA formats: training conversations and test questions.
 
 Training: a JSON list of ``{"id", "image", "conversations": [{"from": "human", "value":
-"<image>\\n..."}, {"from": "gpt", "value": "..."}]}``. Test: a JSON list of ``{"question_id",
-"image", "text", "answer"}``. Every error names the file and the record index.
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; a multi-turn record gives one sample per
+(human, gpt) turn pair, each asked about the record's image on its own (the models here take
+single-turn prompts). Test: a JSON list of ``{"question_id", "image", "text", "answer"}``
+(``question_id`` may be ``id`` or absent: then the record index). Every error names the file and the
+record index.
 """
 
 from __future__ import annotations
@@ -51,6 +54,33 @@ def _image(path: Path, i: int, rec: dict, image_root: Path | None, check: bool) 
     return str(full)
 
 
+def _turn_pairs(path: Path, i: int, conv) -> list[tuple[str, str]]:
+    """(human, gpt) values of a conversation, in order; turns must alternate, human first."""
+    if (
+        not isinstance(conv, list)
+        or len(conv) < 2
+        or not all(isinstance(c, dict) and "value" in c for c in conv)
+    ):
+        raise DataError(f"{path}: record {i}: 'conversations' must list human and gpt turns")
+    pairs, question = [], None
+    for k, turn in enumerate(conv):
+        role = turn.get("from")
+        if role == "human" and question is None:
+            question = str(turn["value"])
+        elif role == "gpt" and question is not None:
+            pairs.append((question, str(turn["value"])))
+            question = None
+        else:
+            want = "human" if question is None else "gpt"
+            raise DataError(
+                f"{path}: record {i}: turn {k}: expected a {want} turn, got {role!r} "
+                "(turns alternate human, gpt)"
+            )
+    if question is not None:
+        raise DataError(f"{path}: record {i}: the last human turn has no gpt answer")
+    return pairs
+
+
 def load_conversations(
     path: str | Path,
     task: int,
@@ -67,28 +97,12 @@ def load_conversations(
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise DataError(f"{path}: record {i}: expected an object")
-        conv = rec.get("conversations")
-        if conv is None:
+        if "conversations" not in rec:
             raise DataError(f"{path}: record {i}: missing 'conversations'")
-        if (
-            not isinstance(conv, list)
-            or len(conv) < 2
-            or not all(isinstance(c, dict) and "value" in c for c in conv)
-        ):
-            raise DataError(f"{path}: record {i}: 'conversations' must list human and gpt turns")
-        human = next((c for c in conv if c.get("from") == "human"), None)
-        gpt = next((c for c in conv if c.get("from") == "gpt"), None)
-        if human is None or gpt is None:
-            raise DataError(f"{path}: record {i}: needs a 'human' and a 'gpt' turn")
-        out.append(
-            Sample(
-                user_instruction(human["value"]),
-                str(gpt["value"]),
-                task,
-                _image(path, i, rec, root, check_images),
-                str(rec.get("id", i)),
-            )
-        )
+        pairs = _turn_pairs(path, i, rec["conversations"])
+        image = _image(path, i, rec, root, check_images)
+        rid = str(rec.get("id", i))
+        out += [Sample(user_instruction(q), a, task, image, rid) for q, a in pairs]
     return out
 
 
@@ -102,9 +116,12 @@ def load_test(
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise DataError(f"{path}: record {i}: expected an object")
-        for key in ("question_id", "text", "answer"):
+        for key in ("text", "answer"):
             if key not in rec:
                 raise DataError(f"{path}: record {i}: missing '{key}'")
+        qid = rec.get("question_id", rec.get("id", i))
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise DataError(f"{path}: record {i}: 'question_id' must be a string or an integer")
         ans = rec["answer"]
         out.append(
             Sample(
@@ -112,7 +129,7 @@ def load_test(
                 json.dumps(ans) if isinstance(ans, list) else str(ans),
                 task,
                 _image(path, i, rec, root, check_images),
-                str(rec["question_id"]),
+                qid,
             )
         )
     return out

@@ -2,7 +2,8 @@
 dataset, mirroring its instruction style and answer form, with small rendered images.
 
 Written as raw per-dataset LLaVA files (``RAW/<Dataset>/{train,test}.json`` + ``RAW/images``),
-then partitioned by ``fcit data prepare`` into the released layout, so the real loader path runs.
+then partitioned by ``fcit data prepare`` into the release tree (the cache folder plays
+``FCIT_data``), so the release loader path runs.
 CLEVR-Math and super-CLEVR share one scene renderer (their images look alike) but differ in
 instructions; FigureQA and DVQA share the bar-chart renderer.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fcit_hpc.benchmark.layout import TREE_VERSION
 from fcit_hpc.benchmark.llava_json import to_conversation, to_test, write_json
 from fcit_hpc.benchmark.registry import DATASETS
 from fcit_hpc.cache import recipe_hash as _recipe_hash
@@ -215,7 +217,10 @@ assert set(GENERATORS) == set(DATASETS)
 
 
 def recipe_hash(train: int, test: int, seed: int) -> str:
-    return _recipe_hash(f"{RECIPE_VERSION}|{train}|{test}|{seed}|".encode(), __file__)
+    """Names fcit-mini's cache folder: the recipe, this module's source and the version of the tree
+    prepare writes there (a cache written with other folder names is never read)."""
+    key = f"{RECIPE_VERSION}|{train}|{test}|{seed}|tree{TREE_VERSION}|"
+    return _recipe_hash(key.encode(), __file__)
 
 
 def write_raw(raw: str | Path, train: int, test: int, seed: int) -> Path:

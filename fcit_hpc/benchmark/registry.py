@@ -64,9 +64,14 @@ def dataset(name: str) -> DatasetInfo:
 
 
 def stage_datasets(setting: str, order: str = "paper") -> list[list[str]]:
-    """Datasets of each stage: task-related = 8 stages of one dataset; capability-related = 4."""
+    """Datasets of each stage: task-related = 8 stages of one dataset; capability-related = 4;
+    the multi-task upper bounds (``joint``: task-related, ``joint-capability``) = one stage of
+    every dataset of their setting."""
     if setting == "task":
         return [[d] for d in TASK_ORDER]
-    if setting == "joint":  # the centralized multi-task upper bound: every task in one stage
+    if setting == "joint":
         return [list(TASK_ORDER)]
-    return [list(CAPABILITY_GROUPS[g]) for g in CAPABILITY_ORDERS[order]]
+    stages = [list(CAPABILITY_GROUPS[g]) for g in CAPABILITY_ORDERS[order]]
+    if setting == "joint-capability":
+        return [[d for st in stages for d in st]]
+    return stages

@@ -41,7 +41,7 @@ class Schedule:
             self.stages = stages
         elif setting == "task":
             self.stages = [[t] for t in range(num_tasks)]
-        elif setting == "joint":
+        elif setting.startswith("joint"):
             self.stages = [list(range(num_tasks))]
         else:
             groups = max(1, min(4, num_tasks // 2))

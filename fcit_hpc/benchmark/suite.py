@@ -1,8 +1,9 @@
 """The federated data of a run: per-stage data units partitioned over clients, and test sets.
 
 Sources (``benchmark.suite``): ``synthetic`` (embedded text tasks, in memory), ``fcit-mini``
-(embedded image benchmark, generated once into a cache and read through the released layout), and
-``released`` (the released FCIT layout at ``benchmark.data_root``).
+(embedded image benchmark, generated once into a cache through ``fcit data prepare`` and read as a
+release), and ``released`` (the FCIT release tree, the ``FCIT_data`` folder at
+``benchmark.data_root``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcit_hpc.benchmark.layout import LayoutData, prepare, unit_dir
+from fcit_hpc.benchmark.layout import LayoutData, partition_record, prepare, prepared_as
 from fcit_hpc.benchmark.partition import dirichlet_partition
 from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
 from fcit_hpc.benchmark.schedule import Schedule
@@ -33,7 +34,8 @@ def mini_root(cfg: Config) -> Path:
 
 
 def ensure_data(cfg: Config) -> None:
-    """Generate and partition fcit-mini if the cache lacks it (call on one rank, then barrier)."""
+    """Generate fcit-mini and partition it for this config if the cache lacks that partition (call
+    on one rank, then barrier)."""
     b, f = cfg.benchmark, cfg.federation
     if b.suite != "fcit-mini":
         return
@@ -42,19 +44,13 @@ def ensure_data(cfg: Config) -> None:
     root = mini_root(cfg)
     write_raw(root / "raw", b.train_per_task, b.test_per_task, cfg.seed)
     stages = stage_datasets(b.setting, b.capability_order)
-    if (
-        not unit_dir(root, b.setting, b.scenario, b.dirichlet_beta, len(stages) - 1).is_dir()
-        or not (
-            unit_dir(root, b.setting, b.scenario, b.dirichlet_beta, 0)
-            / f"client_{f.num_clients - 1}.json"
-        ).is_file()
-    ):
+    want = partition_record(stages, f.num_clients, b.min_client_samples, cfg.seed)
+    if prepared_as(root, b.setting, b.dirichlet_beta) != want:
         prepare(
             root / "raw",
             root,
             stages,
             b.setting,
-            b.scenario,
             b.dirichlet_beta,
             f.num_clients,
             b.min_client_samples,
@@ -78,7 +74,6 @@ class FederatedData:
             root,
             names,
             b.setting,
-            b.scenario,
             b.dirichlet_beta,
             cfg.federation.num_clients,
             b.image_root or None,

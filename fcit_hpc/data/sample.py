@@ -8,10 +8,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Sample:
     """One instruction-tuning sample. ``instruction`` is the user turn (no image placeholder, no
-    system line), ``answer`` the target, ``image`` an absolute path or None."""
+    system line), ``answer`` the target, ``image`` an absolute path or None, ``id`` the record's id
+    (a test question's ``question_id`` as released: string or integer)."""
 
     instruction: str
     answer: str
     task: int
     image: str | None = None
-    id: str = ""
+    id: str | int = ""

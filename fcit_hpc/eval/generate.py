@@ -1,7 +1,8 @@
 """Evaluation after a stage: greedy generation over batches of ``eval.batch_size`` test samples
 (left-padded, each sample with its own SSA gate α), samples dealt over the ranks, predictions
-gathered to rank 0 as UTF-8 bytes (no pickle) and scored there with each dataset's scorer. Same
-numbers at any world size; batch size 1 generates one sample at a time without padding."""
+gathered to rank 0 as UTF-8 bytes (no pickle) and scored there with each dataset's scorer; the
+server keeps the predictions beside the state. Same numbers at any world size; batch size 1
+generates one sample at a time without padding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from fcit_hpc.benchmark.scorers import score
 from fcit_hpc.data.sample import Sample
+from fcit_hpc.fed.server.predictions import StageEval
 from fcit_hpc.fed.wire import pack_predictions, unpack_predictions
 from fcit_hpc.host import to_host
 from fcit_hpc.seeds import EVAL_DEAL_STRIDE
@@ -118,18 +120,17 @@ def gather_predictions(comm, local) -> dict[tuple[int, int], str] | None:
     return unpack_predictions(heads, bodies)
 
 
-def evaluate(ctx, state) -> np.ndarray | None:
-    """Score (0–100) per task on rank 0, None elsewhere."""
+def evaluate(ctx, state) -> StageEval | None:
+    """Score (0–100) per task and the predictions it comes from, on rank 0; None elsewhere."""
     preds = gather_predictions(ctx.comm, predict_local(ctx, state))
     if preds is None:
         return None
     data = ctx.data
     acc = np.zeros(data.num_tasks)
+    per_task = []
     for t in range(data.num_tasks):
         tests = data.test[t]
-        if not tests:
-            acc[t] = np.nan
-            continue
         p = [preds[(t, i)] for i in range(len(tests))]
-        acc[t] = score(data.scorers[t], p, [s.answer for s in tests])
-    return acc
+        per_task.append(p)
+        acc[t] = score(data.scorers[t], p, [s.answer for s in tests]) if tests else np.nan
+    return StageEval(acc, per_task)

@@ -26,7 +26,7 @@ def _fmt(x) -> str:
 def _method(st: RunState) -> str:
     cfg = yaml.safe_load(st.config_yaml)
     name = cfg["method"]["name"]
-    if cfg["benchmark"]["setting"] == "joint":
+    if cfg["benchmark"]["setting"].startswith("joint"):
         return "multitask (upper bound)"
     if name == "disco" and cfg["method"].get("ssa", "softmax") != "softmax":
         return f"disco[{cfg['method']['ssa']}]"

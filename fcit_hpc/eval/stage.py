@@ -1,18 +1,17 @@
-"""What the loop asks of evaluation: a stage's accuracy (all ranks), the run's summary and report
-(the server)."""
+"""What the loop asks of evaluation: a stage's accuracy and predictions (all ranks), the run's
+summary and report (the server)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
+from fcit_hpc.fed.server.predictions import StageEval
 from fcit_hpc.state.schema import RunState
 
 
 class Evaluation:
-    def evaluate(self, ctx, view: RunState) -> np.ndarray | None:
-        """Accuracy (0–100) per task on rank 0, None elsewhere."""
+    def evaluate(self, ctx, view: RunState) -> StageEval | None:
+        """Accuracy (0–100) per task and the predictions on rank 0, None elsewhere."""
         from fcit_hpc.eval.generate import evaluate
 
         return evaluate(ctx, view)

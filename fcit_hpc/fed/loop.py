@@ -10,11 +10,14 @@ method's stage-end phase (EWC's Fisher), then evaluation of every task on all ra
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from fcit_hpc.config import Config
+from fcit_hpc.errors import FcitError
 from fcit_hpc.fed.client import compute_tokens, stage_end_uploads, train_clients
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.context import RunContext, build_context
@@ -22,6 +25,17 @@ from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server import Server
 from fcit_hpc.model.projector import set_projector
 from fcit_hpc.state.schema import RunState
+
+
+@contextmanager
+def local_work() -> Iterator[None]:
+    """A rank's own work on lazily read data (client files, images): an input error there is
+    known to this rank only, so it is marked rank-local (see ``FcitError.rank_local``)."""
+    try:
+        yield
+    except FcitError as e:
+        e.rank_local = True
+        raise
 
 
 def run_federated(
@@ -53,7 +67,9 @@ def run_federated(
                 ctx.adapter.set(k, view.adapter[k])
             if view.projector.size:
                 set_projector(ctx.model, view.projector)
-            role.record_eval(stage, evaluation.evaluate(ctx, view))
+            with local_work():
+                result = evaluation.evaluate(ctx, view)
+            role.record_eval(stage, result)
         role.end_stage(stage)
     return role.finish()
 
@@ -99,7 +115,8 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     view = broadcast_view(comm, role.state())
     mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
-        head, body = compute_tokens(ctx, lead)
+        with local_work():
+            head, body = compute_tokens(ctx, lead)
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
         assign = comm.bcast_array(role.dko(heads, bodies))
@@ -108,7 +125,8 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         k = ctx.method.stage_subspace(stage)
         subspaces = {int(c): k for c in plan[:, 0]}
         role.use_subspace(k)
-    head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
+    with local_work():
+        head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
     heads = comm.gatherv(head)
     bodies = comm.gatherv(body)
     role.end_round(stage, rnd, plan, heads, bodies, t0, down0)
@@ -120,7 +138,8 @@ def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> N
     comm = ctx.comm
     plan = comm.bcast_array(role.plan(stage, last_round))
     view = broadcast_view(comm, role.state())
-    head, body = stage_end_uploads(ctx, stage, my_rows(ctx, plan)[1], view)
+    with local_work():
+        head, body = stage_end_uploads(ctx, stage, my_rows(ctx, plan)[1], view)
     heads = comm.gatherv(head)
     bodies = comm.gatherv(body)
     role.merge_stage_end(stage, heads, bodies)

@@ -52,8 +52,8 @@ class Role:
         """int64 [1]: 1 when ``stage`` has not been evaluated yet."""
         return None
 
-    def record_eval(self, stage: int, acc) -> None:
-        pass
+    def record_eval(self, stage: int, result) -> None:
+        """Store an evaluation (a ``StageEval``: accuracy and predictions, rank 0's only)."""
 
     def end_stage(self, stage: int) -> None:
         pass

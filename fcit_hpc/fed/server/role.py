@@ -1,5 +1,5 @@
 """The server (rank 0): everything the loop decides — plans, DKO, validation, aggregation, the
-stage-end merge, the state, its file and the metrics log."""
+stage-end merge, the state, its file, the metrics log and the predictions files."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
+from fcit_hpc.fed.server.predictions import StageEval, write_predictions
 from fcit_hpc.fed.server.run_state import check_state, init_state
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
@@ -98,9 +99,11 @@ class Server(Role):
     def needs_eval(self, stage):
         return np.array([1 if np.isnan(self.st.accuracy[stage]).all() else 0], np.int64)
 
-    def record_eval(self, stage, acc):
-        self.st.accuracy[stage] = acc
-        self.metrics.append(MetricsLog._eval_line(stage, acc, self.ctx.data.task_names))
+    def record_eval(self, stage, result: StageEval):
+        data = self.ctx.data
+        write_predictions(self.run_dir, stage, data.task_names, data.test, result.predictions)
+        self.st.accuracy[stage] = result.accuracy
+        self.metrics.append(MetricsLog._eval_line(stage, result.accuracy, data.task_names))
 
     def end_stage(self, stage):
         st = self.st
