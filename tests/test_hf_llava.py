@@ -198,29 +198,48 @@ def test_bad_checkpoints_name_the_file(tmp_path):
 
 
 @pytest.mark.mpi
-def test_fcit_mini_end_to_end_under_mpiexec(ckpt, tmp_path):
-    """Training, DKO, evaluation, report and PEFT export with the checkpoint's own processor."""
-    out = tmp_path / "run"
+@pytest.mark.slow
+def test_release_end_to_end_under_mpiexec(ckpt, tmp_path):
+    """The checkpoint's own processor through training, DKO, evaluation, predictions, report and
+    PEFT export (with the trained projector), on a miniature release tree in the published layout
+    (multi-turn records, <image> at the end of a prompt, PNG and JPEG, unicode answers,
+    one-sample clients); Hom under mpiexec -n 2, Het serially."""
+    from .test_release import _overrides, _rescored, write_release
+
+    root = write_release(tmp_path / "FCIT_data")
+    hf = ["model.name=hf", f"model.path={ckpt}", "model.max_seq_len=96"]
+    out = tmp_path / "hom"
+    fcit_bin = str(ROOT / ".venv/bin/fcit")
     p = mpiexec(
         2,
-        str(ROOT / ".venv/bin/fcit"),
+        fcit_bin,
         "run",
         str(ROOT / "configs/smoke_mini.yaml"),
         "--out",
         str(out),
-        "model.name=hf",
-        f"model.path={ckpt}",
-        "model.max_seq_len=96",
+        *_overrides(root, *hf),
     )
     assert p.returncode == 0, p.stderr[-3000:]
     from fcit_hpc.state.schema import read_state
 
     st = read_state(out)
-    assert st.done and st.num_subspaces >= 2
-    assert np.isfinite(st.accuracy[-1]).all()
+    assert st.done and st.num_subspaces >= 2 and st.projector.size > 0
+    assert np.isfinite(st.accuracy).all()
+    _rescored(out, root)
     assert (out / "report.md").is_file()
     e = fcit("export", str(out))
     assert e.returncode == 0, e.stderr[-2000:]
     first = Path(e.stdout.split()[0])
     first = first if first.is_absolute() else ROOT / first
     assert json.loads((first / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((first / "adapter_config.json").read_text())["modules_to_save"]
+    het = tmp_path / "het"
+    p = fcit(
+        "run",
+        str(ROOT / "configs/smoke_mini.yaml"),
+        "--out",
+        str(het),
+        *_overrides(root, *hf, "benchmark.scenario=het"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_state(het).done

@@ -246,7 +246,7 @@ def test_gradient_checkpointing_gives_the_same_update():
     cfg_c = load_config(None, ["lora.lora_dropout=0.0", "train.gradient_checkpointing=true"])
     rt = _runtime(cfg_c)
     model_c, adapter_c, _ = build_model(cfg_c, 2, rt)
-    assert model_c.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model_c.modules())
     res = TorchTrainer(rt).train(model_c, adapter_c, 1, start, batches, opt)
     assert np.abs(ref.vector - start).max() > 1e-3
     np.testing.assert_allclose(res.vector, ref.vector, atol=1e-6, rtol=0)

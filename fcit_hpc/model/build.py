@@ -125,7 +125,10 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
         if runtime.gradient_checkpointing:
             # non-reentrant: recomputes correctly when only the LoRA weights need gradients
             kw = {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     tok = make_tokenizer(cfg)
     _check_image_tokens(model, tok, cfg.model.path)
     return model, SubspaceAdapter(layers), tok
