@@ -56,9 +56,19 @@ def runtime_for(cfg: Config, comm: Comm) -> Runtime:
     return make_runtime(cfg.train, cfg.federation, comm.rank, comm.size)
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a group's rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
 def init_group_worlds(cfg: Config, comm: Comm, rt: Runtime) -> None:
-    """The torch.distributed world of each client group: its leader's host name reaches the
-    members through rank 0 (gather, broadcast); port = FCIT_DS_PORT_BASE (29500) + leader rank.
+    """The torch.distributed world of each client group. Every leader picks a free port on its
+    host (or FCIT_DS_PORT_BASE + its rank when that variable is set); host names and ports reach
+    the members through rank 0 (gather, broadcast), so two jobs on one node never collide.
     DeepSpeed needs a world even for a group of one; plain torch only for groups of two or more."""
     import os
     import socket
@@ -68,20 +78,26 @@ def init_group_worlds(cfg: Config, comm: Comm, rt: Runtime) -> None:
     needs = cfg.train.backend == "deepspeed" or any(g.size > 1 for g in rt.groups)
     if not needs:
         return
+    base = os.environ.get("FCIT_DS_PORT_BASE")
+    port = (int(base) + rt.rank if base else _free_port()) if rt.is_leader else 0
     if any(g.size > 1 for g in rt.groups):
-        name = np.frombuffer(socket.gethostname().encode(), np.uint8)
-        names = comm.gatherv(np.concatenate([name, np.zeros(1, np.uint8)]))
+        name = np.frombuffer(socket.gethostname().encode() + b"\0", np.uint8)
+        names = comm.gatherv(name)
         table = comm.bcast_array(np.concatenate(names) if names is not None else None)
-        hosts = bytes(table).split(b"\0")[:-1]
+        hosts = [h.decode() for h in bytes(table).split(b"\0")[:-1]]
+        got = comm.gatherv(np.array([port], np.int64))
+        ports = comm.bcast_array(np.concatenate(got) if got is not None else None).tolist()
     else:
-        hosts = [b"127.0.0.1"] * comm.size
+        ports, hosts = None, None
     if rt.group is None:  # rank 0 serving only: no training, no world
         return
     from fcit_hpc.train.ds_trainer import init_group_world
 
     g = rt.group
-    port = int(os.environ.get("FCIT_DS_PORT_BASE", "29500")) + g.leader
-    addr = hosts[g.leader].decode() if g.size > 1 else "127.0.0.1"
+    if g.size > 1:
+        addr, port = hosts[g.leader], ports[g.leader]
+    else:
+        addr = "127.0.0.1"
     init_group_world(
         g.ranks.index(rt.rank), g.size, addr, port, rt.dist_backend, rt.launch.local_rank
     )

@@ -48,9 +48,20 @@ def init_group_world(
     _WORLD = key
 
 
-def init_single_process_world(local_rank: int, port_base: int = 29500) -> None:
-    """A world of one for this process (a rank outside any group, or tests)."""
-    port = int(os.environ.get("FCIT_DS_PORT_BASE", port_base)) + local_rank
+def init_single_process_world(local_rank: int) -> None:
+    """A world of one for this process (tests, a trainer made without a runtime): on a free
+    port, or FCIT_DS_PORT_BASE + local rank when that variable is set."""
+    if _WORLD is not None:
+        return
+    base = os.environ.get("FCIT_DS_PORT_BASE")
+    if base:
+        port = int(base) + local_rank
+    else:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
     init_group_world(0, 1, "127.0.0.1", port, "gloo", local_rank)
 
 
