@@ -48,9 +48,10 @@ sysdeps:
 test: install sysdeps
 	$(BIN)/python -m pytest -q tests
 
-# The GPU tests (marker `gpu`, deselected by `make test`): on a machine with a CUDA device.
+# The GPU tests (marker `gpu`, deselected by `make test`): on a machine with a CUDA device, with
+# real Triton kernels (TRITON_INTERPRET=0: conftest turns the interpreter on by default).
 test-gpu: install
-	DS_ACCELERATOR=cuda $(BIN)/python -m pytest -q -m gpu tests
+	DS_ACCELERATOR=cuda TRITON_INTERPRET=0 $(BIN)/python -m pytest -q -m gpu tests
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

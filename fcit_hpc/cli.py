@@ -266,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--config", default=None, help="config for `bench rounds`")
+    b.add_argument(
+        "--skip-e2e", action="store_true", help="`bench kernels` on CUDA: no 7B decode latency"
+    )
+    b.add_argument(
+        "--skip-compile", action="store_true", help="`bench kernels` on CUDA: no torch.compile"
+    )
     rp = sub.add_parser("report", help="write report.md + plots; print a table over runs")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="also write the table (markdown) to this file")

@@ -1,10 +1,21 @@
-"""Kernel microbenchmark: ``fcit bench kernels [--quick] [--json FILE]``.
+"""Kernel microbenchmark: ``fcit bench kernels [--quick] [--json FILE] [--skip-e2e]
+[--skip-compile]``.
 
-Times, side by side in one run and on the same inputs: the base GEMM alone (the floor), the fused
-SSA-LoRA path, the naive per-subspace loop, and PEFT's mixed-adapter forward (real PEFT LoRA layers
-with ``adapter_names``; applies to one-hot α, i.e. argmax routing). Prints ratios to the base GEMM,
-GB/s, GFLOP/s and where each point sits on this machine's roofline (bandwidth and GEMM peak are
-measured in the same run). On CUDA the Triton kernel is timed with ``triton.testing.do_bench``.
+CPU (the torch path): times side by side in one run and on the same inputs the base GEMM alone
+(the floor), the fused SSA-LoRA path, the naive per-subspace loop and PEFT's mixed-adapter forward
+(real PEFT LoRA layers with ``adapter_names``; one-hot α, i.e. argmax routing); prints ratios to
+the base GEMM and where each point sits on this machine's measured roofline.
+
+CUDA (the Triton path), bf16/fp16/fp32, timed in the manner of vLLM's LoRA benchmark (rotating
+argument copies, CUDA-graph replay): each competitor runs n calls over rotating copies of all
+operands (together over twice the L2, so no copy is cache-resident), captured in one CUDA graph
+and replayed; time per call = replay time / n (a competitor that cannot be captured falls back to
+``triton.testing.do_bench`` over the same rotation, marked ``*``). Competitors: the base GEMM,
+``ssa_lora_linear``, torch's two-GEMM form (ssa_lora_linear_torch), the per-subspace loop, PEFT's
+mixed-adapter forward (one adapter per row: with one-hot α it does less work than SSA's S
+subspaces), and ``torch.compile`` (max-autotune, without its own CUDA graphs so it sits in ours)
+of the same math. Then per-token decode latency of a LLaVA-1.5-7B-shaped language model (random
+bf16 weights), base vs 8 SSA subspaces on gate/up/down.
 """
 
 from __future__ import annotations
@@ -89,18 +100,8 @@ def _inputs(H, N, S, r, M, dev, copies):
 
 
 def _time_interleaved(fns: dict, xs: list, reps: int, dev) -> dict[str, float]:
-    """Median seconds per function; functions alternate within each repetition and inputs rotate,
-    so drift of the machine hits all of them alike. On CUDA: triton.testing.do_bench (median)."""
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-
-        out = {}
-        for k, f in fns.items():
-            it = iter(range(1 << 30))
-            out[k] = (
-                do_bench(lambda f=f, it=it: f(xs[next(it) % len(xs)]), return_mode="median") / 1e3
-            )
-        return out
+    """Median seconds per function (CPU); functions alternate within each repetition and inputs
+    rotate, so drift of the machine hits all of them alike."""
     times = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():  # warm-up
@@ -172,8 +173,9 @@ def bench_point(H, N, S, r, M, dev, reps: int, roof: dict, peft: bool = True) ->
     }
 
 
-def main(args) -> int:
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def main_cpu(args) -> int:
+    """CPU: the torch path (ratios to the base GEMM, interleaved timing)."""
+    dev = torch.device("cpu")
     roof = machine_roofline(dev)
     print(
         f"device {dev} threads {torch.get_num_threads()}  measured bandwidth "
@@ -211,6 +213,367 @@ def main(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- CUDA
+_BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
+# --quick on CUDA: the issue's points (bf16, H = 4096, S = 8, r = 8, M = 1 … 4096), the LLaMA-7B
+# FFN shapes, fp16/fp32 at decode and prefill, and S·r = 1024 (S = 16, r = 64) in bf16 and fp32
+CUDA_QUICK = (
+    [(_BF16, 4096, 4096, 8, 8, m) for m in (1, 16, 512, 4096)]
+    + [(_BF16, 4096, 11008, 8, 8, m) for m in (1, 16)]
+    + [(_BF16, 11008, 4096, 8, 8, 1)]
+    + [(dt, 4096, 4096, 8, 8, m) for dt in (_FP16, _FP32) for m in (1, 16, 512)]
+    + [(dt, 4096, 4096, 16, 64, m) for dt in (_BF16, _FP32) for m in (1, 16)]
+)
+
+
+def cuda_roofline(dev) -> dict:
+    """Measured copy bandwidth (GB/s, bytes read + written) and GEMM peaks per dtype (GFLOP/s,
+    random data; fp32 under torch's current TF32 switch), plus L2 size and SM count."""
+    from triton.testing import do_bench
+
+    n = 256 * 1024 * 1024
+    dst, src = torch.empty(n, device=dev), torch.randn(n, device=dev)
+    bw = 2 * n * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3) / 1e9
+    peaks = {}
+    for dt, size in ((_BF16, 8192), (_FP16, 8192), (_FP32, 4096)):
+        x, y = (torch.randn(size, size, device=dev, dtype=dt) for _ in range(2))
+        t = do_bench(lambda x=x, y=y: x @ y, return_mode="median") / 1e3
+        peaks[str(dt)] = 2 * size**3 / t / 1e9
+    props = torch.cuda.get_device_properties(dev)
+    return {
+        "device": props.name,
+        "bandwidth_gbs": bw,
+        "gemm_gflops": peaks,
+        "l2_bytes": int(getattr(props, "L2_cache_size", 50 << 20)),
+        "sms": props.multi_processor_count,
+    }
+
+
+def _two_gemm(x, W, A_cat, B_cat, alpha, scaling):
+    """The same math in plain torch ops (the torch.compile competitor)."""
+    S = alpha.shape[1]
+    h = (x @ A_cat.t()).view(x.shape[0], S, -1) * (alpha.to(x.dtype) * scaling).unsqueeze(-1)
+    return torch.nn.functional.linear(x, W) + h.view(x.shape[0], -1) @ B_cat.t()
+
+
+def _time_cuda(call, n: int, dev, reps: int = 30) -> tuple[float, bool]:
+    """Seconds per call of ``call(i)``, i = 0 … n-1 over rotating operand copies: n calls captured
+    in one CUDA graph and replayed (median over replays); do_bench over the rotation if the calls
+    cannot be captured. Returns (seconds, captured)."""
+    for i in range(n):  # warm-up: autotuning, compilation, caches
+        call(i)
+    torch.cuda.synchronize(dev)
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for i in range(n):
+                call(i)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n):
+                call(i)
+        graph.replay()
+        torch.cuda.synchronize(dev)
+    except Exception:  # not capturable (e.g. host-side indexing): time it eagerly
+        from triton.testing import do_bench
+
+        torch.cuda.synchronize(dev)
+        it = iter(range(1 << 40))
+        ms = do_bench(lambda: call(next(it) % n), return_mode="median")
+        return ms / 1e3, False
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / n)
+    del graph
+    return statistics.median(times), True
+
+
+def bench_point_cuda(dtype, H, N, S, r, M, dev, roof: dict, compile_: bool = True) -> dict:
+    """One shape on CUDA: every competitor over rotating copies (together > 2× L2)."""
+    from fcit_kernels.ssa_lora import ssa_lora_linear_torch
+
+    scaling = 2.0
+    es = torch.tensor([], dtype=dtype).element_size()
+    per_copy = es * (N * H + S * r * (H + N) + M * H + M * N)
+    copies = max(2, min(16, -(-2 * roof["l2_bytes"] // per_copy)))
+    n = copies * max(1, min(24 // copies, (1 << 30) // (copies * M * N * es)))  # outputs ≤ 1 GB
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device=dev, generator=g).to(dtype)
+    sets = []
+    for _ in range(copies):
+        A, B = rnd(S, r, H) * 0.01, rnd(S, N, r) * 0.01
+        idx = torch.randint(0, S, (M,), device="cpu")
+        sets.append(
+            dict(
+                x=rnd(M, H),
+                W=rnd(N, H) / H**0.5,
+                A=A,
+                B=B,
+                A_cat=A.reshape(S * r, H).contiguous(),
+                B_cat=B.permute(1, 0, 2).reshape(N, S * r).contiguous(),
+                alpha=torch.softmax(torch.randn(M, S, device=dev, generator=g), -1),
+                names=[f"s{int(i)}" for i in idx],
+            )
+        )
+    fl = torch.nn.functional.linear
+
+    def loop(c):
+        y = fl(c["x"], c["W"])
+        for i in range(S):
+            y += (
+                scaling
+                * c["alpha"][:, i : i + 1].to(dtype)
+                * ((c["x"] @ c["A"][i].t()) @ c["B"][i].t())
+            )
+        return y
+
+    fns = {
+        "base": lambda c: fl(c["x"], c["W"]),
+        "fused": lambda c: ssa_lora_linear(
+            c["x"], c["W"], None, c["A_cat"], c["B_cat"], c["alpha"], scaling
+        ),
+        "two_gemm": lambda c: ssa_lora_linear_torch(
+            c["x"], c["W"], None, c["A_cat"], c["B_cat"], c["alpha"], scaling
+        ),
+        "loop": loop,
+    }
+    try:
+        for c in sets:
+            c["peft"] = _peft_layer(c["W"], c["A"], c["B"], scaling)
+        fns["peft_mixed"] = lambda c: c["peft"](c["x"], adapter_names=c["names"])
+    except ImportError:
+        pass
+    if compile_:
+        torch._dynamo.reset()
+        compiled = torch.compile(_two_gemm, mode="max-autotune-no-cudagraphs", dynamic=False)
+        fns["compile"] = lambda c: compiled(
+            c["x"], c["W"], c["A_cat"], c["B_cat"], c["alpha"], scaling
+        )
+    secs, captured = {}, {}
+    for k, f in fns.items():
+        secs[k], captured[k] = _time_cuda(lambda i, f=f: f(sets[i % copies]), n, dev)
+    flops = 2 * M * H * N + 2 * M * S * r * (H + N)
+    floor = max(
+        per_copy / (roof["bandwidth_gbs"] * 1e9), flops / (roof["gemm_gflops"][str(dtype)] * 1e9)
+    )
+    row = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "H": H,
+        "out": N,
+        "S": S,
+        "r": r,
+        "M": M,
+        "us": {k: v * 1e6 for k, v in secs.items()},
+        "graph": captured,
+        "floor_us": floor * 1e6,
+        "fused/floor": secs["fused"] / floor,
+        "copies": copies,
+    }
+    for k in secs:
+        if k != "base":
+            row[f"{k}/base"] = secs[k] / secs["base"]
+    return row
+
+
+def llava7b_text_config():
+    """The LLaVA-1.5-7B language model's config: configs/hf/llava-1.5-7b/config.json if present,
+    else a LlamaConfig of its shape (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32064)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, LlamaConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs/hf/llava-1.5-7b/config.json"
+    if path.exists():
+        cfg = AutoConfig.from_pretrained(str(path.parent))
+        return getattr(cfg, "text_config", cfg), str(path)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    )
+    return cfg, "LlamaConfig(hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32064)"
+
+
+def _decode_eager(model, ids, steps: int, dev) -> float:
+    """ms per generated token: prefill, 3 warm-up steps, then ``steps`` timed (greedy, KV cache)."""
+    out = model(input_ids=ids, use_cache=True)
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for t in range(3 + steps):
+        if t == 3:
+            t0 = _now(dev)
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+    return (_now(dev) - t0) / steps * 1e3
+
+
+def _decode_graph(model, ids, steps: int, dev) -> float:
+    """ms per token with one decode step captured in a CUDA graph over a StaticCache."""
+    from transformers import StaticCache
+
+    P = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=P + steps + 8)
+    pos = torch.arange(P, device=dev)
+    out = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None])
+    tok = out.logits[:, -1:].argmax(-1)
+    cpos = torch.full((1,), P, device=dev, dtype=torch.long)
+
+    def step():
+        kw = dict(past_key_values=cache, cache_position=cpos, position_ids=cpos[None])
+        return model(input_ids=tok, use_cache=True, **kw).logits
+
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+    t0 = _now(dev)
+    for _ in range(steps):
+        graph.replay()
+        tok.copy_(logits[:, -1:].argmax(-1))
+        cpos.add_(1)
+    return (_now(dev) - t0) / steps * 1e3
+
+
+def decode_latency(
+    cfg, dev, dtype=torch.bfloat16, S: int = 8, r: int = 8, prompt: int = 128, steps: int = 64
+) -> dict:
+    """Per-token decode latency (batch 1, greedy) of a random-init Llama of ``cfg``: the base model
+    vs S subspaces under SSA on gate/up/down (softmax α), eager and (CUDA) graph-captured."""
+    from transformers import LlamaForCausalLM
+
+    from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
+
+    torch.manual_seed(0)
+    cfg._attn_implementation = "sdpa"
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(before)
+    adapter = SubspaceAdapter(
+        inject_subspace_lora(model, ["gate_proj", "up_proj", "down_proj"], r, 2.0 * r, 0.0, S)
+    )
+    with torch.no_grad():
+        for m in adapter.layers:
+            for i in range(S):
+                m.lora_A[i].normal_(0, 0.01)
+                m.lora_B[i].normal_(0, 0.01)
+    alpha = torch.softmax(torch.randn(1, S), -1)
+    ids = torch.randint(3, cfg.vocab_size, (1, prompt), device=dev)
+    res: dict = {"layers": cfg.num_hidden_layers, "S": S, "r": r, "prompt": prompt}
+    with torch.no_grad():
+        for _ in range(2):  # base and SSA alternate: drift hits both alike; best of two
+            for mode in ("base", "ssa"):
+                if mode == "base":
+                    adapter.train_subspace(None)
+                else:
+                    adapter.set_activation(alpha)
+                ms = _decode_eager(model, ids, steps, dev)
+                res[f"{mode}_eager_ms"] = min(ms, res.get(f"{mode}_eager_ms", ms))
+                if dev.type == "cuda" and "graph_error" not in res:
+                    try:
+                        ms = _decode_graph(model, ids, steps, dev)
+                        res[f"{mode}_graph_ms"] = min(ms, res.get(f"{mode}_graph_ms", ms))
+                    except Exception as e:  # reported, eager numbers still stand
+                        res["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+    adapter.set_activation(None)
+    for kind in ("eager", "graph"):
+        if f"ssa_{kind}_ms" in res and f"base_{kind}_ms" in res:
+            res[f"ssa/base_{kind}"] = res[f"ssa_{kind}_ms"] / res[f"base_{kind}_ms"]
+    return res
+
+
+def main_cuda(args) -> int:
+    """CUDA: the Triton path against its competitors, then end-to-end decode."""
+    dev = torch.device("cuda")
+    roof = cuda_roofline(dev)
+    peaks = ", ".join(
+        f"{k.replace('torch.', '')} {v / 1e3:.0f}" for k, v in roof["gemm_gflops"].items()
+    )
+    print(
+        f"device {roof['device']} ({roof['sms']} SMs, L2 {roof['l2_bytes'] >> 20} MB): measured "
+        f"bandwidth {roof['bandwidth_gbs']:.0f} GB/s, GEMM peak TFLOP/s {peaks}; TF32 "
+        f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+    )
+    if args.quick:
+        points = list(CUDA_QUICK)
+    else:
+        g = FULL_GRID
+        points = list(
+            itertools.product((_BF16, _FP16, _FP32), g["H"], g["out"], g["S"], g["r"], g["M"])
+        )
+    comp = ("two_gemm", "loop", "peft_mixed", "compile")
+    hdr = (
+        f"{'dtype':>8} {'H':>5} {'out':>6} {'S':>3} {'r':>3} {'M':>5} | {'base µs':>8} "
+        f"{'fused µs':>9} {'fused/base':>10} | "
+        + " ".join(f"{c + '/base':>15}" for c in comp)
+        + f" | {'floor µs':>8} {'fused/floor':>11}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    with torch.no_grad():
+        for dtype, H, N, S, r, M in points:
+            # max-autotune compiles for ~a minute per shape: with --quick only the issue's points
+            issue_point = (dtype, H, N, S, r) == (_BF16, 4096, 4096, 8, 8)
+            compile_ = not getattr(args, "skip_compile", False) and (issue_point or not args.quick)
+            row = bench_point_cuda(dtype, H, N, S, r, M, dev, roof, compile_=compile_)
+            rows.append(row)
+            cells = []
+            for c in comp:
+                v = row.get(f"{c}/base")
+                mark = "" if row["graph"].get(c, True) else "*"
+                cells.append(f"{'-' if v is None else f'{v:.3f}{mark}':>15}")
+            print(
+                f"{row['dtype']:>8} {H:5d} {N:6d} {S:3d} {r:3d} {M:5d} | {row['us']['base']:8.1f} "
+                f"{row['us']['fused']:9.1f} {row['fused/base']:10.3f} | {' '.join(cells)} | "
+                f"{row['floor_us']:8.1f} {row['fused/floor']:11.2f}",
+                flush=True,
+            )
+    print("* not capturable in a CUDA graph: timed eagerly with do_bench (launch gaps included)")
+    decode = None
+    if not getattr(args, "skip_e2e", False):
+        cfg, source = llava7b_text_config()
+        print(f"decode, batch 1, bf16, {source}, SSA S=8 r=8 on gate/up/down:", flush=True)
+        decode = decode_latency(cfg, dev)
+        for kind in ("eager", "graph"):
+            if f"ssa/base_{kind}" in decode:
+                base, ssa = decode[f"base_{kind}_ms"], decode[f"ssa_{kind}_ms"]
+                print(
+                    f"  {kind:5}: base {base:.2f} ms/token, SSA {ssa:.2f} ms/token, "
+                    f"SSA/base {ssa / base:.3f}"
+                )
+        if "graph_error" in decode:
+            print(f"  graph capture failed: {decode['graph_error']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"roofline": roof, "points": rows, "decode": decode}, f, indent=1)
+    _plot(rows, args.json)
+    return 0
+
+
+def main(args) -> int:
+    return main_cuda(args) if torch.cuda.is_available() else main_cpu(args)
+
+
 def _plot(rows, json_path) -> None:
     try:
         import matplotlib
@@ -223,14 +586,15 @@ def _plot(rows, json_path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["H"], r["out"], r["S"], r["r"]), []).append(r)
-    for (H, N, S, rr), pts in groups.items():
+        groups.setdefault((r.get("dtype", ""), r["H"], r["out"], r["S"], r["r"]), []).append(r)
+    for (dt, H, N, S, rr), pts in groups.items():
         if len(pts) < 2:
             continue
         pts.sort(key=lambda p: p["M"])
         ms = [p["M"] for p in pts]
-        ax.plot(ms, [p["fused/base"] for p in pts], "o-", label=f"fused H{H} out{N} S{S} r{rr}")
-        ax.plot(ms, [p["loop/base"] for p in pts], "x--", label=f"loop H{H} out{N} S{S} r{rr}")
+        tag = f"{dt} H{H} out{N} S{S} r{rr}".strip()
+        ax.plot(ms, [p["fused/base"] for p in pts], "o-", label=f"fused {tag}")
+        ax.plot(ms, [p["loop/base"] for p in pts], "x--", label=f"loop {tag}")
     ax.set_xscale("log")
     ax.set_xlabel("M (rows)")
     ax.set_ylabel("time / base GEMM")

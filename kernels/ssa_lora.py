@@ -1,5 +1,12 @@
 """Public SSA-LoRA ops with dispatch: Triton kernels on CUDA (or under TRITON_INTERPRET=1),
-the concatenated plain-torch form on CPU."""
+the concatenated plain-torch form on CPU.
+
+The argument checks read only shapes, dtypes, devices and strides, never tensor values: a value
+check (``torch.isfinite(alpha).all()``) would copy a flag to the host and stall the stream on
+every call (and break CUDA-graph capture). α's finiteness is checked where α is made — the
+adapter's ``set_activation`` — or here under the debug switch (``check_finite=True`` or
+``FCIT_KERNELS_CHECK_FINITE=1``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,18 @@ import os
 import torch
 
 
-def _check(x, weight, bias, A_cat, B_cat, alpha):
+def _check_finite_on(check_finite: bool | None) -> bool:
+    if check_finite is None:
+        return os.environ.get("FCIT_KERNELS_CHECK_FINITE") == "1"
+    return check_finite
+
+
+def _check(x, weight, bias, A_cat, B_cat, alpha, check_finite: bool | None = None) -> None:
+    """Shapes, dtypes and devices (metadata only; α's values only under the debug switch)."""
     if x.dim() != 2 or weight.dim() != 2 or A_cat.dim() != 2 or B_cat.dim() != 2:
         raise ValueError("ssa_lora_linear: x, weight, A_cat, B_cat must be 2-D")
     if alpha.dim() != 2:
-        raise ValueError("ssa_lora_linear: alpha must be 2-D [M, S]")
+        raise ValueError("ssa_lora_linear: alpha must be 2-D [M, S] or [M/G, S]")
     M, K = x.shape
     N = weight.shape[0]
     S = alpha.shape[1]
@@ -29,16 +43,23 @@ def _check(x, weight, bias, A_cat, B_cat, alpha):
             f"ssa_lora_linear: rank mismatch A_cat {tuple(A_cat.shape)}, "
             f"B_cat {tuple(B_cat.shape)}, S={S}"
         )
-    if alpha.shape[0] != M:
-        raise ValueError(f"ssa_lora_linear: alpha rows {alpha.shape[0]} != x rows {M}")
+    if alpha.shape[0] == 0 or M % alpha.shape[0]:
+        raise ValueError(
+            f"ssa_lora_linear: alpha rows {alpha.shape[0]} do not divide x rows {M} "
+            "(row m is gated by alpha[m // (M / alpha rows)])"
+        )
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"ssa_lora_linear: bias shape {tuple(bias.shape)} != ({N},)")
-    dts = {t.dtype for t in (x, weight, A_cat, B_cat) if t is not None}
-    if bias is not None:
-        dts.add(bias.dtype)
+    ts = [t for t in (x, weight, bias, A_cat, B_cat) if t is not None]
+    dts = {t.dtype for t in ts}
     if len(dts) != 1:
         raise ValueError(f"ssa_lora_linear: mixed dtypes {sorted(map(str, dts))}")
-    if not torch.isfinite(alpha).all():
+    if not alpha.is_floating_point():
+        raise ValueError(f"ssa_lora_linear: alpha dtype {alpha.dtype} is not floating point")
+    devs = {t.device for t in (*ts, alpha)}
+    if len(devs) != 1:
+        raise ValueError(f"ssa_lora_linear: tensors on several devices {sorted(map(str, devs))}")
+    if _check_finite_on(check_finite) and not torch.isfinite(alpha).all():  # syncs: debug only
         raise ValueError("ssa_lora_linear: alpha has NaN/Inf")
 
 
@@ -46,34 +67,60 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def ssa_lora_linear(x, weight, bias, A_cat, B_cat, alpha, scaling: float, backend: str = "auto"):
+def ssa_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_cat: torch.Tensor,
+    B_cat: torch.Tensor,
+    alpha: torch.Tensor,
+    scaling: float,
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
+    check_finite: bool | None = None,
+) -> torch.Tensor:
     """``y = x W0ᵀ (+ b) + scaling · ((x A_catᵀ) ⊙ expand_r(α)) B_catᵀ``.
 
     x [M, in], weight [out, in], bias [out] | None, A_cat [S·r, in], B_cat [out, S·r],
-    alpha [M, S] (per-row subspace activation). Returns [M, out] in x's dtype.
+    alpha [M/G, S]: row m is gated by α[m // G] (G = 1: per row; α [B, S] with x [B·T, in]: per
+    sequence). Returns [M, out] in x's dtype. ``allow_tf32`` (fp32 only): None follows
+    ``torch.backends.cuda.matmul.allow_tf32``. No host sync on CUDA; the first call per shape
+    autotunes there (synchronizing), so warm up before capturing a CUDA graph.
     """
-    _check(x, weight, bias, A_cat, B_cat, alpha)
+    _check(x, weight, bias, A_cat, B_cat, alpha, check_finite)
     if backend == "triton" or (backend == "auto" and _use_triton(x)):
         from fcit_kernels import triton_ssa_lora
 
-        return triton_ssa_lora.ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha, scaling)
+        return triton_ssa_lora.ssa_lora_linear_triton(
+            x, weight, bias, A_cat, B_cat, alpha, scaling, allow_tf32
+        )
     return ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling)
 
 
 def ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling: float):
     """CPU path: one shrink GEMM over all subspaces, a row-wise gate, one expand GEMM added in place
     into the base GEMM output (addmm with beta=1, so no extra [M, out] temporary)."""
-    r = A_cat.shape[0] // alpha.shape[1]
+    S = alpha.shape[1]
+    r = A_cat.shape[0] // S
     y = torch.nn.functional.linear(x, weight, bias)  # [M, out]
     h = x @ A_cat.t()  # [M, S·r]
-    h = (h.view(h.shape[0], -1, r) * (alpha.to(h.dtype) * scaling).unsqueeze(-1)).view_as(h)
+    g = (alpha.to(h.dtype) * scaling).view(alpha.shape[0], 1, S, 1)  # [M/G, 1, S, 1]
+    h = (h.view(alpha.shape[0], -1, S, r) * g).view_as(h)
     if torch.is_grad_enabled() and (h.requires_grad or B_cat.requires_grad or y.requires_grad):
         return y + h @ B_cat.t()
     return torch.addmm(y, h, B_cat.t(), out=y)
 
 
-def ssa_gate(f, G, epsilon: float, mode: str = "softmax"):
-    """α [M, S] from features f [M, D] and tokens G [S, D]; softmax(cos(f, G)/ε) by default."""
+def ssa_gate(
+    f: torch.Tensor,
+    G: torch.Tensor,
+    epsilon: float,
+    mode: str = "softmax",
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    """α [M, S] from features f [M, D] and tokens G [S, D]; softmax(cos(f, G)/ε) by default.
+
+    fp32 exact unless ``allow_tf32`` (None follows torch.backends.cuda.matmul.allow_tf32)."""
     if f.dim() != 2 or G.dim() != 2 or f.shape[1] != G.shape[1]:
         raise ValueError(f"ssa_gate: shapes f {tuple(f.shape)} and G {tuple(G.shape)} mismatch")
     if G.shape[0] == 0:
@@ -83,7 +130,7 @@ def ssa_gate(f, G, epsilon: float, mode: str = "softmax"):
     if mode == "softmax" and _use_triton(f):
         from fcit_kernels import triton_ssa_lora
 
-        return triton_ssa_lora.ssa_gate_triton(f, G, epsilon)
+        return triton_ssa_lora.ssa_gate_triton(f, G, epsilon, allow_tf32)
     from fcit_kernels.reference import ssa_gate_reference
 
     return ssa_gate_reference(f, G, epsilon, mode)

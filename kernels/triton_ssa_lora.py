@@ -1,100 +1,189 @@
-"""Triton kernels of DISCO's inference path: the fused SSA-LoRA add and the SSA gate.
+"""Triton kernels of DISCO's inference path: the SSA-LoRA add (shrink, expand) and the SSA gate.
 
-Design (roofline). The base GEMM ``x W0ᵀ`` is left to the vendor GEMM; one fused kernel then does
-shrink (x A_catᵀ), gate (⊙ expand_r(α)·scaling) and expand (· B_catᵀ) and adds into its output.
-Decode (M ≤ 16 rows) is memory-bound: W0 is read once either way and the adapter adds only
-S·r·(in + out) elements to the in·out of W0 (3% at S·r = 64, H = 4096), so fusing into the base
-K-loop would save just one read/write of the tiny [M, out] output. Prefill (M in the hundreds) is
-compute-bound and the adapter adds 2·M·S·r·(in + out) flops to 2·M·in·out (again ~3%), which the
-vendor GEMM runs at peak; a hand-written fused GEMM would lose more than the extra pass costs.
-Each program recomputes the shrink of its row block (R = S·r ≤ a few hundred columns), so the
-[M, S·r] intermediate never leaves registers.
+``y = x W0ᵀ (+ b) + scaling · ((x A_catᵀ) ⊙ expand_r(α)) B_catᵀ``, R = S·r columns in A_cat/B_cat.
 
-File order: kernels → launchers (shape comments, dtype/contiguity asserts) → public ops.
+Three launches, none of which waits on the host (so the op is CUDA-graph capturable):
+
+1. base: ``y = F.linear(x, W0, b)`` — the vendor GEMM (cuBLAS), tuned per GPU and shape;
+2. shrink (split-K): grid (M/BM, R/BR, SPLIT_K); each program reduces one K slice of
+   ``x[BM, K] · A_cat[BR, K]ᵀ`` in fp32, multiplies by ``scaling · α[row, col // r]`` (linear, so
+   per slice is exact) and adds into a zeroed ``h [M, R]`` fp32 buffer (``tl.atomic_add`` when
+   SPLIT_K > 1, a plain store when 1);
+3. expand-add: grid (M/BM, N/BN); loops over R in BR blocks, ``acc += h[BM, BR] · B_cat[BR, BN]``,
+   then reads the base output tile, adds, writes it back in place.
+
+Roofline (H100 SXM: ~3.0 TB/s achievable HBM3, ~800 TFLOP/s dense bf16; bf16, H = out = 4096,
+R = S·r = 64; bytes = each operand read once, each output written once):
+
+| M | base bytes | base floor | adapter bytes (A, B; y round trip) | adapter floor | % of base |
+| 1 | 33.6 MB (W0) | 11.2 µs | 1.05 MB; 16 KB | 0.36 µs | 3.2% |
+| 16 | 33.8 MB | 11.3 µs | 1.05 MB; 0.26 MB | 0.44 µs | 3.9% |
+| 512 | 41.9 MB; 17.2 GFLOP | 21 µs (flops) | 1.05 MB; 8.4 MB; 0.54 GFLOP | 3.2 µs | 15% |
+| 4096 | 101 MB; 137 GFLOP | 172 µs (flops) | 1.05 MB; 67 MB; 4.3 GFLOP | 23 µs | 13% |
+
+Decode (M ≤ 16) is memory-bound and the adapter's bytes are ~3% of W0's, so the cost that
+matters is latency: two extra dependent launches and a memset (~1 µs each inside a CUDA graph,
+several µs each eager, where Triton's Python launch path adds more). The adapter's bytes grow
+with S·r: at S·r = 1024 A_cat and B_cat are 16.8 MB, half of W0, and the decode floor itself is
+1.5× the base — "within 15% of the base" is a target for S·r up to ~256. Fusing the expand into
+the base GEMM's epilogue would save one launch and the y round trip but replace cuBLAS by a
+hand-written GEMM that must match it at every M: at decode the saving is one launch, at prefill
+(M ≥ 512) the y round trip is 13–15% of the base and fusion would pay — a follow-up to decide on
+GPU measurements, not blind. The shrink is split over K because a [M, R] tile grid has one or
+two programs at decode (R = 64): one program streaming all of A_cat serially is latency-bound
+(the old single kernel recomputed the full-K shrink in every N program: 34.5 µs measured on an
+H100). Split 8–64 ways, it runs tens to hundreds of programs; the atomics make the fp32 sum order
+of h vary between runs (rounding-level differences); ``torch.use_deterministic_algorithms``
+restricts the configs to SPLIT_K = 1, which is bitwise reproducible.
+
+Shared memory (Triton keeps ``num_stages`` copies of each dot operand tile in shared memory):
+shrink ``stages·(BM·BK + BR·BK)·es``; expand ``stages·(BM·BR·4 + BR·BN·es) + BM·BN·4`` (epilogue
+layout change). Worst stored config in fp32 (es = 4): shrink (64, 64, 128, 3 stages) = 192 KB,
+expand (128, 64, 64, 3 stages) = 176 KB; both under Hopper's 227 KB per block (the compiler's own
+figures for sm_90 are lower, 128 KB and 96 KB: ``python -m fcit_kernels.aot_check``). R enters only
+through the loop/grid over BR blocks, so any S·r (1024 and beyond) fits; configs above the
+device's limit are pruned at tuning time.
+
+Precision: fp32 inputs use ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA) unless TF32 is
+switched on (argument, or torch's ``torch.backends.cuda.matmul.allow_tf32``, which the base
+GEMM follows too); fp16/bf16 inputs multiply in their dtype with fp32 accumulation, h rounded to
+the dtype before the expand (as torch's two-GEMM path does). The gate kernel likewise.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMEM_LIMIT_H100 = 232448  # bytes of shared memory per block (227 KB) on Hopper
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
 
 # ----------------------------------------------------------------------------------- kernels
 @triton.jit
-def _ssa_lora_add_kernel(
+def _shrink_kernel(
     x_ptr,
     a_ptr,
-    b_ptr,
     alpha_ptr,
-    y_ptr,
+    h_ptr,
     M,
-    N,
     K,
     R,
     r,
+    G,  # rows per α row: row m is gated by α[m // G]
     scaling,
     sxm,
     sxk,
     sar,
     sak,
-    sbn,
-    sbr,
     salm,
     sals,
+    shm,
+    shr,
+    MB,  # bucket of M: autotune key only
+    DET,  # 1: deterministic (SPLIT_K = 1 only): autotune key only
+    BM: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """h[m, j] (+)= scaling · α[m // G, j // r] · Σ_{k in this program's K slice} x[m, k] A[j, k]"""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    rk = tl.arange(0, BK)
+    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(k_lo + k_span, K)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        kk = k0 + rk
+        xt = tl.load(
+            x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+            mask=(rm[:, None] < M) & (kk[None, :] < k_hi),
+            other=0.0,
+        )  # [BM, BK]
+        at = tl.load(
+            a_ptr + rr[None, :] * sar + kk[:, None] * sak,
+            mask=(rr[None, :] < R) & (kk[:, None] < k_hi),
+            other=0.0,
+        )  # [BK, BR]
+        if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=PREC)
+    mask = (rm[:, None] < M) & (rr[None, :] < R)
+    g = tl.load(
+        alpha_ptr + (rm // G)[:, None] * salm + (rr // r)[None, :] * sals, mask=mask, other=0.0
+    )
+    acc = acc * (g.to(tl.float32) * scaling)
+    hp = h_ptr + rm[:, None] * shm + rr[None, :] * shr
+    if SPLIT_K == 1:
+        tl.store(hp, acc, mask=mask)
+    else:
+        tl.atomic_add(hp, acc, mask=mask, sem="relaxed")  # kernel end orders it for the expand
+
+
+@triton.jit
+def _expand_add_kernel(
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    R,
+    shm,
+    shr,
+    sbn,
+    sbr,
     sym,
     syn,
+    MB,  # bucket of M: autotune key only
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
-    RP: tl.constexpr,
-    LOW_PRECISION_DOT: tl.constexpr,
+    BR: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
+    """y[m, n] += Σ_j h[m, j] B[n, j], the base output tile read, added to and written in place."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rr = tl.arange(0, RP)
-    rk = tl.arange(0, BK)
-    # shrink: h = x A_catᵀ, [BM, RP] in fp32
-    h = tl.zeros((BM, RP), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        xt = tl.load(
-            x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-            mask=(rm[:, None] < M) & (kk[None, :] < K),
+    rb = tl.arange(0, BR)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + rb
+        ht = tl.load(
+            h_ptr + rm[:, None] * shm + rr[None, :] * shr,
+            mask=(rm[:, None] < M) & (rr[None, :] < R),
             other=0.0,
-        )
-        at = tl.load(
-            a_ptr + rr[None, :] * sar + kk[:, None] * sak,
-            mask=(rr[None, :] < R) & (kk[:, None] < K),
+        )  # [BM, BR] fp32
+        bt = tl.load(
+            b_ptr + rn[None, :] * sbn + rr[:, None] * sbr,
+            mask=(rn[None, :] < N) & (rr[:, None] < R),
             other=0.0,
-        )  # [BK, RP]
-        if LOW_PRECISION_DOT:
-            h += tl.dot(xt, at)
-        else:  # fp32, or bf16 upcast right after the load
-            h += tl.dot(xt.to(tl.float32), at.to(tl.float32))
-    # gate: column j belongs to subspace j // r
-    g = tl.load(
-        alpha_ptr + rm[:, None] * salm + (rr[None, :] // r) * sals,
-        mask=(rm[:, None] < M) & (rr[None, :] < R),
-        other=0.0,
-    )
-    h = h * g.to(tl.float32) * scaling
-    # expand and add into y
-    bt = tl.load(
-        b_ptr + rn[None, :] * sbn + rr[:, None] * sbr,
-        mask=(rn[None, :] < N) & (rr[:, None] < R),
-        other=0.0,
-    )  # [RP, BN]
-    if LOW_PRECISION_DOT:
-        out = tl.dot(h.to(bt.dtype), bt)
-    else:
-        out = tl.dot(h, bt.to(tl.float32))
+        )  # [BR, BN]
+        if UPCAST:
+            acc = tl.dot(ht, bt.to(tl.float32), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(ht.to(bt.dtype), bt, acc, input_precision=PREC)
     ymask = (rm[:, None] < M) & (rn[None, :] < N)
     yp = y_ptr + rm[:, None] * sym + rn[None, :] * syn
     y = tl.load(yp, mask=ymask, other=0.0)
-    tl.store(yp, (y.to(tl.float32) + out).to(y.dtype), mask=ymask)
+    tl.store(yp, (y.to(tl.float32) + acc).to(y.dtype), mask=ymask)
 
 
 @triton.jit
@@ -115,7 +204,9 @@ def _ssa_gate_kernel(
     BM: tl.constexpr,
     SP: tl.constexpr,
     BD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
+    """α = softmax(cos(f, G) / ε) row-wise, all in fp32."""
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
     rs = tl.arange(0, SP)
@@ -135,7 +226,7 @@ def _ssa_gate_kernel(
             mask=(rs[None, :] < S) & (dd[:, None] < D),
             other=0.0,
         ).to(tl.float32)
-        dot += tl.dot(ft, gt)
+        dot = tl.dot(ft, gt, dot, input_precision=PREC)
         fn += tl.sum(ft * ft, axis=1)
         gn += tl.sum(gt * gt, axis=0)
     fnorm = tl.maximum(tl.sqrt(fn), 1e-12)
@@ -152,39 +243,143 @@ def _ssa_gate_kernel(
     )
 
 
+# ------------------------------------------------------------------------------------ configs
+def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+# The stored table: the candidates autotuning picks from on CUDA (per M bucket, N, K, R, dtypes);
+# the first entry whose BM suits M is the default when autotuning is off (FCIT_KERNELS_AUTOTUNE=0).
+# Decode entries (BM = 16) split K 8–64 ways, as vLLM's shrink does at small batch.
+SHRINK_CONFIGS = [
+    _cfg(4, 3, BM=16, BR=32, BK=128, SPLIT_K=32),
+    _cfg(4, 3, BM=16, BR=64, BK=64, SPLIT_K=1),
+    _cfg(4, 3, BM=16, BR=64, BK=64, SPLIT_K=64),
+    _cfg(2, 3, BM=16, BR=16, BK=256, SPLIT_K=16),
+    _cfg(4, 4, BM=16, BR=64, BK=128, SPLIT_K=8),
+    _cfg(4, 3, BM=32, BR=32, BK=64, SPLIT_K=16),
+    _cfg(4, 3, BM=64, BR=64, BK=64, SPLIT_K=8),
+    _cfg(4, 4, BM=64, BR=32, BK=64, SPLIT_K=4),
+    _cfg(8, 3, BM=64, BR=64, BK=128, SPLIT_K=1),
+    _cfg(8, 3, BM=128, BR=64, BK=32, SPLIT_K=1),
+    _cfg(8, 3, BM=128, BR=32, BK=64, SPLIT_K=4),
+]
+EXPAND_CONFIGS = [  # none spills registers on sm_90 (aot_check); 128×128 tiles do
+    _cfg(4, 2, BM=16, BN=64, BR=64),
+    _cfg(2, 2, BM=16, BN=32, BR=32),
+    _cfg(8, 3, BM=16, BN=128, BR=32),
+    _cfg(4, 3, BM=32, BN=64, BR=64),
+    _cfg(4, 3, BM=64, BN=64, BR=32),
+    _cfg(8, 3, BM=64, BN=128, BR=32),
+    _cfg(8, 3, BM=128, BN=64, BR=64),
+]
+# Interpreter (and CPU CI): fixed small blocks, SPLIT_K = 2 so the atomic path runs too; the
+# interpreter costs ~ms per program, so few programs.
+INTERP_SHRINK = dict(BM=16, BR=64, BK=32, SPLIT_K=2)
+INTERP_EXPAND = dict(BM=16, BN=64, BR=64)
+
+
+def smem_bytes(kind: str, cfg: triton.Config, elem_size: int) -> int:
+    """Shared memory a config needs (bytes): the pipelined dot operand tiles (+ epilogue tile)."""
+    k, st = cfg.kwargs, cfg.num_stages
+    if kind == "shrink":
+        return st * (k["BM"] * k["BK"] + k["BR"] * k["BK"]) * elem_size
+    return st * (k["BM"] * k["BR"] * 4 + k["BR"] * k["BN"] * elem_size) + k["BM"] * k["BN"] * 4
+
+
+def m_bucket(M: int) -> int:
+    """M rounded up to a power of two (cap 4096): the autotune key, so prefill lengths share."""
+    return min(triton.next_power_of_2(max(M, 1)), 4096)
+
+
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT_H100))
+
+
+def _prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        ref = named_args["x_ptr" if kind == "shrink" else "b_ptr"]
+        es = ref.element_size()
+        limit = _smem_limit(ref.device.index or 0)
+        mb = named_args["MB"]
+        keep = [
+            c
+            for c in configs
+            if smem_bytes(kind, c, es) <= limit
+            and c.kwargs["BM"] <= max(16, 2 * mb)
+            and (kind != "shrink" or not named_args["DET"] or c.kwargs["SPLIT_K"] == 1)
+        ]
+        if kind == "shrink" and named_args["DET"] and not keep:
+            keep = [_cfg(4, 3, BM=64, BR=64, BK=64, SPLIT_K=1)]
+        return keep or configs[:1]
+
+    return prune
+
+
+def _default(kind: str, mb: int, det: bool) -> dict:
+    """First stored config that suits M (no tuning): FCIT_KERNELS_AUTOTUNE=0."""
+    table = SHRINK_CONFIGS if kind == "shrink" else EXPAND_CONFIGS
+    for c in table:
+        if c.kwargs["BM"] >= min(mb, 64) and (
+            kind != "shrink" or not det or c.kwargs["SPLIT_K"] == 1
+        ):
+            return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    c = table[-1]
+    kw = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return {**kw, "SPLIT_K": 1} if kind == "shrink" else kw
+
+
+_shrink_tuned = triton.autotune(
+    configs=SHRINK_CONFIGS,
+    key=["MB", "K", "R", "DET"],  # + the dtypes of the tensor arguments (Triton adds them)
+    prune_configs_by={"early_config_prune": _prune("shrink")},
+    reset_to_zero=["h_ptr"],
+)(_shrink_kernel)
+_expand_tuned = triton.autotune(
+    configs=EXPAND_CONFIGS,
+    key=["MB", "N", "R"],
+    prune_configs_by={"early_config_prune": _prune("expand")},
+    restore_value=["y_ptr"],  # the kernel adds into y: tuning runs must not compound
+)(_expand_add_kernel)
+
+
+def _autotune_on() -> bool:
+    return os.environ.get("FCIT_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
+    """``input_precision`` of tl.dot: "ieee" (exact fp32) unless TF32 is allowed; only fp32 reads
+    it. None follows torch's switch for the base GEMM (torch.backends.cuda.matmul.allow_tf32)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
 # ---------------------------------------------------------------------------------- launchers
-# Tuned block sizes per device: {device name: [(max M, BM, BN, BK), ...]}; "default" otherwise.
-BLOCKS: dict[str, list[tuple[int, int, int, int]]] = {
-    "default": [(16, 16, 64, 64), (64, 32, 64, 64), (1 << 62, 64, 64, 32)],
-    "interpreter": [(1 << 62, 16, 64, 64)],  # few programs: the CPU interpreter is ~15 ms each
-}
-
-
-def _blocks(x: torch.Tensor, M: int) -> tuple[int, int, int]:
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1" and not x.is_cuda:
-        key = "interpreter"
-    else:
-        key = torch.cuda.get_device_name(x.device) if x.is_cuda else "default"
-    for max_m, bm, bn, bk in BLOCKS.get(key, BLOCKS["default"]):
-        if M <= max_m:
-            return bm, bn, bk
-    raise AssertionError("unreachable")
-
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
 
 
-def ssa_lora_add_(y, x, A_cat, B_cat, alpha, scaling: float) -> torch.Tensor:
-    """In place: ``y += scaling · ((x A_catᵀ) ⊙ expand_r(α)) B_catᵀ``.
+def ssa_lora_add_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A_cat: torch.Tensor,
+    B_cat: torch.Tensor,
+    alpha: torch.Tensor,
+    scaling: float,
+    allow_tf32: bool | None = None,
+    configs: tuple[dict, dict] | None = None,
+) -> torch.Tensor:
+    """In place: ``y += scaling · ((x A_catᵀ) ⊙ expand_r(α)) B_catᵀ``; returns y.
 
-    y [M, N], x [M, K], A_cat [R, K] (R = S·r), B_cat [N, R], alpha [M, S].
+    y [M, N], x [M, K], A_cat [R, K] (R = S·r), B_cat [N, R], alpha [M/G, S] (row m gated by
+    α[m // G]). Checks shapes, dtypes, devices and strides only: nothing reads device memory.
+    ``configs`` (shrink, expand meta-parameters, num_warps/num_stages included) bypasses the
+    choice: interpreter blocks, autotuning on CUDA, or the stored defaults.
     """
     M, K = x.shape  # [num_tokens, hidden]
     N, R = B_cat.shape  # [out, S·r]
@@ -194,8 +389,12 @@ def ssa_lora_add_(y, x, A_cat, B_cat, alpha, scaling: float) -> torch.Tensor:
         A_cat.dtype == B_cat.dtype == x.dtype == y.dtype,
         f"ssa_lora: dtypes differ x {x.dtype}, A {A_cat.dtype}, B {B_cat.dtype}, y {y.dtype}",
     )
+    _require(alpha.dtype in _DTYPES, f"ssa_lora: alpha dtype {alpha.dtype}")
     _require(
-        A_cat.shape == (R, K) and y.shape == (M, N) and alpha.shape[0] == M,
+        A_cat.shape == (R, K)
+        and y.shape == (M, N)
+        and alpha.shape[0] > 0
+        and M % alpha.shape[0] == 0,
         f"ssa_lora: shapes x {tuple(x.shape)} A {tuple(A_cat.shape)} B {tuple(B_cat.shape)} "
         f"alpha {tuple(alpha.shape)} y {tuple(y.shape)}",
     )
@@ -204,49 +403,52 @@ def ssa_lora_add_(y, x, A_cat, B_cat, alpha, scaling: float) -> torch.Tensor:
         x.stride(-1) == 1 and A_cat.is_contiguous() and B_cat.is_contiguous() and y.is_contiguous(),
         "ssa_lora: x rows, A_cat, B_cat and y must be contiguous",
     )
-    _require(alpha.dtype == torch.float32, "ssa_lora: alpha must be float32")
-    r = R // S
-    RP = max(16, triton.next_power_of_2(R))
-    BM, BN, BK = _blocks(x, M)
-    low = x.dtype == torch.float16
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _ssa_lora_add_kernel[grid](
-        x,
-        A_cat,
-        B_cat,
-        alpha,
-        y,
-        M,
-        N,
-        K,
-        R,
-        r,
-        float(scaling),
-        x.stride(0),
-        x.stride(1),
-        A_cat.stride(0),
-        A_cat.stride(1),
-        B_cat.stride(0),
-        B_cat.stride(1),
-        alpha.stride(0),
-        alpha.stride(1),
-        y.stride(0),
-        y.stride(1),
-        BM=BM,
-        BN=BN,
-        BK=BK,
-        RP=RP,
-        LOW_PRECISION_DOT=low,
-    )
+    devs = {t.device for t in (y, x, A_cat, B_cat, alpha)}
+    _require(len(devs) == 1, f"ssa_lora: tensors on several devices {sorted(map(str, devs))}")
+    if M == 0 or N == 0:
+        return y
+    r, G = R // S, M // alpha.shape[0]
+    h = torch.zeros((M, R), dtype=torch.float32, device=x.device)  # [M, S·r], one memset
+    prec = dot_precision(x.dtype, allow_tf32)
+    upcast = interpreting() and x.dtype == torch.bfloat16
+    mb, det = m_bucket(M), int(torch.are_deterministic_algorithms_enabled())
+    shrink_args = (x, A_cat, alpha, h, M, K, R, r, G, float(scaling))
+    shrink_args += (x.stride(0), x.stride(1), A_cat.stride(0), A_cat.stride(1))
+    shrink_args += (alpha.stride(0), alpha.stride(1), h.stride(0), h.stride(1), mb, det)
+    expand_args = (h, B_cat, y, M, N, R, h.stride(0), h.stride(1), B_cat.stride(0))
+    expand_args += (B_cat.stride(1), y.stride(0), y.stride(1), mb)
+
+    def shrink_grid(meta):
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(R, meta["BR"]), meta["SPLIT_K"])
+
+    def expand_grid(meta):
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+
+    if configs is not None or interpreting():
+        sk, ek = (dict(INTERP_SHRINK), dict(INTERP_EXPAND)) if configs is None else configs
+        if det:
+            sk = {**sk, "SPLIT_K": 1}
+        _shrink_kernel[shrink_grid(sk)](*shrink_args, **sk, PREC=prec, UPCAST=upcast)
+        _expand_add_kernel[expand_grid(ek)](*expand_args, **ek, PREC=prec, UPCAST=upcast)
+    elif _autotune_on():
+        _shrink_tuned[shrink_grid](*shrink_args, PREC=prec, UPCAST=upcast)
+        _expand_tuned[expand_grid](*expand_args, PREC=prec, UPCAST=upcast)
+    else:
+        sk, ek = _default("shrink", mb, bool(det)), _default("expand", mb, False)
+        _shrink_kernel[shrink_grid(sk)](*shrink_args, **sk, PREC=prec, UPCAST=upcast)
+        _expand_add_kernel[expand_grid(ek)](*expand_args, **ek, PREC=prec, UPCAST=upcast)
     return y
 
 
-def ssa_gate_launch(f, G, epsilon: float) -> torch.Tensor:
-    """α [M, S] = softmax(cos(f, G) / ε); f [M, D], G [S, D]."""
+def ssa_gate_launch(f: torch.Tensor, G: torch.Tensor, epsilon: float, allow_tf32=None):
+    """α [M, S] = softmax(cos(f, G) / ε) in fp32; f [M, D], G [S, D] (any float dtype)."""
     M, D = f.shape
     S = G.shape[0]
     _require(f.is_contiguous() and G.is_contiguous(), "ssa_gate: f and G must be contiguous")
+    _require(f.device == G.device, f"ssa_gate: f on {f.device}, G on {G.device}")
     out = torch.empty((M, S), dtype=torch.float32, device=f.device)
+    if M == 0:
+        return out
     SP = max(16, triton.next_power_of_2(S))
     BM, BD = 16, 64
     _ssa_gate_kernel[(triton.cdiv(M, BM),)](
@@ -266,16 +468,17 @@ def ssa_gate_launch(f, G, epsilon: float) -> torch.Tensor:
         BM=BM,
         SP=SP,
         BD=BD,
+        PREC=dot_precision(torch.float32, allow_tf32),
     )
     return out
 
 
 # --------------------------------------------------------------------------------- public ops
-def ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha, scaling: float):
-    """Vendor GEMM for the base, then the fused shrink-gate-expand kernel adds into its output."""
-    y = torch.nn.functional.linear(x, weight, bias).contiguous()  # [M, out]
-    return ssa_lora_add_(y, x, A_cat, B_cat, alpha.float().contiguous(), scaling)
+def ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha, scaling: float, allow_tf32=None):
+    """Vendor GEMM for the base, then shrink and expand-add kernels into its output."""
+    y = torch.nn.functional.linear(x, weight, bias)  # [M, out], contiguous
+    return ssa_lora_add_(y, x, A_cat, B_cat, alpha, scaling, allow_tf32)
 
 
-def ssa_gate_triton(f, G, epsilon: float):
-    return ssa_gate_launch(f, G, epsilon)
+def ssa_gate_triton(f, G, epsilon: float, allow_tf32=None):
+    return ssa_gate_launch(f, G, epsilon, allow_tf32)

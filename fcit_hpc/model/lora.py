@@ -50,7 +50,7 @@ class SubspaceLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active: int | None = 0
         self.context: tuple[int, ...] = ()
-        self.alpha: torch.Tensor | None = None  # [B, S_live]
+        self.alpha: torch.Tensor | None = None  # [B, S_live] float32, on this layer's device
         # SSA mode: the live subspaces concatenated in the compute dtype, built on the first
         # forward after entering SSA mode, dropped when SSA mode or the weights change
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -69,12 +69,8 @@ class SubspaceLoRALinear(nn.Module):
         if self.alpha is not None:
             s = self.alpha.shape[1]
             lead = x.shape[:-1]  # (B, T)
-            x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]
-            a = self.alpha.to(x.dtype)
-            # x [B, T, in] flattens sample-major, so row b of α gates the T rows of sample b: the
-            # prompt in the first generation step, its one new token (T = 1) with a KV cache
-            # after. One row of α gates every sample alike.
-            a = a.repeat_interleave(x2.shape[0] // a.shape[0], dim=0)  # [B·T, S]
+            x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]; row b·T + t is gated by α[b]
+            a = self.alpha if self.alpha.device == x.device else self.alpha.to(x.device)
             A_cat, B_cat = self._concatenated(s, x.dtype)
             y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
             return y.view(*lead, -1)
@@ -145,12 +141,25 @@ class SubspaceAdapter:
                 m.lora_B[i].requires_grad_(i == k)
 
     def set_activation(self, alpha: torch.Tensor | None) -> None:
-        """SSA mode: α [B, S_live] for the next forward passes (None leaves SSA mode); α goes to
-        the device of the subspaces."""
+        """SSA mode: α [B, S_live] for the next forward passes (None leaves SSA mode).
+
+        α is checked for NaN/Inf here, once per activation, and copied to each layer's device as
+        float32 once: the forward passes (and the SSA-LoRA op) then never read α's values on
+        the host, so nothing synchronizes per layer.
+        """
+        on_device: dict[torch.device, torch.Tensor] = {}
         if alpha is not None:
-            alpha = alpha.to(self.layers[0].lora_A[0].device)
+            alpha = alpha.detach().to(torch.float32)
+            if not torch.isfinite(alpha).all():
+                raise ValueError("set_activation: alpha has NaN/Inf")
         for m in self.layers:
-            m.alpha = alpha
+            if alpha is not None:
+                dev = m.lora_A[0].device
+                if dev not in on_device:
+                    on_device[dev] = alpha.to(dev).contiguous()
+                m.alpha = on_device[dev]
+            else:
+                m.alpha = None
             m.active = None if alpha is not None else m.active
             m.context = ()
             if alpha is None:
