@@ -1,4 +1,5 @@
-"""Model construction: tiny random Llama from config fields, or a local Hugging Face checkpoint."""
+"""Model construction: tiny random Llama from config fields, a local Hugging Face checkpoint, or a
+random model of the architecture in a Hugging Face config (``hf-shape``)."""
 
 from __future__ import annotations
 
@@ -35,13 +36,60 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32):
+def shape_model(path: str, seed: int, dtype: torch.dtype, device=None):
+    """A randomly initialised model of the architecture in ``path``/config.json (``hf-shape``:
+    real-scale throughput without weights). LLaVA configs give ``LlavaForConditionalGeneration``,
+    others ``AutoModelForCausalLM``.
+
+    Built directly in ``dtype`` on ``device`` (a 7B model in bf16 on a GPU: no float32 copy on the
+    host), with Hugging Face's per-module initialisation skipped and replaced by one cheap pass
+    (:func:`_shape_init`). The weights depend on (seed, dtype, device type): they serve to time
+    training, not to compare results across machines."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.initialization import no_init_weights
+
+    from fcit_hpc.errors import ConfigError
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {Path(path) / 'config.json'} not found (hf-shape)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = AutoModelForImageTextToText if config.model_type == "llava" else AutoModelForCausalLM
+    device = torch.device("cpu") if device is None else torch.device(device)
+    try:
+        with device, no_init_weights():
+            model = auto.from_config(config, **_dtype_kw(dtype))
+    except ValueError as e:  # a model type neither LLaVA nor a causal LM
+        raise ConfigError(f"model.path: hf-shape cannot build {config.model_type!r}: {e}") from None
+    _shape_init(model, seed, config.get_text_config().initializer_range)
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def _shape_init(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Deterministic weights in one pass, instead of Hugging Face's module-by-module init (minutes
+    for 7B parameters on a CPU): every matrix ~ N(0, std²) from one generator on the model's device
+    (in parameter order), 1-D ``weight`` (norm scales) 1, every other vector (biases, CLIP's class
+    embedding) 0. Buffers (rotary frequencies, position ids) are computed at construction."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std, generator=gen)
+        else:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+
+
+def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32, device=None):
     """A Hugging Face causal LM in ``dtype`` (weights frozen later). Random models are drawn in
     float32 from ``model.init_seed`` and then cast, so every precision starts from the same
-    weights."""
+    weights; ``hf-shape`` models are drawn in ``dtype`` on ``device`` (:func:`shape_model`)."""
     from transformers import LlamaForCausalLM
 
     m = cfg.model
+    if m.name == "hf-shape":
+        return shape_model(resolve_path(m.path), m.init_seed, dtype, device)
     if m.name == "embedded":
         from transformers import LlavaForConditionalGeneration
 
@@ -80,7 +128,7 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
     device in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`); the CPU in
     float32 without a runtime."""
     dtype = runtime.dtype if runtime is not None else torch.float32
-    model = build_base_model(cfg, dtype)
+    model = build_base_model(cfg, dtype, runtime.device if runtime is not None else None)
     model.eval()
     lc = cfg.lora
     s_max = num_subspaces
@@ -90,16 +138,23 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
     if runtime is not None:
         model.to(runtime.device)
         if runtime.gradient_checkpointing:
-            # non-reentrant: recomputes correctly when only the LoRA weights need gradients
-            kw = {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            enable_gradient_checkpointing(model)
     return model, SubspaceAdapter(layers), make_tokenizer(cfg)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass; non-reentrant, which recomputes correctly when
+    only adapter weights (not the inputs) need gradients."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def make_tokenizer(cfg: Config):
     """Byte-level for the embedded and tiny models (with image tokens for the LLaVA ones), the
-    checkpoint's own tokenizer for ``model.name: hf``."""
+    checkpoint's own tokenizer for ``model.name: hf``; none for ``hf-shape`` (a config has no
+    vocabulary: `fcit bench train` draws token ids)."""
     m = cfg.model
+    if m.name == "hf-shape":
+        return None
     if m.name == "embedded":
         from fcit_hpc.model.embedded import RECIPE
 

@@ -162,12 +162,17 @@ class LocalTrainer:
         opt: LocalOpt,
         context: dict | None = None,
         terms: TermsFactory | None = None,
+        tick: Callable[[], None] | None = None,
     ) -> LocalResult:
         """``context``: frozen subspaces beside k ({index: flat vector}); ``terms``: the extra
-        loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded."""
+        loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded;
+        ``tick``: called once the session is set up and after every optimizer step (the timing
+        hook of ``fcit bench train``: set-up vs step time)."""
         params = start_local(adapter, k, start, context)
         extra = terms(params) if terms is not None else []
         sess = self.session(model, params, opt.lr, opt.weight_decay, split_flat(adapter, start))
+        if tick is not None:
+            tick()
         losses = []
         g = self.shard.size if self.shard is not None else 1
         scale = g if sess.group_average else 1  # DeepSpeed averages over the group, torch sums
@@ -177,6 +182,8 @@ class LocalTrainer:
                 more = sum(t() for t in extra)
                 loss = loss + (more / g if g > 1 else more)
             sess.step(loss * scale if scale != 1 else loss)
+            if tick is not None:
+                tick()
 
         def forward(batch):
             return self._loss(sess, batch)
