@@ -15,7 +15,8 @@ compute dtype. Per side:
   that cannot be reset. Each side's peak includes its model.
 - **set-up**: from the trainer's call to its session being ready (the DeepSpeed engine build);
   fcit's is measured for a first and a next client (fresh engine each, as in a run). Plain: PEFT
-  wrapping and AdamW.
+  wrapping and AdamW. The set-up share of a client's local training is
+  setup / (setup + client_steps · s/step), with the steps from which it is at most 5%.
 - **MFU**: model FLOPs per step / step time / the device's dense peak (:data:`PEAKS`). Per
   sample of T tokens (L layers, width d), with N_lm the language model's matmul weights
   (embedding tables excluded), N_lora the trained LoRA weights, N_vis and N_proj the vision tower
@@ -470,9 +471,9 @@ def bench_train(args) -> int:
     for flag, value, low in (
         ("--steps", args.steps, 1),
         ("--warmup", args.warmup, 0),
-        ("--client-steps", args.client_steps or 1, 1),
+        ("--client-steps", args.client_steps, 1),
     ):
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"{flag}: {value} is out of range (must be >= {low})")
     cfg = load_config(args.items[0], args.items[1:])
     rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())  # one client, one process
@@ -484,9 +485,9 @@ def bench_train(args) -> int:
 
     fcit, work = run_fcit(cfg, rt, n, args.warmup, mem)
     plain = run_plain(cfg, rt, work, args.warmup, mem)
-    client_steps = args.client_steps or DEFAULT_CLIENT_STEPS
-    source = "--client-steps"
-    if not args.client_steps:
+    client_steps, source = args.client_steps, "--client-steps"
+    if client_steps is None:
+        client_steps = DEFAULT_CLIENT_STEPS
         source = "assumed: PROTOCOL.md states no per-client sample counts; set --client-steps"
     shape = work.shape
     r = {

@@ -23,6 +23,7 @@ from fcit_hpc.bench_train import (
 )
 from fcit_hpc.cli import main
 from fcit_hpc.config import load_config
+from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.comm import LocalComm
 from fcit_hpc.fed.context import init_group_worlds, make_trainer
 from fcit_hpc.model.build import build_model
@@ -144,7 +145,7 @@ def test_hf_shape_model_is_drawn_from_init_seed(tiny_llava):
 
 def test_hf_shape_missing_config_names_the_field(tmp_path):
     cfg = load_config(None, _overrides(tmp_path))
-    with pytest.raises(Exception, match="model.path: .*config.json not found"):
+    with pytest.raises(ConfigError, match="model.path: .*config.json not found"):
         build_model(cfg, 1)
 
 
@@ -225,6 +226,8 @@ def test_bench_train_bad_flag_names_it(capsys):
     cfg = str(ROOT / "configs" / "llava15_7b_shape.yaml")
     assert main(["bench", "train", cfg, "--steps", "0"]) == 2
     assert "--steps: 0 is out of range" in capsys.readouterr().err
+    assert main(["bench", "train", cfg, "--client-steps", "0"]) == 2
+    assert "--client-steps: 0 is out of range" in capsys.readouterr().err
     assert main(["bench", "rounds", cfg]) == 2
 
 

@@ -48,7 +48,11 @@ def shape_model(path: str, seed: int, dtype: torch.dtype, device=None):
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     from fcit_hpc.errors import ConfigError
 
