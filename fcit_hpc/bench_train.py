@@ -76,8 +76,8 @@ class BatchShape:
     seq_len: int  # tokens per sample, image tokens included
     image_tokens: int  # 0: a text-only model
     image_size: int
-    image_token_id: int
-    vocab_high: int  # token ids drawn from [3, vocab_high)
+    image_token_id: int  # -1: none
+    vocab: int
     answer_len: int  # the last tokens carry the loss
 
 
@@ -87,22 +87,27 @@ def batch_shape(model, text_len: int) -> BatchShape:
     c = model.config
     vocab = c.get_text_config().vocab_size
     if c.model_type != "llava":
-        return BatchShape(text_len, 0, 0, -1, vocab, max(1, text_len // 2))
+        return BatchShape(text_len, 0, 0, -1, vocab, text_len // 2)
     v = c.vision_config
     img = (v.image_size // v.patch_size) ** 2 + (c.vision_feature_select_strategy == "full")
-    high = min(vocab, c.image_token_id)
-    return BatchShape(img + text_len, img, v.image_size, c.image_token_id, high, text_len // 2)
+    return BatchShape(img + text_len, img, v.image_size, c.image_token_id, vocab, text_len // 2)
 
 
 def synthetic_batches(shape: BatchShape, batch_size: int, n: int, seed: int, device) -> list:
-    """``n`` batches of random token ids (image tokens after the first position, the loss on the
-    last ``answer_len`` tokens, no padding) and random images, on ``device``."""
+    """``n`` batches of random token ids (any id but the image token's, which fills the places
+    after the first position where the image goes; the loss on the last ``answer_len`` tokens; no
+    padding) and random images, on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     B, T = batch_size, shape.seq_len
+    img = shape.image_token_id
     out = []
     for _ in range(n):
-        ids = torch.randint(3, shape.vocab_high, (B, T), generator=gen)
-        ids[:, 1 : 1 + shape.image_tokens] = shape.image_token_id
+        if img < 0:
+            ids = torch.randint(0, shape.vocab, (B, T), generator=gen)
+        else:  # skip the image token's id
+            ids = torch.randint(0, shape.vocab - 1, (B, T), generator=gen)
+            ids += (ids >= img).long()
+        ids[:, 1 : 1 + shape.image_tokens] = img
         labels = torch.full_like(ids, -100)
         labels[:, T - shape.answer_len :] = ids[:, T - shape.answer_len :]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}

@@ -149,18 +149,23 @@ def test_hf_shape_missing_config_names_the_field(tmp_path):
         build_model(cfg, 1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_fcit_step_equals_plain_peft_step(tiny_llava, backend):
+@pytest.mark.parametrize(
+    "name,backend", [("hf-shape", "torch"), ("hf-shape", "deepspeed"), ("tiny-llava", "torch")]
+)
+def test_fcit_step_equals_plain_peft_step(tiny_llava, name, backend):
     """One step of fcit's trainer and one plain PEFT step from the same start on the same batch:
     the same loss and the same LoRA weights after AdamW (fp32), so the side-by-side compares the
-    same work."""
+    same work. (tiny-llava: fcit's own LLaVA, whose image token is id 3, not the vocabulary's
+    end.)"""
     extra = [f"train.backend={backend}", "train.zero_stage=2"] if backend == "deepspeed" else []
-    cfg = load_config(None, _overrides(tiny_llava, *extra))
+    cfg = load_config(None, _overrides(tiny_llava, f"model.name={name}", *extra))
     rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
     init_group_worlds(cfg, LocalComm(), rt)
     model, adapter, _ = build_model(cfg, 1, rt)
     shape = batch_shape(model, cfg.model.max_seq_len)
     batches = synthetic_batches(shape, 2, 1, 0, rt.device)
+    ids = batches[0]["input_ids"]
+    assert (ids == shape.image_token_id).sum() == 2 * shape.image_tokens > 0
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
     start[start == 0] = 0.01  # B != 0, so A gets a gradient too
     opt = LocalOpt(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio)
