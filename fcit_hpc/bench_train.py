@@ -9,7 +9,8 @@ keeps the adapter in float32 as fcit does; it computes the LoRA branch in float3
 compute dtype. Per side:
 
 - **s/step, tokens/s**: mean over the steps after ``warmup`` (the device is synchronised after
-  every step); tokens = batch × sample length, image tokens included.
+  every step; the median too, for a shared machine); tokens = batch × sample length, image
+  tokens included.
 - **peak memory**: CUDA ``max_memory_allocated`` (reset between the sides); on the CPU the
   process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), "n/a" where
   that cannot be reset. Each side's peak includes its model.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -431,6 +433,12 @@ def report(r: dict) -> str:
             _num(d["ratio_tokens_per_s"], ".3f"),
         ),
         ("s/step", _num(f["step_s"], ".4f"), _num(p["step_s"], ".4f"), ""),
+        (
+            "s/step, median",
+            _num(statistics.median(f["steps"]), ".4f"),
+            _num(statistics.median(p["steps"]), ".4f"),
+            "",
+        ),
         (
             "peak memory GB",
             _num(df["peak_gb"], ".3f"),

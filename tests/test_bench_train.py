@@ -202,6 +202,7 @@ def test_bench_train_prints_every_field(tiny_llava, tmp_path):
     for field in (
         "| tokens/s |",
         "| s/step |",
+        "| s/step, median |",
         "| peak memory GB |",
         "| set-up s, first client |",
         "| set-up s, next client |",
