@@ -46,6 +46,11 @@ def cmd_run(args, comm) -> int:
         if args.out:
             overrides.append(f"out_dir={args.out}")
         cfg = load_config(args.config, overrides)
+        if cfg.model.name == "hf-shape":
+            raise ConfigError(
+                "model.name: 'hf-shape' (random weights, no tokenizer) is for `fcit bench train` "
+                "only; `fcit run` needs embedded, tiny-llava, tiny-llama or hf"
+            )
         runtime_for(cfg, comm)  # a device or group that cannot be had fails before any write
         run_dir = Path(cfg.out_dir)
         if (run_dir / STATE_FILE).exists() and not cfg.compare:
@@ -237,6 +242,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args, comm) -> int:
+    if args.what == "train":
+        from fcit_hpc.bench_train import bench_train
+
+        return bench_train(args)
+    if args.items:
+        raise ConfigError(f"fcit bench {args.what}: takes no CONFIG or overrides (--config)")
     if args.what == "rounds":
         from fcit_hpc.bench import bench_rounds
 
@@ -261,8 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", help="run directory (overrides out_dir)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    b = sub.add_parser("bench", help="benchmarks: round wall time at 1 vs 2 ranks; kernels")
-    b.add_argument("what", choices=["rounds", "kernels"])
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks: round wall time at 1 vs 2 ranks; kernels; one client's training",
+    )
+    b.add_argument("what", choices=["rounds", "kernels", "train"])
+    b.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG [key.sub=value ...]",
+        help="`bench train`: YAML config, then dotted overrides",
+    )
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--config", default=None, help="config for `bench rounds`")
@@ -271,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--skip-compile", action="store_true", help="`bench kernels` on CUDA: no torch.compile"
+    )
+    b.add_argument("--steps", type=int, default=10, help="`bench train`: timed steps per side")
+    b.add_argument("--warmup", type=int, default=2, help="`bench train`: untimed first steps")
+    b.add_argument(
+        "--client-steps",
+        type=int,
+        default=None,
+        help="`bench train`: local steps of one client, for the set-up share",
     )
     rp = sub.add_parser("report", help="write report.md + plots; print a table over runs")
     rp.add_argument("run_dirs", nargs="+")
@@ -320,14 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     args, extra = build_parser().parse_known_args(argv)
-    if args.cmd == "run":
+    if args.cmd in ("run", "bench"):  # overrides may follow options
         items = list(args.items) + extra
         unknown = [x for x in items if x.startswith("-")]
         if unknown:
             build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.items = items
+    if args.cmd == "run":
         args.config = items[0] if items and "=" not in items[0] else None
         args.overrides = items[1:] if args.config else items
-    elif extra:
+    elif extra and args.cmd != "bench":
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from fcit_hpc.fed.comm import make_comm
 

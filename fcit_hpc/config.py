@@ -55,8 +55,10 @@ class FederationConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny-llama"  # tiny-llama (random init from the fields below) | hf (local path)
-    path: str = ""  # hf: local directory, or pkg:NAME for weights shipped by a Python package
+    # tiny-llama / tiny-llava (random init from the fields below) | embedded | hf (local path) |
+    # hf-shape (random init of the architecture in `path`/config.json; `fcit bench train` only)
+    name: str = "tiny-llama"
+    path: str = ""  # hf: local directory, or pkg:NAME; hf-shape: folder holding config.json
     gguf_file: str = ""  # hf: load this GGUF file of `path` (dequantized to fp32)
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -181,7 +183,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "federation.fedopt_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "federation.fedopt_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "federation.server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.name": _in(("tiny-llama", "tiny-llava", "embedded", "hf")),
+    "model.name": _in(("tiny-llama", "tiny-llava", "embedded", "hf", "hf-shape")),
     "model.image_size": (lambda v: v >= 8, ">= 8"),
     "model.patch_size": (lambda v: v >= 2, ">= 2"),
     "model.vision_hidden_size": (lambda v: v >= 8 and v % 2 == 0, "even and >= 8"),
@@ -323,8 +325,8 @@ def validate(cfg: Config) -> Config:
             "torch reference (tests/test_runtime.py); use zero_stage 1 or 2 (the reference "
             "code's setting is ZeRO-2, bf16)"
         )
-    if cfg.model.name == "hf" and not cfg.model.path:
-        raise ConfigError("model.path: required when model.name is 'hf'")
+    if cfg.model.name in ("hf", "hf-shape") and not cfg.model.path:
+        raise ConfigError(f"model.path: required when model.name is {cfg.model.name!r}")
     return cfg
 
 

@@ -28,6 +28,7 @@ LEVELS = {
     "run": 8,
     "compare": 8,
     "bench": 8,
+    "bench_train": 8,
     "cli": 8,
     "__main__": 8,
     "__init__": 8,

@@ -1,4 +1,5 @@
-"""Model construction: tiny random Llama from config fields, or a local Hugging Face checkpoint."""
+"""Model construction: tiny random Llama from config fields, a local Hugging Face checkpoint, or a
+random model of the architecture in a Hugging Face config (``hf-shape``)."""
 
 from __future__ import annotations
 
@@ -50,13 +51,62 @@ def hf_model_type(path: str, gguf_file: str = "") -> str:
         raise ConfigError(f"model.path: {cfg}: not valid JSON ({e})") from None
 
 
-def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32):
+def shape_model(path: str, seed: int, dtype: torch.dtype, device=None):
+    """A randomly initialised model of the architecture in ``path``/config.json (``hf-shape``:
+    real-scale throughput without weights). LLaVA configs give ``LlavaForConditionalGeneration``,
+    others ``AutoModelForCausalLM``.
+
+    Built directly in ``dtype`` on ``device`` (a 7B model in bf16 on a GPU: no float32 copy on the
+    host), with Hugging Face's per-module initialisation skipped and replaced by one cheap pass
+    (:func:`_shape_init`). The weights depend on (seed, dtype, device type): they serve to time
+    training, not to compare results across machines."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {Path(path) / 'config.json'} not found (hf-shape)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = AutoModelForImageTextToText if config.model_type == "llava" else AutoModelForCausalLM
+    device = torch.device("cpu") if device is None else torch.device(device)
+    try:
+        with device, no_init_weights():
+            model = auto.from_config(config, **_dtype_kw(dtype))
+    except ValueError as e:  # a model type neither LLaVA nor a causal LM
+        raise ConfigError(f"model.path: hf-shape cannot build {config.model_type!r}: {e}") from None
+    _shape_init(model, seed, config.get_text_config().initializer_range)
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def _shape_init(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Deterministic weights in one pass, instead of Hugging Face's module-by-module init (minutes
+    for 7B parameters on a CPU): every matrix ~ N(0, std²) from one generator on the model's device
+    (in parameter order), 1-D ``weight`` (norm scales) 1, every other vector (biases, CLIP's class
+    embedding) 0. Buffers (rotary frequencies, position ids) are computed at construction."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std, generator=gen)
+        else:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+
+
+def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32, device=None):
     """A Hugging Face causal LM in ``dtype`` (weights frozen later). Random models are drawn in
     float32 from ``model.init_seed`` and then cast, so every precision starts from the same
-    weights."""
+    weights; ``hf-shape`` models are drawn in ``dtype`` on ``device`` (:func:`shape_model`)."""
     from transformers import LlamaForCausalLM
 
     m = cfg.model
+    if m.name == "hf-shape":
+        return shape_model(resolve_path(m.path), m.init_seed, dtype, device)
     if m.name == "embedded":
         from transformers import LlavaForConditionalGeneration
 
@@ -111,7 +161,7 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
     device in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`); the CPU in
     float32 without a runtime."""
     dtype = runtime.dtype if runtime is not None else torch.float32
-    model = build_base_model(cfg, dtype)
+    model = build_base_model(cfg, dtype, runtime.device if runtime is not None else None)
     model.eval()
     lc = cfg.lora
     s_max = num_subspaces
@@ -123,12 +173,7 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None):
     if runtime is not None:
         model.to(runtime.device)
         if runtime.gradient_checkpointing:
-            # non-reentrant: recomputes correctly when only the LoRA weights need gradients
-            kw = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            enable_gradient_checkpointing(model)
     tok = make_tokenizer(cfg)
     _check_image_tokens(model, tok, cfg.model.path)
     return model, SubspaceAdapter(layers), tok
@@ -176,10 +221,23 @@ def cfg_strategy(config) -> str | None:
     return getattr(config, "vision_feature_select_strategy", None)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass; non-reentrant, which recomputes correctly when
+    only adapter weights (not the inputs) need gradients."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def make_tokenizer(cfg: Config):
     """Byte-level for the embedded and tiny models (with image tokens for the LLaVA ones), the
-    checkpoint's own tokenizer for ``model.name: hf``."""
+    checkpoint's own tokenizer for ``model.name: hf``; none for ``hf-shape`` (a config has no
+    vocabulary: `fcit bench train` draws token ids)."""
     m = cfg.model
+    if m.name == "hf-shape":
+        return None
     if m.name == "embedded":
         from fcit_hpc.model.embedded import RECIPE
 

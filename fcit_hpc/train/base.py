@@ -182,10 +182,13 @@ class LocalTrainer:
         context: dict | None = None,
         terms: TermsFactory | None = None,
         side: Side | None = None,
+        tick: Callable[[], None] | None = None,
     ) -> LocalResult:
         """``context``: frozen subspaces beside k ({index: flat vector}); ``terms``: the extra
         loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded;
-        ``side``: parameters trained beside the subspace (the LLaVA projector)."""
+        ``side``: parameters trained beside the subspace (the LLaVA projector); ``tick``: called
+        once the session is set up and after every optimizer step (the timing hook of ``fcit
+        bench train``: set-up vs step time)."""
         params = start_local(adapter, k, start, context)
         extra = terms(params) if terms is not None else []
         if side is not None:
@@ -194,6 +197,8 @@ class LocalTrainer:
         sess = self.session(
             model, params, opt.lr, opt.weight_decay, split_flat(adapter, start), side
         )
+        if tick is not None:
+            tick()
         losses = []
         g = self.shard.size if self.shard is not None else 1
         scale = g if sess.group_average else 1  # DeepSpeed averages over the group, torch sums
@@ -203,6 +208,8 @@ class LocalTrainer:
                 more = sum(t() for t in extra)
                 loss = loss + (more / g if g > 1 else more)
             sess.step(loss * scale if scale != 1 else loss)
+            if tick is not None:
+                tick()
 
         def forward(batch):
             return self._loss(sess, batch)
