@@ -205,7 +205,7 @@ def _check_image_tokens(model, tok, path: str) -> None:
     """A LLaVA checkpoint's processor must expand ``<image>`` into as many tokens as the model
     has image features, or every training step fails deep inside the model."""
     vc = getattr(model.config, "vision_config", None)
-    if vc is None or not tok.num_image_tokens or cfg_strategy(model.config) is None:
+    if tok is None or vc is None or not tok.num_image_tokens or cfg_strategy(model.config) is None:
         return
     patches = (vc.image_size // vc.patch_size) ** 2
     want = patches + (0 if cfg_strategy(model.config) == "default" else 1)  # CLS dropped or kept
