@@ -89,7 +89,7 @@ def cmd_export(args) -> int:
     import numpy as np
 
     from fcit_hpc.config import config_from_yaml_text
-    from fcit_hpc.model.export import export_adapters
+    from fcit_hpc.methods import make_method
     from fcit_hpc.state.schema import read_state
 
     st = read_state(args.run_dir)
@@ -104,7 +104,7 @@ def cmd_export(args) -> int:
             ) from None
     out = Path(args.out) if args.out else Path(args.run_dir) / "adapters"
     try:
-        dirs = export_adapters(cfg, st, out, alpha)
+        dirs = make_method(cfg).export(cfg, st, out, alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for d in dirs:

@@ -94,6 +94,9 @@ class MethodConfig:
     full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
     olora_lambda: float = 0.5  # O-LoRA orthogonality weight λ1 (the O-LoRA paper's default)
     ewc_lambda: float = 5000.0  # EWC penalty weight λ
+    # MoELoRA experts / M-LoRA parallel modules E, each of rank max_subspaces·lora_r / E
+    experts: int = 8
+    mlora_scaling: str = "scalar"  # M-LoRA's learnable scaling: scalar (per module) | vector
 
 
 @dataclass
@@ -207,6 +210,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.full_policy": _in(("nearest", "error")),
     "method.olora_lambda": (lambda v: v >= 0, ">= 0"),
     "method.ewc_lambda": (lambda v: v >= 0, ">= 0"),
+    "method.experts": (lambda v: v >= 1, ">= 1"),
+    "method.mlora_scaling": _in(("scalar", "vector")),
     "train.backend": _in(("torch", "deepspeed")),
     "train.zero_stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),

@@ -18,6 +18,8 @@ METHODS: dict[str, MethodEntry] = {
     "disco": MethodEntry("disco:Disco", "DISCO"),
     "ewc": MethodEntry("ewc:EWC", "EWC"),
     "olora": MethodEntry("olora:OLoRA", "O-LoRA"),
+    "mlora": MethodEntry("mlora:MLoRA", "M-LoRA"),
+    "moelora": MethodEntry("moelora:MoELoRA", "MoELoRA"),
 }
 # federated optimizers (``federation.fed_alg``): one strategy class each in fcit_hpc.fed.strategies
 FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")

@@ -44,9 +44,26 @@ def _client_batches(ctx, unit: int, client: int, seed: int, epochs: int):
     return samples, batches
 
 
+def side_groups(ctx, view) -> list[Side]:
+    """The shared side parameters a client trains beside its subspaces, loaded at the global
+    values, in upload order (:meth:`RunState.sides`): the LLaVA projector (its own learning
+    rate) and the method's mixer (MoELoRA's routers, M-LoRA's scales; the LoRA learning rate)."""
+    t, sides = ctx.cfg.train, []
+    if ctx.projector_numel:
+        set_projector(ctx.model, view.projector)
+        sides.append(Side(projector_params(ctx.model), t.projector_lr, view.projector))
+    if ctx.mixer_numel:
+        ctx.adapter.set_mixer(view.mixer)
+        sides.append(Side(ctx.adapter.mixer_params(), t.lr, view.mixer))
+    return sides
+
+
 def train_one(ctx, k: int, start: np.ndarray, batches, view):
-    """Local training of subspace k from ``start``: the strategy's and the method's loss terms."""
+    """Local training of the subspaces a client assigned k trains (``start``: their global
+    vectors concatenated), with the strategy's and the method's loss terms and the side
+    parameters beside them."""
     adapter, t = ctx.adapter, ctx.cfg.train
+    ks = ctx.method.trained_subspaces(k)
     context = {i: view.adapter[i] for i in ctx.method.training_context(k)}
 
     def terms(params):
@@ -55,11 +72,8 @@ def train_one(ctx, k: int, start: np.ndarray, batches, view):
         )
 
     opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
-    side = None
-    if ctx.projector_numel:  # the projector trains beside the subspace, from the global one
-        set_projector(ctx.model, view.projector)
-        side = Side(projector_params(ctx.model), t.projector_lr, view.projector)
-    return ctx.trainer.train(ctx.model, adapter, k, start, batches, opt, context, terms, side)
+    sides = side_groups(ctx, view)
+    return ctx.trainer.train(ctx.model, adapter, ks, start, batches, opt, context, terms, sides)
 
 
 def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
@@ -86,12 +100,13 @@ def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces
         seed = client_seed(ctx.cfg.seed, stage, round_, client)
         torch.manual_seed(seed)
         samples, batches = _client_batches(ctx, unit, client, seed, ctx.cfg.train.local_epochs)
-        start = view.adapter[k]
+        start = np.concatenate([view.adapter[i] for i in ctx.method.trained_subspaces(k)])
         res = train_one(ctx, k, start, batches, view)
-        delta = (res.vector - start).astype(np.float32)
-        if ctx.projector_numel:  # the update: subspace delta, then projector delta
-            delta = np.concatenate([delta, (res.side - view.projector).astype(np.float32)])
-        delta = _debug_delta(dbg, client, delta)
+        # the update: the trained subspaces' deltas, then each side's (projector, mixer)
+        parts = [(res.vector - start).astype(np.float32)]
+        for vec, begin in zip(res.sides, view.sides().values(), strict=True):
+            parts.append((vec - begin).astype(np.float32))
+        delta = _debug_delta(dbg, client, np.concatenate(parts))
         rows.append((client, k, len(samples), res.loss, time.perf_counter() - t0, res.steps))
         deltas.append(delta)
         if ctx.comm.rank == dbg.kill_rank and (stage, round_) == (dbg.kill_stage, dbg.kill_round):

@@ -37,6 +37,8 @@ class RunContext:
     encoder: SampleEncoder | None
     # values of the LLaVA projector that clients train beside LoRA (0: frozen or none)
     projector_numel: int = 0
+    # values of the method's mixers (MoELoRA's routers, M-LoRA's scales; 0: none)
+    mixer_numel: int = 0
 
 
 def make_trainer(cfg: Config, runtime: Runtime):
@@ -130,6 +132,7 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     prepare_caches(cfg, comm)
     method = make_method(cfg)
     model, adapter, tok = build_model(cfg, method.num_slots(), rt)
+    method.install(adapter)
     data = FederatedData(cfg)
     method.check_stages(data.num_stages)
     encoder = None
@@ -147,5 +150,17 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     trainer = make_trainer(cfg, rt)
     proj = projector_numel(model) if method.trains and cfg.train.projector_lr > 0 else 0
     return RunContext(
-        cfg, comm, rt, model, adapter, tok, trainer, data, method, strategy, encoder, proj
+        cfg,
+        comm,
+        rt,
+        model,
+        adapter,
+        tok,
+        trainer,
+        data,
+        method,
+        strategy,
+        encoder,
+        proj,
+        adapter.mixer_numel,
     )

@@ -62,11 +62,13 @@ def run_federated(
             if comm.bcast_array(role.stage_end_todo(stage))[0]:
                 run_stage_end(ctx, role, stage, num_rounds - 1)
         if comm.bcast_array(role.needs_eval(stage))[0] and cfg.eval.enabled:
-            view = broadcast_view(comm, role.state())
+            view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
             for k in range(view.adapter.shape[0]):
                 ctx.adapter.set(k, view.adapter[k])
             if view.projector.size:
                 set_projector(ctx.model, view.projector)
+            if view.mixer.size:
+                ctx.adapter.set_mixer(view.mixer)
             with local_work():
                 result = evaluation.evaluate(ctx, view)
             role.record_eval(stage, result)
@@ -74,15 +76,17 @@ def run_federated(
     return role.finish()
 
 
-def broadcast_view(comm: Comm, st: RunState | None) -> RunState:
-    """Every rank gets the global adapter, tokens, live count, EWC Fisher/anchor and projector
-    (for local work and evaluation); the server's view is its state itself."""
+def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False) -> RunState:
+    """Every rank gets the global adapter, tokens, live count, EWC Fisher/anchor, projector and,
+    for a method with mixers (``mixer``), the mixer (for local work and evaluation); the server's
+    view is its state itself."""
     adapter = comm.bcast_array(st.adapter if st is not None else None)
     tokens = comm.bcast_array(st.tokens if st is not None else None)
     live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
     fisher = comm.bcast_array(st.ewc_fisher if st is not None else None)
     anchor = comm.bcast_array(st.ewc_anchor if st is not None else None)
     projector = comm.bcast_array(st.projector if st is not None else None)
+    mix = comm.bcast_array(st.mixer if st is not None else None) if mixer else np.zeros(0)
     if st is not None:
         return st
     return RunState(
@@ -95,6 +99,7 @@ def broadcast_view(comm: Comm, st: RunState | None) -> RunState:
         ewc_fisher=fisher,
         ewc_anchor=anchor,
         projector=projector,
+        mixer=np.asarray(mix, np.float32),
     )
 
 
@@ -112,7 +117,7 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     t0 = time.perf_counter()
     down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
     plan = comm.bcast_array(role.plan(stage, rnd))
-    view = broadcast_view(comm, role.state())
+    view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
     mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
         with local_work():
@@ -137,7 +142,7 @@ def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> N
     (EWC: diagonal Fisher at the global adapter), the server merges it."""
     comm = ctx.comm
     plan = comm.bcast_array(role.plan(stage, last_round))
-    view = broadcast_view(comm, role.state())
+    view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
     with local_work():
         head, body = stage_end_uploads(ctx, stage, my_rows(ctx, plan)[1], view)
     heads = comm.gatherv(head)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fcit_hpc.config import Config
+from fcit_hpc.errors import ConfigError
+from fcit_hpc.host import to_host
 
 MATCHED, NEW, FULL = 1, 2, 3  # server decisions on a client's subspace (DKO)
 ACTIONS = {0: "none", MATCHED: "matched", NEW: "new", FULL: "full->nearest"}
@@ -24,13 +27,17 @@ class Method:
     """A federated continual method's behaviour, as hooks the server, the clients and evaluation
     call. A method is one file in ``methods/`` plus one line in :data:`fcit_hpc.registry.METHODS`.
 
-    - slots: :meth:`num_slots` subspaces allocated; :meth:`assign` (server, with identity tokens)
-      or :meth:`stage_subspace` (without) says which one a client trains;
+    - slots: :meth:`num_slots` subspaces allocated, :meth:`initial_weights` their start (and the
+      mixer's); :meth:`assign` (server, with identity tokens) or :meth:`stage_subspace` (without)
+      says which one a client is assigned, :meth:`trained_subspaces` which ones it then trains;
+    - model: :meth:`install` attaches a mixer to every LoRA layer (MoELoRA's router, M-LoRA's
+      scales), trained beside the subspaces and averaged by the server;
     - client: :meth:`training_context` (frozen subspaces beside it), :meth:`client_terms` (extra
       loss terms);
     - stage end: :meth:`stage_end_upload` (clients) and :meth:`merge_stage_end` (server), when
       ``has_stage_end``;
-    - inference: :meth:`set_inference` gates the subspaces for a batch of test samples.
+    - inference: :meth:`set_inference` gates the subspaces for a batch of test samples;
+    - export: :meth:`export` writes PEFT adapters where the method's adapter is one.
     """
 
     name = "base"
@@ -58,6 +65,19 @@ class Method:
         """Methods without identity tokens: the subspace every client trains in this stage."""
         return 0
 
+    def trained_subspaces(self, k: int) -> tuple[int, ...]:
+        """The subspaces a client assigned subspace k trains and uploads, in upload order."""
+        return (k,)
+
+    def install(self, adapter) -> None:
+        """Attach the method's mixer to every LoRA layer of ``adapter`` (none by default)."""
+
+    def initial_weights(self, adapter, generator) -> tuple[np.ndarray, np.ndarray]:
+        """The global state's start, drawn from ``generator``: every slot's subspace (float32
+        [S_max, P]; A ~ N(0, 0.01), B = 0) and the mixer (float32 [M]; empty without one)."""
+        vecs = np.stack([to_host(adapter.init_vector(generator)) for _ in range(self.num_slots())])
+        return vecs, np.zeros(0, np.float32)
+
     def training_context(self, k: int) -> tuple[int, ...]:
         """Subspaces that act (frozen) beside subspace k while it is trained."""
         return ()
@@ -79,3 +99,49 @@ class Method:
         """Configure the adapter for a batch of B test samples (features: their identity
         features [B, D], None without an identity encoder); a per-sample gate is α [B, S_live]."""
         adapter.train_subspace(0)
+
+    def export(self, cfg: Config, st, out_dir: Path, alpha: np.ndarray | None) -> list[Path]:
+        """Write the run's adapters as PEFT LoRA adapters (``fcit export``); returns their
+        folders. A ValueError says why a method's adapter cannot be written so."""
+        from fcit_hpc.model.export import export_adapters
+
+        return export_adapters(cfg, st, out_dir, alpha)
+
+
+class Mixture(Method):
+    """A method whose clients train every subspace at once, mixed in each layer by a trained
+    mixer (MoELoRA's router, M-LoRA's scales), all averaged by the server (FedAvg). The LoRA
+    budget is DISCO's, S_max subspaces of rank r; its R = S_max·r rows form E =
+    ``method.experts`` experts of rank R/E each."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        lc, e = cfg.lora, cfg.method.experts
+        budget = lc.max_subspaces * lc.lora_r
+        if budget % e:
+            raise ConfigError(
+                f"method.experts: {e} experts do not divide the LoRA budget lora.max_subspaces x "
+                f"lora.lora_r = {lc.max_subspaces} x {lc.lora_r} = {budget} (each expert has "
+                "rank budget / experts)"
+            )
+        self.experts = e
+        self.expert_rank = budget // e
+
+    def num_slots(self) -> int:
+        return self.cfg.lora.max_subspaces
+
+    def trained_subspaces(self, k: int) -> tuple[int, ...]:
+        return tuple(range(self.num_slots()))
+
+    def make_mixer(self, layer):
+        """The mixer of one SubspaceLoRALinear (float32, on its device, frozen until trained)."""
+        raise NotImplementedError
+
+    def install(self, adapter) -> None:
+        for m in adapter.layers:
+            m.mixer = self.make_mixer(m)
+            m.mixer.requires_grad_(False)
+
+    def set_inference(self, adapter, state, features) -> None:
+        """Every expert, mixed by the trained mixer (no identity tokens)."""
+        adapter.select(tuple(range(self.num_slots())), trainable=False)

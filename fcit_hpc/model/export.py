@@ -64,6 +64,22 @@ def _fill(peft_model, names, weights) -> None:
             layer.lora_B["default"].weight.copy_(B)
 
 
+def export_lora(
+    cfg: Config, st: RunState, out_dir: str | Path, name: str, weights: dict, rank: int
+) -> Path:
+    """Write the base model (``base/``) and one PEFT LoRA adapter ``name/`` of rank ``rank`` from
+    per-layer (A [rank, in], B [out, rank]), keeping the run's scaling alpha / r (and carrying
+    its trained projector). Returns the adapter's folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_base_model(cfg).save_pretrained(out / "base")
+    r, la = cfg.lora.lora_r, cfg.lora.lora_alpha
+    pm = _peft_model(cfg, rank, la / r * rank, st.projector)
+    _fill(pm, list(weights), weights)
+    pm.save_pretrained(out / name)
+    return out / name
+
+
 def export_adapters(
     cfg: Config, st: RunState, out_dir: str | Path, alpha: np.ndarray | None = None
 ) -> list[Path]:

@@ -12,17 +12,35 @@ wire, so a client starts from them exactly.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from fcit_kernels import ssa_lora_linear
 
 
+class Mixer(Protocol):
+    """What a method attaches to a layer to mix several subspaces (MoELoRA's router, M-LoRA's
+    scales): trainable float32 parameters and the weights of its E experts."""
+
+    experts: int
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert weights for the layer input x [..., in], in x's dtype: [..., E, 1] (per token),
+        [E, 1] (per expert) or [E, out] (per expert and output feature)."""
+        ...
+
+
 class SubspaceLoRALinear(nn.Module):
     """``y = base(x) + scaling · Σ_i α_i B_i A_i dropout(x)``.
 
-    Training (``active`` set): subspace ``active`` contributes and has ``requires_grad``; the
-    subspaces in ``context`` (O-LoRA: earlier tasks) contribute too, frozen, without dropout.
+    Training (``active`` set): the subspaces in ``active`` contribute and have ``requires_grad``;
+    the subspaces in ``context`` (O-LoRA: earlier tasks) contribute too, frozen, without dropout.
+    One active subspace adds B_k A_k dropout(x). Several are mixed by ``mixer``: their rows
+    (A_cat [R, in], R = |active|·r) form E experts of R/E rows each, and expert j adds
+    g_j ⊙ B_j A_j dropout_j(x) with g = mixer.gate(x) and its own dropout mask (as CoIN's
+    MoELoRA applies the dropout module once per expert).
     Inference (``alpha`` [B, S_live] set): all live subspaces, weighted per sample.
     """
 
@@ -48,8 +66,9 @@ class SubspaceLoRALinear(nn.Module):
             ]
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.active: int | None = 0
+        self.active: tuple[int, ...] = (0,)
         self.context: tuple[int, ...] = ()
+        self.mixer: Mixer | None = None  # a registered module once a method attaches one
         self.alpha: torch.Tensor | None = None  # [B, S_live] float32, on this layer's device
         # SSA mode: the live subspaces concatenated in the compute dtype, built on the first
         # forward after entering SSA mode, dropped when SSA mode or the weights change
@@ -74,15 +93,55 @@ class SubspaceLoRALinear(nn.Module):
             A_cat, B_cat = self._concatenated(s, x.dtype)
             y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
             return y.view(*lead, -1)
+        if self.mixer is not None and self.active and not torch.is_grad_enabled():
+            fast = self._mixed_inference(x)
+            if fast is not None:
+                return fast
         y = self.base(x)
         dt = x.dtype
         for i in self.context:
             y = y + (x @ self.lora_A[i].to(dt).t() @ self.lora_B[i].to(dt).t()) * self.scaling
-        if self.active is None:
+        if not self.active:
             return y
-        k = self.active
+        if self.mixer is not None:
+            return self._mixed(x, y)
+        (k,) = self.active
         a, b = self.lora_A[k].to(dt), self.lora_B[k].to(dt)
         return y + (self.dropout(x) @ a.t() @ b.t()) * self.scaling
+
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + scaling · Σ_j g_j ⊙ B_j A_j dropout_j(x) over the E experts of the active rows."""
+        dt = x.dtype
+        g = self.mixer.gate(x)  # [..., E, K]
+        experts = g.shape[-2]
+        A = torch.cat([self.lora_A[i] for i in self.active], 0).to(dt)  # [R, in]
+        B = torch.cat([self.lora_B[i] for i in self.active], 1).to(dt)  # [out, R]
+        n = A.shape[0] // experts  # rank of one expert
+        for j in range(experts):
+            h = self.dropout(x) @ A[j * n : (j + 1) * n].t()  # [..., n], its own dropout mask
+            y = y + (h @ B[:, j * n : (j + 1) * n].t()) * (g[..., j, :] * self.scaling)
+        return y
+
+    def _mixed_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Without gradients and dropout, a per-token or per-expert scalar gate is an SSA gate
+        over the subspaces (each expert a whole number of subspaces): the fused kernel; None when
+        the mixture does not fit that form."""
+        s = len(self.active)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            return None
+        if self.active != tuple(range(s)):
+            return None
+        g = self.mixer.gate(x)  # [..., E, K]
+        experts = g.shape[-2]
+        if g.shape[-1] != 1 or s % experts:
+            return None
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        a = g[..., 0].reshape(-1, experts).repeat_interleave(s // experts, dim=1)  # [N | 1, S]
+        a = a.expand(x2.shape[0], s)
+        A_cat, B_cat = self._concatenated(s, x.dtype)
+        y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
+        return y.view(*lead, -1)
 
 
 def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_max):
@@ -129,16 +188,26 @@ class SubspaceAdapter:
     def train_subspace(self, k: int | None, context: tuple[int, ...] = ()) -> None:
         """Make subspace k the only one trained (None: none); besides it only the frozen
         subspaces in ``context`` are used."""
-        if k is not None and k in context:
-            raise ValueError(f"subspace {k} cannot be trained and frozen context at once")
+        self.select(() if k is None else (k,), context)
+
+    def select(
+        self, ks: tuple[int, ...], context: tuple[int, ...] = (), trainable: bool = True
+    ) -> None:
+        """Subspaces ``ks`` act (several: mixed by the layers' mixers) and, when ``trainable``,
+        are the only ones with gradients; the frozen ``context`` subspaces act beside them."""
+        ks = tuple(ks)
+        if set(ks) & set(context):
+            raise ValueError(f"subspaces {ks} cannot be trained and frozen context at once")
+        if len(ks) > 1 and any(m.mixer is None for m in self.layers):
+            raise ValueError(f"subspaces {ks} act together only through a mixer (MoELoRA, M-LoRA)")
         for m in self.layers:
-            m.active = k
+            m.active = ks
             m.context = tuple(context)
             m.alpha = None
             m._cat = None  # training changes the weights
             for i in range(m.s_max):
-                m.lora_A[i].requires_grad_(i == k)
-                m.lora_B[i].requires_grad_(i == k)
+                m.lora_A[i].requires_grad_(trainable and i in ks)
+                m.lora_B[i].requires_grad_(trainable and i in ks)
 
     def set_activation(self, alpha: torch.Tensor | None) -> None:
         """SSA mode: α [B, S_live] for the next forward passes (None leaves SSA mode).
@@ -160,7 +229,7 @@ class SubspaceAdapter:
                 m.alpha = on_device[dev]
             else:
                 m.alpha = None
-            m.active = None if alpha is not None else m.active
+            m.active = () if alpha is not None else m.active
             m.context = ()
             if alpha is None:
                 m._cat = None
@@ -174,18 +243,28 @@ class SubspaceAdapter:
 
     def unflatten(self, vec) -> list[torch.Tensor]:
         """A flat subspace vector as tensors shaped (and typed) like ``params(k)``."""
-        vec = torch.as_tensor(vec, dtype=torch.float32)
-        if vec.numel() != self.numel:
-            raise ValueError(f"subspace vector has {vec.numel()} values, expected {self.numel}")
-        out, off = [], 0
-        for p in self.params(0):
-            out.append(vec[off : off + p.numel()].view_as(p).to(p.dtype))
-            off += p.numel()
-        return out
+        return unflatten_like(self.params(0), vec, "subspace")
 
     @torch.no_grad()
     def set(self, k: int, vec) -> None:
         for p, v in zip(self.params(k), self.unflatten(vec), strict=True):
+            p.copy_(v)
+        for m in self.layers:
+            m._cat = None
+
+    def mixer_params(self) -> list[nn.Parameter]:
+        """The layers' mixer parameters, layer by layer in module order (none without mixers)."""
+        return [p for m in self.layers if m.mixer is not None for p in m.mixer.parameters()]
+
+    @property
+    def mixer_numel(self) -> int:
+        return sum(p.numel() for p in self.mixer_params())
+
+    @torch.no_grad()
+    def set_mixer(self, vec) -> None:
+        """Load a flat float32 vector (``mixer_params`` order) into the layers' mixers."""
+        ps = self.mixer_params()
+        for p, v in zip(ps, unflatten_like(ps, vec, "mixer"), strict=True):
             p.copy_(v)
         for m in self.layers:
             m._cat = None
@@ -197,3 +276,16 @@ class SubspaceAdapter:
             parts.append(torch.randn(m.lora_A[0].numel(), generator=generator) * 0.01)
             parts.append(torch.zeros(m.lora_B[0].numel()))
         return torch.cat(parts)
+
+
+def unflatten_like(params, vec, what: str = "flat") -> list[torch.Tensor]:
+    """A flat vector as tensors shaped (and typed) like ``params``; its size must match."""
+    vec = torch.as_tensor(vec, dtype=torch.float32)
+    n = sum(p.numel() for p in params)
+    if vec.numel() != n:
+        raise ValueError(f"{what} vector has {vec.numel()} values, expected {n}")
+    out, off = [], 0
+    for p in params:
+        out.append(vec[off : off + p.numel()].view_as(p).to(p.dtype))
+        off += p.numel()
+    return out

@@ -8,6 +8,8 @@ Layout::
     /global/tokens           float32 [S_max, D]   global identity tokens G_i
     /global/token_counts     float64 [S_max]      samples merged into each token
     /global/projector        float32 [Q]          LLaVA projector weights (empty: not trained)
+    /global/mixer            float32 [M]          the method's mixers: MoELoRA's routers, M-LoRA's
+                                                  scales (only written when the method has them)
     /global                  attrs: num_subspaces (live S)
     /server_opt/<name>       float32 [S_max, P]   server-optimizer state (m, v)
     /rng/torch               uint8   [*]          torch CPU generator state of rank 0
@@ -117,6 +119,12 @@ class RunState:
     ewc_anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     ewc_stages: int = 0
     projector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    mixer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    def sides(self) -> dict[str, np.ndarray]:
+        """The side vectors clients train beside their subspaces and the server averages
+        (sample-weighted FedAvg), the non-empty ones in upload order."""
+        return {n: v for n, v in (("projector", self.projector), ("mixer", self.mixer)) if v.size}
 
     def append_metrics(self, round_row: np.ndarray, client_rows: np.ndarray) -> None:
         self.rounds = np.concatenate([self.rounds, round_row.astype(ROUND_DTYPE)])
@@ -149,6 +157,8 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         g.create_dataset("tokens", data=st.tokens)
         g.create_dataset("token_counts", data=st.token_counts)
         g.create_dataset("projector", data=np.asarray(st.projector, np.float32))
+        if st.mixer.size:  # absent for methods without mixers: their files stay as they were
+            g.create_dataset("mixer", data=np.asarray(st.mixer, np.float32))
         so = f.create_group("server_opt")
         for k, v in st.server_opt.items():
             so.create_dataset(k, data=v)
@@ -205,6 +215,10 @@ def read_state(run_dir: str | Path) -> RunState:
             projector = np.asarray(proj[()] if proj is not None else [], np.float32)
             if projector.ndim != 1:
                 raise StateError(f"{path}: /global/projector must be a flat vector")
+            mix = f["global"].get("mixer")
+            mixer = np.asarray(mix[()] if mix is not None else [], np.float32)
+            if mixer.ndim != 1:
+                raise StateError(f"{path}: /global/mixer must be a flat vector")
             cur = _need(f, "cursor", path).attrs
             ewc = f.get("ewc")
             fisher = np.asarray(ewc["fisher"][()] if ewc else [], np.float32)
@@ -233,6 +247,7 @@ def read_state(run_dir: str | Path) -> RunState:
                 ewc_anchor=anchor,
                 ewc_stages=int(ewc.attrs["stages"]) if ewc else 0,
                 projector=projector,
+                mixer=mixer,
             )
     except StateError:
         raise

@@ -10,8 +10,8 @@ G = 1 (up to the order of the sums). With G = 1 the model's own loss is used unc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,16 +25,17 @@ TermsFactory = Callable[[list], list[Callable[[], torch.Tensor]]]
 
 @dataclass
 class LocalResult:
-    vector: np.ndarray  # float32 [numel] — the trained subspace after local training
+    vector: np.ndarray  # float32 [len(ks)·numel]: the trained subspaces after local training
     loss: float  # mean training loss over the local steps
     steps: int
-    side: np.ndarray | None = None  # float32: the side parameters (LLaVA projector) after it
+    sides: list[np.ndarray] = field(default_factory=list)  # float32: each side group after it
 
 
 @dataclass
 class Side:
-    """Parameters trained beside the subspace with their own learning rate (the LLaVA
-    projector): the parameters, their learning rate and their exact float32 start (flat)."""
+    """Parameters trained beside the subspaces in their own optimizer group (the LLaVA projector
+    with its learning rate, a method's mixer with the LoRA one): the parameters, their learning
+    rate and their exact float32 start (flat)."""
 
     params: list
     lr: float
@@ -87,11 +88,6 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def split_flat(adapter, vec) -> list[torch.Tensor]:
-    """A flat subspace vector as float32 tensors shaped like the adapter's parameters."""
-    return split_like(adapter.params(0), vec)
-
-
 def split_like(params, vec) -> list[torch.Tensor]:
     """A flat float32 vector as tensors shaped like ``params``."""
     vec = torch.as_tensor(np.asarray(vec, dtype=np.float32))
@@ -102,16 +98,24 @@ def split_like(params, vec) -> list[torch.Tensor]:
     return out
 
 
-def start_local(adapter, k: int, start, context: dict | None = None) -> list:
-    """Load the global subspace ``k`` and make it the only trainable one; load the frozen
-    ``context`` subspaces ({index: flat vector}, O-LoRA's earlier tasks) that act beside it.
-    Returns its parameters."""
+def subspace_tuple(k: int | Sequence[int]) -> tuple[int, ...]:
+    """One subspace index or several, as a tuple."""
+    return (int(k),) if isinstance(k, (int, np.integer)) else tuple(int(i) for i in k)
+
+
+def start_local(adapter, k: int | Sequence[int], start, context: dict | None = None) -> list:
+    """Load the global subspaces ``k`` (one, or several whose flat vectors ``start``
+    concatenates) and make them the only trainable ones; load the frozen ``context`` subspaces
+    ({index: flat vector}, O-LoRA's earlier tasks) that act beside them. Returns their
+    parameters, subspace by subspace (the order of ``start``)."""
+    ks = subspace_tuple(k)
     context = context or {}
     for i, vec in sorted(context.items()):
         adapter.set(i, vec)
-    adapter.set(k, start)
-    adapter.train_subspace(k, tuple(sorted(context)))
-    return adapter.params(k)
+    for i, vec in zip(ks, np.split(np.asarray(start), len(ks)), strict=True):
+        adapter.set(i, vec)
+    adapter.select(ks, tuple(sorted(context)))
+    return [p for i in ks for p in adapter.params(i)]
 
 
 class LocalSession:
@@ -153,11 +157,11 @@ class LocalTrainer:
         return self.runtime.device if self.runtime is not None else torch.device("cpu")
 
     def session(
-        self, model, params, lr: float, weight_decay: float, start=None, side: Side | None = None
+        self, model, params, lr: float, weight_decay: float, start=None, sides: Sequence[Side] = ()
     ) -> LocalSession:
         """``start``: the exact float32 values of ``params`` (a backend that keeps master
-        weights apart from the module starts them from these); ``side``: parameters trained
-        beside them in a second group, with ``base_lr`` = ``side.lr``."""
+        weights apart from the module starts them from these); ``sides``: parameters trained
+        beside them, one more optimizer group each, with ``base_lr`` = ``side.lr``."""
         raise NotImplementedError
 
     def _loss(self, sess: LocalSession, batch: dict) -> torch.Tensor:
@@ -175,27 +179,28 @@ class LocalTrainer:
         self,
         model,
         adapter,
-        k: int,
+        k: int | Sequence[int],
         start: np.ndarray,
         batches,
         opt: LocalOpt,
         context: dict | None = None,
         terms: TermsFactory | None = None,
-        side: Side | None = None,
+        sides: Sequence[Side] = (),
         tick: Callable[[], None] | None = None,
     ) -> LocalResult:
-        """``context``: frozen subspaces beside k ({index: flat vector}); ``terms``: the extra
+        """Train subspace k, or the subspaces k (``start``: their flat vectors concatenated).
+        ``context``: frozen subspaces beside them ({index: flat vector}); ``terms``: the extra
         loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded;
-        ``side``: parameters trained beside the subspace (the LLaVA projector); ``tick``: called
-        once the session is set up and after every optimizer step (the timing hook of ``fcit
-        bench train``: set-up vs step time)."""
+        ``sides``: parameter groups trained beside them (LLaVA projector, a method's mixer);
+        ``tick``: called once the session is set up and after every optimizer step (the timing
+        hook of ``fcit bench train``: set-up vs step time)."""
         params = start_local(adapter, k, start, context)
         extra = terms(params) if terms is not None else []
-        if side is not None:
-            for p in side.params:
+        for s in sides:
+            for p in s.params:
                 p.requires_grad_(True)
         sess = self.session(
-            model, params, opt.lr, opt.weight_decay, split_flat(adapter, start), side
+            model, params, opt.lr, opt.weight_decay, split_like(params, start), sides
         )
         if tick is not None:
             tick()
@@ -219,10 +224,10 @@ class LocalTrainer:
             losses = run_steps(batches, groups, opt.lr, opt.warmup_ratio, forward, step)
         finally:
             vec = to_host(sess.result(params))
-            side_vec = to_host(sess.result(side.params)) if side is not None else None
+            side_vecs = [to_host(sess.result(s.params)) for s in sides]
             sess.close()
-            if side is not None:
-                for p in side.params:
+            for s in sides:
+                for p in s.params:
                     p.requires_grad_(False)
         model.eval()
         if g > 1:  # each member's loss is its share of the batch's loss
@@ -231,4 +236,4 @@ class LocalTrainer:
             t = torch.tensor(losses, dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             losses = t.tolist()
-        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches), side_vec)
+        return LocalResult(vec, sum(losses) / max(1, len(losses)), len(batches), side_vecs)

@@ -107,8 +107,8 @@ class DeepSpeedTrainer(LocalTrainer):
             cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         return cfg
 
-    def session(self, model, params, lr, weight_decay, start=None, side=None):
-        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay), start, side)
+    def session(self, model, params, lr, weight_decay, start=None, sides=()):
+        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay), start, sides)
 
 
 class _DeepSpeedSession(LocalSession):
@@ -116,22 +116,23 @@ class _DeepSpeedSession(LocalSession):
 
     group_average = True  # the engine averages gradients over its data-parallel group
 
-    def __init__(self, model, params, config, start=None, side=None):
+    def __init__(self, model, params, config, start=None, sides=()):
         """``start``: the float32 values of ``params`` (the module may hold them rounded);
-        ``side``: a second parameter group with its own learning rate (the LLaVA projector)."""
+        ``sides``: more parameter groups with their own learning rates (the LLaVA projector,
+        a method's mixer)."""
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
         from fcit_hpc.train.base import split_like
 
-        self.params = list(params) + (list(side.params) if side is not None else [])
+        self.params = list(params) + [p for s in sides for p in s.params]
         if start is None:
             start = [p.detach().float().clone() for p in params]
         groups: list = [{"params": list(params)}]
-        if side is not None:
-            lr = side.lr
-            groups.append({"params": list(side.params), "lr": lr, "base_lr": lr})
-            start = list(start) + split_like(side.params, side.start)
+        start = list(start)
+        for s in sides:
+            groups.append({"params": list(s.params), "lr": s.lr, "base_lr": s.lr})
+            start += split_like(s.params, s.start)
         self.engine, opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=config
         )

@@ -12,14 +12,12 @@ from fcit_hpc.train.base import LocalSession, LocalTrainer
 
 
 class _TorchSession(LocalSession):
-    def __init__(
-        self, model, params, lr, weight_decay, scaler=None, group_size: int = 1, side=None
-    ):
+    def __init__(self, model, params, lr, weight_decay, scaler=None, group_size: int = 1, sides=()):
         self.model = model
-        self.params = list(params) + (list(side.params) if side is not None else [])
+        self.params = list(params) + [p for s in sides for p in s.params]
         groups = [{"params": list(params)}]
-        if side is not None:
-            groups.append({"params": list(side.params), "lr": side.lr, "base_lr": side.lr})
+        for s in sides:
+            groups.append({"params": list(s.params), "lr": s.lr, "base_lr": s.lr})
         self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         self.param_groups = self.opt.param_groups
         self.scaler = scaler
@@ -57,10 +55,10 @@ class _TorchSession(LocalSession):
 
 
 class TorchTrainer(LocalTrainer):
-    def session(self, model, params, lr, weight_decay, start=None, side=None):
+    def session(self, model, params, lr, weight_decay, start=None, sides=()):
         rt = self.runtime
         scaler = None
         if rt is not None and rt.precision == "fp16":
             scaler = torch.amp.GradScaler(rt.device.type)
         g = self.shard.size if self.shard is not None else 1
-        return _TorchSession(model, params, lr, weight_decay, scaler, g, side)
+        return _TorchSession(model, params, lr, weight_decay, scaler, g, sides)

@@ -1,10 +1,16 @@
 """Validation of the clients' updates and their aggregation: per subspace, the sample-weighted mean
-delta in client-id order, then the strategy's server update."""
+delta in client-id order, then the strategy's server update; the side vectors (LLaVA projector, a
+method's mixer) by the sample-weighted mean delta of every accepted client (plain FedAvg).
+
+An update is the deltas of the subspaces the client trained (``subspaces_of(k)`` for its
+assigned subspace k: k alone, or every expert for MoELoRA / M-LoRA), each ``numel`` values, then
+each side's delta in :meth:`RunState.sides` order."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -33,6 +39,19 @@ class RoundInfo:
     def placement(self) -> dict[int, tuple[int, int]]:
         """client -> (data unit, rank), from the plan."""
         return {int(c): (int(u), int(r)) for c, u, r in self.plan}
+
+
+@dataclass
+class Accepted:
+    """The accepted updates, split: (delta, samples) per subspace and per side vector."""
+
+    subspaces: dict[int, list[tuple[np.ndarray, int]]] = field(default_factory=dict)
+    sides: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict)
+
+
+def single(k: int) -> tuple[int, ...]:
+    """A client assigned subspace k trains k alone."""
+    return (k,)
 
 
 @dataclass
@@ -69,26 +88,37 @@ def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, 
     return (*row, sent, info.bytes_down, int(status), sim, action)
 
 
-def client_rows(info: RoundInfo, updates: list[Update], numel: int, projector: int = 0):
-    """(CLIENT_DTYPE rows sorted by client, accepted (delta, samples) per subspace, accepted
-    (projector delta, samples)). An update is the subspace's ``numel`` values followed by the
-    projector's ``projector`` values."""
-    by_subspace: dict[int, list[tuple[np.ndarray, int]]] = {}
-    proj: list[tuple[np.ndarray, int]] = []
+def client_rows(
+    info: RoundInfo,
+    updates: list[Update],
+    numel: int,
+    sides: dict[str, int] | None = None,
+    subspaces_of: Callable[[int], tuple[int, ...]] = single,
+) -> tuple[np.ndarray, Accepted]:
+    """(CLIENT_DTYPE rows sorted by client, the accepted updates split per subspace and side).
+    ``sides``: the size of each side vector, in upload order (module docstring)."""
+    sides = sides or {}
+    acc = Accepted()
     rows = []
     for u in updates:
-        status = update_status(u, numel + projector)
+        ks = subspaces_of(u.subspace)
+        status = update_status(u, len(ks) * numel + sum(sides.values()))
         if status == ClientStatus.ACCEPTED:
-            by_subspace.setdefault(u.subspace, []).append((u.delta[:numel], u.samples))
-            if projector:
-                proj.append((u.delta[numel:], u.samples))
+            for j, k in enumerate(ks):
+                acc.subspaces.setdefault(k, []).append(
+                    (u.delta[j * numel : (j + 1) * numel], u.samples)
+                )
+            off = len(ks) * numel
+            for name, size in sides.items():
+                acc.sides.setdefault(name, []).append((u.delta[off : off + size], u.samples))
+                off += size
         rows.append(
             _client_row(info, u.client, u.subspace, u.samples, u.loss, u.seconds, u.nbytes, status)
         )
     for c, d in info.decisions.items():  # rejected at the token stage: trained nothing
         if d.subspace < 0:
             rows.append(_client_row(info, c, -1, 0, np.nan, 0.0, 0, ClientStatus.BAD_TOKEN))
-    return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), by_subspace, proj
+    return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), acc
 
 
 def round_row(info: RoundInfo, rows: np.ndarray, num_subspaces: int) -> np.ndarray:
@@ -102,21 +132,27 @@ def round_row(info: RoundInfo, rows: np.ndarray, num_subspaces: int) -> np.ndarr
 
 
 def aggregate_round(
-    st: RunState, updates: list[Update], strategy: FedAvg, info: RoundInfo
+    st: RunState,
+    updates: list[Update],
+    strategy: FedAvg,
+    info: RoundInfo,
+    subspaces_of: Callable[[int], tuple[int, ...]] = single,
 ) -> Aggregation:
     """Validate updates, average per subspace (sample-weighted, client-id order), apply the
-    strategy's server update to ``st.adapter`` (and ``st.server_opt``); the projector (when
-    clients train it) moves by the sample-weighted mean of every accepted client's projector
-    delta — plain FedAvg, as the reference code averages it. Mutates ``st``."""
-    numel, q = st.adapter.shape[1], st.projector.size
-    rows, by_subspace, proj = client_rows(info, updates, numel, q)
-    for k in sorted(by_subspace):
-        mean_delta = weighted_average(
-            [v for v, _ in by_subspace[k]], [n for _, n in by_subspace[k]]
-        )
+    strategy's server update to ``st.adapter`` (and ``st.server_opt``); each side vector (the
+    projector, when clients train it; a method's mixer) moves by the sample-weighted mean of
+    every accepted client's delta — plain FedAvg, as the reference code averages the projector.
+    ``subspaces_of``: the subspaces an update carries, from its assigned subspace. Mutates
+    ``st``."""
+    numel = st.adapter.shape[1]
+    sizes = {name: v.size for name, v in st.sides().items()}
+    rows, acc = client_rows(info, updates, numel, sizes, subspaces_of)
+    for k in sorted(acc.subspaces):
+        got = acc.subspaces[k]
+        mean_delta = weighted_average([v for v, _ in got], [n for _, n in got])
         view = {name: arr[k] for name, arr in st.server_opt.items()}
         st.adapter[k] = strategy.update(st.adapter[k], mean_delta, view)
-    if proj:
-        mean = weighted_average([v for v, _ in proj], [n for _, n in proj])
-        st.projector = (st.projector + mean).astype(np.float32)
+    for name, got in acc.sides.items():
+        mean = weighted_average([v for v, _ in got], [n for _, n in got])
+        setattr(st, name, (getattr(st, name) + mean).astype(np.float32))
     return Aggregation(round_row(info, rows, st.num_subspaces), rows)

@@ -40,7 +40,7 @@ class Server(Role):
             proj = to_host(get_projector(ctx.model)) if ctx.projector_numel else None
             state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
         where = self.run_dir / STATE_FILE
-        check_state(state, method, ctx.adapter.numel, where, ctx.projector_numel)
+        check_state(state, method, ctx.adapter.numel, where, ctx.projector_numel, ctx.mixer_numel)
         self.st = state
         if state.rng_torch.size:
             torch.set_rng_state(torch.from_numpy(state.rng_torch.copy()))
@@ -68,14 +68,16 @@ class Server(Role):
         return self.dko_result.assignment()
 
     def use_subspace(self, k):
-        self.st.num_subspaces = max(self.st.num_subspaces, k + 1)
+        top = max(self.ctx.method.trained_subspaces(k))
+        self.st.num_subspaces = max(self.st.num_subspaces, top + 1)
 
     def end_round(self, stage, round_, plan, heads, values, t0, down0):
         ctx, st, dko = self.ctx, self.st, self.dko_result
         bytes_down = ctx.comm.bytes_broadcast - down0
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
-        agg = aggregate_round(st, unpack_updates(heads, values), ctx.strategy, info)
+        updates = unpack_updates(heads, values)
+        agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
         self.dko_result = DkoResult()
         st.append_metrics(agg.round_row, agg.client_rows)
         st.stage, st.round = stage, round_

@@ -8,7 +8,6 @@ import torch
 
 from fcit_hpc.config import Config, to_yaml
 from fcit_hpc.errors import StateError
-from fcit_hpc.host import to_host
 from fcit_hpc.seeds import SALT_ADAPTER_INIT, derive_seed
 from fcit_hpc.state.schema import RunState
 
@@ -16,13 +15,14 @@ from fcit_hpc.state.schema import RunState
 def init_state(
     cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy, projector=None
 ):
-    """Fresh global state: every subspace A ~ N(0, 0.01), B = 0 (seeded), no tokens yet.
+    """Fresh global state: the method's initial subspaces (A ~ N(0, 0.01), B = 0 unless it says
+    otherwise) and mixer, seeded; no tokens yet.
     ``dim``: identity-token dimension D; ``shape``: (stages, tasks) of the accuracy matrix;
     ``strategy``: the run's federated optimizer (its server state starts here); ``projector``:
     the model's projector weights when clients train it (flat float32), else None."""
     s_max = method.num_slots()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SALT_ADAPTER_INIT))
-    vecs = np.stack([to_host(adapter.init_vector(gen)) for _ in range(s_max)])
+    vecs, mixer = method.initial_weights(adapter, gen)  # [S_max, P], [M]
     st = RunState(
         config_yaml=to_yaml(cfg),
         adapter=vecs,
@@ -30,6 +30,7 @@ def init_state(
         token_counts=np.zeros(s_max, np.float64),
         accuracy=np.full(shape, np.nan),  # [stages, tasks]
         server_opt=strategy.init_state(vecs.shape),
+        mixer=np.asarray(mixer, np.float32),
     )
     if projector is not None:
         st.projector = np.asarray(projector, np.float32).copy()
@@ -38,9 +39,11 @@ def init_state(
     return st
 
 
-def check_state(st: RunState, method, numel: int, where, projector_numel: int = 0) -> None:
-    """A stored state must fit the model (S_max subspaces of ``numel`` values, and the projector
-    when clients train it)."""
+def check_state(
+    st: RunState, method, numel: int, where, projector_numel: int = 0, mixer_numel: int = 0
+) -> None:
+    """A stored state must fit the model (S_max subspaces of ``numel`` values, the projector
+    when clients train it, the method's mixer)."""
     if st.adapter.shape != (method.num_slots(), numel):
         raise StateError(
             f"{where}: /global/adapter shape {st.adapter.shape} does not fit the model "
@@ -50,4 +53,8 @@ def check_state(st: RunState, method, numel: int, where, projector_numel: int = 
         raise StateError(
             f"{where}: /global/projector has {st.projector.size} values, the model's trained "
             f"projector {projector_numel}"
+        )
+    if st.mixer.size != mixer_numel:
+        raise StateError(
+            f"{where}: /global/mixer has {st.mixer.size} values, the method's mixers {mixer_numel}"
         )
