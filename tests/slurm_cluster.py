@@ -154,13 +154,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     # -- jobs -----------------------------------------------------------------------------------
     def sbatch(self, args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
         """Submit with `sbatch --wait`; returns (job id, exit code of sbatch)."""
-        e = dict(self.env)
-        for k, v in (env or {}).items():  # None removes a variable
-            e.pop(k, None) if v is None else e.__setitem__(k, v)
         p = subprocess.run(
             ["sbatch", "--parsable", "--wait", *args],
             cwd=cwd,
-            env=e,
+            env=self._job_env(env),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -168,8 +165,56 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         m = re.search(r"^(\d+)", p.stdout.strip())
         return (int(m.group(1)) if m else None), p.returncode, p.stdout + p.stderr
 
+    def submit(self, args: list[str], cwd: Path, env: dict | None = None) -> int:
+        """Submit without waiting; returns the job id."""
+        p = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            cwd=cwd,
+            env=self._job_env(env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        m = re.search(r"^(\d+)", p.stdout.strip())
+        if m is None:
+            raise RuntimeError(f"sbatch failed: {p.stdout}{p.stderr}\n{self.logs()}")
+        return int(m.group(1))
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, Reason, ...)."""
+        out = self._out(["scontrol", "show", "job", "-o", str(job_id)])
+        return dict(x.split("=", 1) for x in out.split() if "=" in x)
+
+    def wait_job(self, job_id: int, cond, what: str, timeout: float = 240.0) -> dict[str, str]:
+        """Poll the job until ``cond(info)`` holds; returns that info."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            info = self.job(job_id)
+            if cond(info):
+                return info
+            time.sleep(0.3)
+        raise RuntimeError(f"job {job_id}: timed out waiting for {what}: {info}\n{self.logs()}")
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        """A SLURM command (scontrol, scancel) on this cluster; raises on failure (``check``)."""
+        p = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+        if p.returncode and check:
+            raise RuntimeError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
+        return p.stdout
+
+    def _job_env(self, env: dict | None) -> dict:
+        e = dict(self.env)
+        for k, v in (env or {}).items():  # None removes a variable
+            e.pop(k, None) if v is None else e.__setitem__(k, v)
+        return e
+
     # -- tear-down ------------------------------------------------------------------------------
     def stop(self) -> None:
+        """Cancel the jobs left (a failed test's), then stop the daemons."""
+        if self.procs and self._ok(["scancel", "--full", "--partition=debug"]):
+            t0 = time.monotonic()
+            while self._out(["squeue", "-h"]).strip() and time.monotonic() - t0 < 30:
+                time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)

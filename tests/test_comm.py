@@ -15,6 +15,7 @@ def test_local_comm_is_world_of_one():
     assert np.array_equal(a, b) and b is not a
     assert [x.tolist() for x in c.gatherv(np.array([1, 2]))] == [[1, 2]]
     assert c.scatterv([np.array([5, 6])], np.int64).tolist() == [5, 6]
+    assert c.allreduce_max(7) == 7 and c.bytes_broadcast == 6 * 8 + a.nbytes
 
 
 @pytest.mark.mpi

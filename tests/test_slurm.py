@@ -1,6 +1,8 @@
 """slurm/fcit.sbatch against a real slurmctld + slurmd (one node on 127.0.0.1): mpirun and
 `srun --mpi=pmix` launches give the serial run's state; a job killed mid-run is resubmitted with
-FCIT_RESUME and ends bitwise equal to the serial run."""
+FCIT_RESUME and ends bitwise equal to the serial run; a job requeued by `scontrol requeue`, and
+one stopped by `scancel --signal=TERM` (exit 75, requeued by the script), continue by themselves
+and end bitwise equal to it."""
 
 import os
 
@@ -81,3 +83,82 @@ def test_killed_job_resubmitted_with_resume(cluster, serial_run, tmp_path):
     assert rc == 0, log[-3000:]
     assert same_content(comparable_content(serial_run), comparable_content(run)) == []
     assert os.path.exists(run / "report.md")
+
+
+def _log_has(path, text: str) -> bool:
+    return path.exists() and text in path.read_text(errors="replace")
+
+
+def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun"):
+    """Submit smoke held before round ``hold_at`` (debug.hold_file), call ``act(job)`` there,
+    let the hold go, release the requeued job (a requeued job waits about 2 min, BeginTime, for
+    its nodes to be cleaned; the test cannot wait that long) and wait until it completes.
+    Returns (run dir, log of both starts, job info at the end)."""
+    run, hold, log = tmp_path / "run", tmp_path / "hold", tmp_path / f"{name}.log"
+    hold.touch()
+    stage, rnd = hold_at
+    job = cluster.submit(
+        [
+            "--ntasks=2",
+            f"--output={log}",
+            f"--error={log}",
+            "--open-mode=append",  # the requeued start appends to the same log
+            SBATCH,
+            SMOKE,
+            "--out",
+            str(run),
+            f"debug.hold_file={hold}",
+            f"debug.hold_stage={stage}",
+            f"debug.hold_round={rnd}",
+        ],
+        cwd=ROOT,
+        env=_job_env(FCIT_LAUNCH=launch),
+    )
+    held = f"holding before stage {stage} round {rnd}"
+    try:
+        cluster.wait_job(job, lambda i: _log_has(log, held), held)
+        act(job)
+    finally:
+        hold.unlink()  # the requeued start runs through
+    cluster.wait_job(job, lambda i: i.get("Restarts") == "1", "the requeue")
+    cluster.wait_job(job, lambda i: i["JobState"] != "COMPLETING", "the requeue to settle")
+    if cluster.job(job)["JobState"] == "PENDING":  # (it may have started meanwhile)
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    info = cluster.wait_job(job, lambda i: i["JobState"] in ("COMPLETED", "FAILED"), "the end")
+    return run, log.read_text(errors="replace"), info
+
+
+def test_scontrol_requeue_before_the_first_round_continues_by_itself(cluster, serial_run, tmp_path):
+    """`scontrol requeue` of a running job that has not stored a round yet: SLURM kills it and
+    starts it again; the script's `--continue` starts the run afresh from its config.yaml."""
+    seen = {}
+
+    def requeue(job):
+        run = tmp_path / "run"
+        seen["state"], seen["config"] = (run / "state.h5").exists(), (run / "config.yaml").exists()
+        cluster.run("scontrol", "requeue", str(job))
+
+    run, log, info = _run_to_hold_then(cluster, tmp_path, "requeue", (0, 0), requeue)
+    assert seen == {"state": False, "config": True}
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "start 2: fcit run" in log and "starting afresh from" in log, log[-3000:]
+    assert same_content(comparable_content(serial_run), comparable_content(run)) == []
+
+
+def test_scancel_signal_term_stops_at_a_round_and_requeues(cluster, serial_run, tmp_path):
+    """`scancel --signal=TERM` (srun launch: the step's tasks get it): every rank stops after the
+    last completed round (stage 1 round 0), fcit exits 75, the script requeues the job, and the
+    requeued start continues from state.h5 to the uninterrupted run's state."""
+    seen = {}
+
+    def term(job):
+        st = read_state(tmp_path / "run")
+        seen["cursor"] = (st.stage, st.round)
+        cluster.run("scancel", "--signal=TERM", str(job))
+
+    run, log, info = _run_to_hold_then(cluster, tmp_path, "term", (1, 1), term, launch="srun")
+    assert seen["cursor"] == (1, 0)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "fcit: stopped on SIGTERM after stage 1 round 0, the last completed round" in log
+    assert "requeueing job" in log and "start 2: fcit run" in log, log[-3000:]
+    assert same_content(comparable_content(serial_run), comparable_content(run)) == []

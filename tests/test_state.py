@@ -134,3 +134,49 @@ def test_not_hdf5(tmp_path):
     (tmp_path / "state.h5").write_text("hello")
     with pytest.raises(StateError, match="unreadable state file"):
         read_state(tmp_path)
+
+
+def _fail_open(path, *a, **k):
+    raise OSError(30, "Read-only file system", str(path))
+
+
+# half-written: disk full half way through the temporary file (after /global, before
+# /metrics/clients); read-only: the temporary file cannot be created; then an I/O error at the
+# fsync, and at the rename over the old file
+@pytest.mark.parametrize("where", ["half-written", "read-only", "fsync", "replace"])
+def test_failed_write_leaves_previous_state(tmp_path, monkeypatch, where):
+    """Any failure before the new file replaces the old: StorageError naming the file (exit 74),
+    the previous state.h5 unchanged byte for byte and readable, no temporary file left."""
+    import errno
+
+    from fcit_hpc.errors import StorageError
+    from fcit_hpc.state import schema
+
+    write_state(tmp_path, _state())
+    before = (tmp_path / "state.h5").read_bytes()
+    nxt = _state()
+    nxt.round, nxt.adapter = 1, nxt.adapter + 1
+    if where == "half-written":
+        real = h5py.Group.create_dataset
+
+        def create(self, name, *a, **k):
+            if name == "clients":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, name, *a, **k)
+
+        monkeypatch.setattr(h5py.Group, "create_dataset", create)
+    elif where == "read-only":
+        monkeypatch.setattr(schema.h5py, "File", _fail_open)
+    else:
+
+        def io_error(*args):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(schema.os, where, io_error)
+    with pytest.raises(StorageError, match=r"state.h5: cannot write the state file") as e:
+        write_state(tmp_path, nxt)
+    assert e.value.exit_code == 74 and e.value.rank_local
+    monkeypatch.undo()
+    assert (tmp_path / "state.h5").read_bytes() == before
+    assert read_state(tmp_path).round == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.h5"]

@@ -34,9 +34,15 @@ def _read_list(path: Path) -> list:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the file ({e})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:  # also an integer of more digits than Python converts
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -49,9 +55,19 @@ def _image(path: Path, i: int, rec: dict, image_root: Path | None, check: bool) 
     if not isinstance(img, str):
         raise DataError(f"{path}: record {i}: 'image' must be a string")
     full = Path(img) if Path(img).is_absolute() else (image_root or path.parent) / img
-    if check and not full.is_file():
+    try:
+        found = not check or full.is_file()
+    except (OSError, ValueError) as e:  # e.g. a name too long for the file system
+        raise DataError(f"{path}: record {i}: bad image path {_short(img)} ({e})") from None
+    if not found:
         raise DataError(f"{path}: record {i}: image not found: {full}")
     return str(full)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``repr`` of a string for a message, cut to ``limit`` characters."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _turn_pairs(path: Path, i: int, conv) -> list[tuple[str, str]]:

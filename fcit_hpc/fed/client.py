@@ -110,7 +110,8 @@ def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces
         rows.append((client, k, len(samples), res.loss, time.perf_counter() - t0, res.steps))
         deltas.append(delta)
         if ctx.comm.rank == dbg.kill_rank and (stage, round_) == (dbg.kill_stage, dbg.kill_round):
-            os.kill(os.getpid(), signal.SIGKILL)  # dies mid-round, after its first client
+            # mid-round, after its first client: dies (KILL) or is asked to stop (TERM, USR1)
+            os.kill(os.getpid(), signal.Signals[f"SIG{dbg.kill_signal}"])
     if not ctx.runtime.is_leader:
         rows, deltas = [], []
     return pack_updates(rows, deltas)

@@ -57,6 +57,11 @@ class Comm:
         """Root passes one 1-D array per rank; each rank returns its part."""
         raise NotImplementedError
 
+    def allreduce_max(self, value: int) -> int:
+        """Every rank passes an integer and gets the maximum over all ranks (a vote: one rank's
+        flag is everyone's). Not counted in ``bytes_broadcast``: it is no part of a round."""
+        raise NotImplementedError
+
     def barrier(self) -> None:
         raise NotImplementedError
 
@@ -88,6 +93,9 @@ class LocalComm(Comm):
 
     def scatterv(self, parts, dtype, root=0):
         return np.asarray(parts[0], dtype=dtype).copy()
+
+    def allreduce_max(self, value):
+        return int(value)
 
     def barrier(self):
         pass
@@ -176,6 +184,16 @@ class ThreadComm(Comm):
             if r != root:
                 self._put(r, np.asarray(parts[r], dtype=dtype).reshape(-1))
         return np.asarray(parts[root], dtype=dtype).reshape(-1).copy()
+
+    def allreduce_max(self, value):
+        mine = np.array([value], np.int64)
+        if self.rank != 0:
+            self._put(0, mine)
+            return int(self._get(0)[0])
+        top = max([int(value)] + [int(self._get(r)[0]) for r in range(1, self.size)])
+        for r in range(1, self.size):
+            self._put(r, np.array([top], np.int64))
+        return top
 
     def barrier(self):
         self._wait(lambda: self.world.barrier.wait(timeout=self.world.timeout))
@@ -266,6 +284,11 @@ class MPIComm(Comm):
         else:
             self._comm.Scatterv(None, out, root=root)
         return out
+
+    def allreduce_max(self, value):
+        out = np.zeros(1, np.int64)
+        self._comm.Allreduce(np.array([value], np.int64), out, op=self._MPI.MAX)
+        return int(out[0])
 
     def barrier(self):
         self._comm.Barrier()

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fcit_hpc.config import Config
-from fcit_hpc.errors import FcitError
+from fcit_hpc.errors import FcitError, Preempted
+from fcit_hpc.fed import preempt
 from fcit_hpc.fed.client import compute_tokens, stage_end_uploads, train_clients
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.context import RunContext, build_context
@@ -56,7 +57,9 @@ def run_federated(
     for stage in range(start_stage, ctx.data.num_stages):
         first = last_round + 1 if stage == start_stage else 0
         for rnd in range(first, num_rounds):
+            safe_point(ctx, role, stage, rnd)
             run_round(ctx, role, stage, rnd)
+        safe_point(ctx, role, stage, num_rounds)
         role.after_rounds(stage)
         if ctx.method.has_stage_end and num_rounds > 0:  # once per stage, also on resume
             if comm.bcast_array(role.stage_end_todo(stage))[0]:
@@ -74,6 +77,18 @@ def run_federated(
             role.record_eval(stage, result)
         role.end_stage(stage)
     return role.finish()
+
+
+def safe_point(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
+    """Between rounds (before round ``rnd`` of ``stage``; ``rnd`` = rounds per stage: before the
+    stage's end and evaluation): all ranks stop here together when any was asked to
+    (:mod:`~fcit_hpc.fed.preempt`); the last completed round is already stored."""
+    dbg = ctx.cfg.debug
+    if ctx.comm.is_root and dbg.hold_file and (stage, rnd) == (dbg.hold_stage, dbg.hold_round):
+        preempt.hold(Path(dbg.hold_file), f"before stage {stage} round {rnd}")
+    signame = preempt.agree(ctx.comm)
+    if signame:
+        raise Preempted(role.stop_message(signame))
 
 
 def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False) -> RunState:

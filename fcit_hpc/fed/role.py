@@ -58,6 +58,10 @@ class Role:
     def end_stage(self, stage: int) -> None:
         pass
 
+    def stop_message(self, reason: str) -> str:
+        """Where the run stopped on a stop signal (``reason``), for the log (rank 0's only)."""
+        return ""
+
     def finish(self) -> RunState | None:
         """The final state (the server's), after the summary and the report."""
         return None

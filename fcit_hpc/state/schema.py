@@ -28,6 +28,7 @@ No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fcit_hpc.errors import StateError
+from fcit_hpc.errors import StateError, StorageError
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.h5"
@@ -140,11 +141,45 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_state(run_dir: str | Path, st: RunState) -> Path:
-    """Write ``st`` to RUN_DIR/state.h5 atomically: temp file, fsync, os.replace, fsync dir."""
+    """Write ``st`` to RUN_DIR/state.h5 atomically: temp file, fsync, os.replace, fsync dir.
+
+    A failure before the replace (disk full, read-only directory, I/O error) removes the temp
+    file and raises StorageError naming the file: the previous state file stays as it was."""
     run_dir = Path(run_dir)
     final = run_dir / STATE_FILE
     tmp = run_dir / f".{STATE_FILE}.tmp"
-    with h5py.File(tmp, "w") as f:
+    try:
+        _write_h5(tmp, st)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise StorageError(
+            f"{final}: cannot write the state file ({_one_line(e)}); the previous state is "
+            "unchanged"
+        ) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    try:
+        _fsync_dir(run_dir)
+    except OSError as e:
+        raise StorageError(
+            f"{final}: written, but its directory could not be synced ({_one_line(e)})"
+        ) from None
+    return final
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _write_h5(path: Path, st: RunState) -> None:
+    """Every field of ``st`` into a new HDF5 file at ``path`` (the layout in the module doc)."""
+    with h5py.File(path, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["config_yaml"] = st.config_yaml
         c = f.create_group("cursor")
@@ -177,17 +212,63 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         ew.attrs["stages"] = st.ewc_stages
         ew.create_dataset("fisher", data=np.asarray(st.ewc_fisher, np.float32))
         ew.create_dataset("anchor", data=np.asarray(st.ewc_anchor, np.float32))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    return final
 
 
-def _need(f: h5py.File, path: str, path_file: Path):
-    if path not in f:
-        raise StateError(f"{path_file}: missing dataset {path} (not a complete fcit state file)")
-    return f[path]
+class _Reader:
+    """Typed access to an open state file: every object and attribute checked for its kind,
+    dtype and shape before use; StateError naming the file and the object otherwise."""
+
+    def __init__(self, f: h5py.File, path: Path):
+        self.f, self.path = f, path
+
+    def fail(self, what: str) -> StateError:
+        return StateError(f"{self.path}: {what}")
+
+    def group(self, name: str, optional: bool = False) -> h5py.Group | None:
+        obj = self.f.get(name)
+        if obj is None and optional:
+            return None
+        if not isinstance(obj, h5py.Group):
+            raise self.fail(f"missing group {name} (not a complete fcit state file)")
+        return obj
+
+    def array(self, name: str, dtype, ndim: int, optional: bool = False) -> np.ndarray:
+        """A numeric dataset of ``ndim`` dimensions, as ``dtype``."""
+        obj = self.f.get(name)
+        if obj is None and optional:
+            return np.zeros((0,) * ndim, dtype)
+        if not isinstance(obj, h5py.Dataset):
+            raise self.fail(f"missing dataset {name} (not a complete fcit state file)")
+        if obj.dtype.kind not in "iuf" or obj.dtype.names is not None:
+            raise self.fail(f"/{name} holds {obj.dtype}, not numbers")
+        if obj.ndim != ndim:
+            raise self.fail(f"/{name} has shape {obj.shape}, expected {ndim} dimension(s)")
+        return np.asarray(obj[()], dtype)
+
+    def records(self, name: str, dtype: np.dtype) -> np.ndarray:
+        """A 1-D dataset of records with the fields of ``dtype``."""
+        obj = self.f.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            raise self.fail(f"missing dataset {name} (not a complete fcit state file)")
+        if obj.dtype.names != dtype.names or obj.ndim != 1:
+            raise self.fail(f"/{name} is not a list of {', '.join(dtype.names)} records")
+        return np.asarray(obj[()]).astype(dtype)
+
+    def integer(self, obj, key: str, where: str, default: int | None = None) -> int:
+        """A scalar integer attribute."""
+        v = obj.attrs.get(key, default)
+        if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
+            raise self.fail(f"attribute {key} of {where} is {v!r}, not an integer")
+        return int(v)
+
+    def text(self, obj, key: str, where: str, default: str | None = None) -> str:
+        """A string attribute (UTF-8)."""
+        v = obj.attrs.get(key, default)
+        if isinstance(v, bytes | np.bytes_):
+            v = bytes(v).decode("utf-8")
+        if not isinstance(v, str):
+            raise self.fail(f"attribute {key} of {where} is {type(v).__name__}, not a string")
+        return v
 
 
 def read_state(run_dir: str | Path) -> RunState:
@@ -197,63 +278,89 @@ def read_state(run_dir: str | Path) -> RunState:
         raise StateError(f"{path}: state file not found")
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("schema_version") != SCHEMA_VERSION:
-                raise StateError(
-                    f"{path}: schema_version {f.attrs.get('schema_version')!r}, "
-                    f"expected {SCHEMA_VERSION}"
-                )
-            adapter = np.asarray(_need(f, "global/adapter", path)[()], np.float32)
-            tokens = np.asarray(_need(f, "global/tokens", path)[()], np.float32)
-            counts = np.asarray(_need(f, "global/token_counts", path)[()], np.float64)
-            if adapter.ndim != 2 or tokens.ndim != 2 or counts.shape != (adapter.shape[0],):
-                raise StateError(f"{path}: /global datasets have inconsistent shapes")
-            so = {k: np.asarray(v[()], np.float32) for k, v in _need(f, "server_opt", path).items()}
-            for k, v in so.items():
-                if v.shape != adapter.shape:
-                    raise StateError(f"{path}: /server_opt/{k} shape {v.shape} != {adapter.shape}")
-            proj = f["global"].get("projector")
-            projector = np.asarray(proj[()] if proj is not None else [], np.float32)
-            if projector.ndim != 1:
-                raise StateError(f"{path}: /global/projector must be a flat vector")
-            mix = f["global"].get("mixer")
-            mixer = np.asarray(mix[()] if mix is not None else [], np.float32)
-            if mixer.ndim != 1:
-                raise StateError(f"{path}: /global/mixer must be a flat vector")
-            cur = _need(f, "cursor", path).attrs
-            ewc = f.get("ewc")
-            fisher = np.asarray(ewc["fisher"][()] if ewc else [], np.float32)
-            anchor = np.asarray(ewc["anchor"][()] if ewc else [], np.float32)
-            if fisher.shape != anchor.shape or fisher.size not in (0, adapter.shape[1]):
-                raise StateError(f"{path}: /ewc datasets do not fit /global/adapter")
-            st = RunState(
-                config_yaml=str(f.attrs["config_yaml"]),
-                adapter=adapter,
-                tokens=tokens,
-                token_counts=counts,
-                accuracy=np.asarray(_need(f, "eval/accuracy", path)[()], np.float64),
-                num_subspaces=int(f["global"].attrs["num_subspaces"]),
-                stage=int(cur["stage"]),
-                round=int(cur["round"]),
-                done=bool(cur["done"]),
-                server_opt=so,
-                rng_torch=np.asarray(_need(f, "rng/torch", path)[()], np.uint8),
-                rounds=np.asarray(_need(f, "metrics/rounds", path)[()]).astype(ROUND_DTYPE),
-                clients=np.asarray(_need(f, "metrics/clients", path)[()]).astype(CLIENT_DTYPE),
-                task_names=json.loads(str(f["eval"].attrs.get("task_names", "[]"))),
-                first_stage=np.asarray(_need(f, "eval/first_stage", path)[()], np.int64),
-                activation=np.asarray(_need(f, "eval/activation", path)[()], np.float64),
-                summary={k: float(v) for k, v in f["eval"].attrs.items() if k != "task_names"},
-                ewc_fisher=fisher,
-                ewc_anchor=anchor,
-                ewc_stages=int(ewc.attrs["stages"]) if ewc else 0,
-                projector=projector,
-                mixer=mixer,
-            )
+            st = _read(_Reader(f, path))
     except StateError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        # h5py's own errors on a damaged file (OSError, RuntimeError), numpy's on odd data
         raise StateError(f"{path}: unreadable state file ({' '.join(str(e).split())})") from None
     return st
+
+
+def _read(r: _Reader) -> RunState:
+    f = r.f
+    version = f.attrs.get("schema_version")
+    if not isinstance(version, int | np.integer) or version != SCHEMA_VERSION:
+        raise r.fail(f"schema_version {version!r}, expected {SCHEMA_VERSION}")
+    glob, cur, ev = r.group("global"), r.group("cursor"), r.group("eval")
+    adapter = r.array("global/adapter", np.float32, 2)
+    tokens = r.array("global/tokens", np.float32, 2)
+    counts = r.array("global/token_counts", np.float64, 1)
+    s_max = adapter.shape[0]
+    if tokens.shape[0] != s_max or counts.shape != (s_max,):
+        raise r.fail("/global datasets have inconsistent shapes")
+    so = {}
+    for k in r.group("server_opt"):
+        so[k] = r.array(f"server_opt/{k}", np.float32, 2)
+        if so[k].shape != adapter.shape:
+            raise r.fail(f"/server_opt/{k} shape {so[k].shape} != {adapter.shape}")
+    projector = r.array("global/projector", np.float32, 1, optional=True)
+    mixer = r.array("global/mixer", np.float32, 1, optional=True)
+    ewc = r.group("ewc", optional=True)
+    fisher = r.array("ewc/fisher", np.float32, 1, optional=ewc is None)
+    anchor = r.array("ewc/anchor", np.float32, 1, optional=ewc is None)
+    if fisher.shape != anchor.shape or fisher.size not in (0, adapter.shape[1]):
+        raise r.fail("/ewc datasets do not fit /global/adapter")
+    accuracy = r.array("eval/accuracy", np.float64, 2)
+    stages, tasks = accuracy.shape
+    first_stage = r.array("eval/first_stage", np.int64, 1)
+    activation = r.array("eval/activation", np.float64, 2)
+    if first_stage.size not in (0, tasks):
+        raise r.fail(f"/eval/first_stage has {first_stage.size} tasks, /eval/accuracy {tasks}")
+    try:
+        names = json.loads(r.text(ev, "task_names", "eval", "[]"))
+    except (ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise r.fail("attribute task_names of eval is not a JSON list of strings")
+    summary = {}
+    for k, v in ev.attrs.items():
+        if k == "task_names":
+            continue
+        if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.number):
+            raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
+        summary[k] = float(v)
+    stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
+    done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
+    if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
+        raise r.fail(
+            f"cursor (stage {stage}, round {rnd}, done {done}) or num_subspaces {live} out of "
+            f"range ({stages} stages, {s_max} subspaces)"
+        )
+    return RunState(
+        config_yaml=r.text(f, "config_yaml", "the file"),
+        adapter=adapter,
+        tokens=tokens,
+        token_counts=counts,
+        accuracy=accuracy,
+        num_subspaces=live,
+        stage=stage,
+        round=rnd,
+        done=bool(done),
+        server_opt=so,
+        rng_torch=r.array("rng/torch", np.uint8, 1),
+        rounds=r.records("metrics/rounds", ROUND_DTYPE),
+        clients=r.records("metrics/clients", CLIENT_DTYPE),
+        task_names=names,
+        first_stage=first_stage,
+        activation=activation,
+        summary=summary,
+        ewc_fisher=fisher,
+        ewc_anchor=anchor,
+        ewc_stages=r.integer(ewc, "stages", "ewc") if ewc is not None else 0,
+        projector=projector,
+        mixer=mixer,
+    )
 
 
 def comparable_content(run_dir: str | Path) -> dict[str, np.ndarray]:

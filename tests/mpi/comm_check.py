@@ -37,5 +37,9 @@ if r == 0:
 send = [np.full(2 * i, i, np.int64) for i in range(P)] if r == 0 else None
 mine = comm.scatterv(send, np.int64)
 assert mine.size == 2 * r and (mine == r).all()
+# Allreduce max: a vote of all ranks, not counted as broadcast bytes
+nbytes = comm.bytes_broadcast
+assert comm.allreduce_max(3 * r) == 3 * (P - 1) and comm.allreduce_max(0) == 0
+assert comm.bytes_broadcast == nbytes
 comm.barrier()
 print(f"rank {r}/{P} ok")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fcit_hpc.errors import StateError
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
@@ -34,13 +35,26 @@ class Server(Role):
         self.dko_result = DkoResult()
         self.bar = None
         data, method = ctx.data, ctx.method
+        dim = ctx.encoder.dim if ctx.encoder is not None else 1
+        shape = (data.num_stages, data.num_tasks)
         if state is None:
-            dim = ctx.encoder.dim if ctx.encoder is not None else 1
-            shape = (data.num_stages, data.num_tasks)
             proj = to_host(get_projector(ctx.model)) if ctx.projector_numel else None
             state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
         where = self.run_dir / STATE_FILE
-        check_state(state, method, ctx.adapter.numel, where, ctx.projector_numel, ctx.mixer_numel)
+        try:
+            check_state(
+                state,
+                method,
+                ctx.adapter.numel,
+                where,
+                ctx.projector_numel,
+                ctx.mixer_numel,
+                shape,
+                dim,
+            )
+        except StateError as e:  # only rank 0 holds the state: it ends the whole job
+            e.rank_local = True
+            raise
         self.st = state
         if state.rng_torch.size:
             torch.set_rng_state(torch.from_numpy(state.rng_torch.copy()))
@@ -112,6 +126,20 @@ class Server(Role):
         st.stage, st.round = stage + 1, -1
         st.done = stage + 1 == self.ctx.data.num_stages
         write_state(self.run_dir, st)
+
+    def stop_message(self, reason):
+        if self.bar is not None:
+            self.bar.close()
+        st, d, path = self.st, self.run_dir, self.run_dir / STATE_FILE
+        if not path.exists():
+            where = f"before the first round; nothing stored but {d / 'config.yaml'}"
+        elif st.round >= 0:
+            where = f"after stage {st.stage} round {st.round}, the last completed round ({path})"
+        elif st.done:
+            where = f"after the last stage ({path})"
+        else:
+            where = f"after stage {st.stage - 1} and its evaluation ({path})"
+        return f"stopped on {reason} {where}; continue with `fcit run --resume {d}`"
 
     def finish(self):
         if self.bar is not None:

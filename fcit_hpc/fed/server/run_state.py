@@ -40,10 +40,19 @@ def init_state(
 
 
 def check_state(
-    st: RunState, method, numel: int, where, projector_numel: int = 0, mixer_numel: int = 0
+    st: RunState,
+    method,
+    numel: int,
+    where,
+    projector_numel: int = 0,
+    mixer_numel: int = 0,
+    shape: tuple[int, int] | None = None,
+    dim: int | None = None,
 ) -> None:
     """A stored state must fit the model (S_max subspaces of ``numel`` values, the projector
-    when clients train it, the method's mixer)."""
+    when clients train it, the method's mixer), the benchmark (``shape``: stages x tasks of the
+    accuracy matrix), the identity encoder (``dim``) and torch's generator (its saved state's
+    size)."""
     if st.adapter.shape != (method.num_slots(), numel):
         raise StateError(
             f"{where}: /global/adapter shape {st.adapter.shape} does not fit the model "
@@ -58,3 +67,14 @@ def check_state(
         raise StateError(
             f"{where}: /global/mixer has {st.mixer.size} values, the method's mixers {mixer_numel}"
         )
+    if shape is not None and st.accuracy.shape != shape:
+        raise StateError(
+            f"{where}: /eval/accuracy shape {st.accuracy.shape} does not fit the benchmark's "
+            f"{shape} (stages x tasks)"
+        )
+    if dim is not None and st.tokens.shape[1] != dim:
+        raise StateError(
+            f"{where}: /global/tokens dimension {st.tokens.shape[1]}, the identity encoder's {dim}"
+        )
+    if st.rng_torch.size not in (0, torch.get_rng_state().numel()):
+        raise StateError(f"{where}: /rng/torch holds {st.rng_torch.size} bytes, not a torch state")
