@@ -79,6 +79,9 @@ class LoraConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     max_subspaces: int = 8
+    # rank of the single LoRA of Finetune, EWC and the multi-task bound: budget = max_subspaces x
+    # lora_r (DISCO's total, the paper's parity: rank 64 = 8 x 8), r = lora_r (one subspace's)
+    single_rank: str = "budget"
 
 
 @dataclass
@@ -122,7 +125,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True
-    max_new_tokens: int = 8
+    # cap on generated tokens (the paper's 128); each task generates at most its longest test
+    # answer's tokens + 1 (eval.generate.answer_budgets)
+    max_new_tokens: int = 128
     batch_size: int = 1  # test samples generated together (left-padded); 1 = one at a time
 
 
@@ -208,6 +213,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "lora.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "lora.target_modules": (lambda v: len(v) >= 1, "a non-empty list"),
     "lora.max_subspaces": (lambda v: 1 <= v <= 64, "in [1, 64]"),
+    "lora.single_rank": _in(("budget", "r")),
     "method.name": _in(METHODS),
     "method.tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "method.epsilon": (lambda v: v > 0, "> 0"),

@@ -41,7 +41,11 @@ MODELS = {
 @pytest.fixture(scope="module", autouse=True)
 def torch_ssa_lora():
     """The SSA-LoRA op on its CPU path (what a CPU run takes, conftest's TRITON_INTERPRET would
-    send it through the interpreted Triton kernel, which test_kernels checks against it)."""
+    send it through the interpreted Triton kernel, which test_kernels checks against it). The
+    kernels are imported first, under the interpreter: a @triton.jit function made while
+    TRITON_INTERPRET is unset cannot be called by later interpreted tests."""
+    import fcit_kernels.triton_ssa_lora  # noqa: F401
+
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TRITON_INTERPRET", raising=False)
         yield

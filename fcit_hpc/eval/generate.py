@@ -35,6 +35,17 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
+def answer_budgets(tok, tests: dict[int, list[Sample]], cap: int) -> dict[int, int]:
+    """Per task, the new tokens generation may take: the longest test answer's tokens plus its
+    end token (the form the model is trained on), at most ``cap`` (``eval.max_new_tokens``);
+    ``cap`` for a task without test samples."""
+    out = {}
+    for t, samples in tests.items():
+        longest = max((len(tok.encode(s.answer)) for s in samples), default=cap - 1)
+        out[t] = max(1, min(cap, longest + 1))
+    return out
+
+
 def until_eos(ids: list[int], eos_id: int) -> list[int]:
     """A row's new tokens up to its first ``eos`` (excluded): a row that finished before the
     others goes on with padding until the whole batch stops."""
@@ -46,11 +57,13 @@ def greedy_batch(
     model,
     tok,
     instructions: list[str],
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],
     images: list[str | None] | None = None,
 ) -> list[str]:
     """Greedy answers to ``instructions`` generated together (KV cache), one string per
     instruction; ``images`` (one path or None per instruction) feed a multimodal model.
+    ``max_new_tokens``: one budget for all, or one per instruction (the batch generates up to
+    the largest and each row is cut to its own, so a row's answer is the one it gets alone).
 
     The SSA gate, when used, is set on the adapter before (α [B, S_live], row b for prompt b).
     Inputs go to the model's device; the model is never moved here."""
@@ -61,17 +74,25 @@ def greedy_batch(
         paths = images if images is not None else [None] * len(instructions)
         pix = torch.stack([tok.pixels(p) for p in paths])  # [B, 3, H, W]
         extra["pixel_values"] = pix.to(device)
+    budgets = (
+        [max_new_tokens] * len(instructions) if isinstance(max_new_tokens, int) else max_new_tokens
+    )
+    if len(budgets) != len(instructions):
+        raise ValueError(f"{len(budgets)} budgets for {len(instructions)} instructions")
     out = model.generate(
         ids,
         attention_mask=mask,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(budgets),
         do_sample=False,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         **extra,
     )
-    new = to_host(out[:, ids.shape[1] :], np.int64)  # [B, ≤ max_new_tokens]
-    return [tok.decode(until_eos(row.tolist(), tok.eos_token_id)) for row in new]
+    new = to_host(out[:, ids.shape[1] :], np.int64)  # [B, ≤ max(budgets)]
+    return [
+        tok.decode(until_eos(row.tolist()[:n], tok.eos_token_id))
+        for row, n in zip(new, budgets, strict=True)
+    ]
 
 
 def local_samples(ctx) -> list[tuple[int, int, Sample]]:
@@ -91,6 +112,7 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
     batches of ``eval.batch_size`` consecutive samples of the share."""
     encoder, adapter = ctx.encoder, ctx.adapter
     mine = local_samples(ctx)
+    budgets = answer_budgets(ctx.tok, ctx.data.test, ctx.cfg.eval.max_new_tokens)
     size = ctx.cfg.eval.batch_size
     out = []
     ctx.model.eval()
@@ -103,7 +125,7 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
             ctx.model,
             ctx.tok,
             [s.instruction for s in samples],
-            ctx.cfg.eval.max_new_tokens,
+            [budgets[t] for t, _, _ in batch],
             [s.image for s in samples],
         )
         out += [(t, i, text) for (t, i, _), text in zip(batch, texts, strict=True)]

@@ -131,7 +131,7 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     torch.set_num_threads(cfg.train.num_threads)
     prepare_caches(cfg, comm)
     method = make_method(cfg)
-    model, adapter, tok = build_model(cfg, method.num_slots(), rt)
+    model, adapter, tok = build_model(cfg, method.num_slots(), rt, method.slot_rank())
     method.install(adapter)
     data = FederatedData(cfg)
     method.check_stages(data.num_stages)

@@ -52,6 +52,11 @@ class Method:
         """S_max: subspaces allocated in the global adapter."""
         return 1
 
+    def slot_rank(self) -> int:
+        """The rank of each slot (lora.lora_r; the single LoRA of :class:`SingleLoRA` methods
+        has DISCO's whole budget). The scaling stays lora_alpha / lora_r at any rank."""
+        return self.cfg.lora.lora_r
+
     def check_stages(self, num_stages: int) -> None:
         """Raise a ConfigError when the method cannot run this many stages."""
 
@@ -105,7 +110,17 @@ class Method:
         folders. A ValueError says why a method's adapter cannot be written so."""
         from fcit_hpc.model.export import export_adapters
 
-        return export_adapters(cfg, st, out_dir, alpha)
+        return export_adapters(cfg, st, out_dir, alpha, self.slot_rank())
+
+
+class SingleLoRA(Method):
+    """One LoRA shared by every client and stage (Finetune, EWC, the multi-task bound). At
+    parity with DISCO (``lora.single_rank: budget``, the default) its rank is DISCO's whole
+    budget S_max x r, as every method of the paper has rank 64; ``r`` gives it one subspace's."""
+
+    def slot_rank(self) -> int:
+        lc = self.cfg.lora
+        return lc.max_subspaces * lc.lora_r if lc.single_rank == "budget" else lc.lora_r
 
 
 class Mixture(Method):

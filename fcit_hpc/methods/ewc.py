@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.host import to_host
-from fcit_hpc.methods.base import Method
+from fcit_hpc.methods.base import SingleLoRA
 
 
 def ewc_term(params, fisher, anchor, lam: float) -> torch.Tensor:
@@ -46,7 +46,7 @@ def ewc_terms(adapter, params, fisher: np.ndarray, anchor: np.ndarray, lam: floa
     return [lambda: ewc_term(params, f, a, lam)]
 
 
-class EWC(Method):
+class EWC(SingleLoRA):
     name = "ewc"
     has_stage_end = True
 

@@ -155,19 +155,20 @@ def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32, device=Non
     return model.to(dtype)
 
 
-def build_model(cfg: Config, num_subspaces: int, runtime=None):
+def build_model(cfg: Config, num_subspaces: int, runtime=None, rank: int | None = None):
     """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears,
-    ``num_subspaces`` (S_max, the method's slots) blocks of rank r each, placed on the runtime's
-    device in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`); the CPU in
-    float32 without a runtime."""
+    ``num_subspaces`` (S_max, the method's slots) blocks of rank ``rank`` each (lora.lora_r by
+    default; the scaling stays lora_alpha / lora_r at any rank), placed on the runtime's device
+    in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`); the CPU in float32
+    without a runtime."""
     dtype = runtime.dtype if runtime is not None else torch.float32
     model = build_base_model(cfg, dtype, runtime.device if runtime is not None else None)
     model.eval()
     lc = cfg.lora
     s_max = num_subspaces
-    layers = inject_subspace_lora(
-        model, set(lc.target_modules), lc.lora_r, lc.lora_alpha, lc.lora_dropout, s_max
-    )
+    r = lc.lora_r if rank is None else rank
+    alpha = lc.lora_alpha * r / lc.lora_r
+    layers = inject_subspace_lora(model, set(lc.target_modules), r, alpha, lc.lora_dropout, s_max)
     if runtime is not None and runtime.dtype != torch.float32 and cfg.train.projector_lr > 0:
         keep_projector_fp32(model, runtime.dtype)
     if runtime is not None:

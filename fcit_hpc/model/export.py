@@ -1,6 +1,7 @@
 """Export of a run's adapters as PEFT LoRA adapters (``PeftModel.from_pretrained`` loads them).
 
-- ``subspace_<k>/``: subspace k alone (rank r, lora_alpha as configured): SSA with α = one-hot(k).
+- ``subspace_<k>/``: subspace k alone (rank r — S_max·r for Finetune/EWC's single LoRA at
+  parity — with lora_alpha keeping the configured scaling): SSA with α = one-hot(k).
 - the trained LLaVA projector, when the run trained it, in every adapter as PEFT's
   ``modules_to_save``.
 - ``merged/``: one adapter for a fixed α: Σ_i α_i B_i A_i = (B_cat · diag(expand_r(α))) A_cat,
@@ -81,17 +82,23 @@ def export_lora(
 
 
 def export_adapters(
-    cfg: Config, st: RunState, out_dir: str | Path, alpha: np.ndarray | None = None
+    cfg: Config,
+    st: RunState,
+    out_dir: str | Path,
+    alpha: np.ndarray | None = None,
+    rank: int | None = None,
 ) -> list[Path]:
-    """Write the base model (``base/``), one PEFT adapter per live subspace and, if ``alpha`` [S]
-    is given, the merged adapter. Returns the adapter directories."""
+    """Write the base model (``base/``), one PEFT adapter per live subspace (of rank ``rank``,
+    lora.lora_r by default) and, if ``alpha`` [S] is given, the merged adapter. Returns the
+    adapter directories."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, adapter, _ = build_model(cfg, st.adapter.shape[0])
+    model, adapter, _ = build_model(cfg, st.adapter.shape[0], rank=rank)
     for k in range(st.adapter.shape[0]):
         adapter.set(k, st.adapter[k])
     build_base_model(cfg).save_pretrained(out / "base")
-    r, la = cfg.lora.lora_r, cfg.lora.lora_alpha
+    r = adapter.r
+    la = cfg.lora.lora_alpha * r / cfg.lora.lora_r  # the run's scaling alpha / r
     written = []
     live = max(st.num_subspaces, 1)
     pm = _peft_model(cfg, r, la, st.projector)
