@@ -148,6 +148,11 @@ def cmd_run(args, comm) -> int:
     if comm.is_root and start.write_config:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.sweep:
+        from fcit_hpc.compare import run_sweep
+
+        run_sweep(cfg, comm, run_dir)
+        return 0
     if cfg.compare:
         from fcit_hpc.compare import run_compare
 

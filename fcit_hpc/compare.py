@@ -1,6 +1,11 @@
 """Several runs in one job (``compare`` in the config): one sub-run per method entry and seed in
 ``RUN_DIR/<entry>/seed<k>``, then one table of the continual-learning metrics averaged over seeds
-(``RUN_DIR/comparison.md``). Re-running the same command continues unfinished sub-runs."""
+(``RUN_DIR/comparison.md``), with DISCO's per-seed paired difference to the best baseline.
+Re-running the same command continues unfinished sub-runs.
+
+A ``sweep`` runs such a job per cell of a grid (``RUN_DIR/<cell>/``) and writes one table over
+all cells (``RUN_DIR/sweep.md``): e.g. the paper's 12 cells (scenario x setting x β) or a τ sweep.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcit_hpc.config import Config, to_yaml, validate
+from fcit_hpc.config import Config, _build, apply_overrides, to_dict, to_yaml, validate
 from fcit_hpc.eval.report import METRIC_COLS
 from fcit_hpc.registry import COMPARE_LABELS, METHODS
 from fcit_hpc.state.schema import STATE_FILE, read_state
@@ -69,13 +74,39 @@ def run_compare(cfg: Config, comm, run_dir: Path) -> None:
             run_federated(sub, comm, d, state)
     if comm.is_root:
         table = comparison(run_dir, cfg.compare, seeds)
+        paired = paired_difference(run_dir, cfg.compare, seeds)
         seconds = time.time() - t0
         text = (
             f"{table}\n\nMean over seeds {seeds}; ± is the standard deviation. Wall time of "
             f"this job: {seconds:.0f} s on {comm.size} rank(s).\n"
+            + (f"\n{paired}\n" if paired else "")
         )
         (run_dir / "comparison.md").write_text(text)
         print(text)
+
+
+BOUNDS = ("zero_shot", "multitask")  # rows that are not baselines DISCO is compared with
+
+
+def paired_difference(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
+    """DISCO's Last minus the best baseline's (highest mean Last over the seeds; not Zero-shot or
+    the multi-task bound), seed by seed; '' when the job has no DISCO row or no baseline."""
+    base = [e for e in entries if e in METHODS and e not in BOUNDS and e != "disco"]
+    if "disco" not in entries or not base:
+        return ""
+
+    def last(entry):
+        return np.array([read_state(run_dir / entry / f"seed{s}").summary["last"] for s in seeds])
+
+    means = {e: float(np.mean(last(e))) for e in base}
+    best = max(base, key=lambda e: means[e])
+    d = last("disco") - last(best)
+    per_seed = ", ".join(f"{x:+.2f}" for x in d)
+    spread = f" ± {np.std(d):.2f}" if len(d) > 1 else ""
+    return (
+        f"DISCO − best baseline ({COMPARE_LABELS[best]}) on Last, per seed {seeds}: {per_seed}; "
+        f"mean {np.mean(d):+.2f}{spread}; DISCO ahead in {int((d > 0).sum())} of {len(d)} seeds."
+    )
 
 
 def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
@@ -94,4 +125,80 @@ def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
                 cells.append(f"{v[0]:.2f}")
         subs = "/".join(str(st.num_subspaces) for st in states)
         lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + f" | {subs} |")
+    return "\n".join(lines)
+
+
+def sweep_cells(cfg: Config) -> list[tuple[str, list[str]]]:
+    """The grid's cells in order (the last axis fastest): (folder name, overrides). A cell's
+    folder joins its overrides' values (``hom_task_0.5``)."""
+    cells: list[tuple[str, list[str]]] = [("", [])]
+    for axis in cfg.sweep:
+        cells = [
+            (f"{name}_{_cell_name(c)}" if name else _cell_name(c), [*over, *c.split()])
+            for name, over in cells
+            for c in axis
+        ]
+    return cells
+
+
+def _cell_name(cell: str) -> str:
+    vals = [item.partition("=")[2] for item in cell.split()]
+    return "-".join(v.replace("/", "-").replace(" ", "") or "empty" for v in vals)
+
+
+def cell_config(cfg: Config, overrides: list[str], run_dir: Path) -> Config:
+    """The compare job of one cell: the sweep's config with the cell's overrides (validated as
+    any config: a bad value names its field)."""
+    data = to_dict(cfg)
+    data.pop("debug")
+    data["sweep"] = []
+    data["out_dir"] = str(run_dir)
+    if not data["compare"]:
+        data["compare"] = [cfg.method.name]
+    return validate(_build(Config, apply_overrides(data, overrides), ""))
+
+
+def run_sweep(cfg: Config, comm, run_dir: Path) -> None:
+    """One compare job per cell in ``RUN_DIR/<cell>``, then ``RUN_DIR/sweep.md``. Every cell's
+    config is checked before the first run starts."""
+    t0 = time.time()
+    cells = [(name, cell_config(cfg, over, run_dir / name)) for name, over in sweep_cells(cfg)]
+    for name, c in cells:
+        d = run_dir / name
+        if comm.is_root:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.yaml").write_text(to_yaml(c))
+            print(f"=== sweep cell {name}", flush=True)
+        comm.barrier()
+        run_compare(c, comm, d)
+    if comm.is_root:
+        table = sweep_table(run_dir, cells)
+        text = (
+            f"{table}\n\nOne row per cell and method, mean over seeds (± the standard deviation "
+            f"when there are several). Wall time of this sweep: {time.time() - t0:.0f} s on "
+            f"{comm.size} rank(s).\n"
+        )
+        (run_dir / "sweep.md").write_text(text)
+        print(text)
+
+
+def sweep_table(run_dir: Path, cells: list[tuple[str, Config]]) -> str:
+    head = "| cell | method | " + " | ".join(h for _, h in METRIC_COLS[:4]) + " | subspaces |"
+    lines = [head, "|---" * 7 + "|"]
+    for name, c in cells:
+        seeds = c.compare_seeds or [c.seed]
+        for entry in c.compare:
+            states = [read_state(run_dir / name / entry / f"seed{s}") for s in seeds]
+            vals = []
+            for key, _ in METRIC_COLS[:4]:
+                v = np.array([st.summary.get(key, np.nan) for st in states], float)
+                if np.isnan(v).all():
+                    vals.append("–")
+                elif len(v) > 1:
+                    vals.append(f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}")
+                else:
+                    vals.append(f"{v[0]:.2f}")
+            subs = "/".join(str(st.num_subspaces) for st in states)
+            row = f"| {name} | {COMPARE_LABELS[entry]} | " + " | ".join(vals) + f" | {subs} |"
+            lines.append(row)
     return "\n".join(lines)

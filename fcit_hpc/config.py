@@ -156,6 +156,9 @@ class Config:
     # several runs in one job: one sub-run per entry and seed, then one comparison table
     compare: list[str] = field(default_factory=list)
     compare_seeds: list[int] = field(default_factory=list)
+    # a grid of such jobs: a list of axes, each a list of cells, each cell space-separated
+    # key=value overrides; one compare job per combination (fcit_hpc.compare.run_sweep)
+    sweep: list[list[str]] = field(default_factory=list)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -323,6 +326,17 @@ def validate(cfg: Config) -> Config:
         for cid in get_field(cfg, path):
             if not 0 <= cid < cfg.federation.num_clients:
                 raise ConfigError(f"{path}: client id {cid} not in [0, num_clients)")
+    for i, axis in enumerate(cfg.sweep):
+        if not axis:
+            raise ConfigError(f"sweep[{i}]: an axis needs at least one cell")
+        for j, cell in enumerate(axis):
+            for item in cell.split():
+                key = item.partition("=")[0]
+                if "=" not in item or key.split(".")[0] in ("sweep", "compare", "out_dir", "seed"):
+                    raise ConfigError(
+                        f"sweep[{i}][{j}]: {_show(item)} is not a key=value override of a "
+                        "run's setting"
+                    )
     for entry in cfg.compare:
         if entry not in COMPARE_ENTRIES:
             raise ConfigError(
