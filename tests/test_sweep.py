@@ -69,7 +69,11 @@ def test_sweep_cells_equal_the_runs_made_one_by_one(tmp_path):
 
 
 def test_paired_difference_against_the_formula(tmp_path, monkeypatch):
-    lasts = {"finetune": [10.0, 20.0, 30.0], "olora": [12.0, 25.0, 26.0], "disco": [15.0, 22.0, 40.0]}
+    lasts = {
+        "finetune": [10.0, 20.0, 30.0],
+        "olora": [12.0, 25.0, 26.0],
+        "disco": [15.0, 22.0, 40.0],
+    }
     lasts["multitask"] = [99.0, 99.0, 99.0]  # the bound is never "the best baseline"
 
     class St:
