@@ -262,10 +262,15 @@ def cmd_identity(args) -> int:
     )
     for n, v in rep["within"].items():
         print(f"  within {n:<12} {v:.3f}")
-    print(f"within-task: mean {rep['within_mean']:.3f}, min {rep['within_min']:.3f}  (>= 0.95)")
+    # descriptive: ">= 0.95" / "<= 0.85" (around DKO's τ = 0.9) say how unambiguous matching is,
+    # they are not requirements (the single-template fcit-mini of recipe 1 gave 0.996 / 0.728)
+    print(
+        f"within-task: mean {rep['within_mean']:.3f}, min {rep['within_min']:.3f} "
+        f"{rep['loosest_task']}  (>= 0.95: unambiguous at tau 0.9; descriptive)"
+    )
     print(
         f"across-task: mean {rep['across_mean']:.3f}, max {rep['across_max']:.3f} "
-        f"{rep['closest_pair']}  (<= 0.85)"
+        f"{rep['closest_pair']}  (<= 0.85: unambiguous at tau 0.9; descriptive)"
     )
     return 0
 

@@ -1,15 +1,19 @@
-"""The FCIT benchmark layer: registry, LLaVA loaders, released layout, prepare, scorers."""
+"""The FCIT benchmark layer: registry, LLaVA loaders, released layout, prepare, scorers, fcit-mini's
+generators (templates, answers)."""
 
 import json
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fcit_hpc.benchmark import mini
 from fcit_hpc.benchmark import scorers as sc
 from fcit_hpc.benchmark.layout import LayoutData, prepare
 from fcit_hpc.benchmark.llava_json import load_conversations, user_instruction
-from fcit_hpc.benchmark.mini import GENERATORS, write_raw
+from fcit_hpc.benchmark.mini import GENERATORS, samples, write_raw
 from fcit_hpc.benchmark.registry import (
     CAPABILITY_GROUPS,
     DATASETS,
@@ -188,14 +192,166 @@ def test_fcit_mini_is_deterministic_and_has_look_alike_pairs(tmp_path):
         assert (a / "images" / n / "train_00002.png").read_bytes() == (
             b / "images" / n / "train_00002.png"
         ).read_bytes()
+        # the files hold what samples() generates, with the whitespace collapsed
+        got = load_conversations(a / n / "train.json", 0, a)
+        want = samples(n, "train", 4, seed=3)
+        assert [(s.instruction, s.answer) for s in got] == [
+            (user_instruction(q), ans) for _, q, ans, _ in want
+        ]
     # CLEVR-Math and super-CLEVR render the same kind of scene (same floor colour) ...
     im1 = np.asarray(Image.open(a / "images/CLEVR-Math/train_00000.png"))
     im2 = np.asarray(Image.open(a / "images/super-CLEVR/train_00000.png"))
     assert tuple(im1[0, 0]) == tuple(im2[0, 0]) == (170, 170, 170)
-    # ... but their instructions differ
-    q1 = load_conversations(a / "CLEVR-Math/train.json", 0, a)[0].instruction
-    q2 = load_conversations(a / "super-CLEVR/train.json", 0, a)[0].instruction
-    assert q1.split()[0] != q2.split()[0]
+    # ... and share scene words, but their instructions differ (counting vs naming an attribute)
+    q1 = {user_instruction(q) for _, q, _, _ in samples("CLEVR-Math", "train", 200, 3)}
+    q2 = {user_instruction(q) for _, q, _, _ in samples("super-CLEVR", "train", 200, 3)}
+    assert not q1 & q2
+    scene = {"object", "scene", "cube", "block", "sphere", "ball", "cone"}
+    words = [
+        {w.strip("?.,").lower().removesuffix("s") for q in qs for w in q.split()} for qs in (q1, q2)
+    ]
+    assert scene <= words[0] & words[1]
+    assert all("How many objects" in q for q in q1 if "Subtract" in q)
+
+
+# content a template is filled with: digits, colours, shapes and scene words, titles, names, fruits
+_CONTENT = re.compile(
+    r"\b(?:"
+    + "|".join(
+        sorted(
+            {*mini.COLORS, *mini.SHAPES, *mini.EXTRA_SHAPES, *mini.NAMES, *mini.FRUITS}
+            | {w for ws in mini.SCENE_WORDS.values() for w in ws}
+            | {w[:5] for w in mini.WORDS},
+            key=len,
+            reverse=True,
+        )
+    )
+    + r")s?\b|\d+",
+    re.IGNORECASE,
+)
+_OPTIONS = re.compile(r"(?:Options:(?: [A-F]\. \S+)+|(?:^|\n)[A-F]\. [^\n]*)")
+
+
+def _skeleton(q: str) -> str:
+    """A question with its option list and its variable content stripped."""
+    return " ".join(_CONTENT.sub("_", _OPTIONS.sub(" ", q)).split())
+
+
+def test_fcit_mini_has_at_least_8_templates_per_task():
+    """200 samples per task: at least 8 templates drawn (the generators' template ids), each
+    template's text skeleton (option lists, numbers, colours, names stripped) distinct from the
+    others', and the templates drawn uniformly."""
+    for n in GENERATORS:
+        got = samples(n, "train", 200, seed=0)
+        ids = Counter(m["template"] for _, _, _, m in got)
+        assert len(ids) >= 8, (n, ids)
+        assert min(ids.values()) >= 200 / len(ids) / 3, (n, ids)  # roughly uniform
+        skel = {i: Counter() for i in ids}
+        for _, q, _, m in got:
+            skel[m["template"]][_skeleton(q)] += 1
+        distinct = {c.most_common(1)[0][0] for c in skel.values()}
+        assert len(distinct) == len(ids), (n, sorted(distinct))
+
+
+_FORMS = {
+    "AOKVQA": r"[A-D]",
+    "IconQA": r"[A-D]|[1-9]",
+    "Grounding": r"\[(?:0|0\.\d+|1\.0),(?:0|0\.\d+|1\.0),(?:0|0\.\d+|1\.0),(?:0|0\.\d+|1\.0)\]",
+    "ImageNet-R": r"[A-D]",
+    "ArxivQA": r"[A-D]",
+    "FigureQA": r"yes|no",
+    "DVQA": r"\d{1,2}",
+    "CLEVR-Math": r"\d",
+    "super-CLEVR": "|".join([*mini.COLORS, "cube", "sphere", "cone"]),
+    "TabMWP": r"\d{1,2}",
+    "Flickr30k": r"an? \w+ (?:square|circle|triangle) above an? \w+ (?:square|circle|triangle)",
+    "OCRVQA": "|".join([*(w[:5] for w in mini.WORDS), *mini.NAMES, "yes", "no"]),
+}
+
+
+def test_fcit_mini_answers_keep_each_task_form_and_fit_the_text_budget():
+    """Answers in each task's form (scored by its scorer), and instruction + answer within the
+    default 160-byte budget (<bos>, "\n" and <eos> included), so truncation keeps the question."""
+    for n in GENERATORS:
+        got = samples(n, "test", 200, seed=1)
+        for _, q, a, _ in got:
+            assert re.fullmatch(_FORMS[n], a), (n, q, a)
+            assert len(user_instruction(q).encode()) + len(a.encode()) + 3 <= 160, (n, q)
+        answers = [a for _, _, a, _ in got]
+        if DATASETS[n].scorer != "caption":
+            assert sc.score(DATASETS[n].scorer, answers, answers) == 100
+
+
+_RGB = {name: np.array(rgb) for name, rgb in mini.COLORS.items()}
+
+
+def _nearest_colour(px) -> str:
+    return min(_RGB, key=lambda c: np.abs(_RGB[c] - px).sum())
+
+
+def _shape_of(mask) -> str:
+    """square, circle or triangle from the share of its bounding box a shape fills."""
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+
+
+def _truth_from_image(name, img, meta, q):
+    """The correct option, read off the rendered image (not from the generator's bookkeeping)."""
+    a = np.asarray(img).astype(int)
+    if name == "AOKVQA":
+        if meta["kind"] == "color":
+            return _nearest_colour(a[16, 16])
+        return _shape_of((a != 245).any(axis=2))
+    if name == "ImageNet-R":  # background channels 180-254, the object's 0-119
+        return _shape_of(a.mean(axis=2) < 150)
+    if name == "ArxivQA":  # the curves start together and end apart on the right edge
+        col = a[:, mini.SIZE - 3]
+        ends = {}
+        for y in range(mini.SIZE):
+            if (col[y] != 245).any():
+                ends.setdefault(_nearest_colour(col[y]), y)
+        if meta["kind"] == "count":
+            return str(len(ends))
+        return (min if meta["kind"] == "max" else max)(ends, key=ends.get)
+    if name == "IconQA":  # one icon per 8 x 8 cell of a 4 x 4 frame
+        count = sum(
+            (a[1 + 8 * r : 7 + 8 * r, 1 + 8 * c : 7 + 8 * c] != 245).any()
+            for r in range(4)
+            for c in range(4)
+        )
+        k = int(re.search(r"than (\d+)", q).group(1)) if "than" in q else None
+        return {
+            "count": str(count),
+            "parity": "even" if count % 2 == 0 else "odd",
+            "more": "yes" if k is not None and count > k else "no",
+            "fewer": "yes" if k is not None and count < k else "no",
+        }[meta["kind"]]
+    raise AssertionError(name)
+
+
+def test_fcit_mini_multiple_choice_answers_are_right_after_shuffling():
+    """Options parsed from the question text; the answer is the letter of the option the image
+    makes true, exactly one option is, and the correct letter moves around."""
+    for n in ("AOKVQA", "ImageNet-R", "ArxivQA", "IconQA"):
+        letters, sizes = Counter(), Counter()
+        for img, q, a, meta in samples(n, "train", 200, seed=0):
+            if "options" not in meta:
+                assert n == "IconQA" and "Answer the question using" in q  # fill in the blank
+                continue
+            assert q.endswith("Answer with the option's letter from the given choices directly.")
+            opts = re.findall(r"(?:^|\n|Options: | )([A-F])\. (\S+)", q)
+            assert "".join(x for x, _ in opts) == "ABCDEF"[: len(opts)], q
+            truth = _truth_from_image(n, img, meta, q)
+            assert [o for _, o in opts].count(truth) == 1, (q, truth)
+            assert a == opts[[o for _, o in opts].index(truth)][0], (q, a, truth)
+            letters[a] += 1
+            sizes[len(opts)] += 1
+        assert len(letters) >= 2 and max(letters.values()) < sum(letters.values()) * 0.6
+        if n in ("AOKVQA", "ImageNet-R"):
+            assert set(letters) == set("ABCD") and set(sizes) == {4}
+        else:  # ArxivQA and IconQA ask with 2-4 options
+            assert set(sizes) >= {2, 4}, sizes
 
 
 # ------------------------------------------------------------------------------ bad data
