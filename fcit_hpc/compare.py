@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fcit_hpc.config import Config, to_yaml, validate
-from fcit_hpc.eval.report import METRIC_COLS
+from fcit_hpc.eval.report import DKO_COLS, METRIC_COLS
 from fcit_hpc.registry import COMPARE_LABELS, METHODS
 from fcit_hpc.state.schema import STATE_FILE, read_state
 
@@ -71,27 +71,46 @@ def run_compare(cfg: Config, comm, run_dir: Path) -> None:
         table = comparison(run_dir, cfg.compare, seeds)
         seconds = time.time() - t0
         text = (
-            f"{table}\n\nMean over seeds {seeds}; ± is the standard deviation. Wall time of "
+            f"{table}\n\nMean over seeds {seeds}; ± is the standard deviation. Purity: share of "
+            "a DKO subspace's accepted samples from its majority task, sample-weighted over "
+            "subspaces; gate mass: mean SSA α on the subspaces of the test sample's task after the "
+            "last stage (identity methods only). Wall time of "
             f"this job: {seconds:.0f} s on {comm.size} rank(s).\n"
         )
         (run_dir / "comparison.md").write_text(text)
         print(text)
 
 
+def _cell(v: np.ndarray) -> str:
+    if np.isnan(v).all():
+        return "–"
+    if len(v) > 1:
+        return f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}"
+    return f"{v[0]:.2f}"
+
+
 def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
-    head = "| method | " + " | ".join(h for _, h in METRIC_COLS) + " | subspaces |"
-    lines = [head, "|---" * (len(METRIC_COLS) + 2) + "|"]
+    """Mean (± std over seeds) of each metric per entry; identity methods (DISCO and its SSA
+    variants) also get DKO's purity (sample-weighted over subspaces) and gate mass on the right
+    subspaces (``fcit_hpc.eval.dko``), the others "–"."""
+    head = (
+        "| method | "
+        + " | ".join(h for _, h in METRIC_COLS)
+        + " | subspaces | "
+        + " | ".join(h for _, h in DKO_COLS)
+        + " |"
+    )
+    lines = [head, "|---" * (len(METRIC_COLS) + len(DKO_COLS) + 2) + "|"]
     for entry in entries:
         states = [read_state(run_dir / entry / f"seed{s}") for s in seeds]
-        cells = []
-        for key, _ in METRIC_COLS:
-            v = np.array([st.summary.get(key, np.nan) for st in states], float)
-            if np.isnan(v).all():
-                cells.append("–")
-            elif len(v) > 1:
-                cells.append(f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}")
-            else:
-                cells.append(f"{v[0]:.2f}")
-        subs = "/".join(str(st.num_subspaces) for st in states)
-        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + f" | {subs} |")
+        cells = [
+            _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
+            for key, _ in METRIC_COLS
+        ]
+        cells.append("/".join(str(st.num_subspaces) for st in states))
+        cells += [
+            _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
+            for key, _ in DKO_COLS
+        ]
+        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
