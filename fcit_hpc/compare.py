@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fcit_hpc.config import Config, _build, apply_overrides, to_dict, to_yaml, validate
-from fcit_hpc.eval.report import METRIC_COLS
+from fcit_hpc.eval.report import DKO_COLS, METRIC_COLS
 from fcit_hpc.registry import COMPARE_LABELS, METHODS
 from fcit_hpc.state.schema import STATE_FILE, read_state
 
@@ -77,7 +77,10 @@ def run_compare(cfg: Config, comm, run_dir: Path) -> None:
         paired = paired_difference(run_dir, cfg.compare, seeds)
         seconds = time.time() - t0
         text = (
-            f"{table}\n\nMean over seeds {seeds}; ± is the standard deviation. Wall time of "
+            f"{table}\n\nMean over seeds {seeds}; ± is the standard deviation. Purity: share of "
+            "a DKO subspace's accepted samples from its majority task, sample-weighted over "
+            "subspaces; gate mass: mean SSA α on the subspaces of the test sample's task after the "
+            "last stage (identity methods only). Wall time of "
             f"this job: {seconds:.0f} s on {comm.size} rank(s).\n"
             + (f"\n{paired}\n" if paired else "")
         )
@@ -109,22 +112,38 @@ def paired_difference(run_dir: Path, entries: list[str], seeds: list[int]) -> st
     )
 
 
+def _cell(v: np.ndarray) -> str:
+    if np.isnan(v).all():
+        return "–"
+    if len(v) > 1:
+        return f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}"
+    return f"{v[0]:.2f}"
+
+
 def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
-    head = "| method | " + " | ".join(h for _, h in METRIC_COLS) + " | subspaces |"
-    lines = [head, "|---" * (len(METRIC_COLS) + 2) + "|"]
+    """Mean (± std over seeds) of each metric per entry; identity methods (DISCO and its SSA
+    variants) also get DKO's purity (sample-weighted over subspaces) and gate mass on the right
+    subspaces (``fcit_hpc.eval.dko``), the others "–"."""
+    head = (
+        "| method | "
+        + " | ".join(h for _, h in METRIC_COLS)
+        + " | subspaces | "
+        + " | ".join(h for _, h in DKO_COLS)
+        + " |"
+    )
+    lines = [head, "|---" * (len(METRIC_COLS) + len(DKO_COLS) + 2) + "|"]
     for entry in entries:
         states = [read_state(run_dir / entry / f"seed{s}") for s in seeds]
-        cells = []
-        for key, _ in METRIC_COLS:
-            v = np.array([st.summary.get(key, np.nan) for st in states], float)
-            if np.isnan(v).all():
-                cells.append("–")
-            elif len(v) > 1:
-                cells.append(f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}")
-            else:
-                cells.append(f"{v[0]:.2f}")
-        subs = "/".join(str(st.num_subspaces) for st in states)
-        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + f" | {subs} |")
+        cells = [
+            _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
+            for key, _ in METRIC_COLS
+        ]
+        cells.append("/".join(str(st.num_subspaces) for st in states))
+        cells += [
+            _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
+            for key, _ in DKO_COLS
+        ]
+        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -183,22 +202,20 @@ def run_sweep(cfg: Config, comm, run_dir: Path) -> None:
 
 
 def sweep_table(run_dir: Path, cells: list[tuple[str, Config]]) -> str:
-    head = "| cell | method | " + " | ".join(h for _, h in METRIC_COLS[:4]) + " | subspaces |"
-    lines = [head, "|---" * 7 + "|"]
+    """One row per cell and entry: Last, Avg, Forgetting, BWT, subspaces, and DKO's purity and
+    gate mass (identity methods; "–" for the others)."""
+    cols = [*METRIC_COLS[:4], *DKO_COLS]
+    head = "| cell | method | " + " | ".join(h for _, h in METRIC_COLS[:4]) + " | subspaces | "
+    head += " | ".join(h for _, h in DKO_COLS) + " |"
+    lines = [head, "|---" * (len(cols) + 3) + "|"]
     for name, c in cells:
         seeds = c.compare_seeds or [c.seed]
         for entry in c.compare:
             states = [read_state(run_dir / name / entry / f"seed{s}") for s in seeds]
-            vals = []
-            for key, _ in METRIC_COLS[:4]:
-                v = np.array([st.summary.get(key, np.nan) for st in states], float)
-                if np.isnan(v).all():
-                    vals.append("–")
-                elif len(v) > 1:
-                    vals.append(f"{np.nanmean(v):.2f} ± {np.nanstd(v):.2f}")
-                else:
-                    vals.append(f"{v[0]:.2f}")
-            subs = "/".join(str(st.num_subspaces) for st in states)
-            row = f"| {name} | {COMPARE_LABELS[entry]} | " + " | ".join(vals) + f" | {subs} |"
-            lines.append(row)
+            vals = [
+                _cell(np.array([st.summary.get(k, np.nan) for st in states], float))
+                for k, _ in cols
+            ]
+            vals.insert(4, "/".join(str(st.num_subspaces) for st in states))
+            lines.append(f"| {name} | {COMPARE_LABELS[entry]} | " + " | ".join(vals) + " |")
     return "\n".join(lines)

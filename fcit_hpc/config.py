@@ -96,6 +96,10 @@ class MethodConfig:
     encoder_path: str = ""  # clip: local HF directory; open_clip: local checkpoint file
     open_clip_model: str = "ViT-L-14-336"
     full_policy: str = "nearest"  # when max_subspaces is reached: nearest | error
+    # DKO's small-cluster guard (the reference code's): a new subspace that one client alone would
+    # create with under this share of the round's samples is not created; the client joins the
+    # nearest one. 0 turns the guard off.
+    min_cluster_frac: float = 1e-3
     olora_lambda: float = 0.5  # O-LoRA orthogonality weight λ1 (the O-LoRA paper's default)
     ewc_lambda: float = 5000.0  # EWC penalty weight λ
     # MoELoRA experts / M-LoRA parallel modules E, each of rank max_subspaces·lora_r / E
@@ -225,6 +229,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.identity_dim": (lambda v: v >= 2, ">= 2"),
     "method.identity_source": _in(("text", "image", "text+image")),
     "method.full_policy": _in(("nearest", "error")),
+    "method.min_cluster_frac": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "method.olora_lambda": (lambda v: v >= 0, ">= 0"),
     "method.ewc_lambda": (lambda v: v >= 0, ">= 0"),
     "method.experts": (lambda v: v >= 1, ">= 1"),

@@ -398,7 +398,7 @@ def _write_tree(root: Path, t: Tree) -> None:
 
 # ---------------------------------------------------------------------------------- state.h5
 def _states():
-    def make(s, p, d, stages, tasks, n_rounds, opt, ewc, proj, cursor):
+    def make(s, p, d, stages, tasks, n_rounds, opt, ewc, proj, cursor, dko):
         rng = np.random.default_rng(s * 1000 + p)
         st_ = RunState(
             config_yaml=SMOKE.read_text(),
@@ -420,6 +420,10 @@ def _states():
             projector=np.ones(proj, np.float32),
         )
         st_.append_metrics(np.zeros(n_rounds, ROUND_DTYPE), np.zeros(2 * n_rounds, CLIENT_DTYPE))
+        if dko:  # an identity method's DKO diagnostics
+            st_.dko_samples = rng.integers(0, 9, (s, stages)).astype(np.int64)
+            st_.dko_task_unit = np.arange(tasks, dtype=np.int64) % stages
+            st_.dko_gate_mass = np.full((stages, tasks), np.nan)
         return st_
 
     return st.builds(
@@ -434,6 +438,7 @@ def _states():
         st.booleans(),
         st.sampled_from([0, 3]),
         st.tuples(st.integers(0, 3), st.integers(-1, 2)),
+        st.booleans(),
     )
 
 
@@ -458,6 +463,10 @@ STATE_PATHS = [
     "ewc",
     "ewc/fisher",
     "ewc/anchor",
+    "dko",
+    "dko/samples",
+    "dko/task_unit",
+    "dko/gate_mass",
 ]
 STATE_ATTRS = [
     ("/", "schema_version"),
@@ -534,12 +543,11 @@ def _mutate(path: Path, muts) -> None:
         elif kind == "garbage":
             path.write_bytes(m[1])
         else:
-            try:  # an earlier mutation may have left no HDF5 file to edit
-                f = h5py.File(path, "a")
-            except OSError:
+            try:  # an earlier mutation may have left no HDF5 file to edit, or one too damaged
+                with h5py.File(path, "a") as f:
+                    _edit(f, m)
+            except (OSError, KeyError, ValueError, RuntimeError):
                 continue
-            with f:
-                _edit(f, m)
 
 
 def _edit(f: h5py.File, m) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ METRIC_COLS = [
     ("bwt", "BWT"),
     ("fwt", "Zero-shot/FWT"),
 ]
+
+# identity methods' DKO diagnostics in the summary (fcit_hpc.eval.dko); "–" for other methods
+DKO_COLS = [("purity", "Purity"), ("gate_mass", "Gate mass")]
 
 
 def _fmt(x) -> str:
@@ -88,11 +92,58 @@ def write_report(run_dir: str | Path, st: RunState | None = None) -> Path:
         for name, row in zip(st.task_names, st.activation, strict=True):
             lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
         lines.append("")
+    lines += dko_section(st)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def dko_section(st: RunState) -> list[str]:
+    """Report lines of the DKO diagnostics (identity methods; none for the others)."""
+    if not st.dko_samples.size:
+        return []
+    from fcit_hpc.eval import dko
+
+    names = st.task_names or [f"task{i}" for i in range(st.accuracy.shape[1])]
+    live, counts = st.num_subspaces, st.dko_samples
+    units = dko.unit_names(st.dko_task_unit, names, counts.shape[1])
+    per, weighted, plain = dko.purity(counts[:live])
+    major = dko.majority(counts[:live])
+    lines = [
+        "## DKO diagnostics",
+        "",
+        f"Subspaces found: {live}. Purity (share of a subspace's accepted samples from its "
+        f"majority task): {_fmt(weighted)} sample-weighted over subspaces, {_fmt(plain)} plain "
+        "mean over subspaces.",
+        "",
+        "| subspace | samples | " + " | ".join(units) + " | majority | purity |",
+        "|---" * (len(units) + 4) + "|",
+    ]
+    for k in range(live):
+        lines.append(
+            f"| S{k} | {int(counts[k].sum())} | "
+            + " | ".join(str(int(x)) for x in counts[k])
+            + f" | {units[major[k]] if major[k] >= 0 else '–'} | {_fmt(per[k])} |"
+        )
+    gate = st.dko_gate_mass
+    lines += [
+        "",
+        "Gate mass on the right subspaces after each stage's evaluation: per test sample, the "
+        "sum of its SSA α over the subspaces whose majority task is the sample's (0 when none), "
+        "averaged per task; mean over the tasks trained so far.",
+        "",
+        "| after stage | " + " | ".join(names) + " | mean (trained) |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for s_ in range(len(gate)):
+        if np.isnan(gate[s_]).all():
+            continue
+        c = dko.samples_from_clients(st.clients, *counts.shape, stage=s_)
+        mean = dko.overall_gate_mass(gate[s_], c, st.dko_task_unit)
+        lines.append(f"| {s_} | " + " | ".join(_fmt(x) for x in gate[s_]) + f" | {_fmt(mean)} |")
+    return lines + [""]
 
 
 def _plots(run_dir: Path, st: RunState) -> list[Path]:
@@ -140,17 +191,28 @@ def _plots(run_dir: Path, st: RunState) -> list[Path]:
     return out
 
 
+def run_names(run_dirs: list[str | Path]) -> list[str]:
+    """Each run's folder name, or its path below the runs' common folder when names repeat
+    (``tau0.8/disco/seed0``, ``tau0.9/disco/seed0`` of a sweep)."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    if len({p.name for p in paths}) == len(paths):
+        return [p.name for p in paths]
+    root = Path(os.path.commonpath(paths))
+    return [str(p.relative_to(root)) if p != root else p.name for p in paths]
+
+
 def comparison_table(run_dirs: list[str | Path]) -> str:
-    """Paper-style table: one row per run (method), Last / Avg / Forgetting / BWT / FWT."""
+    """Paper-style table: one row per run (method), Last / Avg / Forgetting / BWT / FWT, the
+    subspaces and, for identity methods, DKO's purity and gate mass (``–`` for the others)."""
     lines = [
-        "| method | run | " + " | ".join(h for _, h in METRIC_COLS) + " | S |",
-        "|---" * (len(METRIC_COLS) + 3) + "|",
+        "| method | run | " + " | ".join(h for _, h in METRIC_COLS + DKO_COLS) + " | S |",
+        "|---" * (len(METRIC_COLS) + len(DKO_COLS) + 3) + "|",
     ]
-    for d in run_dirs:
+    for d, name in zip(run_dirs, run_names(run_dirs), strict=True):
         st = read_state(d)
         lines.append(
-            f"| {_method(st)} | {Path(d).name} | "
-            + " | ".join(_fmt(st.summary.get(k)) for k, _ in METRIC_COLS)
+            f"| {_method(st)} | {name} | "
+            + " | ".join(_fmt(st.summary.get(k)) for k, _ in METRIC_COLS + DKO_COLS)
             + f" | {st.num_subspaces} |"
         )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""End of a run on the server: continual-learning metrics and the SSA activation map."""
+"""End of a run on the server: continual-learning metrics, the SSA activation map and, for
+identity methods, the DKO diagnostics' summary (``purity``, ``gate_mass``)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,7 @@ def finalize(cfg, st: RunState, data, method, encoder) -> None:
         st.summary = {"last": float("nan")}
     if method.uses_identity and st.num_subspaces and encoder is not None:
         st.activation = activation_map(cfg, st, data, encoder)
+    if st.dko_samples.size:  # identity methods: purity and the gate's mass on the right subspaces
+        from fcit_hpc.eval.dko import summary
+
+        st.summary.update(summary(st))

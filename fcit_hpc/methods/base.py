@@ -11,8 +11,16 @@ from fcit_hpc.config import Config
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.host import to_host
 
-MATCHED, NEW, FULL = 1, 2, 3  # server decisions on a client's subspace (DKO)
-ACTIONS = {0: "none", MATCHED: "matched", NEW: "new", FULL: "full->nearest"}
+# server decisions on a client's subspace (DKO); SMALL: the client would have made a new subspace
+# alone with under ``method.min_cluster_frac`` of the round's samples, so it joins the nearest
+MATCHED, NEW, FULL, SMALL = 1, 2, 3, 4
+ACTIONS = {
+    0: "none",
+    MATCHED: "matched",
+    NEW: "new",
+    FULL: "full->nearest",
+    SMALL: "small->nearest",
+}
 
 
 @dataclass

@@ -4,7 +4,10 @@ DKO: client tokens μ_k are matched, in client-id order, to global identity toke
 similarity. Best similarity ≥ τ → the client trains that subspace and the token is merged by the
 sample-weighted running mean (G·n + μ·m)/(n + m); otherwise a new global token and subspace are
 created. When S reaches S_max, ``full_policy`` decides: ``nearest`` assigns the most similar
-subspace (logged as FULL), ``error`` stops the run.
+subspace (logged as FULL), ``error`` stops the run. The reference code's small-cluster guard
+(``method.min_cluster_frac``): a new subspace only one client of the round would train, holding
+under that share of the round's samples, is not created; the client joins its nearest subspace
+(logged as SMALL).
 """
 
 from __future__ import annotations
@@ -12,9 +15,18 @@ from __future__ import annotations
 import numpy as np
 
 from fcit_hpc.host import to_host
-from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, DkoDecision, Method
+from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, SMALL, DkoDecision, Method
 
-__all__ = ["ACTIONS", "FULL", "MATCHED", "NEW", "DkoDecision", "Disco", "dko_assign"]
+__all__ = [
+    "ACTIONS",
+    "FULL",
+    "MATCHED",
+    "NEW",
+    "SMALL",
+    "DkoDecision",
+    "Disco",
+    "dko_assign",
+]
 
 
 def cosine(a: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -35,11 +47,52 @@ def dko_assign(
     samples: list[int],
     tau: float,
     full_policy: str = "nearest",
+    min_cluster_frac: float = 0.0,
 ) -> tuple[list[DkoDecision], int]:
     """Match tokens to global tokens; updates ``G`` [S_max, D] and ``counts`` [S_max] in place.
 
+    Small-cluster guard (``min_cluster_frac`` > 0, the reference code's): a first pass on copies
+    of ``G``/``counts`` finds the new subspaces that only one client of the round would train
+    while it holds under ``min_cluster_frac`` of the round's samples; in the real pass those
+    clients join their nearest live subspace instead (SMALL) — unless none exists yet. A new
+    subspace of two or more clients is never merged. ``min_cluster_frac`` = 0: no first pass.
+
     Returns the decisions (one per client, in the given order) and the new number of live subspaces.
     """
+    small: set[int] = set()
+    if min_cluster_frac > 0:
+        small = small_singletons(G, counts, live, clients, tokens, samples, tau, min_cluster_frac)
+    return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small)
+
+
+def small_singletons(
+    G: np.ndarray,
+    counts: np.ndarray,
+    live: int,
+    clients: list[int],
+    tokens: list[np.ndarray],
+    samples: list[int],
+    tau: float,
+    min_cluster_frac: float,
+) -> set[int]:
+    """The clients that, in a plain DKO pass (on copies; a full S_max assigns the nearest), create
+    a new subspace that no other client of the round joins while holding under
+    ``min_cluster_frac`` of the round's samples."""
+    decisions, _ = _dko_pass(
+        G.copy(), counts.copy(), live, clients, tokens, samples, tau, "nearest", set()
+    )
+    members: dict[int, int] = {}
+    for d in decisions:
+        members[d.subspace] = members.get(d.subspace, 0) + 1
+    limit = min_cluster_frac * float(sum(samples))
+    return {
+        d.client
+        for d, m in zip(decisions, samples, strict=True)
+        if d.action == NEW and members[d.subspace] == 1 and m < limit
+    }
+
+
+def _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small: set[int]):
     s_max = G.shape[0]
     decisions = []
     for cid, mu, m in zip(clients, tokens, samples, strict=True):
@@ -48,6 +101,8 @@ def dko_assign(
         best_sim = float(sims[best]) if live else float("nan")
         if live and best_sim >= tau:
             k, action = best, MATCHED
+        elif live and cid in small:
+            k, action = best, SMALL
         elif live < s_max:
             k, action = live, NEW
             live += 1
@@ -99,6 +154,7 @@ class Disco(Method):
             samples,
             m.tau,
             m.full_policy,
+            m.min_cluster_frac,
         )
         return decisions
 

@@ -22,6 +22,14 @@ Layout::
     /ewc/fisher              float32 [P]          EWC: summed diagonal Fisher of the stages so far
     /ewc/anchor              float32 [P]          EWC: the adapter at the end of the last stage
     /ewc                     attrs: stages (stages consolidated); empty datasets for other methods
+    /dko/samples             int64   [S_max, U]     DKO diagnostics (identity methods only; absent
+                                                  otherwise and in older files): accepted samples
+                                                  per subspace (the DKO decision) x data unit U
+                                                  (a stage's data: its task in the task setting)
+    /dko/task_unit           int64   [tasks]        the data unit of each test task (-1: none)
+    /dko/gate_mass           float64 [stages, tasks] mean SSA gate mass on the task's subspaces
+                                                  (those whose majority unit is the task's) after
+                                                  each stage's evaluation (NaN: not evaluated)
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 """
@@ -121,6 +129,9 @@ class RunState:
     ewc_stages: int = 0
     projector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     mixer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    dko_samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    dko_task_unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dko_gate_mass: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     def sides(self) -> dict[str, np.ndarray]:
         """The side vectors clients train beside their subspaces and the server averages
@@ -212,6 +223,11 @@ def _write_h5(path: Path, st: RunState) -> None:
         ew.attrs["stages"] = st.ewc_stages
         ew.create_dataset("fisher", data=np.asarray(st.ewc_fisher, np.float32))
         ew.create_dataset("anchor", data=np.asarray(st.ewc_anchor, np.float32))
+        if st.dko_samples.size:  # identity methods only: other methods' files stay as they were
+            dk = f.create_group("dko")
+            dk.create_dataset("samples", data=np.asarray(st.dko_samples, np.int64))
+            dk.create_dataset("task_unit", data=np.asarray(st.dko_task_unit, np.int64))
+            dk.create_dataset("gate_mass", data=np.asarray(st.dko_gate_mass, np.float64))
 
 
 class _Reader:
@@ -330,6 +346,7 @@ def _read(r: _Reader) -> RunState:
         if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.number):
             raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
         summary[k] = float(v)
+    dko = _read_dko(r, s_max, accuracy.shape)
     stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
     done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
     if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
@@ -360,7 +377,36 @@ def _read(r: _Reader) -> RunState:
         ewc_stages=r.integer(ewc, "stages", "ewc") if ewc is not None else 0,
         projector=projector,
         mixer=mixer,
+        dko_samples=dko[0],
+        dko_task_unit=dko[1],
+        dko_gate_mass=dko[2],
     )
+
+
+def _read_dko(
+    r: _Reader, s_max: int, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """/dko (samples, task_unit, gate_mass); empty arrays when the group is absent (methods
+    without identity tokens, files written before the DKO diagnostics)."""
+    if r.group("dko", optional=True) is None:
+        return np.zeros((0, 0), np.int64), np.zeros(0, np.int64), np.zeros((0, 0))
+    for name in ("samples", "task_unit"):
+        obj = r.f.get(f"dko/{name}")
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in "iu":
+            raise r.fail(f"/dko/{name} holds {obj.dtype}, not integers")
+    samples = r.array("dko/samples", np.int64, 2)
+    task_unit = r.array("dko/task_unit", np.int64, 1)
+    gate = r.array("dko/gate_mass", np.float64, 2)
+    units = samples.shape[1]
+    if samples.shape[0] != s_max or units == 0 or (samples < 0).any():
+        raise r.fail(
+            f"/dko/samples has shape {samples.shape}, expected ({s_max}, units >= 1) of counts >= 0"
+        )
+    if task_unit.shape != (shape[1],) or ((task_unit < -1) | (task_unit >= units)).any():
+        raise r.fail(f"/dko/task_unit does not give one unit in [-1, {units}) per task")
+    if gate.shape != shape:
+        raise r.fail(f"/dko/gate_mass has shape {gate.shape}, /eval/accuracy {shape}")
+    return samples, task_unit, gate
 
 
 def comparable_content(run_dir: str | Path) -> dict[str, np.ndarray]:

@@ -1,4 +1,6 @@
-"""RUN_DIR/metrics.jsonl: one JSON object per round and per evaluation, written by the server."""
+"""RUN_DIR/metrics.jsonl: one JSON object per round and per evaluation (``kind``: round, eval; dko
+after each evaluation of an identity method, see :mod:`fcit_hpc.eval.dko`; summary at the end),
+written by the server."""
 
 from __future__ import annotations
 
@@ -18,10 +20,14 @@ class MetricsLog:
 
     def rewrite(self, st: RunState, task_names) -> None:
         """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
+        from fcit_hpc.eval.dko import stage_record
+
         lines = [self._round_line(r, st.clients) for r in st.rounds]
         for t in range(st.accuracy.shape[0]):
             if not np.isnan(st.accuracy[t]).all():
                 lines.append(self._eval_line(t, st.accuracy[t], task_names))
+                if st.dko_samples.size:  # identity methods: the stage's DKO diagnostics
+                    lines.append(stage_record(st, t, task_names))
         lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
         self.path.write_text("".join(x + "\n" for x in lines))
 
@@ -44,6 +50,7 @@ class MetricsLog:
                 "clients": [
                     {
                         "client": int(c["client"]),
+                        "unit": int(c["unit"]),
                         "subspace": int(c["subspace"]),
                         "samples": int(c["samples"]),
                         "status": STATUS[int(c["status"])],

@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from fcit_hpc.errors import StateError
+from fcit_hpc.eval.dko import add_samples, stage_gate_mass, stage_record
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
-from fcit_hpc.fed.server.run_state import check_state, init_state
+from fcit_hpc.fed.server.run_state import check_dko, check_state, init_dko, init_state
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
@@ -41,6 +42,7 @@ class Server(Role):
             proj = to_host(get_projector(ctx.model)) if ctx.projector_numel else None
             state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
         where = self.run_dir / STATE_FILE
+        stages = data.schedule.stages
         try:
             check_state(
                 state,
@@ -52,10 +54,14 @@ class Server(Role):
                 shape,
                 dim,
             )
+            if method.uses_identity:  # DKO diagnostics: made (or rebuilt) here, then checked
+                init_dko(state, where, stages, data.num_tasks)
+                check_dko(state, where, stages, data.num_tasks)
         except StateError as e:  # only rank 0 holds the state: it ends the whole job
             e.rank_local = True
             raise
         self.st = state
+        self.test_features = None  # identity features of every test sample (gate mass), cached
         if state.rng_torch.size:
             torch.set_rng_state(torch.from_numpy(state.rng_torch.copy()))
         self.metrics.rewrite(state, data.task_names)
@@ -94,6 +100,8 @@ class Server(Role):
         agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
         self.dko_result = DkoResult()
         st.append_metrics(agg.round_row, agg.client_rows)
+        if st.dko_samples.size:
+            add_samples(st.dko_samples, agg.client_rows)
         st.stage, st.round = stage, round_
         torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
         st.rng_torch = torch.get_rng_state().numpy().copy()
@@ -120,6 +128,30 @@ class Server(Role):
         write_predictions(self.run_dir, stage, data.task_names, data.test, result.predictions)
         self.st.accuracy[stage] = result.accuracy
         self.metrics.append(MetricsLog._eval_line(stage, result.accuracy, data.task_names))
+        st = self.st
+        if st.dko_samples.size:  # identity methods: DKO diagnostics after the evaluation
+            if self.ctx.encoder is not None:
+                m = self.ctx.cfg.method
+                st.dko_gate_mass[stage] = stage_gate_mass(
+                    self.features(),
+                    st.tokens[: st.num_subspaces],
+                    st.dko_samples,
+                    st.dko_task_unit,
+                    m.epsilon,
+                    m.ssa,
+                )
+            self.metrics.append(stage_record(st, stage, data.task_names))
+
+    def features(self) -> list[np.ndarray | None]:
+        """Identity features [M_t, D] of each task's test samples (None: no tests), encoded once
+        per process on rank 0."""
+        if self.test_features is None:
+            data, enc = self.ctx.data, self.ctx.encoder
+            self.test_features = [
+                enc.encode_samples(data.test[t]) if data.test[t] else None
+                for t in range(data.num_tasks)
+            ]
+        return self.test_features
 
     def end_stage(self, stage):
         st = self.st
