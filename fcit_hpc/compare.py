@@ -123,7 +123,7 @@ def _cell(v: np.ndarray) -> str:
 def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
     """Mean (± std over seeds) of each metric per entry; identity methods (DISCO and its SSA
     variants) also get DKO's purity (sample-weighted over subspaces) and gate mass on the right
-    subspaces (``fcit_hpc.eval.dko``), the others "–"."""
+    subspaces (``fcit_hpc.fed.server.diagnostics``), the others "–"."""
     head = (
         "| method | "
         + " | ".join(h for _, h in METRIC_COLS)

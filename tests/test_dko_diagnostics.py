@@ -11,7 +11,7 @@ import pytest
 
 from fcit_hpc.config import load_config
 from fcit_hpc.errors import ConfigError, StateError
-from fcit_hpc.eval import dko
+from fcit_hpc.fed.server import diagnostics as dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.run_state import check_dko, init_dko
 from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, SMALL, DkoDecision

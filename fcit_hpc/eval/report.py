@@ -19,7 +19,8 @@ METRIC_COLS = [
     ("fwt", "Zero-shot/FWT"),
 ]
 
-# identity methods' DKO diagnostics in the summary (fcit_hpc.eval.dko); "–" for other methods
+# identity methods' DKO diagnostics in the summary (fcit_hpc.fed.server.diagnostics); "–" for
+# other methods
 DKO_COLS = [("purity", "Purity"), ("gate_mass", "Gate mass")]
 
 
@@ -104,7 +105,7 @@ def dko_section(st: RunState) -> list[str]:
     """Report lines of the DKO diagnostics (identity methods; none for the others)."""
     if not st.dko_samples.size:
         return []
-    from fcit_hpc.eval import dko
+    from fcit_hpc.fed.server import diagnostics as dko
 
     names = st.task_names or [f"task{i}" for i in range(st.accuracy.shape[1])]
     live, counts = st.num_subspaces, st.dko_samples

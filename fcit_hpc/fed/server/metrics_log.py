@@ -1,6 +1,6 @@
 """RUN_DIR/metrics.jsonl: one JSON object per round and per evaluation (``kind``: round, eval; dko
-after each evaluation of an identity method, see :mod:`fcit_hpc.eval.dko`; summary at the end),
-written by the server."""
+after each evaluation of an identity method, see :mod:`fcit_hpc.fed.server.diagnostics`; summary
+at the end), written by the server."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class MetricsLog:
 
     def rewrite(self, st: RunState, task_names) -> None:
         """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
-        from fcit_hpc.eval.dko import stage_record
+        from fcit_hpc.fed.server.diagnostics import stage_record
 
         lines = [self._round_line(r, st.clients) for r in st.rounds]
         for t in range(st.accuracy.shape[0]):

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from fcit_hpc.errors import StateError
-from fcit_hpc.eval.dko import add_samples, stage_gate_mass, stage_record
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
+from fcit_hpc.fed.server.diagnostics import add_samples, stage_gate_mass, stage_record
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round

@@ -15,8 +15,8 @@ from fcit_hpc.state.schema import RunState
 def init_dko(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
     """An identity method's DKO diagnostics when the state has none (a fresh state, or a file
     written before them: the counts come from its client records, as they would have
-    accumulated); see :mod:`fcit_hpc.eval.dko`."""
-    from fcit_hpc.eval.dko import samples_from_clients, task_units
+    accumulated); see :mod:`fcit_hpc.fed.server.diagnostics`."""
+    from fcit_hpc.fed.server.diagnostics import samples_from_clients, task_units
 
     if st.dko_samples.size:
         return
@@ -34,7 +34,7 @@ def _check_client_records(st: RunState, where, units: int) -> None:
 
 def check_dko(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
     """Stored DKO diagnostics must fit the benchmark and agree with the client records."""
-    from fcit_hpc.eval.dko import samples_from_clients, task_units
+    from fcit_hpc.fed.server.diagnostics import samples_from_clients, task_units
 
     s_max, units = st.adapter.shape[0], len(stages)
     if st.dko_samples.shape != (s_max, units):
