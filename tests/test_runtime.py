@@ -190,11 +190,10 @@ def test_fp16_trains_with_a_gradient_scaler():
     assert np.isfinite(res.vector).all() and cos > 0.97
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_bf16_keeps_float32_masters(stage):
     """The engine casts the module to bf16; the client's start reaches the optimizer's float32
-    masters exactly, and the result is read from them. Afterwards the adapter is float32 again
-    and holds the result (ZeRO-3: the module is whole and plain again)."""
+    masters exactly, and the result is read from them."""
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
     cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
@@ -208,9 +207,6 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     # lr 0: nothing moves, so the result is the start — exactly, not rounded to bf16
     still = trainer.train(model, adapter, 1, start, batches, LocalOpt(0.0, 0.0, 0.0))
     np.testing.assert_array_equal(still.vector, start)
-    assert {p.dtype for p in adapter.params(0) + adapter.params(1)} == {torch.float32}
-    assert model.model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
-    np.testing.assert_array_equal(adapter.get(1).numpy(), start)
     rounded = torch.tensor(start).to(torch.bfloat16).float().numpy()
     assert not np.array_equal(rounded, start)  # the test can tell the two apart
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
@@ -220,20 +216,6 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     d_ref, d_ds = ref.vector - start, ds.vector - start
     cos = float(d_ref @ d_ds / np.linalg.norm(d_ref) / np.linalg.norm(d_ds))
     assert cos > 0.99 and abs(np.linalg.norm(d_ds) / np.linalg.norm(d_ref) - 1) < 0.05
-    np.testing.assert_array_equal(adapter.get(1).numpy(), ds.vector)
-
-
-def test_world_of_one_is_reused_by_a_second_run():
-    """Two DeepSpeed runs in one process (the GPU tests do that): each picks a free port for its
-    world of one; the second reuses the first's world. A different group is still an error."""
-    from fcit_hpc.train import ds_trainer
-
-    ds_trainer.init_single_process_world(0)
-    member, size, addr, port, backend = ds_trainer._WORLD
-    if size == 1:
-        ds_trainer.init_group_world(0, 1, "127.0.0.1", port + 1, backend, 0)
-    with pytest.raises(RuntimeError, match="torch.distributed already set up"):
-        ds_trainer.init_group_world(0, 2, "127.0.0.1", port, backend, 0)
 
 
 def test_deepspeed_stage0_low_precision_is_refused():
