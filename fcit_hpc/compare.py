@@ -120,30 +120,31 @@ def _cell(v: np.ndarray) -> str:
     return f"{v[0]:.2f}"
 
 
+def _header(first: list[str], metrics: list) -> list[str]:
+    """The header and rule lines of a table: ``first`` columns, the metrics, subspaces, DKO's."""
+    heads = [*first, *(h for _, h in metrics), "subspaces", *(h for _, h in DKO_COLS)]
+    return ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+
+
+def _row(states: list, metrics: list) -> list[str]:
+    """One entry's cells over its seeds' states: each metric's mean (± std), the subspaces per
+    seed, then DKO's purity and gate mass ("–" where a run has none)."""
+
+    def col(key):
+        return _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
+
+    subs = "/".join(str(st.num_subspaces) for st in states)
+    return [*(col(k) for k, _ in metrics), subs, *(col(k) for k, _ in DKO_COLS)]
+
+
 def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
     """Mean (± std over seeds) of each metric per entry; identity methods (DISCO and its SSA
     variants) also get DKO's purity (sample-weighted over subspaces) and gate mass on the right
     subspaces (``fcit_hpc.fed.server.diagnostics``), the others "–"."""
-    head = (
-        "| method | "
-        + " | ".join(h for _, h in METRIC_COLS)
-        + " | subspaces | "
-        + " | ".join(h for _, h in DKO_COLS)
-        + " |"
-    )
-    lines = [head, "|---" * (len(METRIC_COLS) + len(DKO_COLS) + 2) + "|"]
+    lines = _header(["method"], METRIC_COLS)
     for entry in entries:
         states = [read_state(run_dir / entry / f"seed{s}") for s in seeds]
-        cells = [
-            _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
-            for key, _ in METRIC_COLS
-        ]
-        cells.append("/".join(str(st.num_subspaces) for st in states))
-        cells += [
-            _cell(np.array([st.summary.get(key, np.nan) for st in states], float))
-            for key, _ in DKO_COLS
-        ]
-        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {COMPARE_LABELS[entry]} | " + " | ".join(_row(states, METRIC_COLS)) + " |")
     return "\n".join(lines)
 
 
@@ -204,18 +205,12 @@ def run_sweep(cfg: Config, comm, run_dir: Path) -> None:
 def sweep_table(run_dir: Path, cells: list[tuple[str, Config]]) -> str:
     """One row per cell and entry: Last, Avg, Forgetting, BWT, subspaces, and DKO's purity and
     gate mass (identity methods; "–" for the others)."""
-    cols = [*METRIC_COLS[:4], *DKO_COLS]
-    head = "| cell | method | " + " | ".join(h for _, h in METRIC_COLS[:4]) + " | subspaces | "
-    head += " | ".join(h for _, h in DKO_COLS) + " |"
-    lines = [head, "|---" * (len(cols) + 3) + "|"]
+    metrics = METRIC_COLS[:4]
+    lines = _header(["cell", "method"], metrics)
     for name, c in cells:
         seeds = c.compare_seeds or [c.seed]
         for entry in c.compare:
             states = [read_state(run_dir / name / entry / f"seed{s}") for s in seeds]
-            vals = [
-                _cell(np.array([st.summary.get(k, np.nan) for st in states], float))
-                for k, _ in cols
-            ]
-            vals.insert(4, "/".join(str(st.num_subspaces) for st in states))
-            lines.append(f"| {name} | {COMPARE_LABELS[entry]} | " + " | ".join(vals) + " |")
+            row = " | ".join(_row(states, metrics))
+            lines.append(f"| {name} | {COMPARE_LABELS[entry]} | {row} |")
     return "\n".join(lines)
