@@ -369,7 +369,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.zero_stage: 0 with train.precision {t.precision} would run DeepSpeed's "
             "unfused low-precision optimizer, whose updates measurably differ from the plain "
-            "torch reference (tests/test_runtime.py); use zero_stage 1 or 2 (the reference "
+            "torch reference (tests/test_runtime.py); use zero_stage 1, 2 or 3 (the reference "
             "code's setting is ZeRO-2, bf16)"
         )
     if cfg.model.name in ("hf", "hf-shape") and not cfg.model.path:

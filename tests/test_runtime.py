@@ -190,10 +190,11 @@ def test_fp16_trains_with_a_gradient_scaler():
     assert np.isfinite(res.vector).all() and cos > 0.97
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_bf16_keeps_float32_masters(stage):
     """The engine casts the module to bf16; the client's start reaches the optimizer's float32
-    masters exactly, and the result is read from them."""
+    masters exactly, and the result is read from them. Afterwards the adapter is float32 again
+    and holds the result (ZeRO-3: the module is whole and plain again)."""
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
     cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
@@ -207,6 +208,9 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     # lr 0: nothing moves, so the result is the start — exactly, not rounded to bf16
     still = trainer.train(model, adapter, 1, start, batches, LocalOpt(0.0, 0.0, 0.0))
     np.testing.assert_array_equal(still.vector, start)
+    assert {p.dtype for p in adapter.params(0) + adapter.params(1)} == {torch.float32}
+    assert model.model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
+    np.testing.assert_array_equal(adapter.get(1).numpy(), start)
     rounded = torch.tensor(start).to(torch.bfloat16).float().numpy()
     assert not np.array_equal(rounded, start)  # the test can tell the two apart
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
@@ -216,6 +220,66 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     d_ref, d_ds = ref.vector - start, ds.vector - start
     cos = float(d_ref @ d_ds / np.linalg.norm(d_ref) / np.linalg.norm(d_ds))
     assert cos > 0.99 and abs(np.linalg.norm(d_ds) / np.linalg.norm(d_ref) - 1) < 0.05
+    np.testing.assert_array_equal(adapter.get(1).numpy(), ds.vector)
+
+
+def test_a_collected_engine_leaves_the_next_clients_masters(monkeypatch):
+    """Clients train the same parameters one engine after another, and the garbage collector
+    calls a closed engine's destroy() again (``DeepSpeedEngine.__del__``) whenever it reaches
+    it. Here it reaches the first client's engine while the second client trains: the second
+    still trains from its start and reads its result from its own float32 masters, as the torch
+    trainer does. (Before the fix the first optimizer's second destroy() cleared the masters'
+    links on the shared parameters, and the second client's update had cos -0.07 to the
+    reference.)"""
+    import deepspeed
+
+    from fcit_hpc.train import ds_trainer
+
+    cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
+    rt = _runtime(cfg)
+    _, _, _, start, batches = _setup()
+    model, adapter, _ = build_model(cfg, 2, rt)
+    ds_trainer.init_single_process_world(0)
+    engines = []
+    initialize = deepspeed.initialize
+
+    def recorded(*args, **kwargs):
+        out = initialize(*args, **kwargs)
+        engines.append(out[0])
+        return out
+
+    monkeypatch.setattr(deepspeed, "initialize", recorded)
+    trainer = ds_trainer.DeepSpeedTrainer(1, False, 4, runtime=rt)
+    trainer.train(model, adapter, 1, start, batches, LocalOpt(0.0, 0.0, 0.0))  # client 1
+    first = engines[0]
+    step = ds_trainer._DeepSpeedSession.step
+
+    def collected_then_step(self, loss):
+        first.__del__()  # what the collector does with the closed engine
+        return step(self, loss)
+
+    monkeypatch.setattr(ds_trainer._DeepSpeedSession, "step", collected_then_step)
+    opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
+    ds = trainer.train(model, adapter, 1, start, batches, opt)  # client 2, same parameters
+    assert len(engines) == 2
+    model_t, adapter_t, _ = build_model(cfg, 2, rt)
+    ref = TorchTrainer(rt).train(model_t, adapter_t, 1, start, batches, opt)
+    d_ref, d_ds = ref.vector - start, ds.vector - start
+    cos = float(d_ref @ d_ds / np.linalg.norm(d_ref) / np.linalg.norm(d_ds))
+    assert cos > 0.99 and abs(np.linalg.norm(d_ds) / np.linalg.norm(d_ref) - 1) < 0.05
+
+
+def test_world_of_one_is_reused_by_a_second_run():
+    """Two DeepSpeed runs in one process (the GPU tests do that): each picks a free port for its
+    world of one; the second reuses the first's world. A different group is still an error."""
+    from fcit_hpc.train import ds_trainer
+
+    ds_trainer.init_single_process_world(0)
+    member, size, addr, port, backend = ds_trainer._WORLD
+    if size == 1:
+        ds_trainer.init_group_world(0, 1, "127.0.0.1", port + 1, backend, 0)
+    with pytest.raises(RuntimeError, match="torch.distributed already set up"):
+        ds_trainer.init_group_world(0, 2, "127.0.0.1", port, backend, 0)
 
 
 def test_deepspeed_stage0_low_precision_is_refused():

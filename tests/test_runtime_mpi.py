@@ -234,13 +234,19 @@ def test_fcit_mini_multimodal_run_is_world_size_invariant(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "backend", [["train.backend=torch"], ["train.backend=deepspeed", "train.zero_stage=2"]]
+    "backend",
+    [
+        ["train.backend=torch"],
+        ["train.backend=deepspeed", "train.zero_stage=2"],
+        ["train.backend=deepspeed", "train.zero_stage=3"],
+    ],
 )
 def test_client_groups_match_one_rank_per_client(tmp_path, backend):
     """G = 2 (4 ranks, 2 groups) against G = 1 (2 ranks): every client trains the same batches
     from the same start, its rows split over the group and the gradients summed, so the global
     state agrees up to the order of the sums (measured 4.5e-8 on adapters of magnitude 4e-2;
-    asserted at 1e-6). Dropout is off: its masks depend on how a batch is split."""
+    asserted at 1e-6). ZeRO-3 partitions the frozen base over each group of two. Dropout is
+    off: its masks depend on how a batch is split."""
     common = ["lora.lora_dropout=0", *backend]
     one, two = tmp_path / "g1", tmp_path / "g2"
     p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(one), *common)

@@ -65,6 +65,10 @@ def test_deepspeed_matches_torch(stage, offload, prox):
     # a second client on the same rank starts afresh (new engine, new optimizer)
     ds2 = DeepSpeedTrainer(stage, offload, 4).train(model, adapter, 0, start, batches, **kw)
     np.testing.assert_array_equal(ds2.vector, ds.vector)
+    # the destroyed engines left no hook on the module (they would run on every later forward)
+    from fcit_hpc.train.ds_trainer import deepspeed_hooks
+
+    assert deepspeed_hooks(model) == []
 
 
 def assert_deepspeed_matches_torch(k, stage, setup, **extra):
@@ -78,8 +82,9 @@ def assert_deepspeed_matches_torch(k, stage, setup, **extra):
     np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
 
 
-def test_deepspeed_zero3_is_a_clear_error():
+def test_deepspeed_unknown_stage_is_a_clear_error():
+    """Stages 0–3 are offered (ZeRO-3: tests/test_zero3.py)."""
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
-    with pytest.raises(ValueError, match="train.zero_stage: 3"):
-        DeepSpeedTrainer(3, False, 4)
+    with pytest.raises(ValueError, match="train.zero_stage: 4 is not one of 0, 1, 2, 3"):
+        DeepSpeedTrainer(4, False, 4)
