@@ -1,6 +1,10 @@
 """The runtime (device, dtype, client groups, launcher environment) and the device and precision
 paths of the local trainers, on the CPU."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -267,6 +271,39 @@ def test_a_collected_engine_leaves_the_next_clients_masters(monkeypatch):
     d_ref, d_ds = ref.vector - start, ds.vector - start
     cos = float(d_ref @ d_ds / np.linalg.norm(d_ref) / np.linalg.norm(d_ds))
     assert cos > 0.99 and abs(np.linalg.norm(d_ds) / np.linalg.norm(d_ref) - 1) < 0.05
+
+
+_SHM_PROBE = """
+import socket
+from fcit_hpc.train import ds_trainer
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+f = ds_trainer.shm_workspace(0, "127.0.0.1", port)
+unlink = ds_trainer._unlink_shm_workspace
+seen = []
+def probe(*args):
+    seen.append(f.exists())
+    unlink(*args)
+ds_trainer._unlink_shm_workspace = probe
+ds_trainer.init_group_world(0, 1, "127.0.0.1", port, "gloo", 0)
+print("made", seen[0], "left", f.exists())
+"""
+
+
+def test_deepspeed_world_leaves_no_shm_workspace():
+    """DeepSpeed's CPU communication op creates a 69 MB allreduce workspace in /dev/shm for
+    every world and never removes it (a test suite had left 17 GB of them in RAM); once the
+    world is set up, its name is removed, while the process still runs."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SHM_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "made True left False" in out.stdout, out.stdout[-2000:]
 
 
 def test_world_of_one_is_reused_by_a_second_run():

@@ -39,6 +39,7 @@ Fisher, the identity encoders), so the engine lives for one client only, as at s
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,26 @@ def init_group_world(
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     _WORLD = key
+    _unlink_shm_workspace(member, size, master_addr, port)
+
+
+def shm_workspace(member: int, master_addr: str, port) -> Path:
+    """The shared-memory file of this member's allreduce workspace, which DeepSpeed's CPU
+    communication op (``deepspeed_shm_comm_op``) creates for every world whose members are all
+    local (``LOCAL_SIZE`` = the world size): about 69 MB in ``/dev/shm``."""
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{port}_{member}")
+
+
+def _unlink_shm_workspace(member: int, size: int, master_addr: str, port: int) -> None:
+    """DeepSpeed never unlinks the workspace file, so every world a process ever made would keep
+    its 69 MB in ``/dev/shm`` (RAM) after the process ends: a test suite or a series of runs
+    fills the memory. Every member maps all members' files while the world is set up; once all
+    have (a barrier), the names are removed and the mappings stay valid until the process ends."""
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    shm_workspace(member, master_addr, port).unlink(missing_ok=True)
 
 
 def init_single_process_world(local_rank: int) -> None:
