@@ -5,6 +5,7 @@ one stopped by `scancel --signal=TERM` (exit 75, requeued by the script), contin
 and end bitwise equal to it."""
 
 import os
+import time
 
 import pytest
 
@@ -123,9 +124,18 @@ def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun"):
     cluster.wait_job(job, lambda i: i.get("Restarts") == "1", "the requeue")
     cluster.wait_job(job, lambda i: i["JobState"] != "COMPLETING", "the requeue to settle")
     if cluster.job(job)["JobState"] == "PENDING":  # (it may have started meanwhile)
+        # Not at once: the requeue revoked the job's credential at a time stamped to the second,
+        # and slurmd refuses a credential made in that same second ("Killing non-startable batch
+        # JobId=N: Job credential revoked", the job ends FAILED). Two seconds on is past it, and
+        # `StartTime=now` has the scheduler start it then (a later StartTime waits for its next
+        # periodic pass, up to a minute).
+        time.sleep(2)
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     info = cluster.wait_job(job, lambda i: i["JobState"] in ("COMPLETED", "FAILED"), "the end")
-    return run, log.read_text(errors="replace"), info
+    text = log.read_text(errors="replace")
+    if info["JobState"] != "COMPLETED":  # what SLURM said goes with the assertion's message
+        text += f"\n-- job {job}: {info}\n{cluster.logs()}"
+    return run, text, info
 
 
 def test_scontrol_requeue_before_the_first_round_continues_by_itself(cluster, serial_run, tmp_path):
@@ -140,7 +150,7 @@ def test_scontrol_requeue_before_the_first_round_continues_by_itself(cluster, se
 
     run, log, info = _run_to_hold_then(cluster, tmp_path, "requeue", (0, 0), requeue)
     assert seen == {"state": False, "config": True}
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-15000:]
     assert "start 2: fcit run" in log and "starting afresh from" in log, log[-3000:]
     assert same_content(comparable_content(serial_run), comparable_content(run)) == []
 
@@ -158,7 +168,7 @@ def test_scancel_signal_term_stops_at_a_round_and_requeues(cluster, serial_run, 
 
     run, log, info = _run_to_hold_then(cluster, tmp_path, "term", (1, 1), term, launch="srun")
     assert seen["cursor"] == (1, 0)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-15000:]
     assert "fcit: stopped on SIGTERM after stage 1 round 0, the last completed round" in log
     assert "requeueing job" in log and "start 2: fcit run" in log, log[-3000:]
     assert same_content(comparable_content(serial_run), comparable_content(run)) == []
