@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class SlurmCluster:
     # -- set-up ---------------------------------------------------------------------------------
     def _write_conf(self) -> Path:
         r = self.root
-        for d in ("state", "spool", "log", "munge"):
+        for d in ("state", "spool", "log", "munge", "tmp"):
             (r / d).mkdir(parents=True, exist_ok=True)
         os.chmod(r / "munge", 0o700)
         key = r / "munge" / "munge.key"
@@ -61,6 +62,7 @@ AuthInfo=socket={self.socket}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
+TmpFS={r}/tmp
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
@@ -83,12 +85,23 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 """
         path = r / "slurm.conf"
         path.write_text(conf)
+        # srun --mpi=pmix makes <base>/spmix_appdir_<uid>_<job>.<step> (default base /tmp) and does
+        # not remove it when the step is torn down (requeue, SIGTERM); job ids start at 1 in every
+        # test cluster, so a stale one from an earlier cluster fails that step's launch ("Cannot
+        # create client cli tmpdir ... File exists"). This cluster keeps its own.
+        (r / "mpi.conf").write_text(f"PMIxCliTmpDirBase={r}/tmp\n")
         return path
 
     def start(self) -> SlurmCluster:
         conf = self._write_conf()
         r = self.root
         self.env["SLURM_CONF"] = str(conf)
+        # Open MPI's shared-memory segments are named after the job (for an srun step, after the
+        # SLURM job id, which starts at 1 in every test cluster): this cluster's jobs keep theirs
+        # in a directory of their own, so that no stale or concurrent cluster's segment is met.
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else r
+        self.shm = Path(tempfile.mkdtemp(prefix="fcit-slurm-test-", dir=shm))
+        self.env["OMPI_MCA_btl_sm_backing_directory"] = str(self.shm)
         self._spawn(
             [
                 _exe("munged"),
@@ -225,3 +238,5 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs.clear()
+        if getattr(self, "shm", None) is not None:
+            shutil.rmtree(self.shm, ignore_errors=True)

@@ -73,6 +73,31 @@ def test_sbatch_run_equals_serial(cluster, serial_run, tmp_path, launch):
     assert same_content(comparable_content(serial_run), comparable_content(run)) == []
 
 
+def test_step_that_fails_to_launch_fails_the_job(cluster, tmp_path):
+    """srun (SLURM 22.05) exits 0 when its step's tasks fail to launch; the script must not report
+    that as a finished run. The launch is made to fail as a stale PMIx directory made it fail once
+    (``<PMIxCliTmpDirBase>/spmix_appdir_<uid>_<job>.0`` left by an earlier cluster's job)."""
+    run, log = tmp_path / "run", tmp_path / "nolaunch.log"
+    job = cluster.submit(
+        ["--hold", "--ntasks=2", f"--output={log}", f"--error={log}", SBATCH, SMOKE]
+        + ["--out", str(run)],
+        cwd=ROOT,
+        env=_job_env(FCIT_LAUNCH="srun"),
+    )
+    stale = cluster.root / "tmp" / f"spmix_appdir_{os.getuid()}_{job}.0"
+    stale.mkdir()
+    try:
+        cluster.run("scontrol", "release", str(job))
+        info = cluster.wait_job(job, lambda i: i["JobState"] in ("COMPLETED", "FAILED"), "the end")
+    finally:
+        stale.rmdir()
+    text = log.read_text(errors="replace")
+    assert "launch failed" in text, text  # the cause is the one meant (srun's own message)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, text)
+    assert "srun exited 0 but fcit did not get to its end" in text, text
+    assert not (run / "state.h5").exists()
+
+
 def test_killed_job_resubmitted_with_resume(cluster, serial_run, tmp_path):
     run = tmp_path / "run"
     kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
@@ -119,6 +144,15 @@ def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun"):
     try:
         cluster.wait_job(job, lambda i: _log_has(log, held), held)
         act(job)
+        # Let the file go only once the signal has ended the hold (rank 0 logs it) or the first
+        # start is over (mpirun's prterun, signalled by the requeue, kills the ranks at once):
+        # else rank 0 may see the file gone first and run one more round before the signal.
+        ended = f"debug: hold {held[len('holding '):]} ended by SIG"
+        cluster.wait_job(
+            job,
+            lambda i: _log_has(log, ended) or (i["Restarts"] == "1" and i["JobState"] == "PENDING"),
+            "the signal at the hold, or the end of the first start",
+        )
     finally:
         hold.unlink()  # the requeued start runs through
     cluster.wait_job(job, lambda i: i.get("Restarts") == "1", "the requeue")

@@ -55,3 +55,5 @@ def hold(path: Path, where: str, poll_seconds: float = 0.1) -> None:
         log.warning("debug: holding %s while %s exists", where, path)
     while path.exists() and not _received:
         time.sleep(poll_seconds)
+    if _received:
+        log.warning("debug: hold %s ended by %s", where, signal.Signals(_received[0]).name)
