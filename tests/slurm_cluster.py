@@ -36,6 +36,7 @@ class SlurmCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.procs: list[subprocess.Popen] = []
+        self.shm: Path | None = None  # the jobs' Open MPI shared-memory directory (start)
         self.env = dict(os.environ)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -62,7 +63,6 @@ AuthInfo=socket={self.socket}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
-TmpFS={r}/tmp
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
@@ -238,5 +238,5 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs.clear()
-        if getattr(self, "shm", None) is not None:
+        if self.shm is not None:
             shutil.rmtree(self.shm, ignore_errors=True)

@@ -140,14 +140,15 @@ def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun"):
         cwd=ROOT,
         env=_job_env(FCIT_LAUNCH=launch),
     )
-    held = f"holding before stage {stage} round {rnd}"
+    where = f"before stage {stage} round {rnd}"
+    held = f"holding {where}"
     try:
         cluster.wait_job(job, lambda i: _log_has(log, held), held)
         act(job)
         # Let the file go only once the signal has ended the hold (rank 0 logs it) or the first
         # start is over (mpirun's prterun, signalled by the requeue, kills the ranks at once):
         # else rank 0 may see the file gone first and run one more round before the signal.
-        ended = f"debug: hold {held[len('holding ') :]} ended by SIG"
+        ended = f"debug: hold {where} ended by SIG"
         cluster.wait_job(
             job,
             lambda i: _log_has(log, ended) or (i["Restarts"] == "1" and i["JobState"] == "PENDING"),
