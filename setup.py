@@ -2,7 +2,10 @@
 
 from setuptools import find_packages, setup
 
-TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+# Ranges for installing the library into an environment of one's own (a GPU node's torch 2.11 is
+# tested); `make run`/`make test` install the exact versions of requirements.lock (torch 2.14.1,
+# torchvision 0.29.1). Upper bounds only where a newer release is known to break.
+TORCH = ["torch>=2.11", "torchvision>=0.26"]
 
 setup(
     name="fcit_hpc",
@@ -11,10 +14,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # the kernels/ folder installs as `fcit_kernels`: a top-level `kernels` would shadow the
-    # Hugging Face `kernels` package that transformers looks for
+    # The kernels live in kernels/fcit_kernels/ and install as `fcit_kernels`. kernels/ itself has
+    # no __init__.py: run from the repo root (where sys.path[0] is the root), `kernels` is at most a
+    # PEP 420 namespace portion, and a regular package anywhere on sys.path (Hugging Face's
+    # `kernels`, which transformers imports) always wins over one, whatever the path order.
     packages=[*find_packages(include=["fcit_hpc", "fcit_hpc.*"]), "fcit_kernels"],
-    package_dir={"fcit_kernels": "kernels"},
+    package_dir={"fcit_kernels": "kernels/fcit_kernels"},
     include_package_data=True,
     package_data={"": ["*.yaml"], "fcit_hpc.model": ["embedded_model/*"]},
     install_requires=[

@@ -345,21 +345,50 @@ def test_bench_helpers_on_the_cpu():
     assert res["base_eager_ms"] > 0 and res["ssa_eager_ms"] > 0 and res["ssa/base_eager"] > 0
 
 
-def test_kernels_install_under_our_own_name(tmp_path):
-    """The kernels/ folder is importable as `fcit_kernels` only: a top-level `kernels` would
-    shadow the Hugging Face package of that name (which transformers looks for)."""
+_PROBE = (
+    "import sys, kernels, transformers.modeling_utils, fcit_kernels\n"
+    "print([p or '.' for p in sys.path]); print(kernels.__file__); print(fcit_kernels.__file__)\n"
+)
+
+
+@pytest.mark.parametrize("how", ["python -c", "python -m pytest"])
+def test_the_kernels_folder_never_shadows_hugging_face_kernels(how, tmp_path):
+    """Run from the repo root (`python -c`: sys.path[0] is ''; `python -m pytest`, as the Makefile
+    runs the suite: the root on sys.path), `import kernels` gives Hugging Face's package (a
+    dependency of transformers >= 5.25) although the root precedes site-packages on sys.path,
+    transformers' modeling_utils imports, and our kernels
+    import as `fcit_kernels` from kernels/fcit_kernels/. kernels/ has no __init__.py: a regular
+    package anywhere on sys.path wins over a PEP 420 namespace portion, whatever the order."""
     import subprocess
     import sys
+    from importlib.metadata import distribution
+    from pathlib import Path
 
-    code = (
-        "import importlib.util as u; "
-        "print(u.find_spec('fcit_kernels').origin); print(u.find_spec('kernels'))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
-    ).stdout.split()
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    assert out == [str(root / "kernels" / "__init__.py"), "None"]
+    root = Path(__file__).resolve().parents[1]
+    hf = Path(distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+    assert hf.is_file()  # Hugging Face's package is installed (transformers needs it)
+    assert not (root / "kernels" / "__init__.py").exists()
+    out = tmp_path / "out.txt"
+    if how == "python -c":
+        cmd = [sys.executable, "-c", _PROBE]
+    else:
+        (tmp_path / "test_probe.py").write_text(
+            "import contextlib, io\n\ndef test_probe():\n    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            + "".join(f"        {line}\n" for line in _PROBE.splitlines())
+            + f"    open({str(out)!r}, 'w').write(buf.getvalue())\n"
+        )
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    text = p.stdout if how == "python -c" else out.read_text()
+    path, kern, ours = text.strip().splitlines()
+    path = [Path(p).resolve() for p in __import__("ast").literal_eval(path)]
+    # the root comes before the site-packages that hold Hugging Face's package
+    assert path.index(root) < path.index(hf.parents[1])
+    assert Path(kern).resolve() == hf
+    assert Path(ours).resolve() == root / "kernels" / "fcit_kernels" / "__init__.py"
 
 
 @pytest.mark.slow

@@ -389,7 +389,7 @@ def llava7b_text_config():
 
     from transformers import AutoConfig, LlamaConfig
 
-    path = Path(__file__).resolve().parents[1] / "configs/hf/llava-1.5-7b/config.json"
+    path = Path(__file__).resolve().parents[2] / "configs/hf/llava-1.5-7b/config.json"
     if path.exists():
         cfg = AutoConfig.from_pretrained(str(path.parent))
         return getattr(cfg, "text_config", cfg), str(path)
