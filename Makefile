@@ -55,7 +55,7 @@ test: install sysdeps
 test-gpu: install
 	DS_ACCELERATOR=cuda TRITON_INTERPRET=0 $(BIN)/python -m pytest -q -m gpu tests
 
-# Property-based fuzzing of every reader of outside input (README, "Reliability"); `make test`
+# Property-based fuzzing of every reader of outside input (docs/reliability.md); `make test`
 # runs a short profile of it (tests/test_fuzz.py).
 fuzz: install
 	$(BIN)/python -m tests.fuzz --examples 10000

@@ -1,4 +1,4 @@
-"""The rooms of fcit_hpc import downward only (README, "Layout"): every ``import fcit_hpc.X``
+"""The rooms of fcit_hpc import downward only (docs/architecture.md, "Layout"): every ``import fcit_hpc.X``
 (at module level or inside a function) names a room at the importer's level or below."""
 
 import ast

@@ -2,7 +2,7 @@
 Learning", arXiv 2311.11501), as a federated continual baseline.
 
 The FCIT paper (Guo et al., ICCV 2025) compares with an "M-LoRA" and releases no baseline code;
-MultiLoRA is the multi-task LoRA variant the name matches (see the README for what could and
+MultiLoRA is the multi-task LoRA variant the name matches (see docs/usage.md for what could and
 could not be checked). MultiLoRA scales LoRA horizontally into E parallel modules, each with a
 learnable scaling factor, and changes the initialisation so that the modules start apart:
 ``y = W0 x + scaling · Σ_j s_j ⊙ B_j A_j dropout_j(x)`` with A_j and B_j Kaiming-uniform (a = √5,
