@@ -8,7 +8,7 @@ dtypes and attributes, groups removed). The property, for every generated input:
 or raises an ``FcitError`` whose message starts with what it is about (a file, folder or field);
 no other exception, no hang (an alarm per input), no file of the input changed by reading it.
 
-    python -m tests.fuzz --examples 10000     # the full run: prints the table of docs/reliability.md
+    python -m tests.fuzz --examples 10000     # the full run: the table of docs/reliability.md
     tests/test_fuzz.py                        # a short profile in `make test`
 """
 

@@ -167,3 +167,37 @@ def test_llava_protocol_configs_ask_for_their_paths(name, rank):
     t = cfg.train
     assert (t.precision, t.backend, t.zero_stage, t.gpus_per_client) == ("bf16", "deepspeed", 2, 4)
     assert cfg.train.projector_lr == 2e-5 and cfg.eval.max_new_tokens == 128
+
+
+def test_the_config_reference_is_generated_from_the_dataclasses():
+    """docs/config.md is `python -m fcit_hpc.config_reference --write`'s output: every field of the
+    config dataclasses has a line there with its type and current default, and no line names a
+    field that does not exist."""
+    import dataclasses
+
+    from fcit_hpc.config import Config
+    from fcit_hpc.config_reference import DOC_PATH, FIELD_DOCS, render
+
+    text = render()
+    assert DOC_PATH.read_text(encoding="utf-8") == text, (
+        "python -m fcit_hpc.config_reference --write"
+    )
+    cfg = Config()
+    n = 0
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        for g in dataclasses.fields(sub) if dataclasses.is_dataclass(sub) else [None]:
+            name = f.name if g is None else f"{f.name}.{g.name}"
+            assert f"| `{name}` |" in text
+            n += 1
+    assert n == len(FIELD_DOCS) > 60
+
+
+def test_the_config_reference_names_a_field_without_a_line(monkeypatch):
+    from fcit_hpc import config_reference
+
+    docs = dict(config_reference.FIELD_DOCS)
+    del docs["train.lr"]
+    monkeypatch.setattr(config_reference, "FIELD_DOCS", docs)
+    with pytest.raises(KeyError, match="train.lr"):
+        config_reference.render()

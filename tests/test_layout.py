@@ -1,5 +1,6 @@
-"""The rooms of fcit_hpc import downward only (docs/architecture.md, "Layout"): every ``import fcit_hpc.X``
-(at module level or inside a function) names a room at the importer's level or below."""
+"""The rooms of fcit_hpc import downward only (docs/architecture.md, "Layout"): every
+``import fcit_hpc.X`` (at module level or inside a function) names a room at the importer's level
+or below."""
 
 import ast
 
@@ -16,6 +17,7 @@ LEVELS = {
     "registry": 0,
     "cache": 0,
     "config": 0,
+    "config_reference": 0,
     "runtime": 0,
     "data": 1,
     "state": 1,
