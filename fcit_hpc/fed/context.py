@@ -11,7 +11,7 @@ import torch
 from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config
 from fcit_hpc.fed.comm import Comm
-from fcit_hpc.fed.strategies import FedAvg, strategy_from_config
+from fcit_hpc.fed.strategies import Strategy, strategy_from_config
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.base import Method
 from fcit_hpc.model.build import build_model
@@ -33,7 +33,7 @@ class RunContext:
     trainer: object  # LocalTrainer
     data: FederatedData
     method: Method
-    strategy: FedAvg
+    strategy: Strategy
     encoder: SampleEncoder | None
     # values of the LLaVA projector that clients train beside LoRA (0: frozen or none)
     projector_numel: int = 0

@@ -17,6 +17,7 @@ v starts at τ² as in the paper's pseudo-code.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,8 +55,24 @@ class ServerOptConfig:
     prox_mu: float = 0.0
 
 
-class FedAvg:
-    """x ← x + Δ (McMahan et al., 2017). No state, no client term."""
+def apply_delta(x: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """x + step in float64, returned as float32 (every strategy's last operation)."""
+    return (x.astype(np.float64) + step.astype(np.float64)).astype(np.float32)
+
+
+def adaptive_step(
+    m: np.ndarray, v: np.ndarray, delta: np.ndarray, *, eta: float, tau: float, beta1: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """FedOpt's first moment and step from the previous m, the new second moment v and Δ:
+    m ← β1·m + (1−β1)Δ, step = η·m / (√v + τ) (float64)."""
+    m = beta1 * m.astype(np.float64) + (1 - beta1) * delta.astype(np.float64)
+    return m, eta * m / (np.sqrt(v) + tau)
+
+
+class Strategy(ABC):
+    """A federated optimizer: the server update of a global vector from the clients' mean delta
+    (with its own state), and the terms it adds to the clients' loss. Aggregation (the weighted
+    mean) is the pure function ``weighted_average``; subclasses only say how x moves."""
 
     def __init__(self, opt: ServerOptConfig):
         self.opt = opt
@@ -64,15 +81,22 @@ class FedAvg:
         """Optimizer state arrays (float32, of ``shape``), stored in state.h5 under /server_opt."""
         return {}
 
+    @abstractmethod
     def update(self, x: np.ndarray, delta: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         """New global vector from ``x`` and the mean delta; ``state`` (views of this subspace's
         rows) is updated in place."""
-        return (x.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
 
     def client_terms(self, params) -> list[LossTerm]:
         """Terms the clients add to their loss, given the trainable parameters at the global
         values (called after they are loaded)."""
         return []
+
+
+class FedAvg(Strategy):
+    """x ← x + Δ (McMahan et al., 2017). No state, no client term."""
+
+    def update(self, x, delta, state):
+        return apply_delta(x, delta)
 
 
 class FedProx(FedAvg):
@@ -95,27 +119,28 @@ class FedAvgM(FedAvg):
     def update(self, x, delta, state):
         m = self.opt.momentum * state["m"].astype(np.float64) + delta.astype(np.float64)
         state["m"][...] = m
-        return (x.astype(np.float64) + m).astype(np.float32)
+        return apply_delta(x, m)
 
 
-class FedOpt(FedAvg):
+class FedOpt(Strategy):
     """Adaptive server optimizers (Reddi et al., 2021); subclasses give the second moment."""
 
     def init_state(self, shape):
         tau = self.opt.tau
         return {"m": np.zeros(shape, np.float32), "v": np.full(shape, tau * tau, np.float32)}
 
+    @abstractmethod
     def second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """v's update from the previous v and Δ² (float64)."""
 
     def update(self, x, delta, state):
         opt = self.opt
         d = delta.astype(np.float64)
-        m = opt.beta1 * state["m"].astype(np.float64) + (1 - opt.beta1) * d
         v = self.second_moment(state["v"].astype(np.float64), d * d)
+        m, step = adaptive_step(state["m"], v, d, eta=opt.eta, tau=opt.tau, beta1=opt.beta1)
         state["m"][...] = m
         state["v"][...] = v
-        return (x.astype(np.float64) + opt.eta * m / (np.sqrt(v) + opt.tau)).astype(np.float32)
+        return apply_delta(x, step)
 
 
 class FedAdagrad(FedOpt):
@@ -133,7 +158,7 @@ class FedYogi(FedOpt):
         return v - (1 - self.opt.beta2) * d2 * np.sign(v - d2)
 
 
-STRATEGIES: dict[str, type[FedAvg]] = {
+STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
     "fedadagrad": FedAdagrad,
@@ -143,23 +168,23 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 
-def make_strategy(opt: ServerOptConfig) -> FedAvg:
+def make_strategy(opt: ServerOptConfig) -> Strategy:
     """The strategy of ``opt.fed_alg`` (the one dispatch on the federated optimizer)."""
     if opt.fed_alg not in STRATEGIES:
         raise ValueError(f"federation.fed_alg: unknown {opt.fed_alg!r}")
     return STRATEGIES[opt.fed_alg](opt)
 
 
-def strategy_from_config(fed) -> FedAvg:
-    """The strategy of a ``FederationConfig``."""
+def strategy_from_config(fed) -> Strategy:
+    """The strategy of a ``FederationConfig`` (its federation section only)."""
     return make_strategy(
         ServerOptConfig(
-            fed.fed_alg,
-            fed.fedopt_eta,
-            fed.fedopt_tau,
-            fed.fedopt_beta1,
-            fed.fedopt_beta2,
-            fed.server_momentum,
-            fed.prox_mu,
+            fed_alg=fed.fed_alg,
+            eta=fed.fedopt_eta,
+            tau=fed.fedopt_tau,
+            beta1=fed.fedopt_beta1,
+            beta2=fed.fedopt_beta2,
+            momentum=fed.server_momentum,
+            prox_mu=fed.prox_mu,
         )
     )

@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from fcit_hpc.fed.strategies import FedAvg, weighted_average
+from fcit_hpc.fed.strategies import Strategy, weighted_average
 from fcit_hpc.fed.wire import Update
 from fcit_hpc.methods.base import DkoDecision
 from fcit_hpc.state.schema import CLIENT_DTYPE, ROUND_DTYPE, ClientStatus, RunState
@@ -134,7 +134,7 @@ def round_row(info: RoundInfo, rows: np.ndarray, num_subspaces: int) -> np.ndarr
 def aggregate_round(
     st: RunState,
     updates: list[Update],
-    strategy: FedAvg,
+    strategy: Strategy,
     info: RoundInfo,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
 ) -> Aggregation:
