@@ -191,16 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         if src.is_file():
             shutil.copy2(src, venv / src.name)
     for s in todo:
-        why = "missing at the site" if s.action == "install" else f"site has {s.site}"
+        if s.name == norm(PROJECT):
+            why = "the project"
+        else:
+            why = (
+                "missing at the site"
+                if s.action == "install"
+                else f"pinned over the site's {s.site}"
+            )
         print(f"installed  {s.name}=={s.version}  ({why})")
-    taken = [s for s in steps if s.action == "site"]
-    for s in taken:
-        note = "" if s.site == s.version else f" (lock {s.version}; protected)"
-        print(f"from site  {s.name}=={s.site}{note}")
-    in_lock = [k for k in lock if k in site and k not in wheels]
-    for k in sorted(in_lock):
-        note = "" if site[k] == lock[k][1] else f" (lock {lock[k][1]})"
-        print(f"from site  {k}=={site[k]}{note}")
+    taken = [(s.name, s.site, s.version) for s in steps if s.action == "site"]
+    taken += [(k, site[k], lock[k][1]) for k in lock if k in site and k not in wheels]
+    same = sorted(k for k, have, want in taken if have == want)
+    if same:
+        print(f"from site  at the lock's versions: {' '.join(same)}")
+    for k, have, want in sorted(taken):
+        if have != want:
+            print(f"from site  {k}=={have}  (lock: {want})")
     left = {norm(n) for n in meta.get("left_out", [])}
     check = [
         str(py),
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'absent' if on_purpose else 'UNMET'}     {pkg} needs {req}")
         fatal += not on_purpose
     print(
-        f"install_offline: {venv}: {len(todo)} installed, {len(taken) + len(in_lock)} from the "
+        f"install_offline: {venv}: {len(todo)} installed, {len(taken)} from the "
         f"site{' ' + ', '.join(over) if over else ''}; run {venv}/bin/fcit doctor"
     )
     return 4 if fatal else 0
