@@ -17,6 +17,7 @@ LEVELS = {
     "cache": 0,
     "config": 0,
     "runtime": 0,
+    "resources": 0,
     "data": 1,
     "state": 1,
     "benchmark": 2,
@@ -30,6 +31,7 @@ LEVELS = {
     "bench": 8,
     "bench_train": 8,
     "cli": 8,
+    "doctor": 8,
     "__main__": 8,
     "__init__": 8,
 }
