@@ -187,7 +187,8 @@ def check_mpi(r: Report, lock: Mapping[str, str], init: bool) -> None:
             mpi4py.rc.finalize = init
             from mpi4py import MPI
 
-            lib = MPI.Get_library_version().strip().splitlines()[0]
+            text = MPI.Get_library_version().replace("\x00", "").strip()
+            lib = text.splitlines()[0] if text else "unnamed"
             extra = f", world size {MPI.COMM_WORLD.Get_size()}" if init else ""
             r.add("mpi4py", f"{mpi4py.__version__}, MPI library: {lib}{extra}")
         except Exception as e:  # no libmpi found, wrong ABI: mpi4py says which

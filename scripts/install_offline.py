@@ -146,6 +146,39 @@ def make_venv(venv: Path, base: str, layered_over: list[str]) -> Path:
     return py
 
 
+def link_site_data(purelib: Path, site_dirs: list[str], ours: set[str]) -> dict[str, int]:
+    """Symlink into the venv the files the site's distributions installed outside their
+    site-packages, in bin/ and lib/ (an MPI wheel's mpiexec and libmpi.so, which mpi4py looks for
+    under the running venv's prefix), where the venv has none; console scripts (``#!`` files, bound
+    to the site's Python) are left out, as are distributions the venv installed itself
+    (``ours``). Returns {distribution: files linked}."""
+    linked: dict[str, int] = {}
+    for d in site_dirs:
+        for record in sorted(Path(d).glob("*.dist-info/RECORD")):
+            dist = norm(record.parent.name.split("-")[0])
+            if dist in ours:
+                continue
+            for line in record.read_text().splitlines():
+                rel = line.split(",")[0]
+                if not rel.startswith("../"):
+                    continue
+                src = Path(os.path.normpath(Path(d) / rel))
+                dest = Path(os.path.normpath(purelib / rel))
+                top = (
+                    dest.relative_to(purelib.parents[2]).parts[0]
+                    if dest.is_relative_to(purelib.parents[2])
+                    else None
+                )
+                if top not in ("bin", "lib") or dest.exists() or dest.is_symlink():
+                    continue
+                if not src.is_file() or src.open("rb").read(2) == b"#!":
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.symlink_to(src)
+                linked[dist] = linked.get(dist, 0) + 1
+    return linked
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("wheelhouse")
@@ -187,6 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(cmd, env={**os.environ, "PIP_CONSTRAINT": ""}).returncode != 0:
             print("install_offline: pip failed (above)", file=sys.stderr)
             return 3
+    if over:
+        purelib = Path(
+            subprocess.run(
+                [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+        for dist, n in link_site_data(purelib, over, {s.name for s in todo}).items():
+            print(f"linked     {dist}: {n} files of the site's bin/ and lib/ into the venv")
     for src in (lock_path, meta_path):  # what `fcit doctor` compares against
         if src.is_file():
             shutil.copy2(src, venv / src.name)

@@ -205,6 +205,9 @@ def test_layered_offline_install_runs_doctor_and_the_smoke_config(tmp_path, seri
     assert d.returncode == 0, d.stdout + d.stderr
     assert f"prefix {venv}" in d.stdout and "essentials present" in d.stdout
     assert f"{venv}/requirements.lock: " in d.stdout  # the lock the installer left there
+    # the base's Open MPI (wheel): its launcher and library linked into the venv, where mpi4py
+    # (also the base's) looks for them
+    assert f"mpiexec={venv}/bin/mpiexec" in d.stdout and "MPI library: Open MPI" in d.stdout
 
     out = tmp_path / "run"
     r = subprocess.run(
