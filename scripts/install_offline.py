@@ -125,6 +125,11 @@ def unmet(installed: list[str], visible: dict[str, str]) -> list[tuple[str, str,
     return bad
 
 
+def _pyver(python: str) -> str:
+    code = "import sys; print('%d.%d' % sys.version_info[:2])"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
 def make_venv(venv: Path, base: str, layered_over: list[str]) -> Path:
     """Create ``venv`` with ``base`` (kept when it exists); layered: no pip of its own when the
     site has one (the site's runs it), and the .pth that shows the site's packages."""
@@ -208,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"install_offline: --over {a.over}: no site-packages found", file=sys.stderr)
         return 2
     base = a.python or a.over or sys.executable
+    if a.over and a.python and _pyver(a.python) != _pyver(a.over):
+        print(f"install_offline: --python {a.python} and --over {a.over}: other Python versions",
+              file=sys.stderr)  # fmt: skip
+        return 2
     venv = Path(a.venv).resolve()
     py = make_venv(venv, base, over)
     site = versions_in(over)
