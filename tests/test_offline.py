@@ -87,6 +87,29 @@ def test_doctor_lists_lock_differences():
     assert differ == ["NumPy 2.4.6 -> 2.5.2"] and absent == ["peft"]
 
 
+def test_doctor_exits_1_with_the_fix_when_an_essential_is_missing(monkeypatch, capsys):
+    """peft hidden: `fcit doctor` says MISSING, prints the pip command with the lock's pin, and
+    exits 1; DeepSpeed hidden instead is optional: exit 0, its fix still printed."""
+    from fcit_hpc import doctor
+
+    real = doctor._version
+    lock = ROOT / "requirements.lock"
+    pin = next(x for x in lock.read_text().splitlines() if x.startswith("peft=="))
+    monkeypatch.setattr(doctor, "_version", lambda d: None if d == "peft" else real(d))
+    assert doctor.main(["--lock", str(lock)]) == 1
+    out = capsys.readouterr().out
+    assert "peft          MISSING (not installed)" in out
+    assert f"peft: pip install -c requirements.lock {pin}" in out
+    assert "essentials MISSING" in out
+    monkeypatch.setattr(doctor, "_version", real)
+    find_spec = doctor.importlib.util.find_spec
+    monkeypatch.setattr(
+        doctor.importlib.util, "find_spec", lambda n: None if n == "deepspeed" else find_spec(n)
+    )
+    assert doctor.main(["--lock", str(lock)]) == 0
+    assert "deepspeed: pip install -c requirements.lock deepspeed==" in capsys.readouterr().out
+
+
 # --- make wheelhouse: what is carried --------------------------------------------------------
 
 
