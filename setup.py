@@ -18,10 +18,20 @@ setup(
     # no __init__.py: run from the repo root (where sys.path[0] is the root), `kernels` is at most a
     # PEP 420 namespace portion, and a regular package anywhere on sys.path (Hugging Face's
     # `kernels`, which transformers imports) always wins over one, whatever the path order.
-    packages=[*find_packages(include=["fcit_hpc", "fcit_hpc.*"]), "fcit_kernels"],
-    package_dir={"fcit_kernels": "kernels/fcit_kernels"},
+    # configs/ also ships as fcit_hpc/_configs/ (package data): fcit_hpc.resources finds the files
+    # the code reads (bench_rounds.yaml, hf/*/config.json) in an installed wheel too.
+    packages=[
+        *find_packages(include=["fcit_hpc", "fcit_hpc.*"]),
+        "fcit_kernels",
+        "fcit_hpc._configs",
+    ],
+    package_dir={"fcit_kernels": "kernels/fcit_kernels", "fcit_hpc._configs": "configs"},
     include_package_data=True,
-    package_data={"": ["*.yaml"], "fcit_hpc.model": ["embedded_model/*"]},
+    package_data={
+        "": ["*.yaml"],
+        "fcit_hpc.model": ["embedded_model/*"],
+        "fcit_hpc._configs": ["*.yaml", "hf/*/config.json"],
+    },
     install_requires=[
         *TORCH,
         "numpy>=1.26",

@@ -11,9 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fcit_hpc.resources import config_file
 from fcit_hpc.state.schema import read_state
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_rounds.yaml"
+DEFAULT_CONFIG = config_file("bench_rounds.yaml")
 
 
 def _mpiexec() -> str:

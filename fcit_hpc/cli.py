@@ -1,4 +1,4 @@
-"""The ``fcit`` command: run / bench (more subcommands plug in here)."""
+"""The ``fcit`` command: run / bench / report / data / export / doctor."""
 
 from __future__ import annotations
 
@@ -442,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument(
         "--tolerance", type=float, default=0.05, help="relative held-out loss difference allowed"
     )
+    dr = sub.add_parser(
+        "doctor", help="what this environment holds for fcit_hpc, what is missing, and the fix"
+    )
+    dr.add_argument("--lock", help="requirements.lock to compare with (default: found)")
+    dr.add_argument("--mpi-init", action="store_true", help="also MPI_Init (world size)")
     e = sub.add_parser("export", help="export a run's subspaces as PEFT LoRA adapters")
     e.add_argument("run_dir")
     e.add_argument("--out", help="directory (default RUN_DIR/adapters)")
@@ -482,6 +487,15 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_report(args)
         elif args.cmd == "data":
             code = cmd_data(args)
+        elif args.cmd == "doctor":
+            from fcit_hpc.doctor import main as doctor_main
+
+            code = doctor_main(
+                [
+                    *(["--lock", args.lock] if args.lock else []),
+                    *(["--mpi-init"] if args.mpi_init else []),
+                ]
+            )
         else:
             code = cmd_bench(args, comm)
     except Preempted as e:

@@ -19,6 +19,7 @@ LEVELS = {
     "config": 0,
     "config_reference": 0,
     "runtime": 0,
+    "resources": 0,
     "data": 1,
     "state": 1,
     "benchmark": 2,
@@ -32,6 +33,7 @@ LEVELS = {
     "bench": 8,
     "bench_train": 8,
     "cli": 8,
+    "doctor": 8,
     "__main__": 8,
     "__init__": 8,
 }

@@ -325,3 +325,42 @@ def make_comm() -> Comm:
     if launched_by_mpi():
         return MPIComm()
     return LocalComm()
+
+
+_LIBRARY_PROBE = """
+import json, mpi4py
+mpi4py.rc.initialize = mpi4py.rc.finalize = False
+from mpi4py import MPI
+print(json.dumps([mpi4py.__version__, MPI.Get_library_version()]))
+"""
+
+
+def mpi_library(init: bool = False) -> tuple[str, str, int | None]:
+    """(mpi4py's version, the first line of the MPI library's version string, the world size or
+    None) for ``fcit doctor``. ``MPI_Get_library_version`` needs no ``MPI_Init``: without ``init``
+    the library is loaded in a child Python, so this process's mpi4py stays untouched; with
+    ``init``, MPI is initialized here and the world size read. Raises RuntimeError with mpi4py's
+    message when the library does not load."""
+    import json
+    import subprocess
+
+    if init:
+        from mpi4py import MPI
+
+        version, text, size = _mpi4py_version(), MPI.Get_library_version(), MPI.COMM_WORLD.size
+    else:
+        p = subprocess.run(
+            [sys.executable, "-c", _LIBRARY_PROBE], capture_output=True, text=True, timeout=60
+        )
+        if p.returncode != 0:
+            lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+            raise RuntimeError(lines[-1] if lines else f"exit {p.returncode}")
+        (version, text), size = json.loads(p.stdout), None
+    text = text.replace("\x00", "").strip()
+    return version, (text.splitlines()[0] if text else "unnamed"), size
+
+
+def _mpi4py_version() -> str:
+    import mpi4py
+
+    return mpi4py.__version__

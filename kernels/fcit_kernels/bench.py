@@ -385,12 +385,15 @@ def bench_point_cuda(dtype, H, N, S, r, M, dev, roof: dict, compile_: bool = Tru
 def llava7b_text_config():
     """The LLaVA-1.5-7B language model's config: configs/hf/llava-1.5-7b/config.json if present,
     else a LlamaConfig of its shape (hidden 4096, FFN 11008, 32 layers, 32 heads, vocab 32064)."""
-    from pathlib import Path
-
     from transformers import AutoConfig, LlamaConfig
 
-    path = Path(__file__).resolve().parents[2] / "configs/hf/llava-1.5-7b/config.json"
-    if path.exists():
+    from fcit_hpc.resources import config_file
+
+    try:  # the checkout's configs/, or the copy an installed wheel ships
+        path = config_file("hf/llava-1.5-7b/config.json")
+    except FileNotFoundError:
+        path = None
+    if path is not None:
         cfg = AutoConfig.from_pretrained(str(path.parent))
         return getattr(cfg, "text_config", cfg), str(path)
     cfg = LlamaConfig(
