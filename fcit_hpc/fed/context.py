@@ -39,6 +39,9 @@ class RunContext:
     projector_numel: int = 0
     # values of the method's mixers (MoELoRA's routers, M-LoRA's scales; 0: none)
     mixer_numel: int = 0
+    # the evaluation's greedy decoder (static KV cache, CUDA graph), made at the first
+    # evaluation and kept for the run (fcit_hpc.eval.generate.run_decoder)
+    decoder: object = None
 
 
 def make_trainer(cfg: Config, runtime: Runtime):
