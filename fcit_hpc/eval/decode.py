@@ -157,11 +157,17 @@ class StaticGreedyDecoder:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
-        self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **extra
+        self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None, **extra
     ) -> torch.Tensor:
         """New tokens [B, max_new_tokens] (int64, on the model's device) after the left-padded
         prompts ``ids`` [B, T] with attention ``mask`` [B, T]; ``extra``: prefill-only inputs
-        (``pixel_values``). Rows go on past their end token (the caller cuts them there)."""
+        (``pixel_values``). Rows go on past their end token (the caller cuts them there).
+
+        ``streamer``: an object with Hugging Face's streamer interface (``put``, ``end``), told
+        the prompt, the first new tokens (after the prefill; on the host, so its clock splits
+        prefill from decode exactly) and the end (after the last step has run)."""
+        if streamer is not None:
+            streamer.put(ids)
         batch, width = ids.shape
         length = self.bucket * math.ceil((width + max_new_tokens) / self.bucket)
         self._prepare(batch, length)
@@ -171,6 +177,8 @@ class StaticGreedyDecoder:
         logits = self._forward(input_ids=ids, position_ids=positions, **extra)
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = logits.argmax(-1)
+        if streamer is not None:
+            streamer.put(out[:, 0].cpu())  # waits for the prefill
         self._pos.copy_(mask.sum(-1, keepdim=True))  # each row's first new position
         st = self.stats
         st.batches += 1
@@ -192,4 +200,7 @@ class StaticGreedyDecoder:
             st.decode_steps += 1
             if eager and self.graphs and i + 1 < max_new_tokens:
                 self._capture(key)
+        if streamer is not None:
+            streamer.put(out[:, -1].cpu())  # waits for the last step
+            streamer.end()
         return out
