@@ -211,6 +211,25 @@ def test_static_decoder_refuses_graphs_off_cuda(setup):
         StaticGreedyDecoder(setup[0], setup[1], graphs=True)
 
 
+def test_failed_capture_falls_back_to_eager(setup, references, monkeypatch, caplog):
+    """A forward that cannot be captured (here: the graph cannot even be made) is decoded
+    eagerly, with the same tokens, and said once in the log."""
+    from fcit_hpc.eval.decode import StaticGreedyDecoder
+
+    def no_graph():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
+    model, adapter, tok, samples, alpha = setup
+    dec = StaticGreedyDecoder(model, adapter)
+    dec.graphs = True  # as on CUDA
+    eos = tok.eos_token_id
+    assert _batched(model, adapter, tok, samples, alpha, eos, 4, dec) == references[eos]
+    adapter.set_activation(None)
+    assert not dec.graphs and dec.stats.captures == 0
+    assert sum("not capturable" in r.message for r in caplog.records) == 1
+
+
 def test_alone_equals_a_greedy_loop_without_kv_cache(setup, references):
     """The batch-1 reference itself against greedy by hand (so batch 8 equals it too)."""
     model, adapter, tok, samples, alpha = setup
@@ -295,7 +314,9 @@ def test_predict_local_same_at_every_batch_size_and_rank():
     ctx.cfg.eval.decoder = "hf"  # Hugging Face generate: the same predictions
     assert predict_local(ctx, state) == one
     ctx.cfg.eval.decoder = "static"
-    assert ctx.decoder.stats.batches == 12 + 3 + 1  # one decoder, kept over the calls
+    st = ctx.decoder.stats
+    assert st.batches == 12 + 3 + 1  # one decoder, kept over the calls
+    assert ctx.decoder._cache is None  # its cache released after each evaluation
     # two ranks, batches of 3: each rank's share, predicted as on one rank
     for rank in (0, 1):
         ctx.comm = SimpleNamespace(rank=rank, size=2)

@@ -78,6 +78,13 @@ class StaticGreedyDecoder:
         self._alpha: torch.Tensor | None = None  # static α [B, S] the layers read
         self._graph = None  # (torch.cuda.CUDAGraph, logits [B, V], key)
 
+    def release(self) -> None:
+        """Drop the cache, the buffers and the graph (kept: the decoder and its counts). Called
+        after each stage's evaluation: the next stage changes the subspaces (a new capture
+        anyway), and training should not share the device with a KV cache of B × L tokens."""
+        self._shape = self._cache = self._graph = self._alpha = None
+        self._mask = self._tok = self._pos = None
+
     # ------------------------------------------------------------------ static state
     def _prepare(self, batch: int, length: int) -> None:
         """Cache and input buffers for ``batch`` rows of ``length`` cache tokens (reused,

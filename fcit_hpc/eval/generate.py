@@ -159,6 +159,8 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
         )
         out += [(t, i, text) for (t, i, _), text in zip(batch, texts, strict=True)]
     adapter.set_activation(None)
+    if decoder is not None:
+        decoder.release()  # the device's memory goes back to training until the next stage
     return out
 
 
