@@ -14,8 +14,12 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
+<<<<<<< HEAD
 .PHONY: install run test test-gpu test-latest lock lint bench clean smollm2 sysdeps fuzz
 .PHONY: wheelhouse
+=======
+.PHONY: install run test test-gpu gpu-check test-latest lock lint bench clean smollm2 sysdeps fuzz
+>>>>>>> gpueval
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
@@ -52,9 +56,15 @@ test: install sysdeps
 	$(BIN)/python -m pytest -q tests
 
 # The GPU tests (marker `gpu`, deselected by `make test`): on a machine with a CUDA device, with
-# real Triton kernels (TRITON_INTERPRET=0: conftest turns the interpreter on by default).
-test-gpu: install
-	DS_ACCELERATOR=cuda TRITON_INTERPRET=0 $(BIN)/python -m pytest -q -m gpu tests
+# real Triton kernels, failures printed as they happen, 4 workers when pytest-xdist is installed
+# (docs/gpu.md). GPU_PY: the installed project's python (no install is run: GPU nodes are often
+# offline). `make gpu-check`: suite, kernel and 7B training benchmarks, the main job, one table.
+GPU_PY ?= $(BIN)/python
+test-gpu:
+	PY=$(GPU_PY) scripts/test_gpu.sh
+
+gpu-check:
+	PY=$(GPU_PY) scripts/gpu_check.sh
 
 # Property-based fuzzing of every reader of outside input (docs/reliability.md); `make test`
 # runs a short profile of it (tests/test_fuzz.py).

@@ -133,6 +133,10 @@ class EvalConfig:
     # answer's tokens + 1 (eval.generate.answer_budgets)
     max_new_tokens: int = 128
     batch_size: int = 1  # test samples generated together (left-padded); 1 = one at a time
+    # static: static KV cache, decode step in a CUDA graph on CUDA (eval.decode); hf: Hugging
+    # Face generate (dynamic cache, eager). The same predictions.
+    decoder: str = "static"
+    cuda_graphs: bool = True  # static decoder on CUDA: replay the decode step from a CUDA graph
 
 
 @dataclass
@@ -248,6 +252,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.projector_lr": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.decoder": _in(("static", "hf")),
     "debug.kill_signal": _in(("KILL", "TERM", "USR1")),
 }
 

@@ -90,6 +90,8 @@ FIELD_DOCS: dict[str, str] = {
     "train.projector_lr": "LLaVA's multimodal projector: trained beside LoRA with this lr, averaged by the server; 0 freezes it",
     "eval.enabled": "evaluation after every stage (greedy decoding)",
     "eval.max_new_tokens": "the cap on new tokens: each task generates at most its longest test answer's tokens + 1 (its end token)",
+    "eval.decoder": "`static`: greedy decoding with a static KV cache kept for the run, the decode step replayed from a CUDA graph on CUDA (docs/gpu.md); `hf`: Hugging Face `generate`; the same predictions",
+    "eval.cuda_graphs": "capture the static decoder's step in a CUDA graph on CUDA (false: the static cache without the graph)",
     "eval.batch_size": "test samples of a rank generated together (left-padded, SSA gate α per sample)",
     "debug.kill_rank": "fault injection: the rank that dies or is signalled mid-round (-1: none)",
     "debug.kill_stage": "fault injection: the stage of the kill",

@@ -61,3 +61,28 @@ def serial_run(tmp_path_factory):
 @pytest.fixture
 def smoke_config() -> Path:
     return ROOT / "configs" / "smoke.yaml"
+
+
+_CONFIG: list = []  # pytest's config (pytest_configure), for failures as they happen
+
+
+def pytest_configure(config):
+    _CONFIG[:] = [config]
+
+
+def pytest_runtest_logreport(report):
+    """With FCIT_SHOW_FAILURES=1 (``make test-gpu``): each failure printed as it happens (the
+    test's name and its short traceback with the assertion), not only in the summary at the end
+    of a run that a time limit may cut. Runs on the controller under pytest-xdist too (it
+    receives the workers' reports)."""
+    if not report.failed or os.environ.get("FCIT_SHOW_FAILURES") != "1":
+        return
+    tr = _CONFIG[0].pluginmanager.get_plugin("terminalreporter") if _CONFIG else None
+    if tr is None or hasattr(_CONFIG[0], "workerinput"):  # an xdist worker: the controller prints
+        return
+    text = getattr(report, "longreprtext", "") or str(report.longrepr)
+    tr.write_line("")
+    tr.write_sep("!", f"FAILED {report.nodeid} ({report.when})", red=True)
+    for line in text.splitlines():
+        tr.write_line(line)
+    tr.write_sep("!", red=True)

@@ -145,14 +145,17 @@ def _alone(model, adapter, tok, samples, alpha, eos: int, ref=hf_alone) -> list[
     return out
 
 
-def _batched(model, adapter, tok, samples, alpha, eos: int, size: int) -> list[list[int]]:
+def _batched(
+    model, adapter, tok, samples, alpha, eos: int, size: int, decoder=None
+) -> list[list[int]]:
+    """Greedy in batches of ``size``: Hugging Face ``generate`` (decoder None) or ``decoder``."""
     idt = IdTokenizer(tok, eos)
     out = []
     for start in range(0, len(samples), size):
         part = samples[start : start + size]
         adapter.set_activation(alpha[start : start + size])
         texts = greedy_batch(
-            model, idt, [s.instruction for s in part], MAX_NEW, [s.image for s in part]
+            model, idt, [s.instruction for s in part], MAX_NEW, [s.image for s in part], decoder
         )
         out += [[int(t) for t in x.split(",")] if x else [] for x in texts]
     return out
@@ -183,6 +186,48 @@ def test_batched_equals_each_sample_alone(setup, references, size):
     for eos, alone in references.items():
         assert _batched(model, adapter, tok, samples, alpha, eos, size) == alone, (eos, size)
     adapter.set_activation(None)
+
+
+def test_static_decoder_equals_generate(setup, references):
+    """The static-cache decoder (one decoder reused over batch sizes and both end tokens, as a
+    run keeps it) gives Hugging Face ``generate``'s tokens, batched as alone."""
+    from fcit_hpc.eval.decode import StaticGreedyDecoder
+
+    model, adapter, tok, samples, alpha = setup
+    dec = StaticGreedyDecoder(model, adapter)
+    assert not dec.graphs  # the CPU: the same path, eager
+    for size in (3, 8):
+        for eos, alone in references.items():
+            got = _batched(model, adapter, tok, samples, alpha, eos, size, dec)
+            assert got == alone, (eos, size)
+    adapter.set_activation(None)
+    assert dec.stats.captures == 0 and dec.stats.decode_steps > 0
+
+
+def test_static_decoder_refuses_graphs_off_cuda(setup):
+    from fcit_hpc.eval.decode import StaticGreedyDecoder
+
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticGreedyDecoder(setup[0], setup[1], graphs=True)
+
+
+def test_failed_capture_falls_back_to_eager(setup, references, monkeypatch, caplog):
+    """A forward that cannot be captured (here: the graph cannot even be made) is decoded
+    eagerly, with the same tokens, and said once in the log."""
+    from fcit_hpc.eval.decode import StaticGreedyDecoder
+
+    def no_graph():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
+    model, adapter, tok, samples, alpha = setup
+    dec = StaticGreedyDecoder(model, adapter)
+    dec.graphs = True  # as on CUDA
+    eos = tok.eos_token_id
+    assert _batched(model, adapter, tok, samples, alpha, eos, 4, dec) == references[eos]
+    adapter.set_activation(None)
+    assert not dec.graphs and dec.stats.captures == 0
+    assert sum("not capturable" in r.message for r in caplog.records) == 1
 
 
 def test_alone_equals_a_greedy_loop_without_kv_cache(setup, references):
@@ -266,6 +311,12 @@ def test_predict_local_same_at_every_batch_size_and_rank():
     for size in (5, 12):
         ctx.cfg.eval.batch_size = size
         assert predict_local(ctx, state) == one, size
+    ctx.cfg.eval.decoder = "hf"  # Hugging Face generate: the same predictions
+    assert predict_local(ctx, state) == one
+    ctx.cfg.eval.decoder = "static"
+    st = ctx.decoder.stats
+    assert st.batches == 12 + 3 + 1  # one decoder, kept over the calls
+    assert ctx.decoder._cache is None  # its cache released after each evaluation
     # two ranks, batches of 3: each rank's share, predicted as on one rank
     for rank in (0, 1):
         ctx.comm = SimpleNamespace(rank=rank, size=2)

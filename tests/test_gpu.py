@@ -8,11 +8,14 @@ import torch
 
 from fcit_hpc.state.schema import read_state
 
-from .conftest import ROOT, mpiexec
+from .conftest import BIN, ROOT, mpiexec
 
 pytestmark = pytest.mark.gpu
-FCIT = str(ROOT / ".venv/bin/fcit") if (ROOT / ".venv/bin/fcit").exists() else "fcit"
+FCIT = str(BIN / "fcit") if (BIN / "fcit").exists() else "fcit"  # beside the tests' python
 SMOKE = str(ROOT / "configs/smoke.yaml")
+# tests that compare trained adapters only skip the evaluation (generation is covered by
+# test_smoke_on_the_gpu_matches_the_cpu and tests/test_decode_gpu.py): the suite fits its budget
+NO_EVAL = "eval.enabled=false"
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +49,7 @@ def test_gpu_world_size_invariance(tmp_path):
     runs = []
     for n in (1, 2):
         out = tmp_path / f"p{n}"
-        p = mpiexec(n, FCIT, "run", SMOKE, "--out", str(out), "train.device=cuda")
+        p = mpiexec(n, FCIT, "run", SMOKE, "--out", str(out), "train.device=cuda", NO_EVAL)
         assert p.returncode == 0, p.stderr[-3000:]
         runs.append(read_state(out))
     np.testing.assert_allclose(runs[1].adapter, runs[0].adapter, atol=1e-6, rtol=0)
@@ -59,10 +62,13 @@ def test_gpu_world_size_invariance(tmp_path):
 def test_bf16_on_the_gpu(tmp_path, backend):
     """bf16 base weights on the GPU, float32 LoRA masters: the update agrees in direction with
     the float32 run."""
-    ref = _run_in_process(tmp_path / "fp32", "train.device=cuda", "lora.lora_dropout=0", *backend)
+    ref = _run_in_process(
+        tmp_path / "fp32", "train.device=cuda", "lora.lora_dropout=0", NO_EVAL, *backend
+    )
     bf = _run_in_process(
         tmp_path / "bf16",
         "train.device=cuda",
+        NO_EVAL,
         "train.precision=bf16",
         "lora.lora_dropout=0",
         *backend,
@@ -73,10 +79,11 @@ def test_bf16_on_the_gpu(tmp_path, backend):
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
-    plain = _run_in_process(tmp_path / "a", "train.device=cuda", "lora.lora_dropout=0")
+    plain = _run_in_process(tmp_path / "a", "train.device=cuda", "lora.lora_dropout=0", NO_EVAL)
     ckpt = _run_in_process(
         tmp_path / "b",
         "train.device=cuda",
+        NO_EVAL,
         "lora.lora_dropout=0",
         "train.gradient_checkpointing=true",
     )

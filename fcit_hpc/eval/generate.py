@@ -2,7 +2,11 @@
 (left-padded, each sample with its own SSA gate α), samples dealt over the ranks, predictions
 gathered to rank 0 as UTF-8 bytes (no pickle) and scored there with each dataset's scorer; the
 server keeps the predictions beside the state. Same numbers at any world size; batch size 1
-generates one sample at a time without padding."""
+generates one sample at a time without padding.
+
+Generation runs on the run's :class:`~fcit_hpc.eval.decode.StaticGreedyDecoder` (static KV cache,
+decode step from a CUDA graph on CUDA; made once per run and kept on the context), or with
+``eval.decoder: hf`` through Hugging Face ``generate``: the same predictions."""
 
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ def greedy_batch(
     instructions: list[str],
     max_new_tokens: int | list[int],
     images: list[str | None] | None = None,
+    decoder=None,
 ) -> list[str]:
     """Greedy answers to ``instructions`` generated together (KV cache), one string per
     instruction; ``images`` (one path or None per instruction) feed a multimodal model.
@@ -66,7 +71,9 @@ def greedy_batch(
     the largest and each row is cut to its own, so a row's answer is the one it gets alone).
 
     The SSA gate, when used, is set on the adapter before (α [B, S_live], row b for prompt b).
-    Inputs go to the model's device; the model is never moved here."""
+    Inputs go to the model's device; the model is never moved here. ``decoder``: a
+    :class:`~fcit_hpc.eval.decode.StaticGreedyDecoder` of ``model`` (None: Hugging Face
+    ``generate``)."""
     device = next(model.parameters()).device
     ids, mask = left_pad([tok.prompt(x) for x in instructions], tok.pad_token_id, device)
     extra = {}
@@ -79,20 +86,40 @@ def greedy_batch(
     )
     if len(budgets) != len(instructions):
         raise ValueError(f"{len(budgets)} budgets for {len(instructions)} instructions")
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=max(budgets),
-        do_sample=False,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **extra,
-    )
-    new = to_host(out[:, ids.shape[1] :], np.int64)  # [B, ≤ max(budgets)]
+    if decoder is not None:
+        new = decoder.generate(ids, mask, max(budgets), **extra)  # [B, max(budgets)]
+    else:
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max(budgets),
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **extra,
+        )
+        new = out[:, ids.shape[1] :]
+    new = to_host(new, np.int64)  # [B, ≤ max(budgets)]
     return [
         tok.decode(until_eos(row.tolist()[:n], tok.eos_token_id))
         for row, n in zip(new, budgets, strict=True)
     ]
+
+
+def run_decoder(ctx):
+    """The run's decoder (made at the first evaluation, kept on ``ctx`` for the run: its static
+    cache and CUDA graph serve every later batch and stage); None for ``eval.decoder: hf``."""
+    ev = ctx.cfg.eval
+    if ev.decoder == "hf":
+        return None
+    dec = getattr(ctx, "decoder", None)
+    if dec is None or dec.model is not ctx.model:
+        from fcit_hpc.eval.decode import StaticGreedyDecoder
+
+        on_cuda = next(ctx.model.parameters()).device.type == "cuda"
+        dec = StaticGreedyDecoder(ctx.model, ctx.adapter, graphs=ev.cuda_graphs and on_cuda)
+        ctx.decoder = dec
+    return dec
 
 
 def local_samples(ctx) -> list[tuple[int, int, Sample]]:
@@ -114,6 +141,7 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
     mine = local_samples(ctx)
     budgets = answer_budgets(ctx.tok, ctx.data.test, ctx.cfg.eval.max_new_tokens)
     size = ctx.cfg.eval.batch_size
+    decoder = run_decoder(ctx)
     out = []
     ctx.model.eval()
     for start in range(0, len(mine), size):
@@ -127,9 +155,12 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
             [s.instruction for s in samples],
             [budgets[t] for t, _, _ in batch],
             [s.image for s in samples],
+            decoder,
         )
         out += [(t, i, text) for (t, i, _), text in zip(batch, texts, strict=True)]
     adapter.set_activation(None)
+    if decoder is not None:
+        decoder.release()  # the device's memory goes back to training until the next stage
     return out
 
 

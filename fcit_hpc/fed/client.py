@@ -20,18 +20,34 @@ from fcit_hpc.train.base import LocalOpt, Side
 __all__ = ["client_seed", "compute_tokens", "stage_end_uploads", "train_clients"]
 
 
+def identity_token(ctx, unit: int, client: int) -> tuple[np.ndarray, int]:
+    """(μ_k float32 [D], sample count) of ``client``'s samples in data unit ``unit``, encoded
+    once per run and kept in ``ctx.identity_cache``: the samples and the identity encoder (frozen
+    whatever the training does) are the same every round, so a client selected again is not
+    read and encoded again. μ is a copy (callers may change it)."""
+    cache = getattr(ctx, "identity_cache", None)
+    key = (unit, client)
+    if cache is None or key not in cache:
+        samples = ctx.data.client_samples(unit, client)
+        got = (sample_identity_token(ctx.encoder, samples), len(samples))
+        if cache is None:
+            return got
+        cache[key] = got
+    mu, n = cache[key]
+    return mu.copy(), n
+
+
 def compute_tokens(ctx, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Identity tokens μ_k of this rank's clients, packed as token messages."""
     dbg = ctx.cfg.debug
     rows, vals = [], []
     for client, unit, _ in plan_rows:
-        samples = ctx.data.client_samples(int(unit), int(client))
-        mu = sample_identity_token(ctx.encoder, samples)
+        mu, n = identity_token(ctx, int(unit), int(client))
         if client in dbg.nan_token_clients:
             mu[0] = np.nan
         if client in dbg.bad_token_clients:
             mu = mu[:-1]
-        rows.append((int(client), len(samples)))
+        rows.append((int(client), n))
         vals.append(mu)
     return pack_tokens(rows, vals)
 

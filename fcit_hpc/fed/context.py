@@ -4,7 +4,7 @@ federated strategy, the local trainer and the identity encoder."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,11 @@ class RunContext:
     projector_numel: int = 0
     # values of the method's mixers (MoELoRA's routers, M-LoRA's scales; 0: none)
     mixer_numel: int = 0
+    # the evaluation's greedy decoder (static KV cache, CUDA graph), made at the first
+    # evaluation and kept for the run (fcit_hpc.eval.generate.run_decoder)
+    decoder: object = None
+    # identity tokens by (data unit, client), encoded once per run (fed.client.identity_token)
+    identity_cache: dict = field(default_factory=dict)
 
 
 def make_trainer(cfg: Config, runtime: Runtime):
