@@ -577,6 +577,11 @@ def ssa_lora_add_(
     return y
 
 
+def plan(M: int, R: int, is_cuda: bool) -> str:
+    """The op's path: "two_gemm" at S·r ≥ 512 on CUDA, else ``choose_path``."""
+    return "two_gemm" if is_cuda and R >= tuning.TWO_GEMM_R else choose_path(M, R)
+
+
 def choose_path(M: int, R: int) -> str:
     """ "fused" (one launch) at decode sizes, else "split" (shrink + expand)."""
     return "fused" if M <= tuning.DECODE_M and R <= tuning.FUSED_MAX_R else "split"
@@ -709,7 +714,7 @@ def ssa_lora_linear_triton(x, weight, bias, A_cat, B_cat, alpha, scaling: float,
     """Vendor GEMM for the base, then the adapter added into its output: one fused launch at
     M ≤ 16 (S·r ≤ 256), shrink + expand otherwise; at S·r ≥ 512 on CUDA the two-GEMM torch path
     (cuBLAS), which the issue's H200 table shows at or ahead of the kernels there."""
-    if B_cat.shape[1] >= tuning.TWO_GEMM_R and x.is_cuda:
+    if plan(x.shape[0], B_cat.shape[1], x.is_cuda) == "two_gemm":
         from fcit_kernels.ssa_lora import ssa_lora_linear_torch
 
         return ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling)
