@@ -620,3 +620,17 @@ def test_gradients_take_the_differentiable_path():
     y64 = x.double() @ W.double().t() + b.double() + 2.0 * h @ B_cat.double().t()
     y64.square().sum().backward()
     torch.testing.assert_close(A_cat.grad.double(), A64.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_rebuild_competitor_and_tune_flag_on_the_cpu():
+    """The reference code's per-call nn.Linear rebuild computes the op; --tune needs CUDA (exit 2)."""
+    import argparse
+
+    from fcit_kernels.bench import _rebuild, main
+
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(6, 40, 30, 4, 8, torch.float32, False)
+    with torch.no_grad():
+        y = _rebuild(x, W, A, B, alpha, 2.0).double()
+    ref = ssa_lora_reference64(x, W, None, A_cat, B_cat, alpha, 2.0)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
+    assert main(argparse.Namespace(tune=True, write_table=None, quick=True)) == 2
