@@ -285,11 +285,11 @@ def _fused_decode_kernel(
             done = tl.atomic_add(ctr_ptr, 0, sem="acquire")
         hw = h_ptr + rm[:, None] * RP + rp[None, :]
         ht = tl.load(hw, cache_modifier=".cg")  # [BM, RP] fp32 (zero beyond M and R), from L2
-        if UPCAST:
-            acc = tl.dot(ht, bt.to(tl.float32), input_precision=PREC)
+        if UPCAST:  # (a name apart from the shrink branch's acc: branch types must agree)
+            add = tl.dot(ht, bt.to(tl.float32), input_precision=PREC)
         else:
-            acc = tl.dot(ht.to(bt.dtype), bt, input_precision=PREC)
-        tl.store(yp, (y.to(tl.float32) + acc).to(y.dtype), mask=ymask)
+            add = tl.dot(ht.to(bt.dtype), bt, input_precision=PREC)
+        tl.store(yp, (y.to(tl.float32) + add).to(y.dtype), mask=ymask)
         last = tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel")  # after every read of h
         if last == n_expand - 1:
             tl.store(hw, tl.zeros((BM, RP), dtype=tl.float32))

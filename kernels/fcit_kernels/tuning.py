@@ -269,6 +269,24 @@ def keys_after(calls: list[dict]) -> set:
     return out
 
 
+def variants_after(calls: list[dict]) -> set:
+    """Compiled kernel variants with a cold cache (heuristic configs): the constexprs and dtype
+    (M, R, r, G are not specialised; K and N specialise only on divisibility by 16)."""
+    out = set()
+    for c in calls:
+        M, K, N, R = c["M"], c["K"], c["N"], c["R"]
+        dt = getattr(torch, c["dtype"].replace("torch.", ""))
+        if R >= TWO_GEMM_R:
+            continue
+        ops = ("fused",) if M <= DECODE_M and R <= FUSED_MAX_R else ("shrink", "expand")
+        for op in ops:
+            cfg = heuristic(op, dt, M, K, N, R, False)
+            extra = (("RP", r_bucket(R)),) if op == "fused" else ()
+            div = (K % 16 == 0, N % 16 == 0)
+            out.add((op, c["dtype"], div, tuple(sorted(cfg.items())) + extra))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fcit_kernels.tuning count FILE``: keys of a ``FCIT_KERNELS_RECORD`` file."""
     import argparse
@@ -282,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(calls)} distinct call shapes")
     print(f"old keys (MB, K|N, R, dtype): {len(b)}")
     print(f"new keys (op, dtype, M class, shape, R bucket): {len(n)}")
+    print(f"compiled variants with a cold cache (heuristic, no timing): {len(variants_after(calls))}")
     for k in sorted(n):
         print(f"  {k}")
     return 0
