@@ -623,7 +623,7 @@ def test_gradients_take_the_differentiable_path():
 
 
 def test_bench_rebuild_competitor_and_tune_flag_on_the_cpu():
-    """The reference code's per-call nn.Linear rebuild computes the op; --tune needs CUDA (exit 2)."""
+    """The reference code's per-call nn.Linear rebuild computes the op; --tune needs CUDA (2)."""
     import argparse
 
     from fcit_kernels.bench import _rebuild, main

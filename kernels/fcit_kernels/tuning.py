@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(calls)} distinct call shapes")
     print(f"old keys (MB, K|N, R, dtype): {len(b)}")
     print(f"new keys (op, dtype, M class, shape, R bucket): {len(n)}")
-    print(f"compiled variants with a cold cache (heuristic, no timing): {len(variants_after(calls))}")
+    v = variants_after(calls)
+    print(f"compiled variants with a cold cache (heuristic, no timing): {len(v)}")
     for k in sorted(n):
         print(f"  {k}")
     return 0
