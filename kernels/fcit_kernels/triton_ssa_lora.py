@@ -583,7 +583,10 @@ def plan(M: int, R: int, is_cuda: bool) -> str:
 
 
 def choose_path(M: int, R: int) -> str:
-    """ "fused" (one launch) at decode sizes, else "split" (shrink + expand)."""
+    """The kernel path: "fused" (one launch) at decode sizes, else "split" (shrink + expand);
+    ``FCIT_KERNELS_FUSED=0`` switches the fused kernel off (split everywhere)."""
+    if os.environ.get("FCIT_KERNELS_FUSED") == "0":
+        return "split"
     return "fused" if M <= tuning.DECODE_M and R <= tuning.FUSED_MAX_R else "split"
 
 
