@@ -21,7 +21,11 @@ setup(
     packages=[*find_packages(include=["fcit_hpc", "fcit_hpc.*"]), "fcit_kernels"],
     package_dir={"fcit_kernels": "kernels/fcit_kernels"},
     include_package_data=True,
-    package_data={"": ["*.yaml"], "fcit_hpc.model": ["embedded_model/*"]},
+    package_data={
+        "": ["*.yaml"],
+        "fcit_hpc.model": ["embedded_model/*"],
+        "fcit_kernels": ["configs/*.json"],  # per-GPU kernel config tables
+    },
     install_requires=[
         *TORCH,
         "numpy>=1.26",
