@@ -127,7 +127,13 @@ def ssa_lora_linear(
     )
 
 
-@torch.library.custom_op("fcit::ssa_lora_linear", mutates_args=())
+_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor A_cat, Tensor B_cat, Tensor alpha, "
+    "float scaling, str backend, int allow_tf32) -> Tensor"
+)  # explicit: no annotation parsing, the same on torch 2.11 and 2.14
+
+
+@torch.library.custom_op("fcit::ssa_lora_linear", mutates_args=(), schema=_SCHEMA)
 def _ssa_lora_op(
     x: torch.Tensor,
     weight: torch.Tensor,
