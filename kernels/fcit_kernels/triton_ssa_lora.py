@@ -2,7 +2,33 @@
 
 ``y = x W0ᵀ (+ b) + scaling · ((x A_catᵀ) ⊙ expand_r(α)) B_catᵀ``, R = S·r columns in A_cat/B_cat.
 
-Three launches, none of which waits on the host (so the op is CUDA-graph capturable):
+Paths (``plan``), none of which waits on the host (so the op is CUDA-graph capturable):
+
+- decode, M ≤ 16 and S·r ≤ 256: the base GEMM, then ONE fused launch (``_fused_decode_kernel``):
+  split-K shrink programs and expand programs in one grid; the expand programs load their B_cat
+  and y tiles, then wait on a counter the shrink programs release (the first-dispatched, lower
+  program ids are the shrink programs, so they never wait on anyone). The h buffer and counters
+  live in a per-device workspace the kernel's last program re-zeroes: no memset launch.
+  Launches per linear: 2 (cuBLAS + fused) instead of 4 (cuBLAS, memset, shrink, expand).
+- prefill (M > 16, S·r < 512): base + memset + shrink + expand, as below.
+- S·r ≥ 512 on CUDA: the two-GEMM torch path (cuBLAS twice): issue 25's H200 table has the
+  kernels at or behind it there (bf16 S·r 1024, M 1: 2.53 vs 2.35 × base; fp32: 4.12 vs 1.78).
+
+Roofline of the fused decode kernel (H200: 4.2 TB/s measured copy bandwidth; bf16, H = out =
+4096, S·r = 64, M = 1): bytes A_cat 0.52 MB + B_cat 0.52 MB + y 16 KB ⇒ 0.25 µs of traffic,
+against a 12.5 µs base GEMM (2%). Its time is latency: one launch inside a CUDA graph (~1-2 µs)
+plus the shrink's critical path (one 128-wide K slice of x·A per program, 32 programs ⇒ 64 KB of
+A each, ~0.5 µs) plus the expand (64 programs, 8 KB of B each, loaded before the wait, so the
+wait hides it). The split path measured 7.3 µs over the base at M = 1 (memset + two dependent
+launches); removing two launches and two dependent gaps is the point of the fused kernel,
+figure to be measured (docs/kernels.md). At S·r = 256 the fused kernel holds a [16, 256] fp32 h
+tile and a [256, BN] B tile per expand program (sm_90 compile: 49 KB shared, 168 registers,
+no spills in bf16: ``python -m fcit_kernels.aot_check``); beyond 256 the split path runs.
+gate_proj and up_proj share their input, so one shrink over [A_gate; A_up] would save a launch
+per MLP; it needs the two linears fused into one module (HF's LlamaMLP calls them separately),
+left out: with the fused kernel the shrink is no longer a launch of its own.
+
+The split path's three launches:
 
 1. base: ``y = F.linear(x, W0, b)`` — the vendor GEMM (cuBLAS), tuned per GPU and shape;
 2. shrink (split-K): grid (M/BM, R/BR, SPLIT_K); each program reduces one K slice of
