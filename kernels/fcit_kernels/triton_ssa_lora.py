@@ -294,7 +294,10 @@ def _fused_decode_kernel(
             tl.store(hp, acc, mask=mask)
         else:
             tl.atomic_add(hp, acc, mask=mask, sem="relaxed")
-        tl.atomic_add(ctr_ptr, 1, sem="release")  # orders this program's h writes before it
+        # every warp's h writes before the (one-thread) release increment, as cooperative
+        # groups' grid sync does: CTA barrier, then a gpu-scope release by one thread
+        tl.debug_barrier()
+        tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
     else:
         rn = (pid - n_shrink) * BN + tl.arange(0, BN)
         rp = tl.arange(0, RP)
@@ -306,9 +309,10 @@ def _fused_decode_kernel(
         ymask = (rm[:, None] < M) & (rn[None, :] < N)
         yp = y_ptr + rm[:, None] * sym + rn[None, :] * syn
         y = tl.load(yp, mask=ymask, other=0.0)
-        done = tl.atomic_add(ctr_ptr, 0, sem="acquire")
+        done = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
         while done < n_shrink:
-            done = tl.atomic_add(ctr_ptr, 0, sem="acquire")
+            done = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()  # no warp reads h before the acquire
         hw = h_ptr + rm[:, None] * RP + rp[None, :]
         ht = tl.load(hw, cache_modifier=".cg")  # [BM, RP] fp32 (zero beyond M and R), from L2
         if UPCAST:  # (a name apart from the shrink branch's acc: branch types must agree)
@@ -316,7 +320,8 @@ def _fused_decode_kernel(
         else:
             add = tl.dot(ht.to(bt.dtype), bt, input_precision=PREC)
         tl.store(yp, (y.to(tl.float32) + add).to(y.dtype), mask=ymask)
-        last = tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel")  # after every read of h
+        tl.debug_barrier()  # every warp has read h before this program counts itself done
+        last = tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if last == n_expand - 1:
             tl.store(hw, tl.zeros((BM, RP), dtype=tl.float32))
             tl.atomic_xchg(ctr_ptr + 1, 0)
