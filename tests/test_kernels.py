@@ -395,7 +395,8 @@ def test_the_kernels_folder_never_shadows_hugging_face_kernels(how, tmp_path):
 def test_every_config_compiles_for_hopper_within_shared_memory():
     """No GPU needed: Triton's compiler and ptxas for sm_90 (H100) build every stored config in
     fp32 (the shared-memory worst case) and bf16 (tensor-core path), the gate kernel too, each
-    within 227 KB of shared memory per block (`python -m fcit_kernels.aot_check`)."""
+    within 227 KB of shared memory per block (`python -m fcit_kernels.aot_check`); the fused decode
+    kernel's candidates at S·r buckets 64 and 256 too."""
     import subprocess
     import sys
 
@@ -408,7 +409,8 @@ def test_every_config_compiles_for_hopper_within_shared_memory():
         timeout=600,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    n = len(triton_ssa_lora.SHRINK_CONFIGS) + len(triton_ssa_lora.EXPAND_CONFIGS)
+    t = triton_ssa_lora
+    n = len(t.SHRINK_CONFIGS) + len(t.EXPAND_CONFIGS) + 2 * len(t.FUSED_CANDIDATES)  # RP 64, 256
     assert f"{2 * n + 1}/{2 * n + 1} configs compile" in p.stdout
 
 
