@@ -254,11 +254,10 @@ def _fused_decode_kernel(
     counters for the next launch. Shrink programs have the lower ids, so they are dispatched
     first and never wait: no deadlock whatever the residency (the interpreter runs programs in
     id order, so its waits pass at once)."""
-    BM: tl.constexpr = 16
     pid = tl.program_id(0)
     n_shrink = tl.cdiv(R, BRS) * SPLIT_K
     n_expand = tl.cdiv(N, BN)
-    rm = tl.arange(0, BM)
+    rm = tl.arange(0, 16)  # BM = 16 rows (M ≤ 16): a literal, no local constexpr (Triton 3.6)
     if pid < n_shrink:
         pid_r = pid // SPLIT_K
         pid_k = pid % SPLIT_K
@@ -267,14 +266,14 @@ def _fused_decode_kernel(
         k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
         k_lo = pid_k * k_span
         k_hi = tl.minimum(k_lo + k_span, K)
-        acc = tl.zeros((BM, BRS), dtype=tl.float32)
+        acc = tl.zeros((16, BRS), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + rk
             xt = tl.load(
                 x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
                 mask=(rm[:, None] < M) & (kk[None, :] < k_hi),
                 other=0.0,
-            )  # [BM, BK]
+            )  # [16, BK]
             at = tl.load(
                 a_ptr + rr[None, :] * sar + kk[:, None] * sak,
                 mask=(rr[None, :] < R) & (kk[:, None] < k_hi),
@@ -314,7 +313,7 @@ def _fused_decode_kernel(
             done = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()  # no warp reads h before the acquire
         hw = h_ptr + rm[:, None] * RP + rp[None, :]
-        ht = tl.load(hw, cache_modifier=".cg")  # [BM, RP] fp32 (zero beyond M and R), from L2
+        ht = tl.load(hw, cache_modifier=".cg")  # [16, RP] fp32 (zero beyond M and R), from L2
         if UPCAST:  # (a name apart from the shrink branch's acc: branch types must agree)
             add = tl.dot(ht, bt.to(tl.float32), input_precision=PREC)
         else:
@@ -323,7 +322,7 @@ def _fused_decode_kernel(
         tl.debug_barrier()  # every warp has read h before this program counts itself done
         last = tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if last == n_expand - 1:
-            tl.store(hw, tl.zeros((BM, RP), dtype=tl.float32))
+            tl.store(hw, tl.zeros((16, RP), dtype=tl.float32))
             tl.atomic_xchg(ctr_ptr + 1, 0)
             tl.atomic_xchg(ctr_ptr, 0)
 

@@ -105,8 +105,14 @@ def _entries(name: str) -> dict:
 
 
 def reload() -> None:
-    """Forget the loaded tables (after writing one, or when $FCIT_CACHE changes)."""
+    """Forget the loaded tables and resolved configs (after writing a table, or when
+    $FCIT_CACHE changes)."""
     _TABLES.clear()
+    _MEMO.clear()
+
+
+_ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_MEMO: dict[tuple, dict] = {}  # resolved configs: a call costs one dict lookup on the host
 
 
 def heuristic(op: str, dtype: torch.dtype, M: int, K: int, N: int, R: int, det: bool) -> dict:
@@ -116,7 +122,7 @@ def heuristic(op: str, dtype: torch.dtype, M: int, K: int, N: int, R: int, det: 
     64 KB of A), expand tiles of BN = 64 (N = 4096: 64 programs; both fit in one wave of 132
     SMs). prefill: shrink with 64×64 tiles split over K until ~128 programs run, expand with
     64×128 tiles (BM = 32 under 64 rows)."""
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = _ELEMENT_SIZE[dtype]
     rp = r_bucket(R)
     if op == "fused":
         bk = 128 if es == 2 else 64
@@ -154,7 +160,17 @@ def config(
     candidates: list[dict] | None = None,
 ) -> dict:
     """The config of one launch: table, cache, then tuning (if on and ``tune`` given) or the
-    heuristic. ``tune(candidates)`` times the candidates on the real arguments, returns the best."""
+    heuristic. ``tune(candidates)`` times the candidates on the real arguments, returns the best.
+    Resolved configs are memoised per (op, dtype, M, K, N, R, device, det) until ``reload``."""
+    memo = (op, dtype, M, K, N, R, str(device), det, tuning_on())
+    if memo in _MEMO:
+        return _MEMO[memo]
+    cfg = _resolve(op, dtype, M, K, N, R, device, det, tune, candidates)
+    _MEMO[memo] = cfg
+    return cfg
+
+
+def _resolve(op, dtype, M, K, N, R, device, det, tune, candidates) -> dict:
     shape = {"fused": f"{K}x{N}", "shrink": str(K), "expand": str(N)}[op]
     k = key(op, dtype, M, shape, R) + ("|det" if det and op != "expand" else "")
     name = device_name(device)
