@@ -40,7 +40,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" | tee "$OUT/env.log"
 dev=$($PY -c "import torch; from fcit_kernels import tuning; print(tuning.slug(torch.cuda.get_device_name()))")
 step tests 110 $PY -m pytest -m gpu tests/test_kernels_gpu.py -v -rfE --tb=short -x -p no:cacheprovider --durations=8
-step tune_and_table 70 $PY -m fcit_hpc bench kernels --points issue --tune \
+step tune_and_table 100 $PY -m fcit_hpc bench kernels --points issue --tune \
     --write-table "$OUT/$dev.json" --skip-compile --skip-e2e --json "$OUT/bench_nocompile.json"
 [ -f "$OUT/$dev.json" ] && cp "$OUT/$dev.json" "kernels/fcit_kernels/configs/$dev.json"
 step bench_compile 120 $PY -m fcit_hpc bench kernels --points issue --skip-e2e \
