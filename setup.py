@@ -31,6 +31,7 @@ setup(
         "": ["*.yaml"],
         "fcit_hpc.model": ["embedded_model/*"],
         "fcit_hpc._configs": ["*.yaml", "hf/*/config.json"],
+        "fcit_kernels": ["configs/*.json"],  # per-GPU kernel config tables
     },
     install_requires=[
         *TORCH,

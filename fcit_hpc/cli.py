@@ -396,6 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--skip-compile", action="store_true", help="`bench kernels` on CUDA: no torch.compile"
     )
+    b.add_argument(
+        "--tune",
+        action="store_true",
+        help="`bench kernels` on CUDA: tune the kernel configs of the benchmarked shapes (and the "
+        "7B model's FFN) missing from the table into the $FCIT_CACHE cache first",
+    )
+    b.add_argument(
+        "--write-table",
+        metavar="FILE",
+        help="`bench kernels --tune`: write this GPU's config table (for "
+        "kernels/fcit_kernels/configs/<device>.json)",
+    )
+    b.add_argument(
+        "--points",
+        choices=["issue"],
+        help="`bench kernels` on CUDA: only issue 25's table (bf16 4096², S 8 r 8, M 1 … 4096; "
+        "S·r 1024)",
+    )
     b.add_argument("--steps", type=int, default=10, help="`bench train`: timed steps per side")
     b.add_argument("--warmup", type=int, default=2, help="`bench train`: untimed first steps")
     b.add_argument(

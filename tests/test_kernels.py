@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from fcit_kernels import ssa_gate, ssa_lora_linear, triton_ssa_lora
+from fcit_kernels import ssa_gate, ssa_lora_linear, triton_ssa_lora, tuning
 from fcit_kernels.reference import (
     ssa_gate_reference,
     ssa_lora_concat_fp32,
@@ -395,7 +395,8 @@ def test_the_kernels_folder_never_shadows_hugging_face_kernels(how, tmp_path):
 def test_every_config_compiles_for_hopper_within_shared_memory():
     """No GPU needed: Triton's compiler and ptxas for sm_90 (H100) build every stored config in
     fp32 (the shared-memory worst case) and bf16 (tensor-core path), the gate kernel too, each
-    within 227 KB of shared memory per block (`python -m fcit_kernels.aot_check`)."""
+    within 227 KB of shared memory per block (`python -m fcit_kernels.aot_check`); the fused decode
+    kernel's candidates at S·r buckets 64 and 256 too."""
     import subprocess
     import sys
 
@@ -408,5 +409,230 @@ def test_every_config_compiles_for_hopper_within_shared_memory():
         timeout=600,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    n = len(triton_ssa_lora.SHRINK_CONFIGS) + len(triton_ssa_lora.EXPAND_CONFIGS)
+    t = triton_ssa_lora
+    n = len(t.SHRINK_CONFIGS) + len(t.EXPAND_CONFIGS) + 2 * len(t.FUSED_CANDIDATES)  # RP 64, 256
     assert f"{2 * n + 1}/{2 * n + 1} configs compile" in p.stdout
+
+
+# ------------------------------------------------------------- fused decode kernel, dispatch
+FUSED_SHAPES = [
+    # M, K, N, S, r, bias, groups
+    (1, 40, 70, 1, 4, True, None),
+    (1, 100, 33, 8, 8, False, None),  # S·r = 64
+    (16, 64, 130, 8, 8, True, None),
+    (7, 33, 17, 3, 16, False, None),  # S·r = 48: not a power of two (bucket 64)
+    (12, 48, 40, 4, 8, True, 3),  # α per sequence (G = 4)
+    (5, 33, 40, 2, 64, True, None),  # S·r = 128
+    (2, 24, 50, 16, 16, False, None),  # S·r = 256: the fused path's limit
+]
+
+
+@pytest.mark.parametrize("M,K,N,S,r,bias,groups", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_kernel_matches_float64(M, K, N, S, r, bias, groups, dtype):
+    """One launch per linear at M ≤ 16: split-K shrink programs, then expand programs that wait
+    on the counter; twice in a row (the kernel leaves its workspace zeroed for the next call)."""
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(M, K, N, S, r, dtype, bias, seed=M, groups=groups)
+    assert triton_ssa_lora.choose_path(M, S * r) == "fused"
+    base = torch.nn.functional.linear(x, W, b)
+    for _ in range(2):
+        y = triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0)
+        _assert_matches64(y, x, W, b, A_cat, B_cat, alpha, 2.0, dtype)
+        h, ctr = triton_ssa_lora.workspace(x.device, tuning.r_bucket(S * r))
+        assert h.abs().sum() == 0 and ctr.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("cfg", triton_ssa_lora.FUSED_CANDIDATES[::2])
+def test_fused_candidates_and_deterministic_mode(cfg):
+    """Tuning candidates of the fused kernel compute the same function (K slices wider than K,
+    N blocks past N); deterministic mode runs them with SPLIT_K = 1 (plain stores)."""
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(3, 300, 70, 6, 8, torch.float32, False, seed=9)
+    base = torch.nn.functional.linear(x, W)
+    y = triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0, configs=cfg)
+    _assert_matches64(y, x, W, None, A_cat, B_cat, alpha, 2.0, torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        y2 = triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0, configs=cfg)
+        y3 = triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0, configs=cfg)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(y2, y3, atol=0, rtol=0)
+    _assert_matches64(y2, x, W, None, A_cat, B_cat, alpha, 2.0, torch.float32)
+
+
+def test_dispatch():
+    """fused at M ≤ 16 and S·r ≤ 256; shrink + expand above; two-GEMM at S·r ≥ 512 on CUDA."""
+    plan = triton_ssa_lora.plan
+    assert [plan(1, 64, True), plan(16, 256, True), plan(17, 64, True)] == [
+        "fused",
+        "fused",
+        "split",
+    ]
+    assert [plan(1, 384, True), plan(1, 512, True), plan(4096, 1024, True)] == [
+        "split",
+        "two_gemm",
+        "two_gemm",
+    ]
+    assert plan(1, 1024, False) == "split"  # the interpreter runs the kernels at any S·r
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(20, 16, 8, 2, 4, torch.float32, False)
+    with pytest.raises(ValueError, match="fused path needs"):
+        triton_ssa_lora.ssa_lora_add_(torch.zeros(20, 8), x, A_cat, B_cat, alpha, 1.0, path="fused")
+
+
+# ----------------------------------------------------------------------------------- tuning
+def test_keys_are_bounded_and_r_is_bucketed():
+    """A DISCO-like run (S = 1 … 8 subspaces of r = 8, decode at M = 8, prefill at many M, two
+    weight shapes): the old keys grow with every stage and prompt length, the new ones do not."""
+    calls = [
+        dict(M=M, K=K, N=N, R=8 * S, S=S, dtype="torch.float32")
+        for S in range(1, 9)
+        for M in (8, 1000, 1500, 2047)
+        for K, N in ((192, 512), (512, 192))
+    ]
+    before, after = tuning.keys_before(calls), tuning.keys_after(calls)
+    # old: 3 M buckets × 8 R × 2 shapes × 2 kernels; new: R buckets 16, 32, 64 only
+    assert len(before) == 3 * 8 * 2 * 2
+    assert {k.split("|")[-1] for k in after} == {"R16", "R32", "R64"}
+    assert len(after) == 3 * (2 + 2 * 2)  # per R bucket: 2 fused + 2 shapes × (shrink, expand)
+    assert tuning.key("fused", torch.bfloat16, 1, "4096x4096", 56) == (
+        "fused|bfloat16|decode|4096x4096|R64"
+    )
+
+
+def test_config_lookup_order_table_cache_heuristic(tmp_path, monkeypatch):
+    """Repo table first, then the $FCIT_CACHE tuning cache, then the heuristic (no timing);
+    tuning only under FCIT_KERNELS_TUNE=1, once per key, stored for other processes."""
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path / "table")
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path / "cache"))
+    tuning.reload()
+    dev, bf = torch.device("cpu"), torch.bfloat16
+    calls = []
+
+    def tune(cands):
+        calls.append(len(cands))
+        return cands[-1]
+
+    cands = [dict(BN=32), dict(BN=128)]
+    args = ("fused", bf, 1, 4096, 4096, 64, dev)
+    h = tuning.config(*args, tune=tune, candidates=cands)
+    assert h == tuning.heuristic("fused", bf, 1, 4096, 4096, 64, False) and calls == []
+    monkeypatch.setenv("FCIT_KERNELS_TUNE", "1")
+    assert tuning.config(*args, tune=tune, candidates=cands) == dict(BN=128) and calls == [2]
+    tuning.reload()  # another process: reads the cache, does not tune
+    assert tuning.config(*args, tune=tune, candidates=cands) == dict(BN=128) and calls == [2]
+    assert tuning.config("fused", bf, 9, 4096, 4096, 60, dev, tune=tune) == dict(BN=128)
+    n = tuning.write_table(dev, tmp_path / "out.json")
+    assert n == 1
+    (tmp_path / "table").mkdir()
+    name = tuning.slug(tuning.device_name(dev))
+    (tmp_path / "table" / f"{name}.json").write_text(
+        '{"entries": {"fused|bfloat16|decode|4096x4096|R64": {"BN": 16}}}'
+    )
+    tuning.reload()
+    assert tuning.config(*args, tune=tune, candidates=cands) == dict(BN=16)
+    assert tuning.stats()["sources"]["fused|bfloat16|decode|4096x4096|R64"] == "table"
+    (tmp_path / "table" / f"{name}.json").write_text("{not json")
+    tuning.reload()
+    with pytest.raises(ValueError, match=f"{name}.json"):
+        tuning.config(*args)
+    tuning.reload()
+
+
+def test_heuristic_configs_run_and_count_compiles():
+    """The heuristic's choices (what a cold cache uses) compute the op under the interpreter, and
+    a new S·r in the same bucket adds no compiled variant."""
+    for M, S in ((1, 8), (40, 8)):
+        x, W, b, A, B, A_cat, B_cat, alpha = _case(M, 256, 96, S, 8, torch.float32, True)
+        kinds = ("fused",) if M <= 16 else ("shrink", "expand")
+        cfgs = [tuning.heuristic(k, torch.float32, M, 256, 96, S * 8, False) for k in kinds]
+        base = torch.nn.functional.linear(x, W, b)
+        y = triton_ssa_lora.ssa_lora_add_(
+            base.clone(), x, A_cat, B_cat, alpha, 2.0, configs=cfgs[0] if M <= 16 else tuple(cfgs)
+        )
+        _assert_matches64(y, x, W, b, A_cat, B_cat, alpha, 2.0, torch.float32)
+    before = tuning.stats()["compiles"]
+    for S in (5, 6, 7):  # S·r = 40, 48, 56: all in bucket 64
+        x, W, b, A, B, A_cat, B_cat, alpha = _case(2, 64, 32, S, 8, torch.float32, False)
+        triton_ssa_lora.ssa_lora_add_(torch.zeros(2, 32), x, A_cat, B_cat, alpha, 1.0)
+    assert tuning.stats()["compiles"] <= before + 1
+    assert tuning.tuning_seconds() >= 0
+
+
+# ------------------------------------------------------------------------- torch.library op
+def _ssa_model():
+    from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("up_proj", torch.nn.Linear(32, 48))
+    model.add_module("act", torch.nn.GELU())
+    model.add_module("down_proj", torch.nn.Linear(48, 32))
+    ad = SubspaceAdapter(inject_subspace_lora(model, ["up_proj", "down_proj"], 4, 8.0, 0.0, 3))
+    with torch.no_grad():
+        for layer in ad.layers:
+            for p in layer.parameters():
+                p.normal_(0, 0.3)
+    ad.set_activation(torch.softmax(torch.randn(2, 3), -1))
+    return model
+
+
+def test_op_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) of a model with SSA layers: one graph, the op kept as one
+    node per layer (aot_eager: the same graph capture as inductor, minus its C++ build, which
+    takes minutes on 2 cores), and the compiled output equals eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _ssa_model()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model(x)
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        y = torch.compile(model, backend=cnt, fullgraph=True)(x)
+    assert cnt.frame_count == 1
+    ops = [n for n in cnt.graphs[0].graph.nodes if "fcit.ssa_lora_linear" in str(n.target)]
+    assert len(ops) == 2
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_op_fake_tensor_and_opcheck():
+    """The fake implementation gives the output's shape and dtype; torch.library.opcheck checks
+    the registration (schema, fake vs real, no aliasing)."""
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(3, 16, 12, 2, 4, torch.float32, True)
+    args = (x, W, b, A_cat, B_cat, alpha, 2.0, "torch", -1)
+    torch.library.opcheck(torch.ops.fcit.ssa_lora_linear.default, args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        out = torch.ops.fcit.ssa_lora_linear(*fx)
+    assert out.shape == (3, 12) and out.dtype == torch.float32
+
+
+def test_gradients_take_the_differentiable_path():
+    """The op has no autograd formula: with grad on and an input requiring grad, the torch
+    composition runs, and its gradient equals float64 autograd of the reference."""
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(4, 16, 12, 2, 4, torch.float32, True)
+    A_cat = A_cat.clone().requires_grad_(True)
+    y = ssa_lora_linear(x, W, b, A_cat, B_cat, alpha, 2.0)
+    y.square().sum().backward()
+    A64 = A_cat.detach().double().requires_grad_(True)
+    h = (x.double() @ A64.t()) * alpha.double().repeat_interleave(4, 1)
+    y64 = x.double() @ W.double().t() + b.double() + 2.0 * h @ B_cat.double().t()
+    y64.square().sum().backward()
+    torch.testing.assert_close(A_cat.grad.double(), A64.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_rebuild_competitor_and_tune_flag_on_the_cpu():
+    """The reference code's per-call nn.Linear rebuild computes the op; --tune needs CUDA (2)."""
+    import argparse
+
+    from fcit_kernels.bench import _rebuild, main
+
+    x, W, b, A, B, A_cat, B_cat, alpha = _case(6, 40, 30, 4, 8, torch.float32, False)
+    with torch.no_grad():
+        y = _rebuild(x, W, A, B, alpha, 2.0).double()
+    ref = ssa_lora_reference64(x, W, None, A_cat, B_cat, alpha, 2.0)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
+    assert main(argparse.Namespace(tune=True, write_table=None, quick=True)) == 2

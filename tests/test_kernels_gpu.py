@@ -246,3 +246,114 @@ def test_gate_kernel_fp32_exact(M, S, D):
         a = ssa_gate(f, G, eps, allow_tf32=False)
         ref = ssa_gate_reference(f.cpu(), G.cpu(), eps, dtype=torch.float64)
         torch.testing.assert_close(a.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------ fused decode kernel, op, tuning (issue 25/24)
+FUSED_SWEEP = [
+    (1, 4096, 4096, 8, 8, False),
+    (16, 4096, 11008, 8, 8, True),
+    (1, 11008, 4096, 8, 8, False),
+    (5, 4096, 4096, 16, 16, True),  # S·r = 256, the fused path's limit
+    (3, 333, 517, 3, 16, True),  # ragged
+]
+
+
+@pytest.mark.parametrize("M,K,N,S,r,bias", FUSED_SWEEP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_kernel_against_float64(M, K, N, S, r, bias, dtype):
+    """One launch per linear (expand programs wait on the shrink programs' counter); five calls
+    in a row (the kernel re-zeroes its workspace), deterministic mode bitwise reproducible."""
+    from fcit_kernels import tuning
+
+    x, W, b, A_cat, B_cat, alpha = _case(M, K, N, S, r, dtype, bias, seed=M)
+    assert triton_ssa_lora.choose_path(M, S * r) == "fused"
+    base = torch.nn.functional.linear(x, W, b)
+    ref = ssa_lora_reference64(x, W, b, A_cat, B_cat, alpha, 2.0)
+    atol, rtol = TOL["fp32" if dtype == torch.float32 else dtype]
+    for _ in range(5):
+        y = triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0, False)
+        torch.testing.assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol)
+    h, ctr = triton_ssa_lora.workspace(x.device, tuning.r_bucket(S * r))
+    assert h.abs().sum().item() == 0 and ctr.tolist() == [0, 0]
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        outs = [
+            triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0, False)
+            for _ in range(2)
+        ]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_every_fused_candidate_compiles_and_matches():
+    M, K, N, S, r = 7, 1000, 300, 8, 8
+    x, W, b, A_cat, B_cat, alpha = _case(M, K, N, S, r, torch.bfloat16, False, seed=11)
+    ref = ssa_lora_reference64(x, W, None, A_cat, B_cat, alpha, 2.0)
+    base = torch.nn.functional.linear(x, W)
+    for cfg in triton_ssa_lora.FUSED_CANDIDATES:
+        y = triton_ssa_lora.ssa_lora_add_(base.clone(), x, A_cat, B_cat, alpha, 2.0, configs=cfg)
+        torch.testing.assert_close(y.double().cpu(), ref, atol=5e-2, rtol=2e-2)
+
+
+def test_large_total_rank_dispatches_to_two_gemm():
+    """S·r ≥ 512 on CUDA: two cuBLAS GEMMs (the issue measured them at or ahead of the kernels)."""
+    assert triton_ssa_lora.plan(1, 1024, True) == "two_gemm"
+    x, W, b, A_cat, B_cat, alpha = _case(16, 1024, 512, 16, 64, torch.bfloat16, True)
+    y = ssa_lora_linear(x, W, b, A_cat, B_cat, alpha, 2.0)
+    ref = ssa_lora_reference64(x, W, b, A_cat, B_cat, alpha, 2.0)
+    torch.testing.assert_close(y.double().cpu(), ref, atol=5e-2, rtol=2e-2)
+
+
+def test_tuning_fills_the_cache_once(tmp_path, monkeypatch):
+    """FCIT_KERNELS_TUNE=1: a missing key is timed over its candidates and stored under
+    $FCIT_CACHE; a new process (reload) reads it without tuning; results stay exact."""
+    from fcit_kernels import tuning
+
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("FCIT_KERNELS_TUNE", "1")
+    monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path / "none")
+    tuning.reload()
+    n0 = tuning.stats()["tuned"]
+    for M in (1, 100):
+        x, W, b, A_cat, B_cat, alpha = _case(M, 512, 384, 4, 8, torch.bfloat16, True, seed=M)
+        y = ssa_lora_linear(x, W, b, A_cat, B_cat, alpha, 2.0)
+        ref = ssa_lora_reference64(x, W, b, A_cat, B_cat, alpha, 2.0)
+        torch.testing.assert_close(y.double().cpu(), ref, atol=5e-2, rtol=2e-2)
+    assert tuning.stats()["tuned"] - n0 == 3  # fused (decode); shrink and expand (prefill)
+    assert tuning.cache_path(tuning.device_name(x.device)).exists()
+    tuning.reload()
+    ssa_lora_linear(x, W, b, A_cat, B_cat, alpha, 2.0)
+    assert tuning.stats()["tuned"] - n0 == 3
+    tuning.reload()
+
+
+def test_compiled_model_without_graph_break_and_in_a_cuda_graph():
+    """torch.compile(fullgraph=True) (inductor) of a model with SSA layers on CUDA, then the
+    compiled model captured in a CUDA graph: both equal eager."""
+    from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("up_proj", torch.nn.Linear(256, 512))
+    model.add_module("act", torch.nn.SiLU())
+    model.add_module("down_proj", torch.nn.Linear(512, 256))
+    model = model.cuda().to(torch.bfloat16)
+    ad = SubspaceAdapter(inject_subspace_lora(model, ["up_proj", "down_proj"], 8, 16.0, 0.0, 4))
+    with torch.no_grad():
+        for layer in ad.layers:
+            for p in layer.parameters():
+                p.normal_(0, 0.05)
+    ad.set_activation(torch.softmax(torch.randn(1, 4), -1))
+    x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        y = compiled(x)
+        torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+        graph, out = _capture(lambda: compiled(x))
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, model(x), atol=2e-2, rtol=2e-2)
+    torch._dynamo.reset()

@@ -38,6 +38,8 @@ def _compile(fn, dtype: torch.dtype, consts: dict, num_warps: int, num_stages: i
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = _PTR[dtype] if name in _OPERANDS else "*fp32"
+            if name == "ctr_ptr":  # the fused kernel's counters
+                sig[name] = "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in _FLOATS else "i32"
@@ -98,6 +100,15 @@ def check(dtypes, cc: int = 90, smem_limit: int | None = None, tf32: bool = Fals
                 row.update(cfg.kwargs, warps=cfg.num_warps, stages=cfg.num_stages)
                 consts = dict(cfg.kwargs, PREC=prec, UPCAST=False)
                 rows.append(_run(row, fn, dtype, consts, cfg.num_warps, cfg.num_stages, cc, limit))
+        for cfg in t.FUSED_CANDIDATES:  # the fused decode kernel at S·r buckets 64 and 256
+            for rp in (64, 256):
+                meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                meta["BRS"] = min(meta["BRS"], rp)
+                row = {"kernel": "fused", "dtype": str(dtype).replace("torch.", ""), "RP": rp}
+                row.update(meta, warps=cfg["num_warps"], stages=cfg["num_stages"])
+                consts = dict(meta, RP=rp, PREC=prec, UPCAST=False)
+                fn, w, st = t._fused_decode_kernel, cfg["num_warps"], cfg["num_stages"]
+                rows.append(_run(row, fn, dtype, consts, w, st, cc, limit))
     consts = dict(BM=16, SP=16, BD=64, PREC=t.dot_precision(torch.float32, tf32))
     row = {"kernel": "gate", "dtype": "float32", "BM": 16, "warps": 4, "stages": 3}
     rows.append(_run(row, t._ssa_gate_kernel, torch.float32, consts, 4, 3, cc, limit))
@@ -127,7 +138,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     rows = check([_NAMES[d] for d in a.dtypes.split(",")], a.cc, tf32=a.tf32)
     for r in rows:
-        blocks = " ".join(f"{k}={r[k]}" for k in ("BM", "BR", "BN", "BK", "SPLIT_K") if k in r)
+        names = ("BM", "BR", "BRS", "RP", "BN", "BK", "SPLIT_K")
+        blocks = " ".join(f"{k}={r[k]}" for k in names if k in r)
         head = f"{r['kernel']:6} {r['dtype']:8} {blocks:38} w{r['warps']} s{r['stages']}"
         if "error" in r:
             print(f"{head}  FAILED {r['error']}")

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from fcit_kernels import tuning
 from fcit_kernels.ssa_lora import ssa_lora_linear
 
 FULL_GRID = dict(
@@ -217,6 +218,10 @@ def main_cpu(args) -> int:
 _BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
 # --quick on CUDA: the issue's points (bf16, H = 4096, S = 8, r = 8, M = 1 … 4096), the LLaMA-7B
 # FFN shapes, fp16/fp32 at decode and prefill, and S·r = 1024 (S = 16, r = 64) in bf16 and fp32
+# --points issue: the table of issue 25 (bf16 4096², S = 8, r = 8 at M 1 … 4096; S·r = 1024)
+CUDA_ISSUE = [(_BF16, 4096, 4096, 8, 8, m) for m in (1, 16, 512, 4096)] + [
+    (_BF16, 4096, 4096, 16, 64, m) for m in (1, 16)
+]
 CUDA_QUICK = (
     [(_BF16, 4096, 4096, 8, 8, m) for m in (1, 16, 512, 4096)]
     + [(_BF16, 4096, 11008, 8, 8, m) for m in (1, 16)]
@@ -254,6 +259,20 @@ def _two_gemm(x, W, A_cat, B_cat, alpha, scaling):
     S = alpha.shape[1]
     h = (x @ A_cat.t()).view(x.shape[0], S, -1) * (alpha.to(x.dtype) * scaling).unsqueeze(-1)
     return torch.nn.functional.linear(x, W) + h.view(x.shape[0], -1) @ B_cat.t()
+
+
+def _rebuild(x, W, A, B, alpha, scaling):
+    """The FCIT reference code's per-call form: every forward concatenates the subspaces' A's and
+    B's into new ``nn.Linear`` modules (constructed, so initialised, then overwritten) and
+    rewrites the [M, S·r] gate. A [S, r, H], B [S, out, r]."""
+    S, r, H = A.shape
+    kw = dict(bias=False, device=x.device, dtype=x.dtype)
+    down = torch.nn.Linear(H, S * r, **kw)
+    down.weight.data = torch.cat(list(A), 0)
+    up = torch.nn.Linear(S * r, W.shape[0], **kw)
+    up.weight.data = torch.cat(list(B), 1)
+    gate = alpha.to(x.dtype).repeat_interleave(r, dim=1) * scaling
+    return torch.nn.functional.linear(x, W) + up(down(x) * gate)
 
 
 def _time_cuda(call, n: int, dev, reps: int = 30) -> tuple[float, bool]:
@@ -343,6 +362,7 @@ def bench_point_cuda(dtype, H, N, S, r, M, dev, roof: dict, compile_: bool = Tru
             c["x"], c["W"], None, c["A_cat"], c["B_cat"], c["alpha"], scaling
         ),
         "loop": loop,
+        "rebuild": lambda c: _rebuild(c["x"], c["W"], c["A"], c["B"], c["alpha"], scaling),
     }
     try:
         for c in sets:
@@ -516,20 +536,27 @@ def main_cuda(args) -> int:
         f"bandwidth {roof['bandwidth_gbs']:.0f} GB/s, GEMM peak TFLOP/s {peaks}; TF32 "
         f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
     )
-    if args.quick:
+    if getattr(args, "points", None) == "issue":
+        points = list(CUDA_ISSUE)
+    elif args.quick:
         points = list(CUDA_QUICK)
     else:
         g = FULL_GRID
         points = list(
             itertools.product((_BF16, _FP16, _FP32), g["H"], g["out"], g["S"], g["r"], g["M"])
         )
-    comp = ("two_gemm", "loop", "peft_mixed", "compile")
+    comp = ("two_gemm", "compile", "rebuild", "loop", "peft_mixed")
     hdr = (
         f"{'dtype':>8} {'H':>5} {'out':>6} {'S':>3} {'r':>3} {'M':>5} | {'base µs':>8} "
         f"{'fused µs':>9} {'fused/base':>10} | "
         + " ".join(f"{c + '/base':>15}" for c in comp)
         + f" | {'floor µs':>8} {'fused/floor':>11}"
     )
+    if getattr(args, "tune", False):
+        tune_points(points if not args.quick else [p for p in points if p[0] == _BF16], dev)
+        if getattr(args, "write_table", None):
+            n = tuning.write_table(dev, args.write_table)
+            print(f"kernel config table: {n} entries -> {args.write_table}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -552,6 +579,14 @@ def main_cuda(args) -> int:
                 flush=True,
             )
     print("* not capturable in a CUDA graph: timed eagerly with do_bench (launch gaps included)")
+    st = tuning.stats()
+    print(
+        f"kernel configs: {st['keys']} keys ("
+        + ", ".join(f"{v} {k}" for k, v in _count(st["sources"]).items())
+        + f"), {st['compiles']} compiled variants, tuning {st['tune_s']:.1f} s, "
+        f"first launches (compilation) {st['compile_s']:.1f} s",
+        flush=True,
+    )
     decode = None
     if not getattr(args, "skip_e2e", False):
         cfg, source = llava7b_text_config()
@@ -573,8 +608,58 @@ def main_cuda(args) -> int:
     return 0
 
 
+def _count(sources: dict) -> dict:
+    out: dict = {}
+    for v in sources.values():
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+# the 7B model's FFN linears (gate/up: 4096 -> 11008, down: 11008 -> 4096) at decode and prefill
+TUNE_MODEL = [(_BF16, 4096, 11008, 8, 8, m) for m in (1, 128)] + [
+    (_BF16, 11008, 4096, 8, 8, m) for m in (1, 128)
+]
+
+
+def tune_points(points, dev) -> None:
+    """Tune (FCIT_KERNELS_TUNE=1) every kernel key of ``points`` and of the 7B model's FFN shapes
+    not yet in the table or cache: one op call per shape; results go to the $FCIT_CACHE cache."""
+    import os
+
+    os.environ["FCIT_KERNELS_TUNE"] = "1"
+    t0 = time.perf_counter()
+    seen = set()
+    with torch.no_grad():
+        for dtype, H, N, S, r, M in list(points) + TUNE_MODEL:
+            if (dtype, H, N, S * r, M) in seen:
+                continue
+            seen.add((dtype, H, N, S * r, M))
+            x, W, A_cat, B_cat = (
+                torch.randn(*shape, device=dev).to(dtype)
+                for shape in ((M, H), (N, H), (S * r, H), (N, S * r))
+            )
+            alpha = torch.softmax(torch.randn(M, S, device=dev), -1)
+            ssa_lora_linear(x, W, None, A_cat, B_cat, alpha, 2.0)
+    torch.cuda.synchronize(dev)
+    os.environ.pop("FCIT_KERNELS_TUNE")
+    st = tuning.stats()
+    print(
+        f"tuning: {st['tuned']} keys tuned in {st['tune_s']:.1f} s "
+        f"({time.perf_counter() - t0:.1f} s with compilation) -> "
+        f"{tuning.cache_path(tuning.device_name(dev))}",
+        flush=True,
+    )
+
+
 def main(args) -> int:
-    return main_cuda(args) if torch.cuda.is_available() else main_cpu(args)
+    if torch.cuda.is_available():
+        return main_cuda(args)
+    if getattr(args, "tune", False) or getattr(args, "write_table", None):
+        import sys
+
+        print("fcit bench kernels: --tune/--write-table need a CUDA device", file=sys.stderr)
+        return 2
+    return main_cpu(args)
 
 
 def _plot(rows, json_path) -> None:

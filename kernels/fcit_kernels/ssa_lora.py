@@ -63,6 +63,25 @@ def _check(x, weight, bias, A_cat, B_cat, alpha, check_finite: bool | None = Non
         raise ValueError("ssa_lora_linear: alpha has NaN/Inf")
 
 
+_RECORDED: set[tuple] = set()
+
+
+def _record(x, B_cat, alpha) -> None:
+    """``FCIT_KERNELS_RECORD=FILE``: append each distinct call shape (one JSON line per process and
+    shape: M, K, N, R, S, dtype) to FILE, to count the tuning keys a run produces."""
+    path = os.environ.get("FCIT_KERNELS_RECORD")
+    if not path:
+        return
+    key = (x.shape[0], x.shape[1], B_cat.shape[0], B_cat.shape[1], alpha.shape[1], str(x.dtype))
+    if key in _RECORDED:
+        return
+    _RECORDED.add(key)
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(zip(("M", "K", "N", "R", "S", "dtype"), key, strict=True))) + "\n")
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -84,17 +103,72 @@ def ssa_lora_linear(
     x [M, in], weight [out, in], bias [out] | None, A_cat [S·r, in], B_cat [out, S·r],
     alpha [M/G, S]: row m is gated by α[m // G] (G = 1: per row; α [B, S] with x [B·T, in]: per
     sequence). Returns [M, out] in x's dtype. ``allow_tf32`` (fp32 only): None follows
-    ``torch.backends.cuda.matmul.allow_tf32``. No host sync on CUDA; the first call per shape
-    autotunes there (synchronizing), so warm up before capturing a CUDA graph.
+    ``torch.backends.cuda.matmul.allow_tf32``. ``backend``: "auto" (Triton on CUDA or under
+    TRITON_INTERPRET=1, else torch), "triton" or "torch".
+
+    Without gradients this is one ``torch.ops.fcit.ssa_lora_linear`` call (a ``torch.library``
+    custom op with a fake implementation: ``torch.compile(fullgraph=True)`` keeps it as one node,
+    CUDA graphs capture it). The op has no autograd formula: when a gradient is needed (an input
+    requires grad and grad mode is on) the differentiable torch composition runs instead. No host
+    sync on CUDA; configs come from the per-GPU table, the tuning cache or a heuristic
+    (fcit_kernels.tuning), never from timing unless FCIT_KERNELS_TUNE=1.
     """
     _check(x, weight, bias, A_cat, B_cat, alpha, check_finite)
+    _record(x, B_cat, alpha)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"ssa_lora_linear: backend {backend!r} is not auto, triton or torch")
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, A_cat, B_cat, alpha)
+    ):
+        return ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling)
+    tf32 = -1 if allow_tf32 is None else int(allow_tf32)
+    return torch.ops.fcit.ssa_lora_linear(
+        x, weight, bias, A_cat, B_cat, alpha, float(scaling), backend, tf32
+    )
+
+
+_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor A_cat, Tensor B_cat, Tensor alpha, "
+    "float scaling, str backend, int allow_tf32) -> Tensor"
+)  # explicit: no annotation parsing, the same on torch 2.11 and 2.14
+
+
+@torch.library.custom_op("fcit::ssa_lora_linear", mutates_args=(), schema=_SCHEMA)
+def _ssa_lora_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_cat: torch.Tensor,
+    B_cat: torch.Tensor,
+    alpha: torch.Tensor,
+    scaling: float,
+    backend: str,
+    allow_tf32: int,
+) -> torch.Tensor:
+    """The op behind ``ssa_lora_linear`` (arguments checked there). allow_tf32: -1 follows
+    torch's switch, 0 off, 1 on. Dispatch: Triton (fused one-launch kernel at M ≤ 16 and
+    S·r ≤ 256, shrink + expand otherwise), except S·r ≥ 512 on CUDA, where the two cuBLAS GEMMs
+    of the torch path are at least as fast (measured in issue 25); torch on the CPU."""
     if backend == "triton" or (backend == "auto" and _use_triton(x)):
         from fcit_kernels import triton_ssa_lora
 
+        tf32 = None if allow_tf32 < 0 else bool(allow_tf32)
         return triton_ssa_lora.ssa_lora_linear_triton(
-            x, weight, bias, A_cat, B_cat, alpha, scaling, allow_tf32
+            x, weight, bias, A_cat, B_cat, alpha, scaling, tf32
         )
     return ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling)
+
+
+@_ssa_lora_op.register_fake
+def _(x, weight, bias, A_cat, B_cat, alpha, scaling, backend, allow_tf32):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def tuning_seconds() -> float:
+    """Seconds this process spent tuning and compiling SSA kernels (for the phase timers)."""
+    from fcit_kernels import tuning
+
+    return tuning.tuning_seconds()
 
 
 def ssa_lora_linear_torch(x, weight, bias, A_cat, B_cat, alpha, scaling: float):
