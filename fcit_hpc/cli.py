@@ -124,6 +124,19 @@ def resolve_run(args) -> RunStart:
     return RunStart(cfg, run_dir)
 
 
+def check_run_scorers(cfg, run_dir: Path) -> None:
+    """Every scorer that the datasets of all stages of the run (of every cell of a sweep) need
+    is present, or DependencyError naming the dataset and the package."""
+    from fcit_hpc.benchmark.scorers import check_scorers
+
+    check_scorers(cfg)
+    if cfg.sweep:
+        from fcit_hpc.compare import cell_config, sweep_cells
+
+        for name, over in sweep_cells(cfg):
+            check_scorers(cell_config(cfg, over, run_dir / name))
+
+
 def cmd_run(args, comm) -> int:
     import yaml
 
@@ -135,6 +148,7 @@ def cmd_run(args, comm) -> int:
     start, error = None, None
     try:
         start = resolve_run(args)
+        check_run_scorers(start.cfg, start.run_dir)  # before anything is written (exit 2)
     except FcitError as e:
         error = e
     # every rank resolved the same config from the same code, or all stop here (exit 2)
@@ -175,6 +189,18 @@ def _print_summary(st, run_dir: Path) -> None:
             f"mean {np.nanmean(acc[-1]):.2f}"
         )
     print(f"subspaces: {st.num_subspaces}  state: {run_dir / 'state.h5'}")
+    print_phases(run_dir)
+
+
+def print_phases(run_dir: Path) -> None:
+    """The end-of-run phase table (fcit_hpc.timers) of RUN_DIR/metrics.jsonl, on the terminal."""
+    from fcit_hpc.timers import eval_share, run_records, table
+
+    records = run_records(run_dir / "metrics.jsonl")
+    if records:
+        print("where the time went (phase timers, docs/phases.md):")
+        print("\n".join(table(records)))
+        print(f"evaluation's share of the wall time: {100 * eval_share(records):.1f}%")
 
 
 def cmd_export(args) -> int:

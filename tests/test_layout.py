@@ -17,6 +17,7 @@ LEVELS = {
     "cache": 0,
     "config": 0,
     "runtime": 0,
+    "timers": 0,
     "data": 1,
     "state": 1,
     "benchmark": 2,

@@ -15,6 +15,7 @@ from fcit_hpc.fed.server.predictions import StageEval
 from fcit_hpc.fed.wire import pack_predictions, unpack_predictions
 from fcit_hpc.host import to_host
 from fcit_hpc.seeds import EVAL_DEAL_STRIDE
+from fcit_hpc.timers import GenerationClock
 
 
 def left_pad(
@@ -86,6 +87,7 @@ def greedy_batch(
         do_sample=False,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        streamer=GenerationClock(),  # prefill / decode phase split (fcit_hpc.timers)
         **extra,
     )
     new = to_host(out[:, ids.shape[1] :], np.int64)  # [B, ≤ max(budgets)]
@@ -154,5 +156,6 @@ def evaluate(ctx, state) -> StageEval | None:
         tests = data.test[t]
         p = [preds[(t, i)] for i in range(len(tests))]
         per_task.append(p)
-        acc[t] = score(data.scorers[t], p, [s.answer for s in tests]) if tests else np.nan
+        answers, meteor = [s.answer for s in tests], ctx.cfg.eval.caption_meteor
+        acc[t] = score(data.scorers[t], p, answers, meteor=meteor) if tests else np.nan
     return StageEval(acc, per_task)
