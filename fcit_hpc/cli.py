@@ -430,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="`bench train`: local steps of one client, for the set-up share",
     )
+    pl = sub.add_parser(
+        "plan", help="predicted wall time, memory per rank and bytes on the wire of a config"
+    )
+    pl.add_argument("items", nargs="+", help="YAML config, then dotted overrides")
+    pl.add_argument("--gpus", type=int, default=None, help="ranks (one GPU each); default 1")
+    pl.add_argument(
+        "--figures",
+        action="append",
+        default=[],
+        help="measured figures: a run directory (its phase timers), `fcit bench train --json` or "
+        "`fcit bench kernels --json` output; repeatable, later ones win",
+    )
+    pl.add_argument("--json", default=None, help="also write the prediction as JSON")
     rp = sub.add_parser("report", help="write report.md + plots; print a table over runs")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="also write the table (markdown) to this file")
@@ -478,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     args, extra = build_parser().parse_known_args(argv)
-    if args.cmd in ("run", "bench"):  # overrides may follow options
+    if args.cmd in ("run", "bench", "plan"):  # overrides may follow options
         items = list(args.items) + extra
         unknown = [x for x in items if x.startswith("-")]
         if unknown:
@@ -487,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         args.config = items[0] if items and "=" not in items[0] else None
         args.overrides = items[1:] if args.config else items
-    elif extra and args.cmd != "bench":
+    elif extra and args.cmd not in ("bench", "plan"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from fcit_hpc.fed.comm import make_comm
 
@@ -508,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
             code = cmd_report(args)
         elif args.cmd == "data":
             code = cmd_data(args)
+        elif args.cmd == "plan":
+            from fcit_hpc.plan import cmd_plan
+
+            code = cmd_plan(args)
         else:
             code = cmd_bench(args, comm)
     except Preempted as e:

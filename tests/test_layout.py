@@ -30,6 +30,7 @@ LEVELS = {
     "compare": 8,
     "bench": 8,
     "bench_train": 8,
+    "plan": 8,
     "cli": 8,
     "__main__": 8,
     "__init__": 8,
