@@ -200,7 +200,8 @@ def print_phases(run_dir: Path) -> None:
     if records:
         print("where the time went (phase timers, docs/phases.md):")
         print("\n".join(table(records)))
-        print(f"evaluation's share of the wall time: {100 * eval_share(records):.1f}%")
+        share = eval_share(run_dir / "metrics.jsonl")
+        print(f"evaluation's share of the wall time: {100 * share:.1f}%")
 
 
 def cmd_export(args) -> int:

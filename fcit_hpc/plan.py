@@ -5,7 +5,7 @@ The model of a run (one sub-run per ``compare`` entry, each alone after the othe
 
     wall  = startup + Σ_stages [ R · round + eval ]                       (seconds)
     round = ceil(C / W) · (setup + n · E · train_s + n · identity_s) + round_fixed
-    eval  = ceil(T / P) · (prompt · prefill_s + decode · decode_s + eval_other_s)
+    eval  = ceil(T / P) · (prompt · prefill_s + decode · decode_s + eval_other_s) + eval_fixed
 
 R rounds per stage (0 for a method that trains nothing), C clients per round dealt round-robin over
 W worker groups (P ranks, ``gpus_per_client`` each), n the mean samples of a client (a stage's
@@ -41,7 +41,8 @@ DEFAULTS: dict[str, float] = {
     "round_fixed_s": 0.05,  # comm, aggregation, state write per round
     "prefill_s_per_position": 2.5e-5,  # evaluation: one prompt position (batched)
     "decode_s_per_token": 1.2e-3,  # evaluation: one generated token of one row (batched)
-    "eval_other_s_per_sample": 0.01,  # features, gather, scoring per test sample
+    "eval_other_s_per_sample": 0.01,  # gate features, SSA, gather per test sample
+    "eval_fixed_s": 0.5,  # per evaluation on rank 0: scoring, predictions file
     "prompt_positions_per_sample": 60.0,  # padded prompt length of a test sample
     "decode_tokens_per_sample": 8.0,  # generated tokens of a test sample
     "train_samples_per_task": 10000.0,  # released data only (the config does not say)
@@ -193,7 +194,9 @@ def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
         + fig["decode_tokens_per_sample"] * fig["decode_s_per_token"]
         + fig["eval_other_s_per_sample"]
     )
-    eval_s = math.ceil(s.test_samples / ranks) * per_test
+    eval_s = math.ceil(s.test_samples / ranks) * per_test + (
+        fig["eval_fixed_s"] if s.test_samples else 0
+    )
     out = {
         "startup": fig["startup_s"],
         "train": s.stages * s.rounds * round_s,
@@ -251,14 +254,18 @@ def figures_from_run(run_dir: Path, fig: Figures) -> None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     rounds = [r for r in rows if r.get("kind") == "round"]
     evals = [r for r in rows if r.get("kind") == "eval"]
-    recs = run_records(run_dir / "metrics.jsonl")
+    path = run_dir / "metrics.jsonl"
+    recs = run_records(path)
     if not recs:
-        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no phase timers (a run before them?)")
-    tot = totals(recs)
+        raise ConfigError(f"{path}: no phase timers (a run before them?)")
+    tot_round, tot_eval = totals(run_records(path, "round")), totals(run_records(path, "eval"))
     where = f"{run_dir} (phase timers)"
 
-    def t(name, key="sum"):
-        return tot.get(name, {}).get(key, 0.0)
+    def t(name, key="sum"):  # training phases: of the round records
+        return tot_round.get(name, {}).get(key, 0.0)
+
+    def e(name, key="sum"):  # evaluation phases: of the evaluation records
+        return tot_eval.get(name, {}).get(key, 0.0)
 
     samples = sum(r["samples"] for r in rounds)  # accepted samples, one epoch each
     clients = sum(r["accepted"] for r in rounds)
@@ -272,14 +279,17 @@ def figures_from_run(run_dir: Path, fig: Figures) -> None:
         fig.set("round_fixed_s", fixed / len(rounds), where)
     fig.set("startup_s", t("startup", "max"), where)
     counts = {c: sum(int(r.get(c, 0)) for r in recs) for c in ("prefill_tokens", "decode_tokens")}
+    other = ("identity", "eval")  # per test sample, on every rank
     if evals and counts["prefill_tokens"]:
         b = cfg.benchmark
         tasks = len(evals[0]["accuracy"])
         tests = len(evals) * tasks * b.test_per_task
-        fig.set("prefill_s_per_position", t("eval_prefill") / counts["prefill_tokens"], where)
+        fig.set("prefill_s_per_position", e("eval_prefill") / counts["prefill_tokens"], where)
         if counts["decode_tokens"]:
-            fig.set("decode_s_per_token", t("eval_decode") / counts["decode_tokens"], where)
-        fig.set("eval_other_s_per_sample", t("eval") / tests, where)
+            fig.set("decode_s_per_token", e("eval_decode") / counts["decode_tokens"], where)
+        fig.set("eval_other_s_per_sample", sum(e(n) for n in other) / tests, where)
+        fixed = e("score", "max") + e("state_write", "max")  # rank 0's alone, per evaluation
+        fig.set("eval_fixed_s", fixed / len(evals), where)
         fig.set("prompt_positions_per_sample", counts["prefill_tokens"] / tests, where)
         fig.set("decode_tokens_per_sample", counts["decode_tokens"] / tests, where)
 

@@ -31,13 +31,14 @@ PHASES: tuple[str, ...] = (
     "startup",  # build the run: model, data, encoder, trainer, state (once per process)
     "setup",  # a client's set-up: its batches, the trainer session (DeepSpeed engine)
     "train",  # local training steps of the clients
-    "identity",  # identity tokens of the clients (DKO's upload)
+    "identity",  # identity features: the clients' tokens (DKO), the test samples' (SSA gate)
     "comm",  # broadcasts and gathers of the round (waiting for the slowest rank included)
     "aggregate",  # the server: DKO, validation, aggregation, the strategy's update
     "stage_end",  # the method's stage-end upload (EWC's Fisher) and merge
     "eval_prefill",  # evaluation: generation up to each batch's first new token
     "eval_decode",  # evaluation: the remaining generated tokens
-    "eval",  # evaluation's rest: gate features, predictions' gather, scoring, diagnostics
+    "score",  # evaluation: each dataset's scorer on rank 0 (METEOR's Java start included)
+    "eval",  # evaluation's rest: the SSA gate, predictions' gather, diagnostics
     "autotune",  # kernel compilation and autotuning (the kernels add it)
     "state_write",  # state.h5 (atomic write) and the predictions file
     "report",  # the end of the run: summary metrics, report.md, plots
@@ -196,8 +197,9 @@ def table(records: list[dict]) -> list[str]:
     return lines
 
 
-def run_records(metrics_path) -> list[dict]:
-    """The ``phases`` entries of a metrics.jsonl (rounds, evaluations, summary), in order."""
+def run_records(metrics_path, kind: str | None = None) -> list[dict]:
+    """The ``phases`` entries of a metrics.jsonl's lines (of ``kind`` only: round, eval, summary),
+    in order."""
     import json
     from pathlib import Path
 
@@ -210,15 +212,17 @@ def run_records(metrics_path) -> list[dict]:
             except ValueError:
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("phases"), dict):
-                out.append(rec["phases"])
+                if kind is None or rec.get("kind") == kind:
+                    out.append(rec["phases"])
     return out
 
 
-def eval_share(records: list[dict]) -> float:
-    """The evaluation phases' share (0–1) of the wall time, slowest rank per record."""
-    wall = sum(float(r.get("wall", 0.0)) for r in records if r)
-    tot = totals(records)
-    ev = sum(tot[n]["max"] for n in ("eval_prefill", "eval_decode", "eval") if n in tot)
+def eval_share(metrics_path) -> float:
+    """The evaluation's share (0–1) of the run's wall time: the wall of the evaluation records
+    (what follows a stage's last round: the stage-end phase taken out) over all records'."""
+    every, evals = run_records(metrics_path), run_records(metrics_path, "eval")
+    wall = sum(float(r.get("wall", 0.0)) for r in every)
+    ev = sum(float(r.get("wall", 0.0)) - r.get("stage_end", {}).get("max", 0.0) for r in evals)
     return ev / wall if wall > 0 else float("nan")
 
 

@@ -223,6 +223,7 @@ def test_plan_matches_a_hand_computation():
         prefill_s_per_position=0.001,
         decode_s_per_token=0.02,
         eval_other_s_per_sample=0.05,
+        eval_fixed_s=0.7,
         prompt_positions_per_sample=30.0,
         decode_tokens_per_sample=4.0,
     )
@@ -233,7 +234,7 @@ def test_plan_matches_a_hand_computation():
     # over 10 clients = 4 each, 1 epoch; 2 ranks both host clients: 2 on the busiest; 2 x 4 tests
     client = 0.5 + 4 * 1 * 0.1 + 4 * 0.01
     train = 2 * 2 * (2 * client + 0.2)
-    ev = 2 * math.ceil(8 / 2) * (30 * 0.001 + 4 * 0.02 + 0.05)
+    ev = 2 * (math.ceil(8 / 2) * (30 * 0.001 + 4 * 0.02 + 0.05) + 0.7)
     assert p["wall_s"] == pytest.approx(3.0 + train + ev)
     (run,) = p["runs"]
     assert run["seconds"]["train"] == pytest.approx(train)

@@ -15,7 +15,7 @@ from fcit_hpc.fed.server.predictions import StageEval
 from fcit_hpc.fed.wire import pack_predictions, unpack_predictions
 from fcit_hpc.host import to_host
 from fcit_hpc.seeds import EVAL_DEAL_STRIDE
-from fcit_hpc.timers import GenerationClock
+from fcit_hpc.timers import GenerationClock, phase
 
 
 def left_pad(
@@ -121,7 +121,8 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
     for start in range(0, len(mine), size):
         batch = mine[start : start + size]
         samples = [s for _, _, s in batch]
-        features = encoder.encode_samples(samples) if encoder is not None else None  # [B, D]
+        with phase("identity"):  # the SSA gate's features of the batch
+            features = encoder.encode_samples(samples) if encoder is not None else None  # [B, D]
         ctx.method.set_inference(adapter, state, features)
         texts = greedy_batch(
             ctx.model,
@@ -157,5 +158,6 @@ def evaluate(ctx, state) -> StageEval | None:
         p = [preds[(t, i)] for i in range(len(tests))]
         per_task.append(p)
         answers, meteor = [s.answer for s in tests], ctx.cfg.eval.caption_meteor
-        acc[t] = score(data.scorers[t], p, answers, meteor=meteor) if tests else np.nan
+        with phase("score"):
+            acc[t] = score(data.scorers[t], p, answers, meteor=meteor) if tests else np.nan
     return StageEval(acc, per_task)

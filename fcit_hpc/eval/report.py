@@ -110,7 +110,9 @@ def phase_section(run_dir: Path, st: RunState) -> list[str]:
     if not records:
         return []
     out = ["## Where the time went (phase timers)", "", *table(records), ""]
-    out.append(f"- evaluation's share of the wall time: {100 * eval_share(records):.1f}%")
+    out.append(
+        f"- evaluation's share of the wall time: {100 * eval_share(run_dir / 'metrics.jsonl'):.1f}%"
+    )
     cfg = yaml.safe_load(st.config_yaml or "{}") or {}
     if (cfg.get("eval") or {}).get("caption_meteor") == "skip":
         out.append(
