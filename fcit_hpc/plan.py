@@ -5,14 +5,17 @@ The model of a run (one sub-run per ``compare`` entry, each alone after the othe
 
     wall  = startup + Σ_stages [ R · round + eval ]                       (seconds)
     round = ceil(C / W) · (setup + n · E · train_s + n · identity_s) + round_fixed
-    eval  = ceil(T / P) · (prompt · prefill_s + decode · decode_s + eval_other_s) + eval_fixed
+    eval  = ceil(T / P) · (prompt · prefill_s + decode · decode_s + other_s + ident_s) + eval_fixed
 
 R rounds per stage (0 for a method that trains nothing), C clients per round dealt round-robin over
 W worker groups (P ranks, ``gpus_per_client`` each), n the mean samples of a client (a stage's
 training samples / num_clients), E local epochs, T the test samples of all tasks (every task is
 evaluated after every stage), ``prompt`` and ``decode`` the prompt positions and decoded tokens
-per test sample. The per-unit costs are *figures*: measured (a run directory's phase timers,
-``fcit bench train --json``, ``fcit bench kernels --json``) or the stated defaults below.
+per test sample; identity costs only for DISCO (the only method with identity tokens); the
+round's communication is taken as free beside the compute on one host (``round_fixed``: the
+server's aggregation and state write). The per-unit costs are *figures*: measured (a run
+directory's phase timers, ``fcit bench train --json``, ``fcit bench kernels --json``) or the
+stated defaults below.
 
 Bytes on the wire per client and round: down = the broadcast global state (S_max subspaces of
 ``numel`` float32, S_max identity tokens of D float32, the round plan); up = the trained subspaces'
@@ -41,7 +44,8 @@ DEFAULTS: dict[str, float] = {
     "round_fixed_s": 0.05,  # comm, aggregation, state write per round
     "prefill_s_per_position": 2.5e-5,  # evaluation: one prompt position (batched)
     "decode_s_per_token": 1.2e-3,  # evaluation: one generated token of one row (batched)
-    "eval_other_s_per_sample": 0.01,  # gate features, SSA, gather per test sample
+    "eval_identity_s_per_sample": 0.005,  # the SSA gate's feature of a test sample (DISCO)
+    "eval_other_s_per_sample": 0.01,  # gate, gather per test sample
     "eval_fixed_s": 0.5,  # per evaluation on rank 0: scoring, predictions file
     "prompt_positions_per_sample": 60.0,  # padded prompt length of a test sample
     "decode_tokens_per_sample": 8.0,  # generated tokens of a test sample
@@ -182,10 +186,11 @@ def workers(cfg: Config, ranks: int) -> int:
 def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
     """Predicted seconds of one run by part (startup, train, eval) and in all (``wall``)."""
     s = run_shape(cfg, fig)
+    ident = 1.0 if identity_dim(cfg) else 0.0  # identity features: DISCO only
     per_client = (
         fig["setup_s_per_client"]
         + s.samples_per_client * s.epochs * fig["train_s_per_sample"]
-        + s.samples_per_client * fig["identity_s_per_sample"]
+        + ident * s.samples_per_client * fig["identity_s_per_sample"]
     )
     busiest = math.ceil(s.clients / workers(cfg, ranks))
     round_s = busiest * per_client + fig["round_fixed_s"]
@@ -193,6 +198,7 @@ def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
         fig["prompt_positions_per_sample"] * fig["prefill_s_per_position"]
         + fig["decode_tokens_per_sample"] * fig["decode_s_per_token"]
         + fig["eval_other_s_per_sample"]
+        + ident * fig["eval_identity_s_per_sample"]
     )
     eval_s = math.ceil(s.test_samples / ranks) * per_test + (
         fig["eval_fixed_s"] if s.test_samples else 0
@@ -207,6 +213,7 @@ def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
 
 
 def identity_dim(cfg: Config) -> int:
+    """D of the identity tokens (0: the method uploads none)."""
     m = cfg.method
     if m.name not in ("disco",):
         return 0
@@ -274,12 +281,12 @@ def figures_from_run(run_dir: Path, fig: Figures) -> None:
         fig.set("identity_s_per_sample", t("identity") / samples, where)
     if clients:
         fig.set("setup_s_per_client", t("setup") / clients, where)
-    if rounds:
-        fixed = sum(t(n, "max") for n in ("comm", "aggregate", "state_write"))
+    if rounds:  # comm aside: on the slowest rank it is short, elsewhere it is waiting for it
+        fixed = sum(t(n, "max") for n in ("aggregate", "state_write"))
         fig.set("round_fixed_s", fixed / len(rounds), where)
     fig.set("startup_s", t("startup", "max"), where)
     counts = {c: sum(int(r.get(c, 0)) for r in recs) for c in ("prefill_tokens", "decode_tokens")}
-    other = ("identity", "eval")  # per test sample, on every rank
+    ident = identity_dim(cfg) > 0
     if evals and counts["prefill_tokens"]:
         b = cfg.benchmark
         tasks = len(evals[0]["accuracy"])
@@ -287,7 +294,9 @@ def figures_from_run(run_dir: Path, fig: Figures) -> None:
         fig.set("prefill_s_per_position", e("eval_prefill") / counts["prefill_tokens"], where)
         if counts["decode_tokens"]:
             fig.set("decode_s_per_token", e("eval_decode") / counts["decode_tokens"], where)
-        fig.set("eval_other_s_per_sample", sum(e(n) for n in other) / tests, where)
+        fig.set("eval_other_s_per_sample", e("eval") / tests, where)
+        if ident:
+            fig.set("eval_identity_s_per_sample", e("identity") / tests, where)
         fixed = e("score", "max") + e("state_write", "max")  # rank 0's alone, per evaluation
         fig.set("eval_fixed_s", fixed / len(evals), where)
         fig.set("prompt_positions_per_sample", counts["prefill_tokens"] / tests, where)
