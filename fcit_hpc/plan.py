@@ -53,6 +53,19 @@ DEFAULTS: dict[str, float] = {
     "test_samples_per_task": 500.0,  # released data only
     "activation_gb": 0.0,  # per rank, beside weights and adapters (0: estimated)
 }
+# A Hugging Face model on GPUs (LLaVA-1.5-7B class): what was measured on one H200 (GPU-NOTES.md,
+# `fcit bench train configs/llava15_7b_shape.yaml`, bf16, ZeRO-2, 4 x 704 tokens a step; the 7B
+# decode of `fcit bench kernels`), turned into the same units. Assumed: data-parallel scaling over a
+# client group's GPUs, a LLaVA sample of 704 positions (576 image tokens), eager decode costing
+# the same per step for the whole batch, prefill at 3x the training token rate (forward only).
+H200_7B_TOKENS_PER_S = 11452.0
+H200_7B = {
+    "setup_s_per_client": (0.26, "GPU-NOTES.md: H200 engine set-up, next client"),
+    "decode_s_per_token": (52.5e-3, "GPU-NOTES.md: H200 7B eager decode, batch 1, per step"),
+    "prefill_s_per_position": (1 / (3 * H200_7B_TOKENS_PER_S), "GPU-NOTES.md: 3 x train tok/s"),
+    "prompt_positions_per_sample": (640.0, "assumed: 576 image tokens + a 64-token prompt"),
+}
+SAMPLE_POSITIONS = 704  # a LLaVA training sample: 576 image tokens + text
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 IDENTITY_DIMS = {"minilm": 384, "clip": 768, "open_clip": 768}
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,8 +342,26 @@ def figures_from_json(path: Path, fig: Figures) -> None:
         )
 
 
-def load_figures(paths: list[str]) -> Figures:
+def gpu_defaults(cfg: Config, fig: Figures) -> None:
+    """The defaults of a Hugging Face model on GPUs: the H200 figures above (1 client group of
+    ``gpus_per_client`` GPUs trains a client; the decode step serves the whole eval batch)."""
+    g = cfg.train.gpus_per_client
+    per_sample = SAMPLE_POSITIONS / (H200_7B_TOKENS_PER_S * g)
+    fig.set("train_s_per_sample", per_sample, f"GPU-NOTES.md: 704 positions / (11,452 tok/s x {g})")
+    for key, (value, where) in H200_7B.items():
+        if key == "decode_s_per_token":
+            value /= cfg.eval.batch_size
+            where += f" / eval.batch_size {cfg.eval.batch_size}"
+        fig.set(key, value, where)
+
+
+def load_figures(paths: list[str], cfg: Config | None = None) -> Figures:
+    """The stated defaults (the H200 ones for a Hugging Face model on GPUs), then each of
+    ``paths`` in order."""
     fig = Figures()
+    on_gpu = cfg is not None and (cfg.train.device == "cuda" or cfg.train.backend == "deepspeed")
+    if on_gpu and cfg.model.name in ("hf", "hf-shape"):
+        gpu_defaults(cfg, fig)
     for p in paths:
         path = Path(p)
         if path.is_dir():
@@ -387,10 +418,10 @@ def render(p: dict, device: str) -> str:
             f"{r['run']:<12} {s['startup']:10.1f} {s['train']:10.1f} {s['eval']:10.1f} "
             f"{s['wall']:10.1f} {(b['down'] + b['up']) / 1e6:10.2f} {r['memory_gb_per_rank']:8.2f}"
         )
-    m, sec = divmod(p["wall_s"], 60)
+    m, sec = divmod(round(p["wall_s"]), 60)
     lines += [
         "",
-        f"predicted wall time {p['wall_s']:.0f} s ({int(m)} min {sec:.0f} s); bytes on the wire "
+        f"predicted wall time {p['wall_s']:.0f} s ({m} min {sec} s); bytes on the wire "
         f"{p['bytes'] / 1e6:,.2f} MB; memory per rank {p['memory_gb_per_rank']:.2f} GB",
         "",
         "figures used:",
@@ -407,7 +438,7 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--gpus: {args.gpus} is out of range (must be >= 1)")
     cfg = load_config(args.items[0], args.items[1:])
     ranks = args.gpus or 1
-    p = plan(cfg, ranks, load_figures(args.figures or []))
+    p = plan(cfg, ranks, load_figures(args.figures or [], cfg))
     print(
         render(
             p, "GPU" if cfg.train.device == "cuda" or cfg.train.backend == "deepspeed" else "rank"

@@ -224,6 +224,7 @@ def test_plan_matches_a_hand_computation():
         decode_s_per_token=0.02,
         eval_other_s_per_sample=0.05,
         eval_fixed_s=0.7,
+        eval_identity_s_per_sample=0.03,
         prompt_positions_per_sample=30.0,
         decode_tokens_per_sample=4.0,
     )
@@ -234,13 +235,17 @@ def test_plan_matches_a_hand_computation():
     # over 10 clients = 4 each, 1 epoch; 2 ranks both host clients: 2 on the busiest; 2 x 4 tests
     client = 0.5 + 4 * 1 * 0.1 + 4 * 0.01
     train = 2 * 2 * (2 * client + 0.2)
-    ev = 2 * (math.ceil(8 / 2) * (30 * 0.001 + 4 * 0.02 + 0.05) + 0.7)
+    ev = 2 * (math.ceil(8 / 2) * (30 * 0.001 + 4 * 0.02 + 0.05 + 0.03) + 0.7)
     assert p["wall_s"] == pytest.approx(3.0 + train + ev)
     (run,) = p["runs"]
     assert run["seconds"]["train"] == pytest.approx(train)
     assert run["seconds"]["eval"] == pytest.approx(ev)
     assert p["figures"]["train_s_per_sample"] == {"value": 0.1, "source": "test"}
     assert p["figures"]["train_samples_per_task"]["source"] == "default"
+    # Finetune uploads no identity token: no identity costs, no token bytes
+    ft = plan(load_config(str(ROOT / "configs/smoke.yaml"), ["method.name=finetune"]), 2, fig)
+    client_ft = 0.5 + 4 * 1 * 0.1
+    assert ft["runs"][0]["seconds"]["train"] == pytest.approx(2 * 2 * (2 * client_ft + 0.2))
 
 
 def test_plan_bytes_match_a_measured_run(serial_run):
@@ -277,3 +282,19 @@ def test_plan_reads_figures_and_rejects_bad_input(serial_run, tmp_path, capsys):
     assert main(["plan", smoke, "--figures", str(tmp_path / "x.json")]) == 2
     assert main(["plan", smoke, "--figures", str(tmp_path / "none")]) == 2
     assert main(["plan", smoke, "--gpus", "0"]) == 2
+
+
+def test_plan_of_the_7b_task_config_on_gpus_uses_the_h200_figures():
+    from fcit_hpc.plan import load_figures, lora_numel, model_dims, plan
+
+    over = ["method.encoder_path=x", "benchmark.data_root=x", "model.path=configs/hf/llava-1.5-7b"]
+    cfg = load_config(str(ROOT / "configs/llava15_7b_task.yaml"), over)
+    fig = load_figures([], cfg)
+    assert fig.source["train_s_per_sample"].startswith("GPU-NOTES.md")
+    assert fig["train_s_per_sample"] == pytest.approx(704 / (11452 * 4))  # 4 GPUs a client
+    p = plan(cfg, 8, fig)
+    # LLaVA-1.5-7B: 32 layers, hidden 4096, FFN 11008; r = 8 on gate/up/down
+    assert lora_numel(cfg, model_dims(cfg)) == 8 * 3 * (4096 + 11008) * 32
+    n = 8 * 10 * 5  # stages x rounds x clients
+    down = 4 * 8 * (8 * 3 * (4096 + 11008) * 32 + 768)  # S_max subspaces + CLIP tokens
+    assert p["runs"][0]["bytes"]["down"] == n * down
