@@ -25,7 +25,6 @@ the global adapter (float32), the trained subspaces with gradients and Adam mome
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -449,4 +448,4 @@ def cmd_plan(args) -> int:
     return 0
 
 
-__all__ = ["DEFAULTS", "Figures", "cmd_plan", "dataclasses", "plan"]
+__all__ = ["DEFAULTS", "Figures", "cmd_plan", "plan"]
