@@ -124,6 +124,19 @@ def resolve_run(args) -> RunStart:
     return RunStart(cfg, run_dir)
 
 
+def check_run_scorers(cfg, run_dir: Path) -> None:
+    """Every scorer that the datasets of all stages of the run (of every cell of a sweep) need
+    is present, or DependencyError naming the dataset and the package."""
+    from fcit_hpc.benchmark.scorers import check_scorers
+
+    check_scorers(cfg)
+    if cfg.sweep:
+        from fcit_hpc.compare import cell_config, sweep_cells
+
+        for name, over in sweep_cells(cfg):
+            check_scorers(cell_config(cfg, over, run_dir / name))
+
+
 def cmd_run(args, comm) -> int:
     import yaml
 
@@ -135,6 +148,7 @@ def cmd_run(args, comm) -> int:
     start, error = None, None
     try:
         start = resolve_run(args)
+        check_run_scorers(start.cfg, start.run_dir)  # before anything is written (exit 2)
     except FcitError as e:
         error = e
     # every rank resolved the same config from the same code, or all stop here (exit 2)
@@ -175,6 +189,19 @@ def _print_summary(st, run_dir: Path) -> None:
             f"mean {np.nanmean(acc[-1]):.2f}"
         )
     print(f"subspaces: {st.num_subspaces}  state: {run_dir / 'state.h5'}")
+    print_phases(run_dir)
+
+
+def print_phases(run_dir: Path) -> None:
+    """The end-of-run phase table (fcit_hpc.timers) of RUN_DIR/metrics.jsonl, on the terminal."""
+    from fcit_hpc.timers import eval_share, run_records, table
+
+    records = run_records(run_dir / "metrics.jsonl")
+    if records:
+        print("where the time went (phase timers, docs/phases.md):")
+        print("\n".join(table(records)))
+        share = eval_share(run_dir / "metrics.jsonl")
+        print(f"evaluation's share of the wall time: {100 * share:.1f}%")
 
 
 def cmd_export(args) -> int:
@@ -422,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="`bench train`: local steps of one client, for the set-up share",
     )
+    pl = sub.add_parser(
+        "plan", help="predicted wall time, memory per rank and bytes on the wire of a config"
+    )
+    pl.add_argument("items", nargs="+", help="YAML config, then dotted overrides")
+    pl.add_argument("--gpus", type=int, default=None, help="ranks (one GPU each); default 1")
+    pl.add_argument(
+        "--figures",
+        action="append",
+        default=[],
+        help="measured figures: a run directory (its phase timers), `fcit bench train --json` or "
+        "`fcit bench kernels --json` output; repeatable, later ones win",
+    )
+    pl.add_argument("--json", default=None, help="also write the prediction as JSON")
     rp = sub.add_parser("report", help="write report.md + plots; print a table over runs")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="also write the table (markdown) to this file")
@@ -475,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     args, extra = build_parser().parse_known_args(argv)
-    if args.cmd in ("run", "bench"):  # overrides may follow options
+    if args.cmd in ("run", "bench", "plan"):  # overrides may follow options
         items = list(args.items) + extra
         unknown = [x for x in items if x.startswith("-")]
         if unknown:
@@ -484,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         args.config = items[0] if items and "=" not in items[0] else None
         args.overrides = items[1:] if args.config else items
-    elif extra and args.cmd != "bench":
+    elif extra and args.cmd not in ("bench", "plan"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from fcit_hpc.fed.comm import make_comm
 
@@ -514,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
                     *(["--mpi-init"] if args.mpi_init else []),
                 ]
             )
+        elif args.cmd == "plan":
+            from fcit_hpc.plan import cmd_plan
+
+            code = cmd_plan(args)
         else:
             code = cmd_bench(args, comm)
     except Preempted as e:

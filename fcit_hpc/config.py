@@ -124,6 +124,9 @@ class TrainConfig:
     gpus_per_client: int = 1  # G: ranks (one device each) that train one client together
     deterministic: bool = False  # torch deterministic algorithms (cuBLAS workspace on CUDA)
     projector_lr: float = 2e-5  # LLaVA's multimodal projector, trained beside LoRA; 0 freezes it
+    # phase timers (docs/phases.md): torch.cuda.synchronize() at every phase start and end, for
+    # exact GPU phase times (off: no sync is added; the CPU's times are exact either way)
+    sync_timers: bool = False
 
 
 @dataclass
@@ -137,6 +140,9 @@ class EvalConfig:
     # Face generate (dynamic cache, eager). The same predictions.
     decoder: str = "static"
     cuda_graphs: bool = True  # static decoder on CUDA: replay the decode step from a CUDA graph
+    # caption scoring (Flickr30k): java = the paper's metric, BLEU-1..4, METEOR (Java), ROUGE-L
+    # and CIDEr averaged; skip = the same without METEOR (no Java needed; said in the report)
+    caption_meteor: str = "java"
 
 
 @dataclass
@@ -253,6 +259,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.decoder": _in(("static", "hf")),
+    "eval.caption_meteor": _in(("java", "skip")),
     "debug.kill_signal": _in(("KILL", "TERM", "USR1")),
 }
 

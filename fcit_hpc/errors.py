@@ -29,6 +29,11 @@ class DataError(FcitError):
     """A data file is malformed; the message names the file and the record index."""
 
 
+class DependencyError(FcitError):
+    """A package or program the run needs (a dataset's scorer: pycocoevalcap, Java) is missing;
+    found at start-up, before anything is written. Exit 2."""
+
+
 class StorageError(FcitError):
     """A run's file could not be written (disk full, read-only, I/O error): the message names the
     file; the previous state file is left as it was. Only rank 0 writes, so the job is aborted."""

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from fcit_hpc.state.schema import comparable_content, read_state, same_content
+from fcit_hpc.state.schema import VOLATILE_FIELDS, comparable_content, read_state, same_content
 
 from .conftest import ROOT, fcit, mpiexec
 
@@ -17,10 +17,10 @@ FCIT = str(ROOT / ".venv/bin/fcit") if (ROOT / ".venv/bin/fcit").exists() else "
 SMOKE = str(ROOT / "configs/smoke.yaml")
 # Fields of a metrics.jsonl line (fcit_hpc/fed/server/metrics_log.py) that are not part of the
 # federated computation: a round's wall time, and the rank that ran a client (today's lines carry
-# none; the state file's VOLATILE_FIELDS drops it too). Everything else (losses, sample and byte
-# counts, per-client records, accuracies, the summary) must agree exactly across world sizes and
-# resumes.
-VOLATILE = {"seconds", "rank"}
+# none; the state file's VOLATILE_FIELDS drops it too), and the phase timers (``phases``).
+# Everything else (losses, sample and byte counts, per-client records, accuracies, the summary)
+# must agree exactly across world sizes and resumes.
+VOLATILE = VOLATILE_FIELDS
 
 
 def metrics_content(run_dir) -> list[dict]:

@@ -58,8 +58,11 @@ def grounding_accuracy(preds: list[str], answers: list[str], sizes=None) -> floa
     return _mean(hits)
 
 
-def caption_scores(preds: list[str], answers: list[list[str]] | list[str]) -> dict[str, float]:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; METEOR needs Java) and their mean, x100."""
+def caption_scores(
+    preds: list[str], answers: list[list[str]] | list[str], meteor: str = "java"
+) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; METEOR needs Java) and their mean, x100.
+    ``meteor``: "java" (the paper's metric) or "skip" (no METEOR: the mean of the other six)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -70,7 +73,8 @@ def caption_scores(preds: list[str], answers: list[list[str]] | list[str]) -> di
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, b in enumerate(bleu, 1):
         out[f"BLEU-{n}"] = 100 * float(b)
-    out["METEOR"] = 100 * float(_meteor().compute_score(gts, res)[0])
+    if meteor == "java":
+        out["METEOR"] = 100 * float(_meteor().compute_score(gts, res)[0])
     out["ROUGE-L"] = 100 * float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = 100 * float(Cider().compute_score(gts, res)[0])
     out["mean"] = sum(out.values()) / len(out)
@@ -115,7 +119,8 @@ def _mean(xs) -> float:
     return 100.0 * sum(xs) / len(xs) if xs else 0.0
 
 
-def score(scorer: str, preds: list[str], answers: list, sizes=None) -> float:
+def score(scorer: str, preds: list[str], answers: list, sizes=None, meteor: str = "java") -> float:
+    """A dataset's score in [0, 100]; ``meteor``: config ``eval.caption_meteor`` (captions)."""
     if scorer == "exact":
         return exact_match(preds, answers)
     if scorer == "substring":
@@ -123,5 +128,46 @@ def score(scorer: str, preds: list[str], answers: list, sizes=None) -> float:
     if scorer == "iou":
         return grounding_accuracy(preds, answers, sizes)
     if scorer == "caption":
-        return caption_scores(preds, answers)["mean"]
+        return caption_scores(preds, answers, meteor)["mean"]
     raise ValueError(f"unknown scorer {scorer!r}")
+
+
+# What each scorer needs beyond the core install: (import name, package, what provides it)
+def missing_dependencies(scorer: str, meteor: str = "java") -> list[str]:
+    """The dependencies ``scorer`` lacks on this machine, each as a phrase naming the package
+    (empty: it can run). Caption scoring needs pycocoevalcap, and Java for METEOR unless
+    ``meteor`` is "skip"."""
+    import importlib.util
+    import shutil
+
+    if scorer != "caption":
+        return []
+    out = []
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        out.append("the Python package pycocoevalcap (pip install pycocoevalcap)")
+    if meteor == "java" and shutil.which("java") is None:
+        out.append(
+            "Java (a `java` on PATH) for METEOR; or set eval.caption_meteor=skip to score "
+            "captions without METEOR"
+        )
+    return out
+
+
+def check_scorers(cfg) -> None:
+    """Before any training: every scorer the run's datasets of all stages need can run here, or a
+    DependencyError (exit 2) naming the dataset and the package. ``cfg``: a Config."""
+    from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
+    from fcit_hpc.errors import DependencyError
+
+    b = cfg.benchmark
+    if b.suite == "synthetic":  # the embedded suite is scored by exact match
+        return
+    meteor = cfg.eval.caption_meteor
+    names = dict.fromkeys(n for st in stage_datasets(b.setting, b.capability_order) for n in st)
+    for name in names:
+        missing = missing_dependencies(DATASETS[name].scorer, meteor) if cfg.eval.enabled else []
+        if missing:
+            raise DependencyError(
+                f"benchmark dataset {name} ({b.suite} suite, {DATASETS[name].scorer} scorer) "
+                f"needs {' and '.join(missing)}"
+            )

@@ -19,6 +19,7 @@ from fcit_hpc.fed.server.predictions import StageEval
 from fcit_hpc.fed.wire import pack_predictions, unpack_predictions
 from fcit_hpc.host import to_host
 from fcit_hpc.seeds import EVAL_DEAL_STRIDE
+from fcit_hpc.timers import GenerationClock, phase
 
 
 def left_pad(
@@ -86,8 +87,9 @@ def greedy_batch(
     )
     if len(budgets) != len(instructions):
         raise ValueError(f"{len(budgets)} budgets for {len(instructions)} instructions")
+    clock = GenerationClock()  # prefill / decode phase split (fcit_hpc.timers)
     if decoder is not None:
-        new = decoder.generate(ids, mask, max(budgets), **extra)  # [B, max(budgets)]
+        new = decoder.generate(ids, mask, max(budgets), streamer=clock, **extra)
     else:
         out = model.generate(
             ids,
@@ -96,6 +98,7 @@ def greedy_batch(
             do_sample=False,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
+            streamer=clock,
             **extra,
         )
         new = out[:, ids.shape[1] :]
@@ -147,7 +150,8 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
     for start in range(0, len(mine), size):
         batch = mine[start : start + size]
         samples = [s for _, _, s in batch]
-        features = encoder.encode_samples(samples) if encoder is not None else None  # [B, D]
+        with phase("identity"):  # the SSA gate's features of the batch
+            features = encoder.encode_samples(samples) if encoder is not None else None  # [B, D]
         ctx.method.set_inference(adapter, state, features)
         texts = greedy_batch(
             ctx.model,
@@ -185,5 +189,7 @@ def evaluate(ctx, state) -> StageEval | None:
         tests = data.test[t]
         p = [preds[(t, i)] for i in range(len(tests))]
         per_task.append(p)
-        acc[t] = score(data.scorers[t], p, [s.answer for s in tests]) if tests else np.nan
+        answers, meteor = [s.answer for s in tests], ctx.cfg.eval.caption_meteor
+        with phase("score"):
+            acc[t] = score(data.scorers[t], p, answers, meteor=meteor) if tests else np.nan
     return StageEval(acc, per_task)

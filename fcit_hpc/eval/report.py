@@ -83,6 +83,7 @@ def write_report(run_dir: str | Path, st: RunState | None = None) -> Path:
         f"- wall time of the rounds (rank 0): {secs:.1f} s",
         "",
     ]
+    lines += phase_section(run_dir, st)
     if st.activation.size:
         lines += [
             "## SSA activation (mean α, test task x subspace)",
@@ -99,6 +100,26 @@ def write_report(run_dir: str | Path, st: RunState | None = None) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def phase_section(run_dir: Path, st: RunState) -> list[str]:
+    """Report lines of the phase timers (metrics.jsonl's ``phases``; docs/phases.md)."""
+    from fcit_hpc.timers import eval_share, run_records, table
+
+    records = run_records(run_dir / "metrics.jsonl")
+    if not records:
+        return []
+    out = ["## Where the time went (phase timers)", "", *table(records), ""]
+    out.append(
+        f"- evaluation's share of the wall time: {100 * eval_share(run_dir / 'metrics.jsonl'):.1f}%"
+    )
+    cfg = yaml.safe_load(st.config_yaml or "{}") or {}
+    if (cfg.get("eval") or {}).get("caption_meteor") == "skip":
+        out.append(
+            "- caption scores (Flickr30k) are **without METEOR** (eval.caption_meteor=skip): "
+            "the mean of BLEU-1..4, ROUGE-L and CIDEr, not the paper's metric"
+        )
+    return [*out, ""]
 
 
 def dko_section(st: RunState) -> list[str]:

@@ -15,6 +15,7 @@ from fcit_hpc.fed.wire import pack_tokens, pack_updates
 from fcit_hpc.model.identity import sample_identity_token
 from fcit_hpc.model.projector import projector_params, set_projector
 from fcit_hpc.seeds import SALT_FISHER_ROUND, client_seed
+from fcit_hpc.timers import phase, timer
 from fcit_hpc.train.base import LocalOpt, Side
 
 __all__ = ["client_seed", "compute_tokens", "stage_end_uploads", "train_clients"]
@@ -74,10 +75,23 @@ def side_groups(ctx, view) -> list[Side]:
     return sides
 
 
-def train_one(ctx, k: int, start: np.ndarray, batches, view):
+class SetupMark:
+    """The trainer's ``tick``: its first call (the session is set up) moves the time since
+    ``t0`` (batches, engine) from the ``train`` phase to ``setup``; later calls cost nothing."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+
+    def __call__(self) -> None:
+        if self.t0 is not None:
+            timer().carve("setup", time.perf_counter() - self.t0)
+            self.t0 = None
+
+
+def train_one(ctx, k: int, start: np.ndarray, batches, view, tick=None):
     """Local training of the subspaces a client assigned k trains (``start``: their global
     vectors concatenated), with the strategy's and the method's loss terms and the side
-    parameters beside them."""
+    parameters beside them. ``tick``: the trainer's timing hook."""
     adapter, t = ctx.adapter, ctx.cfg.train
     ks = ctx.method.trained_subspaces(k)
     context = {i: view.adapter[i] for i in ctx.method.training_context(k)}
@@ -89,7 +103,9 @@ def train_one(ctx, k: int, start: np.ndarray, batches, view):
 
     opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
     sides = side_groups(ctx, view)
-    return ctx.trainer.train(ctx.model, adapter, ks, start, batches, opt, context, terms, sides)
+    return ctx.trainer.train(
+        ctx.model, adapter, ks, start, batches, opt, context, terms, sides, tick=tick
+    )
 
 
 def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
@@ -112,12 +128,13 @@ def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces
         k = subspaces[client]
         if k < 0:
             continue
-        t0 = time.perf_counter()
-        seed = client_seed(ctx.cfg.seed, stage, round_, client)
-        torch.manual_seed(seed)
-        samples, batches = _client_batches(ctx, unit, client, seed, ctx.cfg.train.local_epochs)
-        start = np.concatenate([view.adapter[i] for i in ctx.method.trained_subspaces(k)])
-        res = train_one(ctx, k, start, batches, view)
+        with phase("train"):
+            t0 = time.perf_counter()
+            seed = client_seed(ctx.cfg.seed, stage, round_, client)
+            torch.manual_seed(seed)
+            samples, batches = _client_batches(ctx, unit, client, seed, ctx.cfg.train.local_epochs)
+            start = np.concatenate([view.adapter[i] for i in ctx.method.trained_subspaces(k)])
+            res = train_one(ctx, k, start, batches, view, SetupMark(t0))
         # the update: the trained subspaces' deltas, then each side's (projector, mixer)
         parts = [(res.vector - start).astype(np.float32)]
         for vec, begin in zip(res.sides, view.sides().values(), strict=True):

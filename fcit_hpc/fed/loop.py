@@ -26,6 +26,7 @@ from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server import Server
 from fcit_hpc.model.projector import set_projector
 from fcit_hpc.state.schema import RunState
+from fcit_hpc.timers import phase, reset, take
 
 
 @contextmanager
@@ -46,8 +47,10 @@ def run_federated(
     evaluates a stage on all ranks, summarises and reports the run (see ``fcit_hpc.eval.stage``).
     ``runtime``: this rank's device and client group (made from the config when None).
     Returns the final state on rank 0, None elsewhere."""
-    ctx = build_context(cfg, comm, runtime)
-    role = Server(ctx, run_dir, state, evaluation) if comm.is_root else Role()
+    reset(sync=cfg.train.sync_timers)  # phase timers (fcit_hpc.timers), from here
+    with phase("startup"):
+        ctx = build_context(cfg, comm, runtime)
+        role = Server(ctx, run_dir, state, evaluation) if comm.is_root else Role()
     cursor = comm.bcast_array(role.cursor())
     if cursor[2]:
         return role.state()
@@ -65,16 +68,17 @@ def run_federated(
             if comm.bcast_array(role.stage_end_todo(stage))[0]:
                 run_stage_end(ctx, role, stage, num_rounds - 1)
         if comm.bcast_array(role.needs_eval(stage))[0] and cfg.eval.enabled:
-            view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
+            with phase("comm"):
+                view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
             for k in range(view.adapter.shape[0]):
                 ctx.adapter.set(k, view.adapter[k])
             if view.projector.size:
                 set_projector(ctx.model, view.projector)
             if view.mixer.size:
                 ctx.adapter.set_mixer(view.mixer)
-            with local_work():
+            with local_work(), phase("eval"):
                 result = evaluation.evaluate(ctx, view)
-            role.record_eval(stage, result)
+            role.record_eval(stage, result, comm.gatherv(take()))
         role.end_stage(stage)
     return role.finish()
 
@@ -131,15 +135,20 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     comm = ctx.comm
     t0 = time.perf_counter()
     down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
-    plan = comm.bcast_array(role.plan(stage, rnd))
-    view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
+    with phase("comm"):
+        plan = comm.bcast_array(role.plan(stage, rnd))
+        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
     mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
-        with local_work():
+        with local_work(), phase("identity"):
             head, body = compute_tokens(ctx, lead)
-        heads = comm.gatherv(head)
-        bodies = comm.gatherv(body)
-        assign = comm.bcast_array(role.dko(heads, bodies))
+        with phase("comm"):
+            heads = comm.gatherv(head)
+            bodies = comm.gatherv(body)
+        with phase("aggregate"):
+            decided = role.dko(heads, bodies)
+        with phase("comm"):
+            assign = comm.bcast_array(decided)
         subspaces = {int(c): int(k) for c, k in assign}
     else:  # one subspace for the whole stage (Finetune: always 0; O-LoRA: the stage's own)
         k = ctx.method.stage_subspace(stage)
@@ -147,19 +156,24 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         role.use_subspace(k)
     with local_work():
         head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
-    heads = comm.gatherv(head)
-    bodies = comm.gatherv(body)
-    role.end_round(stage, rnd, plan, heads, bodies, t0, down0)
+    with phase("comm"):
+        heads = comm.gatherv(head)
+        bodies = comm.gatherv(body)
+    # every rank's phase seconds to rank 0 (not counted as round traffic: no part of the method)
+    role.end_round(stage, rnd, plan, heads, bodies, t0, down0, comm.gatherv(take()))
 
 
 def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> None:
     """The method's stage-end phase: the clients of the stage's last round upload a statistic
     (EWC: diagonal Fisher at the global adapter), the server merges it."""
     comm = ctx.comm
-    plan = comm.bcast_array(role.plan(stage, last_round))
-    view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
-    with local_work():
+    with phase("comm"):
+        plan = comm.bcast_array(role.plan(stage, last_round))
+        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
+    with local_work(), phase("stage_end"):
         head, body = stage_end_uploads(ctx, stage, my_rows(ctx, plan)[1], view)
-    heads = comm.gatherv(head)
-    bodies = comm.gatherv(body)
-    role.merge_stage_end(stage, heads, bodies)
+    with phase("comm"):
+        heads = comm.gatherv(head)
+        bodies = comm.gatherv(body)
+    with phase("stage_end"):
+        role.merge_stage_end(stage, heads, bodies)

@@ -35,8 +35,11 @@ class Role:
     def use_subspace(self, k: int) -> None:
         """Without identity tokens: subspace k is trained this round."""
 
-    def end_round(self, stage: int, round_: int, plan, heads, values, t0: float, down0: int):
-        """Aggregate the gathered updates, record and store the round."""
+    def end_round(
+        self, stage: int, round_: int, plan, heads, values, t0: float, down0: int, phases=None
+    ):
+        """Aggregate the gathered updates, record and store the round. ``phases``: every rank's
+        phase timer vector (:func:`fcit_hpc.timers.take`), rank 0's only."""
 
     def after_rounds(self, stage: int) -> None:
         pass
@@ -52,8 +55,9 @@ class Role:
         """int64 [1]: 1 when ``stage`` has not been evaluated yet."""
         return None
 
-    def record_eval(self, stage: int, result) -> None:
-        """Store an evaluation (a ``StageEval``: accuracy and predictions, rank 0's only)."""
+    def record_eval(self, stage: int, result, phases=None) -> None:
+        """Store an evaluation (a ``StageEval``: accuracy and predictions, rank 0's only);
+        ``phases``: as in :meth:`end_round`."""
 
     def end_stage(self, stage: int) -> None:
         pass

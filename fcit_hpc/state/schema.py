@@ -101,8 +101,9 @@ STATUS = {
     ClientStatus.WRONG_SHAPE: "rejected: wrong shape",
     ClientStatus.BAD_TOKEN: "rejected: bad identity token",
 }
-# Fields that measure time or placement, not the federated computation.
-VOLATILE_FIELDS = {"seconds", "rank"}
+# Fields that measure time or placement, not the federated computation (metrics.jsonl's
+# ``phases``, the phase timers, too: fcit_hpc.timers).
+VOLATILE_FIELDS = {"seconds", "rank", "phases"}
 
 
 @dataclass

@@ -22,14 +22,45 @@ class MetricsLog:
         """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
         from fcit_hpc.fed.server.diagnostics import stage_record
 
-        lines = [self._round_line(r, st.clients) for r in st.rounds]
+        old = self.old_phases()
+        lines = [
+            self.with_phases(
+                self._round_line(r, st.clients),
+                old.get(("round", int(r["stage"]), int(r["round"]))),
+            )
+            for r in st.rounds
+        ]
         for t in range(st.accuracy.shape[0]):
             if not np.isnan(st.accuracy[t]).all():
-                lines.append(self._eval_line(t, st.accuracy[t], task_names))
+                line = self._eval_line(t, st.accuracy[t], task_names)
+                lines.append(self.with_phases(line, old.get(("eval", t, None))))
                 if st.dko_samples.size:  # identity methods: the stage's DKO diagnostics
                     lines.append(stage_record(st, t, task_names))
         lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
         self.path.write_text("".join(x + "\n" for x in lines))
+
+    def old_phases(self) -> dict[tuple, dict]:
+        """(kind, stage, round) -> the ``phases`` entry of the log's round and eval lines as they
+        are (the phase times are not in the state: a rewrite keeps them from the old log)."""
+        out: dict[tuple, dict] = {}
+        if not self.path.is_file():
+            return out
+        for text in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(text)
+            except ValueError:  # a line cut short by a kill: its round is redone
+                continue
+            if isinstance(rec, dict) and "phases" in rec:
+                out[(rec.get("kind"), rec.get("stage"), rec.get("round"))] = rec["phases"]
+        return out
+
+    @staticmethod
+    def with_phases(line: str, phases: dict | None) -> str:
+        """``line`` (a JSON object) with its ``phases`` entry (fcit_hpc.timers; volatile, like
+        ``seconds``); unchanged when there is none."""
+        if phases is None:
+            return line
+        return json.dumps({**json.loads(line), "phases": phases})
 
     @staticmethod
     def _round_line(r, clients) -> str:

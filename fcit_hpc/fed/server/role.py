@@ -25,6 +25,7 @@ from fcit_hpc.host import to_host
 from fcit_hpc.model.projector import get_projector
 from fcit_hpc.seeds import SALT_ROUND_RNG, derive_seed
 from fcit_hpc.state.schema import STATE_FILE, RunState, write_state
+from fcit_hpc.timers import phase, reduce_ranks, take
 
 
 class Server(Role):
@@ -91,22 +92,25 @@ class Server(Role):
         top = max(self.ctx.method.trained_subspaces(k))
         self.st.num_subspaces = max(self.st.num_subspaces, top + 1)
 
-    def end_round(self, stage, round_, plan, heads, values, t0, down0):
+    def end_round(self, stage, round_, plan, heads, values, t0, down0, phases=None):
         ctx, st, dko = self.ctx, self.st, self.dko_result
         bytes_down = ctx.comm.bytes_broadcast - down0
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
-        updates = unpack_updates(heads, values)
-        agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
-        self.dko_result = DkoResult()
-        st.append_metrics(agg.round_row, agg.client_rows)
-        if st.dko_samples.size:
-            add_samples(st.dko_samples, agg.client_rows)
-        st.stage, st.round = stage, round_
-        torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
-        st.rng_torch = torch.get_rng_state().numpy().copy()
-        self.metrics.append(MetricsLog._round_line(st.rounds[-1], st.clients))
-        write_state(self.run_dir, st)
+        with phase("aggregate"):
+            updates = unpack_updates(heads, values)
+            agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
+            self.dko_result = DkoResult()
+            st.append_metrics(agg.round_row, agg.client_rows)
+            if st.dko_samples.size:
+                add_samples(st.dko_samples, agg.client_rows)
+            st.stage, st.round = stage, round_
+            torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
+            st.rng_torch = torch.get_rng_state().numpy().copy()
+        with phase("state_write"):
+            write_state(self.run_dir, st)
+        line = MetricsLog._round_line(st.rounds[-1], st.clients)
+        self.metrics.append(MetricsLog.with_phases(line, self._phases(phases)))
         self.bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces)
         self.bar.update(1)
 
@@ -123,13 +127,32 @@ class Server(Role):
     def needs_eval(self, stage):
         return np.array([1 if np.isnan(self.st.accuracy[stage]).all() else 0], np.int64)
 
-    def record_eval(self, stage, result: StageEval):
+    @staticmethod
+    def _phases(gathered) -> dict:
+        """The ``phases`` entry of a record: every rank's gathered timer vector, rank 0's
+        own work since the gather (aggregation, state write, diagnostics) added to its row."""
+        per_rank = list(gathered) if gathered is not None else []
+        mine = take()
+        per_rank = [per_rank[0] + mine, *per_rank[1:]] if per_rank else [mine]
+        return reduce_ranks(per_rank)
+
+    def record_eval(self, stage, result: StageEval, phases=None):
         data = self.ctx.data
-        write_predictions(self.run_dir, stage, data.task_names, data.test, result.predictions)
+        with phase("state_write"):
+            write_predictions(self.run_dir, stage, data.task_names, data.test, result.predictions)
         self.st.accuracy[stage] = result.accuracy
-        self.metrics.append(MetricsLog._eval_line(stage, result.accuracy, data.task_names))
         st = self.st
-        if st.dko_samples.size:  # identity methods: DKO diagnostics after the evaluation
+        with phase("eval"):
+            self._gate_mass(stage)
+        line = MetricsLog._eval_line(stage, result.accuracy, data.task_names)
+        self.metrics.append(MetricsLog.with_phases(line, self._phases(phases)))
+        if st.dko_samples.size:
+            self.metrics.append(stage_record(st, stage, data.task_names))
+
+    def _gate_mass(self, stage) -> None:
+        """Identity methods: the SSA gate mass of the DKO diagnostics after an evaluation."""
+        st = self.st
+        if st.dko_samples.size:
             if self.ctx.encoder is not None:
                 m = self.ctx.cfg.method
                 st.dko_gate_mass[stage] = stage_gate_mass(
@@ -140,7 +163,6 @@ class Server(Role):
                     m.epsilon,
                     m.ssa,
                 )
-            self.metrics.append(stage_record(st, stage, data.task_names))
 
     def features(self) -> list[np.ndarray | None]:
         """Identity features [M_t, D] of each task's test samples (None: no tests), encoded once
@@ -157,7 +179,8 @@ class Server(Role):
         st = self.st
         st.stage, st.round = stage + 1, -1
         st.done = stage + 1 == self.ctx.data.num_stages
-        write_state(self.run_dir, st)
+        with phase("state_write"):  # counted in the next record
+            write_state(self.run_dir, st)
 
     def stop_message(self, reason):
         if self.bar is not None:
@@ -178,10 +201,12 @@ class Server(Role):
             self.bar.close()
         ctx, st = self.ctx, self.st
         if st.summary == {} or not st.task_names:
-            self.evaluation.finalize(ctx.cfg, st, ctx.data, ctx.method, ctx.encoder)
-            write_state(self.run_dir, st)
+            with phase("report"):
+                self.evaluation.finalize(ctx.cfg, st, ctx.data, ctx.method, ctx.encoder)
+            with phase("state_write"):
+                write_state(self.run_dir, st)
             line = {"kind": "summary", "stage": ctx.data.num_stages, **st.summary}
-            self.metrics.append(json.dumps(line))
+            self.metrics.append(MetricsLog.with_phases(json.dumps(line), self._phases(None)))
         if st.done:
             self.evaluation.report(self.run_dir, st)
         return st
