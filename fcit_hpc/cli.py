@@ -184,7 +184,7 @@ def resolve_run(args) -> RunStart:
                 "--resume RUN_DIR takes the config stored in RUN_DIR; give no CONFIG, overrides "
                 "or --continue"
             )
-        start = _stored_run(run_dir, None, args.accept_config)
+        start = _stored_run(run_dir, None, getattr(args, "accept_config", False))
         if start is None:
             raise StateError(
                 f"{run_dir / STATE_FILE}: state file not found (nor a config.yaml to start from)"
