@@ -387,3 +387,50 @@ def test_export_refuses_bad_alpha_before_writing(serial_run, tmp_path, alpha):
     out = tmp_path / "adapters"
     assert main(["export", str(serial_run), "--out", str(out), "--alpha", alpha]) == 2
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _in_terminal(cmd: list[str], trigger: bytes, timeout: float = 240) -> tuple[int, str]:
+    """Run ``cmd`` in a pseudo-terminal and press Ctrl-C (``\\x03`` to the terminal: its driver
+    sends SIGINT to the foreground process group, as a real Ctrl-C does) once ``trigger`` has
+    been printed; (exit code, everything the terminal showed)."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, with the terminal as its controlling terminal
+        os.execve(cmd[0], cmd, _env())
+    buf, pressed, deadline = b"", False, time.time() + timeout
+    while time.time() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the terminal's other side closed: the command ended
+                break
+            if not data:
+                break
+            buf += data
+        if not pressed and trigger in buf:
+            time.sleep(0.5)
+            os.write(fd, b"\x03")
+            pressed = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), buf.decode(errors="replace")
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_ctrl_c_under_mpiexec_prints_the_stop_and_the_resume_command(tmp_path):
+    """mpiexec answers Ctrl-C by closing the ranks' output and terminating them (its own exit
+    code, 1): rank 0's line reaches the terminal through /dev/tty; the state is resumable."""
+    run, hold = tmp_path / "run", tmp_path / "hold"
+    hold.touch()
+    cmd = [str(BIN / "mpiexec"), "--oversubscribe", "-n", "2", str(BIN / "fcit"), "run"]
+    cmd += [str(SMOKE), "--out", str(run), f"debug.hold_file={hold}", "debug.hold_stage=1"]
+    code, shown = _in_terminal(cmd, b"holding before stage 1")
+    assert "received: stopping at the next round boundary" in shown, shown[-3000:]
+    assert f"continue with `fcit run --resume {run}`" in shown
+    assert code != 0 and "Traceback" not in shown
+    hold.unlink()
+    st = read_state(run)  # the last completed round, whole
+    assert (st.stage, st.round) == (1, -1)
