@@ -77,7 +77,12 @@ def _saved_config(saved: Path) -> Config:
             f"default config: remove it and start afresh with `fcit run CONFIG --out "
             f"{saved.parent}`"
         )
-    return load_config(saved)
+    try:
+        return load_config(saved)
+    except ConfigError as e:  # a field's error: say which file it is in
+        if str(saved) in str(e):
+            raise
+        raise ConfigError(f"{saved}: {e}") from None
 
 
 def _reason(e: BaseException) -> str:
