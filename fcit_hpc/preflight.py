@@ -80,24 +80,37 @@ def device_memory(cfg: Config) -> tuple[int, str]:
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    return host_memory(), "physical memory"
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
 
 
+def host_memory() -> int:
+    """Bytes of the machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_memory(cfg: Config) -> None:
-    """ConfigError naming the size fields when the lower bound exceeds the device's memory."""
+    """ConfigError naming the size fields when a lower bound exceeds the memory it lives in: the
+    data in the host's memory, the model, adapters and a batch in the device's (the host's too on
+    CPU)."""
     terms = memory_terms(cfg)
-    need = sum(n for n, _ in terms)
+    data = [t for t in terms if "(the data)" in t[1]]
+    model = [t for t in terms if t not in data]
     have, what = device_memory(cfg)
-    if need > have:
-        most, fields = max(terms)
-        raise ConfigError(
-            f"{fields}: needs at least {_gib(most)} ({_gib(need)} in all with the model, "
-            f"adapters, a batch and the data), more than the {_gib(have)} of {what}"
-        )
+    host = host_memory()
+    if what == "physical memory":  # one memory holds everything
+        model, data = model + data, []
+    for part, room, name in ((model, have, what), (data, host, "physical memory")):
+        need = sum(n for n, _ in part)
+        if part and need > room:
+            most, fields = max(part)
+            raise ConfigError(
+                f"{fields}: needs at least {_gib(most)} ({_gib(need)} in all in {name}), more "
+                f"than the {_gib(room)} of {name}"
+            )
 
 
 def check_run_dir(run_dir: Path, resuming: bool, need: int) -> None:
