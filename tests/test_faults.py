@@ -88,9 +88,10 @@ def test_concurrent_run_is_refused_before_writing_and_the_first_equals_a_run_alo
     )
     try:
         deadline = time.time() + 120
-        while not (run / "config.yaml").exists() and time.time() < deadline:
+        # metrics.jsonl is A's last write before its hold (the server's start rewrites it)
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.2)
-        time.sleep(1.0)  # A is at its hold (rank 0 reaches it right after the set-up)
+        time.sleep(1.0)
         before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
         b = fcit("run", str(SMOKE), "--out", str(run), "seed=1")
         assert b.returncode == 2, b.stderr[-2000:]
