@@ -57,10 +57,19 @@ def _config_diff(stored: str, given: str) -> str:
     def lines(text: str) -> list[str]:
         return [x for x in text.splitlines() if not x.startswith("out_dir:")]
 
-    diff = difflib.unified_diff(
-        lines(stored), lines(given), "state.h5 (stored)", "config.yaml", n=0, lineterm=""
-    )
+    a, b = lines(stored), lines(given)
+    if a == b:
+        return ""
+    if len(a) + len(b) > MAX_DIFF_LINES:  # difflib is quadratic: the first difference only
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        i = min(len(a), len(b)) if first is None else first
+        x, y = (a[i] if i < len(a) else ""), (b[i] if i < len(b) else "")
+        return f"--- state.h5 (stored)\n+++ config.yaml\n-{x}\n+{y}\n(first difference only)"
+    diff = difflib.unified_diff(a, b, "state.h5 (stored)", "config.yaml", n=0, lineterm="")
     return "\n".join(x for x in diff if not x.startswith("@@"))
+
+
+MAX_DIFF_LINES = 2000
 
 
 def _saved_config(saved: Path) -> Config:
