@@ -50,27 +50,130 @@ def _config_difference(stored: str, cfg: Config) -> str | None:
     return None
 
 
-def _stored_run(run_dir: Path, cfg: Config | None) -> RunStart | None:
+def _config_diff(stored: str, given: str) -> str:
+    """A unified diff (``out_dir`` lines dropped) of two resolved configs, '' when they agree."""
+    import difflib
+
+    def lines(text: str) -> list[str]:
+        return [x for x in text.splitlines() if not x.startswith("out_dir:")]
+
+    a, b = lines(stored), lines(given)
+    if a == b:
+        return ""
+    if len(a) + len(b) > MAX_DIFF_LINES:  # difflib is quadratic: the first difference only
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        i = min(len(a), len(b)) if first is None else first
+        x, y = (a[i] if i < len(a) else ""), (b[i] if i < len(b) else "")
+        return f"--- state.h5 (stored)\n+++ config.yaml\n-{x}\n+{y}\n(first difference only)"
+    diff = difflib.unified_diff(a, b, "state.h5 (stored)", "config.yaml", n=0, lineterm="")
+    return "\n".join(x for x in diff if not x.startswith("@@"))
+
+
+MAX_DIFF_LINES = 2000
+
+
+def _saved_config(saved: Path) -> Config:
+    """RUN_DIR/config.yaml, refused when empty (what a full disk leaves) or unreadable."""
+    from fcit_hpc.config import load_config
+
+    try:
+        text = saved.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config ({_reason(e)})") from None
+    if not text.strip():
+        raise ConfigError(
+            f"{saved}: empty (a write cut short, e.g. by a full disk); not resuming with the "
+            f"default config: remove it and start afresh with `fcit run CONFIG --out "
+            f"{saved.parent}`"
+        )
+    try:
+        return load_config(saved)
+    except ConfigError as e:  # a field's error: say which file it is in
+        if str(saved) in str(e):
+            raise
+        raise ConfigError(f"{saved}: {e}") from None
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _resume_config(st: RunState, saved: Path, accept: bool) -> tuple[Config, bool]:
+    """The config a resume continues with (stored in ``st``) and whether config.yaml is to be
+    rewritten from it (missing). A config.yaml that is empty, unparsable or differs from the
+    stored config is refused with a diff; ``accept`` (``--accept-config``) takes its settings."""
+    from fcit_hpc.config import config_from_yaml_text, to_yaml
+
+    state_file = saved.parent / "state.h5"
+    try:
+        stored = config_from_yaml_text(st.config_yaml)
+    except ConfigError as e:
+        raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+    if not saved.exists():
+        return stored, True
+    if not saved.is_file():
+        raise ConfigError(f"{saved}: not a file")
+    try:
+        text = saved.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config ({_reason(e)})") from None
+    if not text.strip():
+        raise ConfigError(
+            f"{saved}: empty (a write cut short, e.g. by a full disk), while {state_file} holds "
+            f"the run's config: remove {saved} to resume with the stored one (it is rewritten)"
+        )
+    try:
+        given = _saved_config(saved)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e} -- {state_file} holds the run's config: remove {saved} to resume with it"
+        ) from None
+    diff = _config_diff(to_yaml(stored), to_yaml(given))
+    if not diff:
+        return stored, False
+    if accept:
+        logging.getLogger("fcit").warning(
+            "%s: resuming with this file's settings (--accept-config), not the stored ones:\n%s",
+            saved,
+            diff,
+        )
+        st.config_yaml = to_yaml(given)
+        return given, False
+    raise ConfigError(
+        f"{saved}: differs from the config stored in {state_file}, which the run was started "
+        f"with:\n{diff}\nrestore the file (or remove it: it is rewritten from the state), or "
+        "resume with `--accept-config` to continue with the file's settings deliberately"
+    )
+
+
+def _stored_run(run_dir: Path, cfg: Config | None, accept: bool = False) -> RunStart | None:
     """The run stored in ``run_dir``: from its state file, or, when it stopped before its first
     round was stored, afresh from its ``config.yaml``; None when there is neither. ``cfg``: the
-    config given on the command line, which the stored one must equal (``--continue``)."""
-    from fcit_hpc.config import config_from_yaml_text, load_config
+    config given on the command line, which the stored one must equal (``--continue``); None:
+    ``--resume``, which checks config.yaml against the stored config (``accept``:
+    ``--accept-config``)."""
+    from fcit_hpc.config import config_from_yaml_text
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
     state_file, saved = run_dir / STATE_FILE, run_dir / "config.yaml"
     if state_file.exists():
         st = read_state(run_dir)  # every rank checks the file, so all fail alike
+        if cfg is None:
+            stored, rewrite = _resume_config(st, saved, accept)
+            return RunStart(stored, run_dir, st, write_config=rewrite)
         try:
             stored = config_from_yaml_text(st.config_yaml)
         except ConfigError as e:
             raise StateError(f"{state_file}: stored config is invalid: {e}") from None
-        if cfg is not None and (diff := _config_difference(st.config_yaml, cfg)):
+        if diff := _config_difference(st.config_yaml, cfg):
             raise ConfigError(
                 f"{state_file}: holds a run of another config ({diff}); use another --out"
             )
         return RunStart(stored, run_dir, st, write_config=False)
     if saved.is_file():
-        stored = load_config(saved)
+        if cfg is not None and not saved.read_bytes().strip():
+            return None  # --continue: an empty file left by a cut write; the given config starts
+        stored = _saved_config(saved)
         if cfg is not None and (diff := _config_difference(saved.read_text(), cfg)):
             raise ConfigError(f"{saved}: holds a run of another config ({diff}); use another --out")
         if not stored.compare:  # a comparison continues its unfinished sub-runs
@@ -95,12 +198,14 @@ def resolve_run(args) -> RunStart:
                 "--resume RUN_DIR takes the config stored in RUN_DIR; give no CONFIG, overrides "
                 "or --continue"
             )
-        start = _stored_run(run_dir, None)
+        start = _stored_run(run_dir, None, getattr(args, "accept_config", False))
         if start is None:
             raise StateError(
                 f"{run_dir / STATE_FILE}: state file not found (nor a config.yaml to start from)"
             )
         return start
+    if getattr(args, "accept_config", False):
+        raise ConfigError("--accept-config goes with --resume RUN_DIR only")
     if not args.config:
         raise ConfigError("fcit run: give CONFIG or --resume RUN_DIR")
     overrides = list(args.overrides)
@@ -140,9 +245,11 @@ def check_run_scorers(cfg, run_dir: Path) -> None:
 def cmd_run(args, comm) -> int:
     import yaml
 
-    from fcit_hpc.config import to_dict, to_yaml
+    from fcit_hpc.config import to_dict
+    from fcit_hpc.fed import preempt
     from fcit_hpc.fed.context import runtime_for
     from fcit_hpc.fed.handshake import check_same_job
+    from fcit_hpc.preflight import preflight
     from fcit_hpc.run import run_federated
 
     start, error = None, None
@@ -157,26 +264,121 @@ def cmd_run(args, comm) -> int:
     if error is not None:
         raise error
     cfg, run_dir = start.cfg, start.run_dir
+    _agree(comm, lambda: preflight(cfg, run_dir, start.state is not None))  # nothing written
     runtime = runtime_for(cfg, comm)  # a device or group that cannot be had fails before writes
     comm.barrier()
-    if comm.is_root and start.write_config:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if cfg.sweep:
-        from fcit_hpc.compare import run_sweep
+    created = not run_dir.exists()
+    lock = _agree(comm, lambda: _take(start))  # rank 0 owns the directory from here on
+    preempt.set_run_dir(run_dir)
+    try:
+        if comm.is_root and start.write_config:
+            _write_config(run_dir, cfg)
+        if cfg.sweep:
+            from fcit_hpc.compare import run_sweep
 
-        run_sweep(cfg, comm, run_dir)
-        return 0
-    if cfg.compare:
-        from fcit_hpc.compare import run_compare
+            run_sweep(cfg, comm, run_dir)
+            return 0
+        if cfg.compare:
+            from fcit_hpc.compare import run_compare
 
-        run_compare(cfg, comm, run_dir)
-        return 0
-    state = start.state if comm.is_root else None
-    st = run_federated(cfg, comm, run_dir, state, runtime)
+            run_compare(cfg, comm, run_dir)
+            return 0
+        state = start.state if comm.is_root else None
+        st = run_federated(cfg, comm, run_dir, state, runtime)
+    except FcitError:
+        if comm.is_root and start.write_config and start.state is None and not cfg.compare:
+            _remove_setup_files(run_dir, created)  # a fresh run that stored nothing
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
     if comm.is_root and st is not None:
         _print_summary(st, run_dir)
     return 0
+
+
+def _agree(comm, fn):
+    """Run ``fn`` on rank 0 and broadcast whether it passed: on failure rank 0 raises its error,
+    the others an error of the same exit code (rank 0 prints the message). Returns rank 0's
+    result (None elsewhere)."""
+    import numpy as np
+
+    result, error = None, None
+    if comm.is_root:
+        try:
+            result = fn()
+        except FcitError as e:
+            error = e
+    code = comm.bcast_array(
+        np.array([error.exit_code if error else 0], np.int64) if comm.is_root else None
+    )
+    if error is not None:
+        error.rank_local = False  # every rank knows and stops
+        raise error
+    if int(code[0]):
+        e = FcitError("stopped by rank 0")
+        e.exit_code = int(code[0])
+        raise e
+    return result
+
+
+def _take(start: RunStart):
+    """Lock the run directory (rank 0), then check that what was resolved before is still there:
+    another run may have stored a state in between."""
+    from fcit_hpc.state.lock import acquire
+    from fcit_hpc.state.schema import STATE_FILE, read_state
+
+    lock = acquire(start.run_dir)
+    try:
+        exists = (start.run_dir / STATE_FILE).exists()
+        if start.state is None and exists and not start.cfg.compare:
+            raise StateError(
+                f"{start.run_dir / STATE_FILE}: a run was stored here meanwhile; use "
+                f"`fcit run --resume {start.run_dir}` or another --out"
+            )
+        if start.state is not None:
+            config_yaml = start.state.config_yaml  # an --accept-config choice is kept
+            start.state = read_state(start.run_dir)  # as the previous owner left it
+            start.state.config_yaml = config_yaml
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    """RUN_DIR/config.yaml, atomically (a temporary file renamed): a full disk leaves no empty
+    or partial file."""
+    from fcit_hpc.config import to_yaml
+    from fcit_hpc.errors import StorageError
+
+    final, tmp = run_dir / "config.yaml", run_dir / ".config.yaml.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(to_yaml(cfg))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{final}: cannot write the run's config ({_reason(e)})") from None
+
+
+def _remove_setup_files(run_dir: Path, created: bool) -> None:
+    """After an error in the set-up of a fresh run: remove what it wrote (config.yaml; the
+    directory when this run made it and holds nothing else but the lock file)."""
+    import contextlib
+
+    from fcit_hpc.state.lock import LOCK_FILE
+    from fcit_hpc.state.schema import STATE_FILE
+
+    if (run_dir / STATE_FILE).exists():
+        return
+    with contextlib.suppress(OSError):
+        (run_dir / "config.yaml").unlink(missing_ok=True)
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def _print_summary(st, run_dir: Path) -> None:
@@ -205,9 +407,14 @@ def print_phases(run_dir: Path) -> None:
 
 
 def cmd_export(args) -> int:
+    """Check every argument, write the adapters into a temporary folder beside ``--out``, then
+    rename it into place (an existing export is replaced only once the new one is complete)."""
+    import shutil
+
     import numpy as np
 
     from fcit_hpc.config import config_from_yaml_text
+    from fcit_hpc.errors import StorageError
     from fcit_hpc.methods import make_method
     from fcit_hpc.state.schema import read_state
 
@@ -216,18 +423,40 @@ def cmd_export(args) -> int:
     alpha = None
     if args.alpha:
         try:
-            alpha = np.array([float(x) for x in args.alpha.split(",")], np.float32)
+            alpha = np.array([float(x) for x in args.alpha.split(",")], np.float64)
         except ValueError:
             raise ConfigError(
                 f"--alpha: expected comma-separated numbers, got {args.alpha!r}"
             ) from None
+        if not np.isfinite(alpha).all() or np.abs(alpha).max() > np.finfo(np.float32).max:
+            raise ConfigError(f"--alpha: weights must be finite float32 numbers, got {args.alpha}")
+        alpha = alpha.astype(np.float32)
     out = Path(args.out) if args.out else Path(args.run_dir) / "adapters"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, not a directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        dirs = make_method(cfg).export(cfg, st, out, alpha)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise StorageError(f"{out}: cannot create the export folder ({_reason(e)})") from None
+    try:
+        dirs = make_method(cfg).export(cfg, st, tmp, alpha)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise StorageError(f"{out}: cannot write the export ({_reason(e)})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for d in dirs:
-        print(d)
+        print(out / d.relative_to(tmp))
     return 0
 
 
@@ -403,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in the config's run directory when it holds one of the same "
         "config (what a requeued SLURM job runs); else start it",
     )
+    r.add_argument(
+        "--accept-config",
+        action="store_true",
+        help="with --resume: continue with RUN_DIR/config.yaml's settings where they differ "
+        "from the config stored in state.h5",
+    )
     b = sub.add_parser(
         "bench",
         help="benchmarks: round wall time at 1 vs 2 ranks; kernels; one client's training",
@@ -537,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             from fcit_hpc.fed.preempt import stop_signals
 
-            with stop_signals():
+            with stop_signals(announce=comm.is_root):
                 code = cmd_run(args, comm)
         elif args.cmd == "export":
             code = cmd_export(args)
@@ -561,6 +796,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             code = cmd_bench(args, comm)
     except Preempted as e:
+        if not e.collective:  # this rank stopped at once (set-up, evaluation, a second signal)
+            from fcit_hpc.fed.preempt import tell
+
+            if comm is None or comm.is_root:
+                tell(f"fcit: {e}")
+            else:
+                print(f"fcit: rank {comm.rank}: {e}", file=sys.stderr, flush=True)
+            _finish(comm, e.exit_code, abort=True)
+            return e.exit_code
         # every rank agreed to stop here: all end normally (MPI finalized at exit, so that srun
         # and mpirun see clean exits) with 75, which the SLURM script reads as "requeue me"
         if comm is None or comm.is_root:
@@ -571,12 +815,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fcit: error: {e}", file=sys.stderr)
         _finish(comm, e.exit_code, abort=e.rank_local)
         return e.exit_code
-    except BaseException:
-        import traceback
+    except BaseException as e:
+        from fcit_hpc.crash import classify
 
-        traceback.print_exc()
-        _finish(comm, 1, abort=True)
-        return 1
+        code, message = classify(e, args)
+        print(f"fcit: {message}", file=sys.stderr, flush=True)
+        _finish(comm, code, abort=True)
+        return code
     if args.cmd == "run" and code == 0 and (comm is None or comm.is_root):
         _mark_end()
     return code

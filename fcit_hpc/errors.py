@@ -47,3 +47,19 @@ class Preempted(Exception):
     timed-out SLURM job); the stored state is the last completed round. Exit code 75."""
 
     exit_code = EXIT_PREEMPTED
+    collective = True  # every rank raised it at the same safe point
+
+
+class Interrupted(Preempted):
+    """A stop signal arrived outside the round loop (set-up, data generation, evaluation) or a
+    second one arrived: this rank stops at once, without the other ranks' agreement (a multi-rank
+    job is aborted with 75). Every file is written atomically, so nothing is half-written; the
+    stored state is the last completed round. Exit code 75."""
+
+    collective = False
+
+
+class RunDirError(FcitError):
+    """The run directory cannot be used (not a directory, not writable, no room): exit 74."""
+
+    exit_code = EXIT_IO

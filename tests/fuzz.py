@@ -523,6 +523,8 @@ def _mutations():
             st.tuples(st.just("attr"), st.sampled_from(STATE_ATTRS), _attr_values()),
             st.tuples(st.just("drop_attr"), st.sampled_from(STATE_ATTRS)),
             st.tuples(st.just("garbage"), st.binary(max_size=300)),
+            # one byte inside a dataset's values (the checksums' case; issue 26)
+            st.tuples(st.just("value"), st.sampled_from(STATE_PATHS), st.floats(0, 1)),
         ),
         max_size=3,
     )
@@ -542,12 +544,32 @@ def _mutate(path: Path, muts) -> None:
             path.write_bytes(bytes(buf))
         elif kind == "garbage":
             path.write_bytes(m[1])
+        elif kind == "value":
+            _flip_value(path, m[1], m[2])
         else:
             try:  # an earlier mutation may have left no HDF5 file to edit, or one too damaged
                 with h5py.File(path, "a") as f:
                     _edit(f, m)
             except (OSError, KeyError, ValueError, RuntimeError):
                 continue
+
+
+def _flip_value(path: Path, name: str, frac: float) -> None:
+    """Invert one byte inside the values of dataset ``name`` (contiguous, non-empty), in place."""
+    try:
+        with h5py.File(path, "r") as f:
+            obj = f.get(name)
+            if not isinstance(obj, h5py.Dataset) or obj.id.get_offset() is None or not obj.nbytes:
+                return
+            at = obj.id.get_offset() + min(int(frac * obj.nbytes), obj.nbytes - 1)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        b = fh.read(1)
+        if b:
+            fh.seek(at)
+            fh.write(bytes([b[0] ^ 0xFF]))
 
 
 def _edit(f: h5py.File, m) -> None:
@@ -624,6 +646,37 @@ def _lay_state(d: Path, x) -> None:
     _mutate(d / STATE_FILE, muts)
 
 
+def _run_dir_configs():
+    """config.yaml beside a state: absent, empty, the run's own, edited, or any config text."""
+    smoke = SMOKE.read_bytes()
+    return st.one_of(
+        st.none(),
+        st.just(b""),
+        st.just(smoke),
+        st.just(smoke.replace(b"seed: 0", b"seed: 7")),
+        _config_texts(),
+    )
+
+
+def _lay_run_dir(d: Path, x) -> None:
+    state, muts, config = x
+    if state is not None:
+        _lay_state(d, (state, muts))
+    if config is not None:
+        (d / "config.yaml").write_bytes(config)
+
+
+def _resume(d: Path, x):
+    """What ``fcit run --resume D`` resolves (no run started: resolving writes nothing)."""
+    from argparse import Namespace
+
+    from fcit_hpc.cli import resolve_run
+
+    args = Namespace(resume=str(d), config=None, overrides=[], cont=False, out=None)
+    args.accept_config = False
+    return resolve_run(args)
+
+
 def _read_tree(d: Path, t: Tree):
     stages = stage_datasets(t.setting)
     data = LayoutData(d, stages, t.setting, t.beta, t.num_clients)
@@ -670,6 +723,12 @@ TARGETS = [
         lambda: st.tuples(_states(), _mutations()),
         _lay_state,
         lambda d, x: read_state(d),
+    ),
+    Target(
+        "run directory (--resume)",
+        lambda: st.tuples(st.one_of(st.none(), _states()), _mutations(), _run_dir_configs()),
+        _lay_run_dir,
+        _resume,
     ),
 ]
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fcit_hpc.errors import ConfigError
 from fcit_hpc.methods.disco import FULL, MATCHED, NEW, cosine, dko_assign, ssa_activation
 from fcit_hpc.model.lora import SubspaceAdapter, SubspaceLoRALinear, inject_subspace_lora
 
@@ -65,8 +66,10 @@ def test_injection_targets_ffn_only():
     )
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert all("lora_" in n for n in trainable)
-    with pytest.raises(ValueError, match="lora.target_modules"):
+    with pytest.raises(ConfigError, match=r"lora.target_modules: \['nothing'\].*up_proj"):
         inject_subspace_lora(m, {"nothing"}, 2, 4.0, 0.0, 2)
+    with pytest.raises(ConfigError, match="'q_projx'"):  # one missing of several
+        inject_subspace_lora(m, {"up_proj", "q_projx"}, 2, 4.0, 0.0, 2)
 
 
 def test_adapter_vector_roundtrip_and_init():

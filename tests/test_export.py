@@ -84,5 +84,8 @@ def test_bad_alpha(trained, tmp_path):
     cfg, model, adapter, tok, out, _ = trained
     st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8), strategy_from_config(cfg.federation))
     st.num_subspaces = 2
-    with pytest.raises(ValueError, match="--alpha"):
-        export_adapters(cfg, st, tmp_path, np.array([1.0, np.nan], np.float32))
+    out = tmp_path / "adapters"
+    for bad in ([1.0, np.nan], [1.0, 2.0, 3.0]):
+        with pytest.raises(ValueError, match="--alpha: expected 2 finite"):
+            export_adapters(cfg, st, out, np.array(bad, np.float32))
+        assert not out.exists()  # refused before anything is written

@@ -455,3 +455,19 @@ def test_predictions_are_replaced_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         pr.write_predictions(tmp_path, 1, ["OCRVQA"], tests, [["new", "new"]])
     assert f.read_text("utf-8") == first  # a crash while writing leaves the old file whole
+
+
+def test_broken_client_file_of_the_last_stage_is_found_before_the_first_round(tmp_path):
+    """Issue 26: a client file of a late stage that does not parse ends the run before the first
+    round (exit 2 naming the file), not when that stage starts; the fresh run leaves nothing."""
+    root = write_release(tmp_path / "FCIT_data")
+    stages = stage_datasets("task")
+    last = root / "partitioned_data" / "Task-related" / "seq" / "1.0" / f"Task{len(stages)}"
+    (last / "client_2.json").write_text('[{"conversations": [}]')
+    layout = LayoutData(root, stages, "task", 1.0, 3)  # structure only: files exist
+    with pytest.raises(DataError, match=rf"Task{len(stages)}/client_2\.json"):
+        layout.check_client_files()
+    p = _run(root, tmp_path / "run")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"fcit: error: {last / 'client_2.json'}" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run").exists()

@@ -107,7 +107,8 @@ def test_failed_state_write_leaves_the_previous_state_and_ends_the_job(tmp_path)
     assert hashlib.sha256((out / "state.h5").read_bytes()).hexdigest() == record.read_text()
     st = read_state(out)
     assert (st.stage, st.round, st.done) == (0, 0, False)
-    assert sorted(x.name for x in out.iterdir() if x.name.startswith(".")) == []
+    # no temporary file left (the run directory's lock file stays, unlocked)
+    assert sorted(x.name for x in out.iterdir() if x.name.startswith(".")) == [".fcit.lock"]
 
 
 # --- ranks that differ ------------------------------------------------------------------------

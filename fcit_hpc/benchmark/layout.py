@@ -271,6 +271,15 @@ class LayoutData:
                 )
         return [[d / f"client_{c}.json"] for c in range(self.num_clients)]
 
+    def check_client_files(self) -> None:
+        """Parse every client file of every stage (records, conversations; images are checked
+        when a client reads them): a broken file of a late stage is found before the first
+        round, not hours later. DataError naming the file and the record."""
+        for unit, clients in enumerate(self._files):
+            for files in clients:
+                for f in files:
+                    load_conversations(f, unit, self.image_root, check_images=False)
+
     def client_samples(self, unit: int, client: int) -> list[Sample]:
         key = (unit, client)
         if key not in self._cache:

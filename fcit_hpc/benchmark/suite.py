@@ -63,6 +63,12 @@ class FederatedData:
     clients with a Dirichlet quantity skew. A selected client trains on its shard of the unit the
     schedule gives it (Hom: the current stage; Het: the table entry)."""
 
+    def check_files(self) -> None:
+        """The release tree's client files of every stage parse (nothing to check for the
+        generated suites)."""
+        if self._layout is not None:
+            self._layout.check_client_files()
+
     def __init__(self, cfg: Config):
         b = cfg.benchmark
         if b.suite == "synthetic":

@@ -10,6 +10,7 @@ import torch
 
 from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config
+from fcit_hpc.errors import FcitError
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.strategies import Strategy, strategy_from_config
 from fcit_hpc.methods import make_method
@@ -139,6 +140,12 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     model, adapter, tok = build_model(cfg, method.num_slots(), rt, method.slot_rank())
     method.install(adapter)
     data = FederatedData(cfg)
+    if comm.is_root:  # every stage's client files, before the first round (rank 0 reads them)
+        try:
+            data.check_files()
+        except FcitError as e:
+            e.rank_local = True  # the other ranks do not know: the job is aborted
+            raise
     method.check_stages(data.num_stages)
     encoder = None
     if method.uses_identity:

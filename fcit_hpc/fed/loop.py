@@ -48,25 +48,27 @@ def run_federated(
     ``runtime``: this rank's device and client group (made from the config when None).
     Returns the final state on rank 0, None elsewhere."""
     reset(sync=cfg.train.sync_timers)  # phase timers (fcit_hpc.timers), from here
-    with phase("startup"):
+    with phase("startup"), preempt.phase("set-up (model, data)"):
         ctx = build_context(cfg, comm, runtime)
         role = Server(ctx, run_dir, state, evaluation) if comm.is_root else Role()
     cursor = comm.bcast_array(role.cursor())
     if cursor[2]:
-        return role.state()
+        return role.finish(report_missing_only=True)  # killed after its end: report.md
     start_stage, last_round = int(cursor[0]), int(cursor[1])
     num_rounds = cfg.federation.num_rounds if ctx.method.trains else 0
     role.start_progress(start_stage, last_round, num_rounds)
     for stage in range(start_stage, ctx.data.num_stages):
         first = last_round + 1 if stage == start_stage else 0
-        for rnd in range(first, num_rounds):
-            safe_point(ctx, role, stage, rnd)
-            run_round(ctx, role, stage, rnd)
-        safe_point(ctx, role, stage, num_rounds)
-        role.after_rounds(stage)
-        if ctx.method.has_stage_end and num_rounds > 0:  # once per stage, also on resume
-            if comm.bcast_array(role.stage_end_todo(stage))[0]:
-                run_stage_end(ctx, role, stage, num_rounds - 1)
+        with preempt.phase(f"stage {stage}'s rounds", deferred=True):
+            for rnd in range(first, num_rounds):
+                safe_point(ctx, role, stage, rnd)
+                run_round(ctx, role, stage, rnd)
+            safe_point(ctx, role, stage, num_rounds)
+            role.after_rounds(stage)
+            if ctx.method.has_stage_end and num_rounds > 0:  # once per stage, also on resume
+                if comm.bcast_array(role.stage_end_todo(stage))[0]:
+                    run_stage_end(ctx, role, stage, num_rounds - 1)
+                    safe_point(ctx, role, stage, num_rounds)
         if comm.bcast_array(role.needs_eval(stage))[0] and cfg.eval.enabled:
             with phase("comm"):
                 view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
@@ -76,7 +78,7 @@ def run_federated(
                 set_projector(ctx.model, view.projector)
             if view.mixer.size:
                 ctx.adapter.set_mixer(view.mixer)
-            with local_work(), phase("eval"):
+            with local_work(), phase("eval"), preempt.phase(f"stage {stage}'s evaluation"):
                 result = evaluation.evaluate(ctx, view)
             role.record_eval(stage, result, comm.gatherv(take()))
         role.end_stage(stage)

@@ -66,6 +66,7 @@ class Role:
         """Where the run stopped on a stop signal (``reason``), for the log (rank 0's only)."""
         return ""
 
-    def finish(self) -> RunState | None:
-        """The final state (the server's), after the summary and the report."""
+    def finish(self, report_missing_only: bool = False) -> RunState | None:
+        """The final state (the server's), after the summary and the report (only when it is
+        missing: ``report_missing_only``, a resume of a run whose end was stored)."""
         return None

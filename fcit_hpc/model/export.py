@@ -91,6 +91,11 @@ def export_adapters(
     """Write the base model (``base/``), one PEFT adapter per live subspace (of rank ``rank``,
     lora.lora_r by default) and, if ``alpha`` [S] is given, the merged adapter. Returns the
     adapter directories."""
+    live = max(st.num_subspaces, 1)
+    if alpha is not None:  # checked before anything is written
+        alpha = np.asarray(alpha, dtype=np.float32)
+        if alpha.shape != (live,) or not np.isfinite(alpha).all():
+            raise ValueError(f"--alpha: expected {live} finite weights, got {alpha.tolist()}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, adapter, _ = build_model(cfg, st.adapter.shape[0], rank=rank)
@@ -100,7 +105,6 @@ def export_adapters(
     r = adapter.r
     la = cfg.lora.lora_alpha * r / cfg.lora.lora_r  # the run's scaling alpha / r
     written = []
-    live = max(st.num_subspaces, 1)
     pm = _peft_model(cfg, r, la, st.projector)
     for k in range(live):
         _fill(
@@ -114,9 +118,6 @@ def export_adapters(
         pm.save_pretrained(out / f"subspace_{k}")
         written.append(out / f"subspace_{k}")
     if alpha is not None:
-        alpha = np.asarray(alpha, dtype=np.float32)
-        if alpha.shape != (live,) or not np.isfinite(alpha).all():
-            raise ValueError(f"--alpha: expected {live} finite weights, got {alpha.tolist()}")
         a = torch.from_numpy(alpha).repeat_interleave(r)  # [S·r]
         pm = _peft_model(cfg, r * live, la / r * (r * live), st.projector)
         weights = {}

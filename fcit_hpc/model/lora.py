@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fcit_hpc.errors import ConfigError
 from fcit_kernels import ssa_lora_linear
 
 
@@ -160,9 +161,18 @@ def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_ma
                 layer = SubspaceLoRALinear(child, r, lora_alpha, dropout, s_max)
                 setattr(module, child_name, layer)
                 found.append((full, layer))
-    if not found:
-        raise ValueError(f"lora.target_modules: no linear named {targets} in the model")
+    missing = sorted(set(targets) - {full.rsplit(".", 1)[-1] for full, _ in found})
+    if missing:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _linear(m)})
+        raise ConfigError(
+            f"lora.target_modules: {missing} name no linear layer of the model (its linears: "
+            f"{', '.join(linears)})"
+        )
     return found
+
+
+def _linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear | SubspaceLoRALinear)
 
 
 class SubspaceAdapter:

@@ -32,11 +32,17 @@ Layout::
                                                   each stage's evaluation (NaN: not evaluated)
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
+
+Checksums (schema version 2): every dataset carries an attribute ``sha256``, the hex SHA-256 of
+its values' bytes (C order, as stored: records packed field by field), verified on every load; a
+changed byte inside any dataset's values is refused naming the dataset. Files of schema version 1
+(written before checksums) load unverified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -48,7 +54,9 @@ import numpy as np
 
 from fcit_hpc.errors import StateError, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every dataset carries a sha256 checksum attribute
+READABLE_VERSIONS = (1, 2)  # 1: written before checksums (loaded unverified)
+CHECKSUM = "sha256"
 STATE_FILE = "state.h5"
 
 ROUND_DTYPE = np.dtype(
@@ -229,6 +237,40 @@ def _write_h5(path: Path, st: RunState) -> None:
             dk.create_dataset("samples", data=np.asarray(st.dko_samples, np.int64))
             dk.create_dataset("task_unit", data=np.asarray(st.dko_task_unit, np.int64))
             dk.create_dataset("gate_mass", data=np.asarray(st.dko_gate_mass, np.float64))
+        _add_checksums(f)
+
+
+def _values_digest(obj: h5py.Dataset) -> str:
+    """SHA-256 (hex) of a dataset's values as stored."""
+    return hashlib.sha256(np.ascontiguousarray(obj[()]).tobytes()).hexdigest()
+
+
+def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
+    found: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(
+        lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+    )
+    return found
+
+
+def _add_checksums(f: h5py.File) -> None:
+    for _, obj in _datasets(f):
+        obj.attrs[CHECKSUM] = _values_digest(obj)
+
+
+def _verify_checksums(r: _Reader) -> None:
+    """Every dataset's values against its stored checksum (schema version 2)."""
+    for name, obj in _datasets(r.f):
+        want = obj.attrs.get(CHECKSUM)
+        if isinstance(want, bytes | np.bytes_):
+            want = bytes(want).decode("utf-8", "replace")
+        if not isinstance(want, str):
+            raise r.fail(f"/{name} carries no {CHECKSUM} checksum (schema version 2 has one)")
+        if _values_digest(obj) != want:
+            raise r.fail(
+                f"/{name}: checksum mismatch: its values changed after they were written (a "
+                "damaged or edited file)"
+            )
 
 
 class _Reader:
@@ -304,11 +346,19 @@ def read_state(run_dir: str | Path) -> RunState:
     return st
 
 
+def _plain(v) -> str:
+    """An attribute's value as written in a message (numpy scalars as plain numbers)."""
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
 def _read(r: _Reader) -> RunState:
     f = r.f
     version = f.attrs.get("schema_version")
-    if not isinstance(version, int | np.integer) or version != SCHEMA_VERSION:
-        raise r.fail(f"schema_version {version!r}, expected {SCHEMA_VERSION}")
+    if not isinstance(version, int | np.integer) or version not in READABLE_VERSIONS:
+        raise r.fail(
+            f"schema_version {_plain(version)}: this fcit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (a file of another fcit)"
+        )
     glob, cur, ev = r.group("global"), r.group("cursor"), r.group("eval")
     adapter = r.array("global/adapter", np.float32, 2)
     tokens = r.array("global/tokens", np.float32, 2)
@@ -355,7 +405,7 @@ def _read(r: _Reader) -> RunState:
             f"cursor (stage {stage}, round {rnd}, done {done}) or num_subspaces {live} out of "
             f"range ({stages} stages, {s_max} subspaces)"
         )
-    return RunState(
+    st = RunState(
         config_yaml=r.text(f, "config_yaml", "the file"),
         adapter=adapter,
         tokens=tokens,
@@ -382,6 +432,9 @@ def _read(r: _Reader) -> RunState:
         dko_task_unit=dko[1],
         dko_gate_mass=dko[2],
     )
+    if version >= 2:  # after the structure's checks, whose messages say more about an edit
+        _verify_checksums(r)
+    return st
 
 
 def _read_dko(
@@ -418,6 +471,8 @@ def comparable_content(run_dir: str | Path) -> dict[str, np.ndarray]:
 
         def visit(name, obj):
             for k, v in obj.attrs.items():
+                if k == CHECKSUM:  # of records holding time fields; the values are compared
+                    continue
                 if k == "config_yaml":  # where the run lives is not part of its content
                     v = "\n".join(x for x in str(v).splitlines() if not x.startswith("out_dir:"))
                 out[f"{name}@{k}"] = np.asarray(v)

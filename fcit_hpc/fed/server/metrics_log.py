@@ -37,6 +37,9 @@ class MetricsLog:
                 if st.dko_samples.size:  # identity methods: the stage's DKO diagnostics
                     lines.append(stage_record(st, t, task_names))
         lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
+        if st.summary and st.done:  # a resumed finished run keeps its summary line
+            stages = st.accuracy.shape[0]
+            lines.append(json.dumps({"kind": "summary", "stage": stages, **st.summary}))
         self.path.write_text("".join(x + "\n" for x in lines))
 
     def old_phases(self) -> dict[tuple, dict]:

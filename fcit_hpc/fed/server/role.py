@@ -196,7 +196,7 @@ class Server(Role):
             where = f"after stage {st.stage - 1} and its evaluation ({path})"
         return f"stopped on {reason} {where}; continue with `fcit run --resume {d}`"
 
-    def finish(self):
+    def finish(self, report_missing_only=False):
         if self.bar is not None:
             self.bar.close()
         ctx, st = self.ctx, self.st
@@ -207,6 +207,6 @@ class Server(Role):
                 write_state(self.run_dir, st)
             line = {"kind": "summary", "stage": ctx.data.num_stages, **st.summary}
             self.metrics.append(MetricsLog.with_phases(json.dumps(line), self._phases(None)))
-        if st.done:
+        if st.done and not (report_missing_only and (self.run_dir / "report.md").exists()):
             self.evaluation.report(self.run_dir, st)
         return st
