@@ -92,8 +92,9 @@ def test_shipped_model_is_the_recipe_s_and_is_checked(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_rebuilt_model_matches_the_shipped_one(tmp_path):
     """`fcit data embedded --check` pre-trains RECIPE again (about 2 minutes on one thread) and
-    compares it with the shipped weights: bitwise on the CPU it was built on; elsewhere the
-    held-out loss must agree within 5%."""
+    compares it with the shipped weights: bitwise on the CPU it was built on; elsewhere (another
+    vector unit rounds differently, and 1,500 steps amplify it) the held-out loss must agree
+    within max(5%, 0.01 nats) — an untrained model's is about 5.5."""
     p = fcit("data", "embedded", "--check", timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     assert "held-out loss shipped" in p.stdout
