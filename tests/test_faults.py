@@ -110,11 +110,11 @@ def test_concurrent_run_is_refused_before_writing_and_the_first_equals_a_run_alo
 
 
 def _metrics(run: Path) -> list[dict]:
-    """metrics.jsonl without the time fields."""
+    """metrics.jsonl without the time fields (the state's VOLATILE_FIELDS: seconds, phases ...)."""
+    from fcit_hpc.state.schema import VOLATILE_FIELDS
+
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("seconds", None)
-    return rows
+    return [{k: v for k, v in r.items() if k not in VOLATILE_FIELDS} for r in rows]
 
 
 # --- pre-flight ----------------------------------------------------------------------------------
