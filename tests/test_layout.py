@@ -34,6 +34,8 @@ LEVELS = {
     "bench": 8,
     "bench_train": 8,
     "plan": 8,
+    "preflight": 8,
+    "crash": 8,
     "cli": 8,
     "doctor": 8,
     "__main__": 8,

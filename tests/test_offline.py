@@ -203,6 +203,8 @@ def test_layered_offline_install_runs_doctor_and_the_smoke_config(tmp_path, seri
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env["PIP_NO_INDEX"] = "1"
+    # the venv's bin first, as its activation does (a launcher elsewhere on PATH is not the venv's)
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), "/usr/local/bin", "/usr/bin", "/bin"])
     cmd = [str(ROOT / "scripts/install_offline.sh"), str(wh), "--venv", str(venv)]
     p = subprocess.run(
         [*cmd, "--over", sys.executable], capture_output=True, text=True, env=env, cwd=tmp_path
