@@ -18,7 +18,13 @@ from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
-from fcit_hpc.fed.server.run_state import check_dko, check_state, init_dko, init_state
+from fcit_hpc.fed.server.run_state import (
+    check_dko,
+    check_state,
+    init_dko,
+    init_method_state,
+    init_state,
+)
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
@@ -43,6 +49,7 @@ class Server(Role):
             state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
         where = self.run_dir / STATE_FILE
         stages = data.schedule.stages
+        init_method_state(state, method, ctx.adapter.numel)
         try:
             check_state(
                 state,
@@ -115,7 +122,8 @@ class Server(Role):
             self.bar.update(1)
 
     def stage_end_todo(self, stage):
-        return np.array([1 if self.st.ewc_stages <= stage else 0], np.int64)
+        done = self.ctx.method.stage_end_done(self.st.method, stage)
+        return np.array([0 if done else 1], np.int64)
 
     def merge_stage_end(self, stage, heads, values):
         merge_stage_end(self.st, self.ctx.method, unpack_tokens(heads, values), stage)
