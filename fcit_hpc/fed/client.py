@@ -60,8 +60,8 @@ def side_groups(ctx, view) -> list[Side]:
 
 def train_one(ctx, k: int, start: np.ndarray, batches, view):
     """Local training of the subspaces a client assigned k trains (``start``: their global
-    vectors concatenated), with the strategy's and the method's loss terms and the side
-    parameters beside them."""
+    vectors concatenated), with the strategy's and the method's loss terms (the method's batch
+    terms too) and the side parameters beside them."""
     adapter, t = ctx.adapter, ctx.cfg.train
     ks = ctx.method.trained_subspaces(k)
     context = {i: view.adapter[i] for i in ctx.method.training_context(k)}
@@ -73,7 +73,10 @@ def train_one(ctx, k: int, start: np.ndarray, batches, view):
 
     opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
     sides = side_groups(ctx, view)
-    return ctx.trainer.train(ctx.model, adapter, ks, start, batches, opt, context, terms, sides)
+    batch_terms = ctx.method.batch_terms(ctx.model, adapter, k, view)
+    return ctx.trainer.train(
+        ctx.model, adapter, ks, start, batches, opt, context, terms, sides, batch_terms=batch_terms
+    )
 
 
 def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:

@@ -42,9 +42,10 @@ class Method:
     - model: :meth:`install` attaches a mixer to every LoRA layer (MoELoRA's router, M-LoRA's
       scales), trained beside the subspaces and averaged by the server;
     - client: :meth:`training_context` (frozen subspaces beside it), :meth:`client_terms` (extra
-      loss terms);
+      loss terms), :meth:`batch_terms` (loss terms of each batch and the model's outputs);
     - stage end: :meth:`stage_end_upload` (clients) and :meth:`merge_stage_end` (server), when
       ``has_stage_end``; :meth:`stage_end_done` says whether a stage's is merged already;
+      :meth:`after_stage` (server) updates the method's state at the end of every stage;
     - its own state (``/method/<name>`` in state.h5): :meth:`init_state` makes it,
       :meth:`validate_state` checks a stored one, :attr:`client_arrays` names the arrays the
       loop broadcasts to every rank each round (the clients' :meth:`client_terms` read them);
@@ -140,6 +141,15 @@ class Method:
         """Zero-argument loss terms a client adds while training subspace k (``params``, loaded
         at the global values; ``context``: the frozen subspaces; ``view``: the global state)."""
         return []
+
+    def batch_terms(self, model, adapter, k: int, view) -> list:
+        """Loss terms of each batch and the model's outputs a client adds while training
+        subspace k (:class:`fcit_hpc.train.base.BatchTerm`; ``view``: the global state)."""
+        return []
+
+    def after_stage(self, st, stage: int) -> None:
+        """Server, at the end of ``stage`` (after its evaluation, before the state is stored):
+        update the method's own state ``st.method`` (nothing by default)."""
 
     def stage_end_upload(self, model, adapter, view, batches) -> np.ndarray:
         """Client, at the end of a stage: the statistic it uploads (float32, flat)."""

@@ -22,17 +22,18 @@ class MetricsLog:
         """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
         from fcit_hpc.fed.server.diagnostics import stage_record
 
-        lines = [self._round_line(r, st.clients) for r in st.rounds]
+        lines = [self.round_line(r, st.clients) for r in st.rounds]
         for t in range(st.accuracy.shape[0]):
             if not np.isnan(st.accuracy[t]).all():
-                lines.append(self._eval_line(t, st.accuracy[t], task_names))
+                lines.append(self.eval_line(t, st.accuracy[t], task_names))
                 if st.dko_samples.size:  # identity methods: the stage's DKO diagnostics
                     lines.append(stage_record(st, t, task_names))
         lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
         self.path.write_text("".join(x + "\n" for x in lines))
 
     @staticmethod
-    def _round_line(r, clients) -> str:
+    def round_line(r, clients) -> str:
+        """The JSON line of round record ``r`` (ROUND_DTYPE) with its ``clients`` records."""
         cs = clients[(clients["stage"] == r["stage"]) & (clients["round"] == r["round"])]
         return json.dumps(
             {
@@ -65,7 +66,8 @@ class MetricsLog:
         )
 
     @staticmethod
-    def _eval_line(stage, acc, names) -> str:
+    def eval_line(stage, acc, names) -> str:
+        """The JSON line of a stage's evaluation (accuracy per task name)."""
         return json.dumps(
             {
                 "kind": "eval",

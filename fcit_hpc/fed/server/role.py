@@ -112,7 +112,7 @@ class Server(Role):
         st.stage, st.round = stage, round_
         torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
         st.rng_torch = torch.get_rng_state().numpy().copy()
-        self.metrics.append(MetricsLog._round_line(st.rounds[-1], st.clients))
+        self.metrics.append(MetricsLog.round_line(st.rounds[-1], st.clients))
         write_state(self.run_dir, st)
         self.bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces)
         self.bar.update(1)
@@ -135,7 +135,7 @@ class Server(Role):
         data = self.ctx.data
         write_predictions(self.run_dir, stage, data.task_names, data.test, result.predictions)
         self.st.accuracy[stage] = result.accuracy
-        self.metrics.append(MetricsLog._eval_line(stage, result.accuracy, data.task_names))
+        self.metrics.append(MetricsLog.eval_line(stage, result.accuracy, data.task_names))
         st = self.st
         if st.dko_samples.size:  # identity methods: DKO diagnostics after the evaluation
             if self.ctx.encoder is not None:
@@ -163,6 +163,7 @@ class Server(Role):
 
     def end_stage(self, stage):
         st = self.st
+        self.ctx.method.after_stage(st, stage)
         st.stage, st.round = stage + 1, -1
         st.done = stage + 1 == self.ctx.data.num_stages
         write_state(self.run_dir, st)
