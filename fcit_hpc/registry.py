@@ -20,6 +20,7 @@ METHODS: dict[str, MethodEntry] = {
     "finetune": MethodEntry("finetune:Finetune", "Finetune"),
     "disco": MethodEntry("disco:Disco", "DISCO", proposed=True),
     "ewc": MethodEntry("ewc:EWC", "EWC"),
+    "lwf": MethodEntry("lwf:LwF", "LwF"),
     "olora": MethodEntry("olora:OLoRA", "O-LoRA"),
     "mlora": MethodEntry("mlora:MLoRA", "M-LoRA"),
     "moelora": MethodEntry("moelora:MoELoRA", "MoELoRA"),
