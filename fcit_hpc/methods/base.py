@@ -213,8 +213,7 @@ class Mixture(Method):
 
     def install(self, adapter) -> None:
         for m in adapter.layers:
-            m.mixer = self.make_mixer(m)
-            m.mixer.requires_grad_(False)
+            m.attach_mixer(self.make_mixer(m))
 
     def set_inference(self, adapter, state, features) -> None:
         """Every expert, mixed by the trained mixer (no identity tokens)."""
