@@ -22,7 +22,9 @@ stage (empty before the first stage ends), set by the server at every stage's en
 The teacher's logits are computed per batch before the student's forward, by loading the previous
 adapter into the trained subspace and restoring it exactly (no gradient, dropout off), so no
 second model is held; this needs the LoRA parameters whole on the rank, so DeepSpeed ZeRO-3
-(partitioned parameters) is refused.
+(partitioned parameters) is refused. The teacher is the previous adapter on the current model:
+with a trained LLaVA projector (``train.projector_lr`` > 0) the projector is the current global
+one, not the previous stage's (the main job freezes it).
 """
 
 from __future__ import annotations
