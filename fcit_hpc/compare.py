@@ -18,7 +18,7 @@ import numpy as np
 
 from fcit_hpc.config import Config, _build, apply_overrides, to_dict, to_yaml, validate
 from fcit_hpc.eval.report import DKO_COLS, METRIC_COLS
-from fcit_hpc.registry import COMPARE_LABELS, METHODS
+from fcit_hpc.registry import COMPARE_LABELS, METHODS, PROPOSED
 from fcit_hpc.state.schema import STATE_FILE, read_state
 
 
@@ -35,8 +35,8 @@ def sub_config(cfg: Config, entry: str, seed: int, run_dir: Path) -> Config:
     )
     if entry in METHODS:
         c.method.name = entry
-    elif entry.startswith("disco-"):
-        c.method.name, c.method.ssa = "disco", entry.split("-", 1)[1]
+    elif entry.startswith(f"{PROPOSED}-"):
+        c.method.name, c.method.ssa = PROPOSED, entry.split("-", 1)[1]
     else:  # multitask: one client holding all data, as many samples seen as the federated run
         f = cfg.federation
         c.method.name = "finetune"
@@ -94,8 +94,8 @@ BOUNDS = ("zero_shot", "multitask")  # rows that are not baselines DISCO is comp
 def paired_difference(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
     """DISCO's Last minus the best baseline's (highest mean Last over the seeds; not Zero-shot or
     the multi-task bound), seed by seed; '' when the job has no DISCO row or no baseline."""
-    base = [e for e in entries if e in METHODS and e not in BOUNDS and e != "disco"]
-    if "disco" not in entries or not base:
+    base = [e for e in entries if e in METHODS and e not in BOUNDS and e != PROPOSED]
+    if PROPOSED not in entries or not base:
         return ""
 
     def last(entry):
@@ -103,7 +103,7 @@ def paired_difference(run_dir: Path, entries: list[str], seeds: list[int]) -> st
 
     means = {e: float(np.mean(last(e))) for e in base}
     best = max(base, key=lambda e: means[e])
-    d = last("disco") - last(best)
+    d = last(PROPOSED) - last(best)
     per_seed = ", ".join(f"{x:+.2f}" for x in d)
     spread = f" ± {np.std(d):.2f}" if len(d) > 1 else ""
     return (

@@ -102,6 +102,8 @@ class MethodConfig:
     min_cluster_frac: float = 1e-3
     olora_lambda: float = 0.5  # O-LoRA orthogonality weight λ1 (the O-LoRA paper's default)
     ewc_lambda: float = 5000.0  # EWC penalty weight λ
+    lwf_lambda: float = 1.0  # LwF distillation weight λ (Li & Hoiem's λ_o)
+    lwf_temperature: float = 2.0  # LwF distillation temperature T (Li & Hoiem's T = 2)
     # MoELoRA experts / M-LoRA parallel modules E, each of rank max_subspaces·lora_r / E
     experts: int = 8
     mlora_scaling: str = "scalar"  # M-LoRA's learnable scaling: scalar (per module) | vector
@@ -242,6 +244,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "method.min_cluster_frac": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "method.olora_lambda": (lambda v: v >= 0, ">= 0"),
     "method.ewc_lambda": (lambda v: v >= 0, ">= 0"),
+    "method.lwf_lambda": (lambda v: v >= 0, ">= 0"),
+    "method.lwf_temperature": (lambda v: v > 0, "> 0"),
     "method.experts": (lambda v: v >= 1, ">= 1"),
     "method.mlora_scaling": _in(("scalar", "vector")),
     "train.backend": _in(("torch", "deepspeed")),

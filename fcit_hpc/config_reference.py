@@ -14,7 +14,7 @@ from fcit_hpc.config import Config
 FIELD_DOCS: dict[str, str] = {
     "seed": "root of every random stream (>= 0)",
     "out_dir": "run directory (`--out` overrides)",
-    "compare": "several runs in one job (zero_shot, finetune, disco, ewc, olora, mlora, moelora, multitask, disco-softmax/cosine/argmax/concat), then one table (`comparison.md`, with DISCO's per-seed paired difference to the best baseline on Last)",
+    "compare": "several runs in one job (zero_shot, finetune, disco, ewc, lwf, olora, mlora, moelora, multitask, disco-softmax/cosine/argmax/concat), then one table (`comparison.md`, with DISCO's per-seed paired difference to the best baseline on Last)",
     "compare_seeds": "the seeds of `compare`'s runs (empty: `seed` alone)",
     "sweep": "a grid of such jobs: a list of axes, each a list of cells, a cell being space-separated `key=value` overrides; one job per combination in `RUN_DIR/<cell>/`, then `sweep.md` (e.g. `configs/paper_cells.yaml`: the paper's 12 cells; `configs/tau_sweep.yaml`)",
     "benchmark.suite": "`synthetic` (8 text tasks in memory), `fcit-mini` (12 image tasks, cached), `released`",
@@ -58,7 +58,7 @@ FIELD_DOCS: dict[str, str] = {
     "lora.target_modules": "FFN linears of the language model",
     "lora.max_subspaces": "capacity of DKO (S_max)",
     "lora.single_rank": "rank of the one LoRA of Finetune, EWC and the multi-task bound: `budget` = `max_subspaces`·`lora_r` (DISCO's total, the paper's parity: rank 64) or `r` (one subspace's); the scaling stays alpha / r",
-    "method.name": "disco, finetune, ewc, olora, mlora, moelora, zero_shot",
+    "method.name": "disco, finetune, ewc, lwf, olora, mlora, moelora, zero_shot",
     "method.tau": "DKO matching threshold τ, in (0, 1]",
     "method.epsilon": "SSA temperature ε (> 0)",
     "method.ssa": "softmax, cosine, argmax, concat (ablations)",
@@ -71,6 +71,9 @@ FIELD_DOCS: dict[str, str] = {
     "method.min_cluster_frac": "DKO's small-cluster guard (the reference code's), in [0, 1): a new subspace that a single client of the round would create with under this share of the round's samples is not created; the client joins its nearest subspace (DKO action `small->nearest`, code 4); 0 turns it off",
     "method.olora_lambda": "O-LoRA orthogonality weight λ (needs `lora.max_subspaces` ≥ stages)",
     "method.ewc_lambda": "EWC penalty weight λ",
+    "method.lwf_lambda": "LwF distillation weight λ: λ·T²·KL(softmax(z_old/T) ‖ softmax(z/T)) "
+    "per answer token, z_old the previous stage's model (Li & Hoiem's λ_o = 1)",
+    "method.lwf_temperature": "LwF distillation temperature T (Li & Hoiem: 2)",
     "method.experts": "MoELoRA experts / M-LoRA modules E, each of rank `max_subspaces`·`lora_r`/E (must divide it)",
     "method.mlora_scaling": "M-LoRA's learnable scaling: `scalar` (one per module) or `vector` (per module and output feature)",
     "train.backend": "torch or deepspeed",

@@ -50,6 +50,7 @@ from fcit_hpc.state.schema import (
     CLIENT_DTYPE,
     ROUND_DTYPE,
     STATE_FILE,
+    MethodState,
     RunState,
     read_state,
     write_state,
@@ -415,8 +416,9 @@ def _states():
             first_stage=np.zeros(tasks, np.int64),
             activation=np.zeros((tasks, s)),
             summary={"last": 1.0},
-            ewc_fisher=np.ones(p if ewc else 0, np.float32),
-            ewc_anchor=np.ones(p if ewc else 0, np.float32),
+            method=MethodState("ewc", {"fisher": np.ones(p, np.float32)}, {"stages": 1})
+            if ewc
+            else MethodState(),
             projector=np.ones(proj, np.float32),
         )
         st_.append_metrics(np.zeros(n_rounds, ROUND_DTYPE), np.zeros(2 * n_rounds, CLIENT_DTYPE))
@@ -460,9 +462,9 @@ STATE_PATHS = [
     "eval/accuracy",
     "eval/first_stage",
     "eval/activation",
-    "ewc",
-    "ewc/fisher",
-    "ewc/anchor",
+    "method",
+    "method/ewc",
+    "method/ewc/fisher",
     "dko",
     "dko/samples",
     "dko/task_unit",
@@ -477,7 +479,7 @@ STATE_ATTRS = [
     ("global", "num_subspaces"),
     ("eval", "task_names"),
     ("eval", "last"),
-    ("ewc", "stages"),
+    ("method/ewc", "stages"),
 ]
 
 

@@ -79,7 +79,7 @@ def test_round_bytes_are_the_bytes_of_the_buffers_that_travel(tmp_path, monkeypa
     assert len(down_of) == 4 and st.adapter.shape[0] == 4  # 2 stages x 2 rounds, S_max = 4
     numel, dim = st.adapter.shape[1], st.tokens.shape[1]
     for (stage, rnd), arrays in down_of.items():
-        # plan, adapter [S_max, P], tokens, live count, EWC Fisher/anchor, DKO assignment
+        # plan, adapter [S_max, P], tokens, live count, projector, DKO assignment
         assert any(a.shape == st.adapter.shape for a in arrays)
         expected_down = sum(6 * 8 + a.size * a.itemsize for a in arrays)
         # gathered: token headers, tokens, update headers, deltas (one rank, so all clients),

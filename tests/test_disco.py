@@ -6,7 +6,12 @@ import torch
 
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.methods.disco import FULL, MATCHED, NEW, cosine, dko_assign, ssa_activation
-from fcit_hpc.model.lora import SubspaceAdapter, SubspaceLoRALinear, inject_subspace_lora
+from fcit_hpc.model.lora import (
+    SsaGate,
+    SubspaceAdapter,
+    SubspaceLoRALinear,
+    inject_subspace_lora,
+)
 
 
 def _layer(S=3, r=4, fin=16, fout=12, bias=True):
@@ -25,8 +30,7 @@ def test_layer_equals_per_subspace_reference(S, bias):
     layer = _layer(S=S, bias=bias)
     x = torch.randn(2, 7, 16)
     alpha = torch.softmax(torch.randn(2, S), -1)
-    for m in [layer]:
-        m.alpha = alpha
+    layer.set_mode(SsaGate(alpha))
     y = layer(x)
     ref = layer.base(x)
     for i in range(S):

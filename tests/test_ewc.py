@@ -74,11 +74,12 @@ def ewc_serial(tmp_path_factory):
 
 def test_ewc_run_consolidates_every_stage(ewc_serial):
     st = read_state(ewc_serial)
-    assert st.done and st.ewc_stages == 2 and st.num_subspaces == 1
-    assert st.ewc_fisher.shape == (st.adapter.shape[1],)
-    assert np.isfinite(st.ewc_fisher).all() and (st.ewc_fisher >= 0).all()
-    assert st.ewc_fisher.max() > 0
-    np.testing.assert_array_equal(st.ewc_anchor, st.adapter[0])  # the last stage's adapter
+    fisher, anchor = st.method.arrays["fisher"], st.method.arrays["anchor"]
+    assert st.done and st.method.counters["stages"] == 2 and st.num_subspaces == 1
+    assert fisher.shape == (st.adapter.shape[1],)
+    assert np.isfinite(fisher).all() and (fisher >= 0).all()
+    assert fisher.max() > 0
+    np.testing.assert_array_equal(anchor, st.adapter[0])  # the last stage's adapter
 
 
 @pytest.mark.mpi
@@ -91,7 +92,7 @@ def test_ewc_two_ranks_and_resume_equal_serial(ewc_serial, tmp_path):
     kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
     p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(killed), *EWC, *kill, timeout=120)
     assert p.returncode != 0
-    assert read_state(killed).ewc_stages == 1  # stage 0 consolidated before the kill
+    assert read_state(killed).method.counters["stages"] == 1  # stage 0 consolidated before the kill
     p = mpiexec(2, FCIT, "run", "--resume", str(killed))
     assert p.returncode == 0, p.stderr[-3000:]
     assert same_content(comparable_content(ewc_serial), comparable_content(killed)) == []

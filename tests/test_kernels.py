@@ -311,7 +311,7 @@ def test_set_activation_checks_alpha_once_and_keeps_it_on_the_device():
     for i in range(2):
         torch.nn.init.normal_(layer.lora_A[i], std=0.3)
         torch.nn.init.normal_(layer.lora_B[i], std=0.3)
-    layer._cat = None
+    layer.clear_cache()  # the weights changed
     y = model(x)
     A_cat = torch.cat([layer.lora_A[i] for i in range(2)])
     B_cat = torch.cat([layer.lora_B[i] for i in range(2)], 1)

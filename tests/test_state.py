@@ -6,6 +6,7 @@ from fcit_hpc.errors import StateError
 from fcit_hpc.state.schema import (
     CLIENT_DTYPE,
     ROUND_DTYPE,
+    MethodState,
     RunState,
     comparable_content,
     read_state,
@@ -73,14 +74,14 @@ def _state_file_dtypes(path) -> dict[str, np.dtype]:
 def test_state_file_holds_only_numbers_strings_and_numeric_records(tmp_path):
     st = _state()
     st.task_names, st.summary = ["a", "b", "c"], {"avg_acc": 0.5}
-    st.ewc_fisher, st.ewc_anchor, st.ewc_stages = np.ones(6, np.float32), st.adapter[0], 1
+    st.method = MethodState("ewc", {"fisher": np.ones(6, np.float32)}, {"stages": 1})
     write_state(tmp_path, st)
     dtypes = _state_file_dtypes(tmp_path / "state.h5")
     # the walk sees attributes of the file, of groups and every dataset, records included
     for key in ("/@config_yaml", "cursor@stage", "eval@task_names", "eval@avg_acc"):
         assert key in dtypes
     assert dtypes["metrics/clients"] == CLIENT_DTYPE and dtypes["metrics/rounds"] == ROUND_DTYPE
-    assert {"global/adapter", "server_opt/m", "rng/torch", "ewc/anchor"} <= dtypes.keys()
+    assert {"global/adapter", "server_opt/m", "rng/torch", "method/ewc/fisher"} <= dtypes.keys()
     bad = {k: str(dt) for k, dt in dtypes.items() if not _plain_dtype(dt)}
     assert bad == {}
 
@@ -115,19 +116,34 @@ def test_missing_dataset_and_wrong_shape(tmp_path):
         read_state(tmp_path)
 
 
-def test_ewc_state_roundtrip_and_mismatch(tmp_path):
+def test_method_state_roundtrip_and_mismatch(tmp_path):
+    """/method/<name>: arrays keep their dtype and shape, counters their value; the method's
+    validate_state refuses one that does not fit the model, naming the file and the dataset."""
+    from fcit_hpc.config import load_config
+    from fcit_hpc.methods import make_method
+
+    from .conftest import ROOT
+
     st = _state()
-    st.ewc_fisher, st.ewc_anchor, st.ewc_stages = np.ones(6, np.float32), st.adapter[0], 1
+    arrays = {"fisher": np.ones(6, np.float32), "anchor": st.adapter[0].copy()}
+    st.method = MethodState("ewc", arrays, {"stages": 1})
     write_state(tmp_path, st)
-    back = read_state(tmp_path)
-    assert back.ewc_stages == 1 and np.array_equal(back.ewc_anchor, st.adapter[0])
+    back = read_state(tmp_path).method
+    assert back.name == "ewc" and back.counters == {"stages": 1}
+    assert back.arrays["anchor"].tobytes() == st.adapter[0].tobytes()
+    assert back.arrays["fisher"].dtype == np.float32
+    ewc = make_method(load_config(ROOT / "configs/smoke.yaml", ["method.name=ewc"]))
+    ewc.validate_state(back, 6, tmp_path / "state.h5")
     with h5py.File(tmp_path / "state.h5", "a") as f:
-        del f["ewc/anchor"]
-        f["ewc/anchor"] = np.zeros(5, np.float32)
+        del f["method/ewc/anchor"]
+        f["method/ewc/anchor"] = np.zeros(5, np.float32)
     bad = (tmp_path / "state.h5").read_bytes()
-    with pytest.raises(StateError, match="state.h5: /ewc datasets do not fit"):
-        read_state(tmp_path)
+    with pytest.raises(StateError, match="state.h5: /method/ewc fisher .* do not fit"):
+        ewc.validate_state(read_state(tmp_path).method, 6, tmp_path / "state.h5")
     assert (tmp_path / "state.h5").read_bytes() == bad  # reading leaves the file as it was
+    disco = make_method(load_config(ROOT / "configs/smoke.yaml"))
+    with pytest.raises(StateError, match="state of method 'ewc', the run's method 'disco'"):
+        disco.validate_state(back, 6, tmp_path / "state.h5")
 
 
 def test_not_hdf5(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from fcit_hpc.registry import PROPOSED
 from fcit_hpc.state.schema import RunState, read_state
 
 METRIC_COLS = [
@@ -33,8 +34,8 @@ def _method(st: RunState) -> str:
     name = cfg["method"]["name"]
     if cfg["benchmark"]["setting"].startswith("joint"):
         return "multitask (upper bound)"
-    if name == "disco" and cfg["method"].get("ssa", "softmax") != "softmax":
-        return f"disco[{cfg['method']['ssa']}]"
+    if name == PROPOSED and cfg["method"].get("ssa", "softmax") != "softmax":
+        return f"{name}[{cfg['method']['ssa']}]"
     return name
 
 

@@ -90,8 +90,8 @@ class SetupMark:
 
 def train_one(ctx, k: int, start: np.ndarray, batches, view, tick=None):
     """Local training of the subspaces a client assigned k trains (``start``: their global
-    vectors concatenated), with the strategy's and the method's loss terms and the side
-    parameters beside them. ``tick``: the trainer's timing hook."""
+    vectors concatenated), with the strategy's and the method's loss terms (the method's batch
+    terms too) and the side parameters beside them. ``tick``: the trainer's timing hook."""
     adapter, t = ctx.adapter, ctx.cfg.train
     ks = ctx.method.trained_subspaces(k)
     context = {i: view.adapter[i] for i in ctx.method.training_context(k)}
@@ -103,8 +103,19 @@ def train_one(ctx, k: int, start: np.ndarray, batches, view, tick=None):
 
     opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
     sides = side_groups(ctx, view)
+    batch_terms = ctx.method.batch_terms(ctx.model, adapter, k, view)
     return ctx.trainer.train(
-        ctx.model, adapter, ks, start, batches, opt, context, terms, sides, tick=tick
+        ctx.model,
+        adapter,
+        ks,
+        start,
+        batches,
+        opt,
+        context,
+        terms,
+        sides,
+        tick=tick,
+        batch_terms=batch_terms,
     )
 
 

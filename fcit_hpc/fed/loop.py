@@ -25,7 +25,7 @@ from fcit_hpc.fed.context import RunContext, build_context
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server import Server
 from fcit_hpc.model.projector import set_projector
-from fcit_hpc.state.schema import RunState
+from fcit_hpc.state.schema import MethodState, RunState
 from fcit_hpc.timers import phase, reset, take
 
 
@@ -71,7 +71,7 @@ def run_federated(
                     safe_point(ctx, role, stage, num_rounds)
         if comm.bcast_array(role.needs_eval(stage))[0] and cfg.eval.enabled:
             with phase("comm"):
-                view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
+                view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method)
             for k in range(view.adapter.shape[0]):
                 ctx.adapter.set(k, view.adapter[k])
             if view.projector.size:
@@ -97,15 +97,16 @@ def safe_point(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         raise Preempted(role.stop_message(signame))
 
 
-def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False) -> RunState:
-    """Every rank gets the global adapter, tokens, live count, EWC Fisher/anchor, projector and,
-    for a method with mixers (``mixer``), the mixer (for local work and evaluation); the server's
-    view is its state itself."""
+def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False, method=None) -> RunState:
+    """Every rank gets the global adapter, tokens, live count, projector, for a method with
+    mixers (``mixer``) the mixer, and the arrays of the method's own state its clients need
+    (``method.client_arrays``; for local work and evaluation); the server's view is its state
+    itself."""
     adapter = comm.bcast_array(st.adapter if st is not None else None)
     tokens = comm.bcast_array(st.tokens if st is not None else None)
     live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
-    fisher = comm.bcast_array(st.ewc_fisher if st is not None else None)
-    anchor = comm.bcast_array(st.ewc_anchor if st is not None else None)
+    names = method.client_arrays if method is not None else ()
+    arrays = {k: comm.bcast_array(st.method.arrays[k] if st is not None else None) for k in names}
     projector = comm.bcast_array(st.projector if st is not None else None)
     mix = comm.bcast_array(st.mixer if st is not None else None) if mixer else np.zeros(0)
     if st is not None:
@@ -117,10 +118,9 @@ def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False) -> RunS
         np.zeros(len(tokens)),
         np.zeros((0, 0)),
         num_subspaces=int(live[0]),
-        ewc_fisher=fisher,
-        ewc_anchor=anchor,
         projector=projector,
         mixer=np.asarray(mix, np.float32),
+        method=MethodState(method.name if names else "", arrays),
     )
 
 
@@ -139,7 +139,7 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
     with phase("comm"):
         plan = comm.bcast_array(role.plan(stage, rnd))
-        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
+        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method)
     mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
         with local_work(), phase("identity"):
@@ -171,7 +171,7 @@ def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> N
     comm = ctx.comm
     with phase("comm"):
         plan = comm.bcast_array(role.plan(stage, last_round))
-        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0)
+        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method)
     with local_work(), phase("stage_end"):
         head, body = stage_end_uploads(ctx, stage, my_rows(ctx, plan)[1], view)
     with phase("comm"):

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from fcit_hpc.config import Config
-from fcit_hpc.errors import ConfigError
+from fcit_hpc.errors import ConfigError, StateError
 from fcit_hpc.host import to_host
+from fcit_hpc.state.schema import MethodState
 
 # server decisions on a client's subspace (DKO); SMALL: the client would have made a new subspace
 # alone with under ``method.min_cluster_frac`` of the round's samples, so it joins the nearest
@@ -41,9 +42,13 @@ class Method:
     - model: :meth:`install` attaches a mixer to every LoRA layer (MoELoRA's router, M-LoRA's
       scales), trained beside the subspaces and averaged by the server;
     - client: :meth:`training_context` (frozen subspaces beside it), :meth:`client_terms` (extra
-      loss terms);
+      loss terms), :meth:`batch_terms` (loss terms of each batch and the model's outputs);
     - stage end: :meth:`stage_end_upload` (clients) and :meth:`merge_stage_end` (server), when
-      ``has_stage_end``;
+      ``has_stage_end``; :meth:`stage_end_done` says whether a stage's is merged already;
+      :meth:`after_stage` (server) updates the method's state at the end of every stage;
+    - its own state (``/method/<name>`` in state.h5): :meth:`init_state` makes it,
+      :meth:`validate_state` checks a stored one, :attr:`client_arrays` names the arrays the
+      loop broadcasts to every rank each round (the clients' :meth:`client_terms` read them);
     - inference: :meth:`set_inference` gates the subspaces for a batch of test samples;
     - export: :meth:`export` writes PEFT adapters where the method's adapter is one.
     """
@@ -52,6 +57,8 @@ class Method:
     trains = True  # False: no federated training at all (zero-shot)
     uses_identity = False  # clients upload identity tokens (DKO)
     has_stage_end = False  # a stage-end phase after the last round of every stage (EWC's Fisher)
+    stage_end_label = "stage-end upload"  # how logs name a client's stage-end statistic
+    client_arrays: tuple[str, ...] = ()  # arrays of its state every rank gets each round
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -59,6 +66,41 @@ class Method:
     def num_slots(self) -> int:
         """S_max: subspaces allocated in the global adapter."""
         return 1
+
+    def init_state(self, numel: int) -> MethodState:
+        """The method's own state at the start of a run (``numel``: P, one subspace's values);
+        an empty MethodState (no ``/method`` group) for a method without one."""
+        return MethodState()
+
+    def validate_state(self, ms: MethodState, numel: int, where) -> None:
+        """Raise a StateError naming ``where`` when a stored method state does not fit this
+        method and model. The base checks the name and the array/counter names of
+        :meth:`init_state`; a method with state adds its shapes and dtypes."""
+        fresh = self.init_state(numel)
+        if ms.name != fresh.name:
+            raise StateError(
+                f"{where}: /method holds the state of method {ms.name or '(none)'!r}, the run's "
+                f"method {self.name!r} keeps {fresh.name or 'none'!r}"
+            )
+        for kind, got, want in (
+            ("arrays", ms.arrays, fresh.arrays),
+            ("counters", ms.counters, fresh.counters),
+        ):
+            if set(got) != set(want):
+                raise StateError(
+                    f"{where}: /method/{ms.name} {kind} {sorted(got)}, expected {sorted(want)}"
+                )
+        for k, v in ms.arrays.items():
+            if v.dtype != fresh.arrays[k].dtype or v.ndim != fresh.arrays[k].ndim:
+                raise StateError(
+                    f"{where}: /method/{ms.name}/{k} is {v.dtype} of {v.ndim} dimension(s), "
+                    f"expected {fresh.arrays[k].dtype} of {fresh.arrays[k].ndim}"
+                )
+
+    def stage_end_done(self, ms: MethodState, stage: int) -> bool:
+        """Whether the stage-end phase of ``stage`` is merged into ``ms`` already (a resumed
+        run does not repeat it)."""
+        return False
 
     def slot_rank(self) -> int:
         """The rank of each slot (lora.lora_r; the single LoRA of :class:`SingleLoRA` methods
@@ -99,6 +141,15 @@ class Method:
         """Zero-argument loss terms a client adds while training subspace k (``params``, loaded
         at the global values; ``context``: the frozen subspaces; ``view``: the global state)."""
         return []
+
+    def batch_terms(self, model, adapter, k: int, view) -> list:
+        """Loss terms of each batch and the model's outputs a client adds while training
+        subspace k (:class:`fcit_hpc.train.base.BatchTerm`; ``view``: the global state)."""
+        return []
+
+    def after_stage(self, st, stage: int) -> None:
+        """Server, at the end of ``stage`` (after its evaluation, before the state is stored):
+        update the method's own state ``st.method`` (nothing by default)."""
 
     def stage_end_upload(self, model, adapter, view, batches) -> np.ndarray:
         """Client, at the end of a stage: the statistic it uploads (float32, flat)."""
@@ -162,8 +213,7 @@ class Mixture(Method):
 
     def install(self, adapter) -> None:
         for m in adapter.layers:
-            m.mixer = self.make_mixer(m)
-            m.mixer.requires_grad_(False)
+            m.attach_mixer(self.make_mixer(m))
 
     def set_inference(self, adapter, state, features) -> None:
         """Every expert, mixed by the trained mixer (no identity tokens)."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fcit_hpc.errors import StateError
 from fcit_hpc.host import to_host
 from fcit_hpc.methods.base import SingleLoRA
+from fcit_hpc.state.schema import MethodState
 
 
 def ewc_term(params, fisher, anchor, lam: float) -> torch.Tensor:
@@ -47,26 +49,50 @@ def ewc_terms(adapter, params, fisher: np.ndarray, anchor: np.ndarray, lam: floa
 
 
 class EWC(SingleLoRA):
+    """State (``/method/ewc``): ``fisher`` float32 [P] (empty before the first stage end),
+    ``anchor`` float32 [P] (idem), counter ``stages`` (stages consolidated)."""
+
     name = "ewc"
     has_stage_end = True
+    stage_end_label = "Fisher"
+    client_arrays = ("fisher", "anchor")
+
+    def init_state(self, numel):
+        empty = np.zeros(0, np.float32)
+        return MethodState(self.name, {"fisher": empty, "anchor": empty.copy()}, {"stages": 0})
+
+    def validate_state(self, ms, numel, where):
+        super().validate_state(ms, numel, where)
+        f, a = ms.arrays["fisher"], ms.arrays["anchor"]
+        if f.shape != a.shape or f.size not in (0, numel):
+            raise StateError(
+                f"{where}: /method/ewc fisher {f.shape} and anchor {a.shape} do not fit "
+                f"/global/adapter ({numel} values per subspace)"
+            )
+        if ms.counters["stages"] < 0:
+            raise StateError(f"{where}: /method/ewc stages {ms.counters['stages']} < 0")
+
+    def stage_end_done(self, ms, stage):
+        return ms.counters["stages"] > stage
 
     def client_terms(self, adapter, k, context, params, view):
-        return ewc_terms(
-            adapter, params, view.ewc_fisher, view.ewc_anchor, self.cfg.method.ewc_lambda
-        )
+        ms = view.method
+        lam = self.cfg.method.ewc_lambda
+        return ewc_terms(adapter, params, ms.arrays["fisher"], ms.arrays["anchor"], lam)
 
     def stage_end_upload(self, model, adapter, view, batches):
         return fisher_diagonal(model, adapter, view.adapter[0], batches)  # float32
 
     def merge_stage_end(self, st, uploads, stage):
         """F ← F + Σ n_k F_k / Σ n_k (float64 sums), θ* ← this stage's adapter."""
-        numel = st.adapter.shape[1]
+        numel, ms = st.adapter.shape[1], st.method
         acc, total = np.zeros(numel, np.float64), 0
         for f, n in uploads:
             acc += f.astype(np.float64) * n
             total += n
         if total:
-            prev = st.ewc_fisher if st.ewc_fisher.size else np.zeros(numel, np.float32)
-            st.ewc_fisher = (prev.astype(np.float64) + acc / total).astype(np.float32)
-            st.ewc_anchor = st.adapter[0].copy()
-        st.ewc_stages = stage + 1
+            prev = ms.arrays["fisher"]
+            prev = prev if prev.size else np.zeros(numel, np.float32)
+            ms.arrays["fisher"] = (prev.astype(np.float64) + acc / total).astype(np.float32)
+            ms.arrays["anchor"] = st.adapter[0].copy()
+        ms.counters["stages"] = stage + 1

@@ -33,16 +33,138 @@ class Mixer(Protocol):
         ...
 
 
-class SubspaceLoRALinear(nn.Module):
-    """``y = base(x) + scaling · Σ_i α_i B_i A_i dropout(x)``.
+class LayerMode:
+    """How a :class:`SubspaceLoRALinear` adds its LoRA part, chosen once when the mode is set
+    (:meth:`SubspaceLoRALinear.set_mode`, from :class:`SubspaceAdapter`'s ``select`` and
+    ``set_activation``), not per forward: :class:`OneSubspace` (train one subspace, frozen
+    context beside it), :class:`FrozenSum` (frozen context only), :class:`Mixture` (several
+    subspaces mixed by the layer's mixer), :class:`SsaGate` (every live subspace, gated per
+    sample)."""
 
-    Training (``active`` set): the subspaces in ``active`` contribute and have ``requires_grad``;
-    the subspaces in ``context`` (O-LoRA: earlier tasks) contribute too, frozen, without dropout.
-    One active subspace adds B_k A_k dropout(x). Several are mixed by ``mixer``: their rows
-    (A_cat [R, in], R = |active|·r) form E experts of R/E rows each, and expert j adds
-    g_j ⊙ B_j A_j dropout_j(x) with g = mixer.gate(x) and its own dropout mask (as CoIN's
-    MoELoRA applies the dropout module once per expert).
-    Inference (``alpha`` [B, S_live] set): all live subspaces, weighted per sample.
+    active: tuple[int, ...] = ()  # subspaces that act (and are trained, when trainable)
+    context: tuple[int, ...] = ()  # frozen subspaces that act beside them
+    alpha: torch.Tensor | None = None  # SSA gate [B, S_live] (SsaGate only)
+
+    def forward(self, layer: SubspaceLoRALinear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _with_context(layer: SubspaceLoRALinear, x: torch.Tensor, context) -> torch.Tensor:
+    """base(x) + scaling · Σ_{i in context} B_i A_i x (frozen, without dropout)."""
+    y = layer.base(x)
+    dt = x.dtype
+    for i in context:
+        y = y + (x @ layer.lora_A[i].to(dt).t() @ layer.lora_B[i].to(dt).t()) * layer.scaling
+    return y
+
+
+class FrozenSum(LayerMode):
+    """base(x) + the frozen ``context`` subspaces (none: the base model alone)."""
+
+    def __init__(self, context: tuple[int, ...] = ()):
+        self.context = tuple(context)
+
+    def forward(self, layer, x):
+        return _with_context(layer, x, self.context)
+
+
+class OneSubspace(LayerMode):
+    """Subspace k (trained) adds B_k A_k dropout(x), beside the frozen ``context``."""
+
+    def __init__(self, k: int, context: tuple[int, ...] = ()):
+        self.k, self.active, self.context = int(k), (int(k),), tuple(context)
+
+    def forward(self, layer, x):
+        y = _with_context(layer, x, self.context)
+        dt = x.dtype
+        a, b = layer.lora_A[self.k].to(dt), layer.lora_B[self.k].to(dt)
+        return y + (layer.dropout(x) @ a.t() @ b.t()) * layer.scaling
+
+
+class Mixture(LayerMode):
+    """The ``active`` subspaces' rows (A_cat [R, in], R = |active|·r) form the E experts of the
+    layer's mixer, R/E rows each; expert j adds g_j ⊙ B_j A_j dropout_j(x) with g =
+    mixer.gate(x) and its own dropout mask (as CoIN's MoELoRA applies the dropout module once
+    per expert). Without gradients a scalar gate is an SSA gate: the fused kernel."""
+
+    def __init__(self, active: tuple[int, ...], context: tuple[int, ...] = ()):
+        self.active, self.context = tuple(active), tuple(context)
+
+    def forward(self, layer, x):
+        if not torch.is_grad_enabled():
+            fast = self._inference(layer, x)
+            if fast is not None:
+                return fast
+        y = _with_context(layer, x, self.context)
+        dt = x.dtype
+        g = layer.mixer.gate(x)  # [..., E, K]
+        experts = g.shape[-2]
+        A = torch.cat([layer.lora_A[i] for i in self.active], 0).to(dt)  # [R, in]
+        B = torch.cat([layer.lora_B[i] for i in self.active], 1).to(dt)  # [out, R]
+        n = A.shape[0] // experts  # rank of one expert
+        for j in range(experts):
+            h = layer.dropout(x) @ A[j * n : (j + 1) * n].t()  # [..., n], its own dropout mask
+            y = y + (h @ B[:, j * n : (j + 1) * n].t()) * (g[..., j, :] * layer.scaling)
+        return y
+
+    def _inference(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        """Without gradients and dropout, a per-token or per-expert scalar gate is an SSA gate
+        over the subspaces (each expert a whole number of subspaces): the fused kernel; None when
+        the mixture does not fit that form."""
+        s = len(self.active)
+        if layer.training and not isinstance(layer.dropout, nn.Identity):
+            return None
+        if self.active != tuple(range(s)):
+            return None
+        g = layer.mixer.gate(x)  # [..., E, K]
+        experts = g.shape[-2]
+        if g.shape[-1] != 1 or s % experts:
+            return None
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        a = g[..., 0].reshape(-1, experts).repeat_interleave(s // experts, dim=1)  # [N | 1, S]
+        a = a.expand(x2.shape[0], s)
+        A_cat, B_cat = layer.concatenated(s, x.dtype)
+        w, bias = layer.base.weight, layer.base.bias
+        y = ssa_lora_linear(x2, w, bias, A_cat, B_cat, a, layer.scaling)
+        return y.view(*lead, -1)
+
+
+class SsaGate(LayerMode):
+    """Inference: all live subspaces, weighted per sample by α [B, S_live] (float32, on the
+    layer's device): the fused SSA-LoRA op over the cached concatenation."""
+
+    def __init__(self, alpha: torch.Tensor):
+        self.alpha = alpha
+
+    def forward(self, layer, x):
+        s = self.alpha.shape[1]
+        lead = x.shape[:-1]  # (B, T)
+        x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]; row b·T + t is gated by α[b]
+        a = self.alpha if self.alpha.device == x.device else self.alpha.to(x.device)
+        A_cat, B_cat = layer.concatenated(s, x.dtype)
+        y = ssa_lora_linear(x2, layer.base.weight, layer.base.bias, A_cat, B_cat, a, layer.scaling)
+        return y.view(*lead, -1)
+
+
+def subspace_mode(active: tuple[int, ...], context: tuple[int, ...], mixed: bool) -> LayerMode:
+    """The training-side mode of subspaces ``active`` beside ``context``: none active →
+    :class:`FrozenSum`; a layer with a mixer (``mixed``) → :class:`Mixture`; one →
+    :class:`OneSubspace`."""
+    if not active:
+        return FrozenSum(context)
+    if mixed:
+        return Mixture(active, context)
+    (k,) = active
+    return OneSubspace(k, context)
+
+
+class SubspaceLoRALinear(nn.Module):
+    """``y = base(x) + scaling · Σ_i α_i B_i A_i dropout(x)``, as its :class:`LayerMode` says.
+
+    Training: the ``active`` subspaces contribute (one alone, or several mixed by ``mixer``);
+    the ``context`` subspaces (O-LoRA: earlier tasks) contribute too, frozen, without dropout.
+    Inference (SSA): all live subspaces, weighted per sample by ``alpha`` [B, S_live].
     """
 
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float, s_max: int):
@@ -67,16 +189,44 @@ class SubspaceLoRALinear(nn.Module):
             ]
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.active: tuple[int, ...] = (0,)
-        self.context: tuple[int, ...] = ()
         self.mixer: Mixer | None = None  # a registered module once a method attaches one
-        self.alpha: torch.Tensor | None = None  # [B, S_live] float32, on this layer's device
-        # SSA mode: the live subspaces concatenated in the compute dtype, built on the first
-        # forward after entering SSA mode, dropped when SSA mode or the weights change
+        self.mode: LayerMode = OneSubspace(0)
+        # the live subspaces concatenated in the compute dtype (SSA gate, mixture inference),
+        # built on first use, dropped when the mode or the weights change (:meth:`clear_cache`)
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _concatenated(self, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_cat [S·r, in], B_cat [out, S·r]) of the first s subspaces, cached."""
+    @property
+    def active(self) -> tuple[int, ...]:
+        return self.mode.active
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        return self.mode.context
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        return self.mode.alpha
+
+    def set_mode(self, mode: LayerMode, keep_cache: bool = False) -> None:
+        """Use ``mode`` from the next forward on. The cached concatenation is dropped unless
+        ``keep_cache`` (a new SSA gate over the same weights reuses it)."""
+        self.mode = mode
+        if not keep_cache:
+            self._cat = None
+
+    def attach_mixer(self, mixer: nn.Module) -> None:
+        """A method's mixer (registered, frozen until trained); the layer's subspaces are then
+        mixed by it whenever several act."""
+        self.mixer = mixer
+        mixer.requires_grad_(False)
+        self.set_mode(subspace_mode(self.active, self.context, True))
+
+    def clear_cache(self) -> None:
+        """The weights changed: the next forward rebuilds the concatenation it needs."""
+        self._cat = None
+
+    def concatenated(self, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat [S·r, in], B_cat [out, S·r]) of the first s subspaces in ``dtype``, cached."""
         c = self._cat
         if c is None or c[0].shape[0] != s * self.r or c[0].dtype != dtype:
             with torch.no_grad():
@@ -86,63 +236,7 @@ class SubspaceLoRALinear(nn.Module):
         return c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.alpha is not None:
-            s = self.alpha.shape[1]
-            lead = x.shape[:-1]  # (B, T)
-            x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]; row b·T + t is gated by α[b]
-            a = self.alpha if self.alpha.device == x.device else self.alpha.to(x.device)
-            A_cat, B_cat = self._concatenated(s, x.dtype)
-            y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
-            return y.view(*lead, -1)
-        if self.mixer is not None and self.active and not torch.is_grad_enabled():
-            fast = self._mixed_inference(x)
-            if fast is not None:
-                return fast
-        y = self.base(x)
-        dt = x.dtype
-        for i in self.context:
-            y = y + (x @ self.lora_A[i].to(dt).t() @ self.lora_B[i].to(dt).t()) * self.scaling
-        if not self.active:
-            return y
-        if self.mixer is not None:
-            return self._mixed(x, y)
-        (k,) = self.active
-        a, b = self.lora_A[k].to(dt), self.lora_B[k].to(dt)
-        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scaling
-
-    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + scaling · Σ_j g_j ⊙ B_j A_j dropout_j(x) over the E experts of the active rows."""
-        dt = x.dtype
-        g = self.mixer.gate(x)  # [..., E, K]
-        experts = g.shape[-2]
-        A = torch.cat([self.lora_A[i] for i in self.active], 0).to(dt)  # [R, in]
-        B = torch.cat([self.lora_B[i] for i in self.active], 1).to(dt)  # [out, R]
-        n = A.shape[0] // experts  # rank of one expert
-        for j in range(experts):
-            h = self.dropout(x) @ A[j * n : (j + 1) * n].t()  # [..., n], its own dropout mask
-            y = y + (h @ B[:, j * n : (j + 1) * n].t()) * (g[..., j, :] * self.scaling)
-        return y
-
-    def _mixed_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Without gradients and dropout, a per-token or per-expert scalar gate is an SSA gate
-        over the subspaces (each expert a whole number of subspaces): the fused kernel; None when
-        the mixture does not fit that form."""
-        s = len(self.active)
-        if self.training and not isinstance(self.dropout, nn.Identity):
-            return None
-        if self.active != tuple(range(s)):
-            return None
-        g = self.mixer.gate(x)  # [..., E, K]
-        experts = g.shape[-2]
-        if g.shape[-1] != 1 or s % experts:
-            return None
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        a = g[..., 0].reshape(-1, experts).repeat_interleave(s // experts, dim=1)  # [N | 1, S]
-        a = a.expand(x2.shape[0], s)
-        A_cat, B_cat = self._concatenated(s, x.dtype)
-        y = ssa_lora_linear(x2, self.base.weight, self.base.bias, A_cat, B_cat, a, self.scaling)
-        return y.view(*lead, -1)
+        return self.mode.forward(self, x)
 
 
 def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_max):
@@ -211,10 +305,7 @@ class SubspaceAdapter:
         if len(ks) > 1 and any(m.mixer is None for m in self.layers):
             raise ValueError(f"subspaces {ks} act together only through a mixer (MoELoRA, M-LoRA)")
         for m in self.layers:
-            m.active = ks
-            m.context = tuple(context)
-            m.alpha = None
-            m._cat = None  # training changes the weights
+            m.set_mode(subspace_mode(ks, tuple(context), m.mixer is not None))
             for i in range(m.s_max):
                 m.lora_A[i].requires_grad_(trainable and i in ks)
                 m.lora_B[i].requires_grad_(trainable and i in ks)
@@ -236,13 +327,9 @@ class SubspaceAdapter:
                 dev = m.lora_A[0].device
                 if dev not in on_device:
                     on_device[dev] = alpha.to(dev).contiguous()
-                m.alpha = on_device[dev]
-            else:
-                m.alpha = None
-            m.active = () if alpha is not None else m.active
-            m.context = ()
-            if alpha is None:
-                m._cat = None
+                m.set_mode(SsaGate(on_device[dev]), keep_cache=True)
+            else:  # leaving SSA mode: the subspaces that acted before it, without context
+                m.set_mode(subspace_mode(m.active, (), m.mixer is not None))
             for i in range(m.s_max):
                 m.lora_A[i].requires_grad_(False)
                 m.lora_B[i].requires_grad_(False)
@@ -260,7 +347,7 @@ class SubspaceAdapter:
         for p, v in zip(self.params(k), self.unflatten(vec), strict=True):
             p.copy_(v)
         for m in self.layers:
-            m._cat = None
+            m.clear_cache()
 
     def mixer_params(self) -> list[nn.Parameter]:
         """The layers' mixer parameters, layer by layer in module order (none without mixers)."""
@@ -277,7 +364,7 @@ class SubspaceAdapter:
         for p, v in zip(ps, unflatten_like(ps, vec, "mixer"), strict=True):
             p.copy_(v)
         for m in self.layers:
-            m._cat = None
+            m.clear_cache()
 
     def init_vector(self, generator: torch.Generator) -> torch.Tensor:
         """Fresh subspace: A ~ N(0, 0.01), B = 0, as flat vector."""

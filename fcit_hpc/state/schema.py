@@ -19,9 +19,11 @@ Layout::
     /eval/first_stage        int64   [tasks]        first stage a client trained task i (T: never)
     /eval/activation         float64 [tasks, S]     mean SSA α per test task (DISCO)
     /eval                    attrs: task_names (JSON list), last, avg, forgetting, bwt, fwt
-    /ewc/fisher              float32 [P]          EWC: summed diagonal Fisher of the stages so far
-    /ewc/anchor              float32 [P]          EWC: the adapter at the end of the last stage
-    /ewc                     attrs: stages (stages consolidated); empty datasets for other methods
+    /method/<name>/<array>   numeric [*]          the method's own state (absent for methods
+                                                  without one), written, read and validated by
+                                                  the method (``Method.init_state`` /
+                                                  ``validate_state``); e.g. EWC's fisher, anchor
+    /method/<name>           attrs: the method's integer counters (EWC: stages)
     /dko/samples             int64   [S_max, U]     DKO diagnostics (identity methods only; absent
                                                   otherwise and in older files): accepted samples
                                                   per subspace (the DKO decision) x data unit U
@@ -33,10 +35,12 @@ Layout::
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 
-Checksums (schema version 2): every dataset carries an attribute ``sha256``, the hex SHA-256 of
-its values' bytes (C order, as stored: records packed field by field), verified on every load; a
-changed byte inside any dataset's values is refused naming the dataset. Files of schema version 1
-(written before checksums) load unverified.
+Versions: 2 (current) puts a method's own state under ``/method/<name>`` and gives every dataset
+an attribute ``sha256``, the hex SHA-256 of its values' bytes (C order, as stored: records packed
+field by field), verified on every load: a changed byte inside any dataset's values is refused
+naming the dataset. 1 (before) held EWC's state in ``/ewc`` (fisher, anchor, attrs stages; empty
+for other methods), had no checksums, and loads unverified through :func:`_migrate_v1`. Other
+versions are refused, naming the version.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ import numpy as np
 
 from fcit_hpc.errors import StateError, StorageError
 
-SCHEMA_VERSION = 2  # 2: every dataset carries a sha256 checksum attribute
-READABLE_VERSIONS = (1, 2)  # 1: written before checksums (loaded unverified)
+SCHEMA_VERSION = 2  # 2: /method/<name>, and a sha256 checksum attribute on every dataset
+READABLE_VERSIONS = (1, 2)  # 1: no checksums, EWC in /ewc: migrated on read (module doc)
 CHECKSUM = "sha256"
 STATE_FILE = "state.h5"
 
@@ -115,6 +119,17 @@ VOLATILE_FIELDS = {"seconds", "rank", "phases"}
 
 
 @dataclass
+class MethodState:
+    """A method's own part of the state (``/method/<name>``): named numeric arrays and integer
+    counters. Only the method gives them meaning (:class:`fcit_hpc.methods.base.Method`); the
+    generic layers store, read and broadcast them by name. ``name`` empty: no method state."""
+
+    name: str = ""
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class RunState:
     config_yaml: str
     adapter: np.ndarray  # float32 [S_max, P]
@@ -133,14 +148,12 @@ class RunState:
     first_stage: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     activation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     summary: dict[str, float] = field(default_factory=dict)
-    ewc_fisher: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    ewc_anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    ewc_stages: int = 0
     projector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     mixer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     dko_samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
     dko_task_unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dko_gate_mass: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    method: MethodState = field(default_factory=MethodState)
 
     def sides(self) -> dict[str, np.ndarray]:
         """The side vectors clients train beside their subspaces and the server averages
@@ -228,10 +241,8 @@ def _write_h5(path: Path, st: RunState) -> None:
         ev.attrs["task_names"] = json.dumps(st.task_names)
         for k, v in st.summary.items():
             ev.attrs[k] = float(v)
-        ew = f.create_group("ewc")
-        ew.attrs["stages"] = st.ewc_stages
-        ew.create_dataset("fisher", data=np.asarray(st.ewc_fisher, np.float32))
-        ew.create_dataset("anchor", data=np.asarray(st.ewc_anchor, np.float32))
+        if st.method.name:  # methods without a state of their own write no group
+            _write_method(f, st.method)
         if st.dko_samples.size:  # identity methods only: other methods' files stay as they were
             dk = f.create_group("dko")
             dk.create_dataset("samples", data=np.asarray(st.dko_samples, np.int64))
@@ -271,6 +282,15 @@ def _verify_checksums(r: _Reader) -> None:
                 f"/{name}: checksum mismatch: its values changed after they were written (a "
                 "damaged or edited file)"
             )
+
+
+def _write_method(f: h5py.File, ms: MethodState) -> None:
+    """``/method/<name>``: the method's arrays as datasets (their own dtype), counters as attrs."""
+    g = f.create_group(f"method/{ms.name}")
+    for k, v in ms.arrays.items():
+        g.create_dataset(k, data=np.asarray(v))
+    for k, v in ms.counters.items():
+        g.attrs[k] = int(v)
 
 
 class _Reader:
@@ -373,11 +393,7 @@ def _read(r: _Reader) -> RunState:
             raise r.fail(f"/server_opt/{k} shape {so[k].shape} != {adapter.shape}")
     projector = r.array("global/projector", np.float32, 1, optional=True)
     mixer = r.array("global/mixer", np.float32, 1, optional=True)
-    ewc = r.group("ewc", optional=True)
-    fisher = r.array("ewc/fisher", np.float32, 1, optional=ewc is None)
-    anchor = r.array("ewc/anchor", np.float32, 1, optional=ewc is None)
-    if fisher.shape != anchor.shape or fisher.size not in (0, adapter.shape[1]):
-        raise r.fail("/ewc datasets do not fit /global/adapter")
+    method = _migrate_v1(r) if version == 1 else _read_method(r)
     accuracy = r.array("eval/accuracy", np.float64, 2)
     stages, tasks = accuracy.shape
     first_stage = r.array("eval/first_stage", np.int64, 1)
@@ -423,18 +439,51 @@ def _read(r: _Reader) -> RunState:
         first_stage=first_stage,
         activation=activation,
         summary=summary,
-        ewc_fisher=fisher,
-        ewc_anchor=anchor,
-        ewc_stages=r.integer(ewc, "stages", "ewc") if ewc is not None else 0,
         projector=projector,
         mixer=mixer,
         dko_samples=dko[0],
         dko_task_unit=dko[1],
         dko_gate_mass=dko[2],
+        method=method,
     )
     if version >= 2:  # after the structure's checks, whose messages say more about an edit
         _verify_checksums(r)
     return st
+
+
+def _read_method(r: _Reader) -> MethodState:
+    """``/method/<name>`` (at most one method): its numeric arrays and integer counters, as
+    stored; the method validates them (``Method.validate_state``)."""
+    top = r.group("method", optional=True)
+    if top is None:
+        return MethodState()
+    names = list(top)
+    if len(names) != 1 or not isinstance(top[names[0]], h5py.Group):
+        raise r.fail(f"/method holds {names}, expected one group named after the method")
+    name = names[0]
+    g = top[name]
+    arrays = {}
+    for k, obj in g.items():
+        if not isinstance(obj, h5py.Dataset):
+            raise r.fail(f"/method/{name}/{k} is not a dataset")
+        arrays[k] = r.array(f"method/{name}/{k}", obj.dtype, obj.ndim)
+    counters = {k: r.integer(g, k, f"method/{name}") for k in g.attrs}
+    return MethodState(name, arrays, counters)
+
+
+def _migrate_v1(r: _Reader) -> MethodState:
+    """Version 1 held EWC's state in ``/ewc`` (fisher, anchor float32 [P]; attrs stages), for
+    every method, empty unless EWC consolidated a stage: moved to ``/method/ewc`` when not
+    empty (an empty one is what ``EWC.init_state`` makes anew)."""
+    ewc = r.group("ewc", optional=True)
+    if ewc is None:
+        return MethodState()
+    fisher = r.array("ewc/fisher", np.float32, 1)
+    anchor = r.array("ewc/anchor", np.float32, 1)
+    stages = r.integer(ewc, "stages", "ewc", 0)
+    if not (fisher.size or anchor.size or stages):
+        return MethodState()
+    return MethodState("ewc", {"fisher": fisher, "anchor": anchor}, {"stages": stages})
 
 
 def _read_dko(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,19 @@ from fcit_hpc.model.steps import run_steps
 
 # given the trainable parameters (loaded at the start values): zero-argument loss terms
 TermsFactory = Callable[[list], list[Callable[[], torch.Tensor]]]
+
+
+class BatchTerm(Protocol):
+    """A loss term that depends on the batch and the model's outputs (LwF's distillation).
+    :meth:`prepare` runs before the model's forward on the batch (e.g. a teacher's forward,
+    without gradient); the call returns the term SUMMED over the batch's target tokens (a
+    float32 scalar with gradient), which the trainer divides by the batch's target tokens, as
+    the task loss is a mean over them (in a client group: the whole batch's, so members' shares
+    add up to the term of the batch)."""
+
+    def prepare(self, batch: dict) -> None: ...
+
+    def __call__(self, batch: dict, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -164,16 +178,34 @@ class LocalTrainer:
         beside them, one more optimizer group each, with ``base_lr`` = ``side.lr``."""
         raise NotImplementedError
 
-    def _loss(self, sess: LocalSession, batch: dict) -> torch.Tensor:
-        """The task loss of a batch: the model's mean token loss alone; in a client group this
-        member's share of it (module docstring)."""
+    def _loss(
+        self, sess: LocalSession, batch: dict, batch_terms: Sequence[BatchTerm] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(task loss, batch terms) of a batch: the model's mean token loss alone; in a client
+        group this member's share of it (module docstring); the batch terms (None without any)
+        per target token of the batch, likewise shared."""
         batch = to_device(batch, self.device)
-        if self.shard is None:
-            return sess.forward(batch).loss
+        if self.shard is None and not batch_terms:
+            return sess.forward(batch).loss, None
         total = max(1, target_tokens(batch["labels"]))
-        part, weight = self.shard.take(batch)
-        labels = part.pop("labels")
-        return token_loss_sum(sess.forward(part).logits, labels) * (weight / total)
+        if self.shard is None:
+            part, weight = batch, 1.0
+            for t in batch_terms:
+                t.prepare(part)
+            out = sess.forward(part)
+            loss = out.loss
+        else:
+            part, weight = self.shard.take(batch)
+            for t in batch_terms:
+                t.prepare(part)
+            labels = part.pop("labels")
+            out = sess.forward(part)
+            loss = token_loss_sum(out.logits, labels) * (weight / total)
+            part = {**part, "labels": labels}
+        if not batch_terms:
+            return loss, None
+        extra = sum(t(part, out.logits) for t in batch_terms) * (weight / total)
+        return loss, extra
 
     def train(
         self,
@@ -187,13 +219,15 @@ class LocalTrainer:
         terms: TermsFactory | None = None,
         sides: Sequence[Side] = (),
         tick: Callable[[], None] | None = None,
+        batch_terms: Sequence[BatchTerm] = (),
     ) -> LocalResult:
         """Train subspace k, or the subspaces k (``start``: their flat vectors concatenated).
         ``context``: frozen subspaces beside them ({index: flat vector}); ``terms``: the extra
         loss terms (FedProx, O-LoRA, EWC), built from the parameters once they are loaded;
         ``sides``: parameter groups trained beside them (LLaVA projector, a method's mixer);
         ``tick``: called once the session is set up and after every optimizer step (the timing
-        hook of ``fcit bench train``: set-up vs step time)."""
+        hook of ``fcit bench train``: set-up vs step time); ``batch_terms``: loss terms of each
+        batch and the model's outputs (:class:`BatchTerm`; LwF), not part of the logged loss."""
         params = start_local(adapter, k, start, context)
         extra = terms(params) if terms is not None else []
         for s in sides:
@@ -208,7 +242,11 @@ class LocalTrainer:
         g = self.shard.size if self.shard is not None else 1
         scale = g if sess.group_average else 1  # DeepSpeed averages over the group, torch sums
 
+        pending = []  # the batch terms of the batch just forwarded
+
         def step(_, loss):
+            if pending:
+                loss = loss + pending.pop()
             if extra:  # the strategy's and method's terms count once over the group
                 more = sum(t() for t in extra)
                 loss = loss + (more / g if g > 1 else more)
@@ -217,7 +255,10 @@ class LocalTrainer:
                 tick()
 
         def forward(batch):
-            return self._loss(sess, batch)
+            loss, more = self._loss(sess, batch, batch_terms)
+            if more is not None:
+                pending.append(more)
+            return loss
 
         try:
             groups = sess.param_groups

@@ -25,14 +25,14 @@ class MetricsLog:
         old = self.old_phases()
         lines = [
             self.with_phases(
-                self._round_line(r, st.clients),
+                self.round_line(r, st.clients),
                 old.get(("round", int(r["stage"]), int(r["round"]))),
             )
             for r in st.rounds
         ]
         for t in range(st.accuracy.shape[0]):
             if not np.isnan(st.accuracy[t]).all():
-                line = self._eval_line(t, st.accuracy[t], task_names)
+                line = self.eval_line(t, st.accuracy[t], task_names)
                 lines.append(self.with_phases(line, old.get(("eval", t, None))))
                 if st.dko_samples.size:  # identity methods: the stage's DKO diagnostics
                     lines.append(stage_record(st, t, task_names))
@@ -66,7 +66,8 @@ class MetricsLog:
         return json.dumps({**json.loads(line), "phases": phases})
 
     @staticmethod
-    def _round_line(r, clients) -> str:
+    def round_line(r, clients) -> str:
+        """The JSON line of round record ``r`` (ROUND_DTYPE) with its ``clients`` records."""
         cs = clients[(clients["stage"] == r["stage"]) & (clients["round"] == r["round"])]
         return json.dumps(
             {
@@ -99,7 +100,8 @@ class MetricsLog:
         )
 
     @staticmethod
-    def _eval_line(stage, acc, names) -> str:
+    def eval_line(stage, acc, names) -> str:
+        """The JSON line of a stage's evaluation (accuracy per task name)."""
         return json.dumps(
             {
                 "kind": "eval",

@@ -18,7 +18,13 @@ from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
-from fcit_hpc.fed.server.run_state import check_dko, check_state, init_dko, init_state
+from fcit_hpc.fed.server.run_state import (
+    check_dko,
+    check_state,
+    init_dko,
+    init_method_state,
+    init_state,
+)
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
@@ -44,6 +50,7 @@ class Server(Role):
             state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
         where = self.run_dir / STATE_FILE
         stages = data.schedule.stages
+        init_method_state(state, method, ctx.adapter.numel)
         try:
             check_state(
                 state,
@@ -109,7 +116,7 @@ class Server(Role):
             st.rng_torch = torch.get_rng_state().numpy().copy()
         with phase("state_write"):
             write_state(self.run_dir, st)
-        line = MetricsLog._round_line(st.rounds[-1], st.clients)
+        line = MetricsLog.round_line(st.rounds[-1], st.clients)
         self.metrics.append(MetricsLog.with_phases(line, self._phases(phases)))
         self.bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces)
         self.bar.update(1)
@@ -119,7 +126,8 @@ class Server(Role):
             self.bar.update(1)
 
     def stage_end_todo(self, stage):
-        return np.array([1 if self.st.ewc_stages <= stage else 0], np.int64)
+        done = self.ctx.method.stage_end_done(self.st.method, stage)
+        return np.array([0 if done else 1], np.int64)
 
     def merge_stage_end(self, stage, heads, values):
         merge_stage_end(self.st, self.ctx.method, unpack_tokens(heads, values), stage)
@@ -144,7 +152,7 @@ class Server(Role):
         st = self.st
         with phase("eval"):
             self._gate_mass(stage)
-        line = MetricsLog._eval_line(stage, result.accuracy, data.task_names)
+        line = MetricsLog.eval_line(stage, result.accuracy, data.task_names)
         self.metrics.append(MetricsLog.with_phases(line, self._phases(phases)))
         if st.dko_samples.size:
             self.metrics.append(stage_record(st, stage, data.task_names))
@@ -177,6 +185,7 @@ class Server(Role):
 
     def end_stage(self, stage):
         st = self.st
+        self.ctx.method.after_stage(st, stage)
         st.stage, st.round = stage + 1, -1
         st.done = stage + 1 == self.ctx.data.num_stages
         with phase("state_write"):  # counted in the next record

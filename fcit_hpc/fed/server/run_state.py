@@ -74,11 +74,19 @@ def init_state(
         server_opt=strategy.init_state(vecs.shape),
         mixer=np.asarray(mixer, np.float32),
     )
+    st.method = method.init_state(adapter.numel)
     if projector is not None:
         st.projector = np.asarray(projector, np.float32).copy()
     if not method.uses_identity:
         st.num_subspaces = 1
     return st
+
+
+def init_method_state(st: RunState, method, numel: int) -> None:
+    """A stored state without a method state (a version-1 file whose EWC had not consolidated a
+    stage yet) gets the method's fresh one; :func:`check_state` then validates it."""
+    if not st.method.name:
+        st.method = method.init_state(numel)
 
 
 def check_state(
@@ -93,8 +101,9 @@ def check_state(
 ) -> None:
     """A stored state must fit the model (S_max subspaces of ``numel`` values, the projector
     when clients train it, the method's mixer), the benchmark (``shape``: stages x tasks of the
-    accuracy matrix), the identity encoder (``dim``) and torch's generator (its saved state's
-    size)."""
+    accuracy matrix), the identity encoder (``dim``), torch's generator (its saved state's
+    size) and the method (its own state, :meth:`~fcit_hpc.methods.base.Method.validate_state`)."""
+    method.validate_state(st.method, numel, where)
     if st.adapter.shape != (method.num_slots(), numel):
         raise StateError(
             f"{where}: /global/adapter shape {st.adapter.shape} does not fit the model "
