@@ -137,6 +137,9 @@ def test_method_state_roundtrip_and_mismatch(tmp_path):
     with h5py.File(tmp_path / "state.h5", "a") as f:
         del f["method/ewc/anchor"]
         f["method/ewc/anchor"] = np.zeros(5, np.float32)
+        # a well-formed file whose checksums hold: the method's own validation must refuse it
+        digest = __import__("hashlib").sha256(np.zeros(5, np.float32).tobytes()).hexdigest()
+        f["method/ewc/anchor"].attrs["sha256"] = digest
     bad = (tmp_path / "state.h5").read_bytes()
     with pytest.raises(StateError, match="state.h5: /method/ewc fisher .* do not fit"):
         ewc.validate_state(read_state(tmp_path).method, 6, tmp_path / "state.h5")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fcit_hpc.model.lora import SsaGate
+
 log = logging.getLogger("fcit")
 
 BUCKET = 64  # cache lengths are multiples of this (graphs shared by batches of similar prompts)
@@ -120,14 +122,14 @@ class StaticGreedyDecoder:
         self._alpha.copy_(alpha)
         for m in layers:
             if m.alpha is not None and m.alpha.device == self._alpha.device:
-                m.alpha = self._alpha
+                m.set_mode(SsaGate(self._alpha), keep_cache=True)
         return (tuple(alpha.shape), id(self._alpha))
 
     def _weights_key(self) -> tuple:
         """Identity of the SSA layers' concatenated weights (built at the prefill)."""
         if self.adapter is None:
             return ()
-        return tuple(id(m._cat[0]) if m._cat is not None else 0 for m in self.adapter.layers)
+        return tuple(m.cache_id() for m in self.adapter.layers)
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, **kw) -> torch.Tensor:

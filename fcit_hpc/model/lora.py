@@ -225,6 +225,11 @@ class SubspaceLoRALinear(nn.Module):
         """The weights changed: the next forward rebuilds the concatenation it needs."""
         self._cat = None
 
+    def cache_id(self) -> int:
+        """Identity of the cached concatenation (0: none): a CUDA graph that read it must be
+        captured again once it changes."""
+        return id(self._cat[0]) if self._cat is not None else 0
+
     def concatenated(self, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_cat [S·r, in], B_cat [out, S·r]) of the first s subspaces in ``dtype``, cached."""
         c = self._cat
