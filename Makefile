@@ -14,12 +14,8 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-<<<<<<< HEAD
-.PHONY: install run test test-gpu test-latest lock lint bench clean smollm2 sysdeps fuzz
-.PHONY: wheelhouse
-=======
 .PHONY: install run test test-gpu gpu-check test-latest lock lint bench clean smollm2 sysdeps fuzz
->>>>>>> gpueval
+.PHONY: wheelhouse
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
