@@ -89,6 +89,10 @@ def stop_signals(announce: bool = True) -> Iterator[None]:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        # what this run received ends with it: a later run (or a later in-process caller of
+        # agree/phase) must not stop on a signal that an earlier one already acted on
+        _received.clear()
+        _where.update(deferred=False, phase="set-up", run_dir="", announce=True)
 
 
 def resume_dir() -> str:
