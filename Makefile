@@ -20,9 +20,10 @@ export TRANSFORMERS_OFFLINE := 1
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
 # `srun --mpi=pmix` (Slurm's plugin dlopens the unversioned libpmix.so, which only libpmix-dev
 # ships: libpmix2 alone gives "can not load PMIx library"), Java for the METEOR caption metric,
-# g++ for DeepSpeed's helpers. Installed with apt if missing; slurm/check_pmix.sh then checks that
-# the plugin's library loads, and stops the set-up with what is missing if not.
-SYSPKGS := slurm-wlm munge libpmix2 libpmix-dev default-jre-headless g++
+# g++ for DeepSpeed's helpers, iproute2 (`ip netns`) for the two-node SLURM test's network
+# namespaces. Installed with apt if missing; slurm/check_pmix.sh then checks that the plugin's
+# library loads, and stops the set-up with what is missing if not.
+SYSPKGS := slurm-wlm munge libpmix2 libpmix-dev default-jre-headless g++ iproute2
 RUNPKGS := default-jre-headless g++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL = $(SUDO) apt-get update -qq && \
@@ -42,7 +43,7 @@ run: install
 
 sysdeps:
 	@if ! { command -v java && command -v g++ && [ -x /usr/sbin/slurmctld ] && \
-	        [ -x /usr/sbin/munged ] && dpkg -s libpmix2 libpmix-dev; } >/dev/null 2>&1; then \
+	        [ -x /usr/sbin/munged ] && command -v ip && dpkg -s libpmix2 libpmix-dev; } >/dev/null 2>&1; then \
 	  echo "installing $(SYSPKGS) (apt)"; \
 	  $(APT_INSTALL) $(SYSPKGS) >/dev/null; \
 	fi

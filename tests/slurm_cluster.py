@@ -240,3 +240,212 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         self.procs.clear()
         if self.shm is not None:
             shutil.rmtree(self.shm, ignore_errors=True)
+
+
+class TwoNodeCluster(SlurmCluster):
+    """Two SLURM nodes on this machine: each in its own network namespace (``ip netns``) and UTS
+    namespace (its own host name, ``n1``/``n2``), joined by a veth pair on the project's test subnet
+    ``SUBNET``; slurmctld runs beside slurmd in ``n1``; one munged (its Unix socket is a file, seen
+    from both). Name resolution inside the namespaces comes from ``/etc/netns/<ns>/hosts``, which
+    ``ip netns exec`` binds over ``/etc/hosts``. Traffic goes only between the two namespaces.
+    Every SLURM command of the test runs in ``n1`` (:meth:`cmd`). :meth:`stop` tears it all down.
+
+    Needs root (``ip netns``, ``unshare``) and iproute2; `make test` installs iproute2."""
+
+    SUBNET = "10.213.0"  # .1 = n1, .2 = n2
+    NODES = ("n1", "n2")
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        tag = f"{os.getpid() % 100000}"
+        self.ns = {n: f"fcit{tag}-{n}" for n in self.NODES}
+        self.veth = {n: f"fv{tag}{n}" for n in self.NODES}
+        self.addr = {n: f"{self.SUBNET}.{i + 1}" for i, n in enumerate(self.NODES)}
+        self._made: list[str] = []  # namespaces made (for the tear-down)
+
+    def cmd(self, args: list[str], node: str = "n1") -> list[str]:
+        """``args`` run in ``node``'s namespaces, with its host name."""
+        # nsenter, not `ip netns exec`: that one remounts /sys for the namespace, without the
+        # cgroup file system slurmd needs; a private mount namespace binds the hosts file instead
+        # and each node's own local directory over the PMIx directory (``mpi.conf``), whose
+        # per-step subdirectories carry no node name: a node-local /tmp, as real nodes have
+        hosts = Path("/etc/netns", self.ns[node], "hosts")
+        local, tmp = self.root / "local" / node, self.root / "tmp"
+        inner = (
+            f"mount --bind {hosts} /etc/hosts && mount --bind {local} {tmp} && "
+            f'hostname {node} && exec "$@"'
+        )
+        netns = f"--net=/run/netns/{self.ns[node]}"
+        return ["nsenter", netns, "unshare", "--uts", "--mount", "sh", "-c", inner, "sh"] + [
+            str(a) for a in args
+        ]
+
+    def _network(self) -> None:
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        for n in self.NODES:
+            subprocess.run([ip, "netns", "add", self.ns[n]], check=True, capture_output=True)
+            self._made.append(n)
+            hosts = Path("/etc/netns", self.ns[n])
+            hosts.mkdir(parents=True, exist_ok=True)
+            (hosts / "hosts").write_text(
+                "127.0.0.1 localhost\n" + "".join(f"{self.addr[m]} {m}\n" for m in self.NODES)
+            )
+        a, b = self.NODES
+        run = lambda *c: subprocess.run([ip, *c], check=True, capture_output=True)  # noqa: E731
+        run("link", "add", self.veth[a], "type", "veth", "peer", "name", self.veth[b])
+        for n in self.NODES:
+            run("link", "set", self.veth[n], "netns", self.ns[n])
+            run("-n", self.ns[n], "addr", "add", f"{self.addr[n]}/24", "dev", self.veth[n])
+            run("-n", self.ns[n], "link", "set", self.veth[n], "up")
+            run("-n", self.ns[n], "link", "set", "lo", "up")
+
+    def _write_conf(self) -> Path:
+        r = self.root
+        node_dirs = [f"{d}/{n}" for n in self.NODES for d in ("spool", "local")]
+        for d in ("state", "log", "munge", "tmp", *node_dirs):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        node = subprocess.run([_exe("slurmd"), "-C"], capture_output=True, text=True, check=True)
+        hardware = node.stdout.splitlines()[0].split(None, 1)[1].strip()  # CPUs=... RealMemory=...
+        self.socket = r / "munge" / "munge.socket"
+        nodes = "".join(
+            f"NodeName={n} NodeAddr={self.addr[n]} NodeHostname={n} {hardware} State=UNKNOWN\n"
+            for n in self.NODES
+        )
+        # the two slurmd are in different network namespaces: the same port serves both
+        conf = f"""
+ClusterName=fcittwo
+SlurmctldHost=n1({self.addr["n1"]})
+SlurmUser=root
+SlurmctldPort=6917
+SlurmdPort=6918
+AuthType=auth/munge
+AuthInfo=socket={self.socket}
+CredType=cred/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+SlurmdTimeout=60
+InactiveLimit=0
+KillWait=5
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+"""
+        path = r / "slurm.conf"
+        path.write_text(conf)
+        (r / "mpi.conf").write_text(f"PMIxCliTmpDirBase={r}/tmp\n")
+        return path
+
+    def start(self) -> TwoNodeCluster:
+        if os.getuid() != 0:
+            raise RuntimeError("the two-node SLURM cluster needs root (ip netns, unshare)")
+        lacking = [b for b in ("ip", "nsenter", "unshare", "mount") if shutil.which(b) is None]
+        if lacking:
+            raise RuntimeError(f"the two-node SLURM cluster needs {lacking} (iproute2, util-linux)")
+        self._network()
+        conf = self._write_conf()
+        r = self.root
+        self.env["SLURM_CONF"] = str(conf)
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else r
+        self.shm = Path(tempfile.mkdtemp(prefix="fcit-slurm2-test-", dir=shm))
+        self.env["OMPI_MCA_btl_sm_backing_directory"] = str(self.shm)
+        self._spawn(
+            [
+                _exe("munged"),
+                "-F",
+                "-f",
+                f"--socket={self.socket}",
+                f"--key-file={r}/munge/munge.key",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--seed-file={r}/munge/seed",
+                f"--log-file={r}/log/munged.log",
+            ],
+        )
+        self._wait(lambda: self.socket.exists(), "munged socket", r / "log" / "munged.log")
+        self._spawn(self.cmd([_exe("slurmctld"), "-D", "-i", "-f", str(conf)]), "slurmctld")
+        self._wait(
+            lambda: "UP" in self._out(["scontrol", "ping"]),
+            "slurmctld",
+            r / "log" / "slurmctld.log",
+        )
+        for n in self.NODES:
+            self._spawn(self.cmd([_exe("slurmd"), "-D", "-f", str(conf)], node=n), f"slurmd.{n}")
+        self._wait(self._nodes_idle, "both slurmd (nodes idle)", r / "log")
+        return self
+
+    def _spawn(self, cmd: list[str], name: str | None = None) -> None:
+        log = open(self.root / "log" / ((name or Path(cmd[0]).name) + ".stdout"), "wb")
+        self.procs.append(
+            subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+
+    def _out(self, cmd: list[str]) -> str:
+        p = subprocess.run(self.cmd(cmd), env=self.env, capture_output=True, text=True)
+        return p.stdout + p.stderr
+
+    def _ok(self, cmd: list[str]) -> bool:
+        return subprocess.run(self.cmd(cmd), env=self.env, capture_output=True).returncode == 0
+
+    def _nodes_idle(self) -> bool:
+        states = self._out(["sinfo", "-h", "-N", "-o", "%N %T"]).split()
+        return states == ["n1", "idle", "n2", "idle"]
+
+    def sbatch(self, args, cwd, env=None, timeout=600):
+        p = subprocess.run(
+            self.cmd(["sbatch", "--parsable", "--wait", *args]),
+            cwd=cwd,
+            env=self._job_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        m = re.search(r"^(\d+)", p.stdout.strip())
+        return (int(m.group(1)) if m else None), p.returncode, p.stdout + p.stderr
+
+    def submit(self, args, cwd, env=None) -> int:
+        p = subprocess.run(
+            self.cmd(["sbatch", "--parsable", *args]),
+            cwd=cwd,
+            env=self._job_env(env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        m = re.search(r"^(\d+)", p.stdout.strip())
+        if m is None:
+            raise RuntimeError(f"sbatch failed: {p.stdout}{p.stderr}\n{self.logs()}")
+        return int(m.group(1))
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        p = subprocess.run(
+            self.cmd(list(cmd)), env=self.env, capture_output=True, text=True, timeout=60
+        )
+        if p.returncode and check:
+            raise RuntimeError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
+        return p.stdout
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for n in self._made:  # deleting a namespace deletes its end of the veth pair, and both
+                subprocess.run(["ip", "netns", "del", self.ns[n]], capture_output=True)
+                shutil.rmtree(Path("/etc/netns", self.ns[n]), ignore_errors=True)
+            self._made.clear()

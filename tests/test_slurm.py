@@ -115,7 +115,7 @@ def _log_has(path, text: str) -> bool:
     return path.exists() and text in path.read_text(errors="replace")
 
 
-def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun"):
+def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun", sbatch_args=()):
     """Submit smoke held before round ``hold_at`` (debug.hold_file), call ``act(job)`` there,
     let the hold go, release the requeued job (a requeued job waits about 2 min, BeginTime, for
     its nodes to be cleaned; the test cannot wait that long) and wait until it completes.
@@ -125,7 +125,7 @@ def _run_to_hold_then(cluster, tmp_path, name, hold_at, act, launch="mpirun"):
     stage, rnd = hold_at
     job = cluster.submit(
         [
-            "--ntasks=2",
+            *(sbatch_args or ["--ntasks=2"]),
             f"--output={log}",
             f"--error={log}",
             "--open-mode=append",  # the requeued start appends to the same log

@@ -111,6 +111,34 @@ def init_group_worlds(cfg: Config, comm: Comm, rt: Runtime) -> None:
     )
 
 
+def _gather_hosts(comm: Comm) -> list[str] | None:
+    """Rank 0: every rank's host name, in rank order (a start-up gather of bytes, no round
+    traffic); the other ranks: None."""
+    import socket
+
+    import numpy as np
+
+    got = comm.gatherv(np.frombuffer(socket.gethostname().encode(), np.uint8))
+    return None if got is None else [bytes(a).decode(errors="replace") for a in got]
+
+
+def host_summary(hosts: list[str]) -> str:
+    """``n1: ranks 0-3; n2: ranks 4-7``: where the ranks run, one entry per host (first-seen
+    order), each host's ranks as ranges."""
+    by_host: dict[str, list[int]] = {}
+    for rank, h in enumerate(hosts):
+        by_host.setdefault(h, []).append(rank)
+    parts = []
+    for h, ranks in by_host.items():
+        runs, start = [], ranks[0]
+        for a, b in zip(ranks, ranks[1:] + [None], strict=True):
+            if b != a + 1:
+                runs.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        parts.append(f"{h}: rank{'s' if len(ranks) > 1 else ''} {','.join(runs)}")
+    return "; ".join(parts)
+
+
 def prepare_caches(cfg: Config, comm: Comm) -> None:
     """One rank generates caches (data, embedded model); the others wait without spinning."""
     if comm.is_root:
@@ -125,7 +153,9 @@ def prepare_caches(cfg: Config, comm: Comm) -> None:
 def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> RunContext:
     rt = runtime if runtime is not None else runtime_for(cfg, comm)
     apply_runtime(rt)
+    hosts = _gather_hosts(comm)
     if comm.is_root:
+        log.info("%d rank(s) on %d host(s): %s", comm.size, len(set(hosts)), host_summary(hosts))
         log.info(
             "runtime: %s, %s, %d rank(s), %d client group(s) of %d",
             rt.device,
