@@ -50,7 +50,7 @@ sysdeps:
 	@slurm/check_pmix.sh
 
 test: install sysdeps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # The GPU tests (marker `gpu`, deselected by `make test`): on a machine with a CUDA device, with
 # real Triton kernels, failures printed as they happen, 4 workers when pytest-xdist is installed
