@@ -85,7 +85,7 @@ test-latest:
 	  -e '.[test,dev,mpi,deepspeed]'
 	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
 	@grep -iE "^(transformers|peft|deepspeed|triton|numpy|h5py|mpi4py|kernels|accelerate)==" $(LATEST)/versions.txt
-	$(LATEST)/bin/python -m pytest -q -m "not gpu and not slow" $(LATEST_TESTS)
+	$(LATEST)/bin/python -m pytest -q --durations=10 -m "not gpu and not slow" $(LATEST_TESTS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
