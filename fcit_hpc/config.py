@@ -321,6 +321,10 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
     raise AssertionError(f"unsupported config type {tp}")
 
 
+# string fields with the values on and off (besides others), which YAML writes as booleans
+_ON_OFF = ("train.liger",)
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(data)}")
@@ -339,7 +343,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name], path)
         else:
-            kwargs[f.name] = _check_type(path, data[f.name], tp)
+            value = data[f.name]
+            if path in _ON_OFF and isinstance(value, bool):  # YAML 1.1 reads on/off as booleans
+                value = "on" if value else "off"
+            kwargs[f.name] = _check_type(path, value, tp)
     return cls(**kwargs)
 
 

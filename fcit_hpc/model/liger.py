@@ -2,9 +2,9 @@
 fused linear + cross-entropy (the loss from the last hidden states and the LM head in chunks,
 never the [tokens × vocab] float32 logits), RMSNorm, SwiGLU and RoPE as Triton kernels.
 
-They are applied the library's way, :func:`liger_kernel.transformers._apply_liger_kernel_to_instance`
-(``apply_liger_kernel_to_llama`` / ``_llava`` ...: the instance's norms and MLPs get Liger's forward,
-the model's forward Liger's ``lce_forward``). Two things are process-wide in the library: RoPE
+They are applied the library's way, by its function for the model type
+(``apply_liger_kernel_to_llama`` / ``_llava`` ... with ``model=``: the instance's norms and MLPs get
+Liger's forward, the model's forward Liger's ``lce_forward``). Two things are process-wide in the library: RoPE
 replaces ``apply_rotary_pos_emb`` in the architecture's ``modeling_*`` module, and so does nothing
 else; :class:`Applied.restore` puts the module's names back (``fcit bench train`` runs variants
 with and without Liger in one process).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -145,17 +146,27 @@ def apply_liger(model, ops: tuple[str, ...]) -> Applied:
     ``model.fcit_liger``: a trainer that needs the logits asks for them (:func:`logits_kwargs`)."""
     if not ops:
         return Applied()
-    from liger_kernel.transformers.monkey_patch import (
-        MODEL_TYPE_TO_APPLY_LIGER_FN,
-        _apply_liger_kernel_to_instance,
-    )
+    import inspect
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     for t in {model.config.model_type, text_model_type(model)}:
         if t not in MODEL_TYPE_TO_APPLY_LIGER_FN:
             raise ConfigError(f"train.liger: liger-kernel has no kernels for model type {t!r}")
     saved = {m: dict(vars(m)) for m in _modeling_modules(model)}
-    kw = {op: op in ops for op in LIGER_OPS}
-    _apply_liger_kernel_to_instance(model, cross_entropy=False, **kw)
+    kw = {"cross_entropy": False, **{op: op in ops for op in LIGER_OPS}}
+    target = model
+    if model.config.model_type == "llava":
+        # liger-kernel 0.8.5's LLaVA forward builds an output with a field transformers 5.x
+        # dropped (image_hidden_states): its text model gets the library's kernels, the LLaVA
+        # model the fused loss through :func:`_llava_fused_forward`
+        target = model.model.language_model
+        if kw.pop("fused_linear_cross_entropy"):
+            model.forward = types.MethodType(_llava_fused_forward, model)
+        kw["fused_linear_cross_entropy"] = False
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN[target.config.model_type]
+    params = inspect.signature(fn).parameters
+    fn(model=target, **{k: v for k, v in kw.items() if k in params})
     changed = {
         m: {k: v for k, v in before.items() if vars(m).get(k) is not v}
         for m, before in saved.items()
@@ -171,3 +182,30 @@ def logits_kwargs(model) -> dict:
     if applied is not None and "fused_linear_cross_entropy" in applied.ops:
         return {"skip_logits": False}
     return {}
+
+
+def _llava_fused_forward(self, *args, labels=None, skip_logits=None, **kwargs):
+    """LLaVA's forward with Liger's fused linear cross-entropy in training, as Liger's own
+    ``lce_forward`` (the loss from the language model's last hidden states and the LM head's
+    weight, by ``LigerForCausalLMLoss``); the model's own forward where the logits are wanted
+    (evaluation, ``skip_logits=False``, no labels)."""
+    from liger_kernel.transformers.model.loss_utils import (
+        LigerForCausalLMLoss,
+        unpack_cross_entropy_result,
+    )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if skip_logits is None:
+        skip_logits = self.training and labels is not None
+    if not skip_logits:
+        return type(self).forward(self, *args, labels=labels, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    out = self.model(*args, return_dict=True, **kwargs)
+    result = LigerForCausalLMLoss(
+        hidden_states=out.last_hidden_state,
+        lm_head_weight=self.lm_head.weight,
+        labels=labels,
+        hidden_size=self.config.text_config.hidden_size,
+    )
+    loss = unpack_cross_entropy_result(result)[0]
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
