@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from fcit_hpc.benchmark.synthetic import make_split
 from fcit_hpc.config import load_config
 from fcit_hpc.data.batches import make_batches
+from fcit_hpc.data.sample import Sample
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.liger import logits_kwargs, resolve_ops
 from fcit_hpc.runtime import LaunchInfo, make_runtime
 from fcit_hpc.train.base import LocalOpt
 from fcit_hpc.train.torch_trainer import TorchTrainer
+
+from .test_packing import update_mismatch
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 INTERPRETED = ["train.liger_ops=[fused_linear_cross_entropy,rope]"]  # what the interpreter runs
@@ -47,7 +49,7 @@ def test_on_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="train.liger_ops: fused_linear_cross_entropy .*ZeRO-3"):
         resolve_ops(_train("train.liger=on", *z3), CUDA)
     # the interpreter (liger-kernel 0.8.5) cannot run RMSNorm's kernel: a Python float argument
-    with pytest.raises(ConfigError, match="train.liger_ops: rms_norm does not run under the Triton"):
+    with pytest.raises(ConfigError, match="train.liger_ops: rms_norm does not run under the"):
         resolve_ops(_train("train.liger=on"), CPU)
 
 
@@ -76,9 +78,8 @@ def _pair(name: str):
     and LoRA start (B != 0)."""
     out = []
     for liger in ("on", "off"):
-        cfg = load_config(
-            None, [f"model.name={name}", "lora.lora_dropout=0.0", f"train.liger={liger}", *INTERPRETED]
-        )
+        over = [f"model.name={name}", "lora.lora_dropout=0.0", f"train.liger={liger}"]
+        cfg = load_config(None, over + INTERPRETED)
         rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
         model, adapter, tok = build_model(cfg, 1, rt)
         start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
@@ -91,20 +92,20 @@ def _pair(name: str):
 
 
 def _batch(tok, name, tmp_path, pack=False):
-    samples = make_split(1, 4, 0, "train")
+    """Two short samples of different lengths (the interpreter takes ~10 ms per kernel program:
+    one per token and layer for RoPE, one per token for the loss)."""
+    samples = [Sample("Colour?", "red", 0), Sample("Which shape is it?", "a circle", 0)]
     if name == "tiny-llava":
         from PIL import Image
-
-        from fcit_hpc.data.sample import Sample
 
         for i, s in enumerate(samples):
             p = tmp_path / f"{i}.png"
             Image.new("RGB", (32, 32), (50 * i, 9, 200 - 30 * i)).save(p)
             samples[i] = Sample(s.instruction, s.answer, s.task, str(p))
-    return make_batches(tok, samples, 4, 48, 1, torch.Generator().manual_seed(0), pack=pack)[0]
+    return make_batches(tok, samples, 2, 48, 1, torch.Generator().manual_seed(0), pack=pack)[0]
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llava"])
+@pytest.mark.parametrize("name", ["tiny-llama", pytest.param("tiny-llava", marks=pytest.mark.slow)])
 def test_fused_loss_and_rope_match_the_unfused_model(name, tmp_path):
     (_, fused, fa, tok, _), (_, plain, pa, _, _) = _pair(name)
     try:
@@ -140,14 +141,15 @@ def test_restore_puts_back_the_rope_of_the_architecture():
     assert modeling_llama.apply_rotary_pos_emb is before
 
 
+@pytest.mark.slow
 def test_local_training_with_liger_and_packing_equals_unfused_padded(tmp_path):
-    """A client's local training (3 steps, fp32): fused loss + RoPE + packing against the
+    """A client's local training (2 steps, fp32): fused loss + RoPE + packing against the
     unfused, padded run."""
     (cfg, fused, fa, tok, start), (_, plain, pa, _, _) = _pair("tiny-llava")
     try:
         opt = LocalOpt(1e-2, 0.0, 0.0)
         samples_batches = {
-            pack: [_batch(tok, "tiny-llava", tmp_path, pack)] * 3 for pack in (False, True)
+            pack: [_batch(tok, "tiny-llava", tmp_path, pack)] * 2 for pack in (False, True)
         }
         a = TorchTrainer().train(fused, fa, 0, start, samples_batches[True], opt)
         b = TorchTrainer().train(plain, pa, 0, start, samples_batches[False], opt)
@@ -155,4 +157,6 @@ def test_local_training_with_liger_and_packing_equals_unfused_padded(tmp_path):
         fused.fcit_liger.restore()
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
     assert np.abs(b.vector - start).max() > 1e-3
-    np.testing.assert_allclose(a.vector, b.vector, rtol=0, atol=3e-5)  # 3e-3·lr: see test_packing
+    assert update_mismatch(a.vector, b.vector, start) < 1e-3
+    batch = samples_batches[False][0]
+    assert (batch["attention_mask"] == 0).any()  # the padded run had padding to skip

@@ -3,11 +3,11 @@ fused linear + cross-entropy (the loss from the last hidden states and the LM he
 never the [tokens × vocab] float32 logits), RMSNorm, SwiGLU and RoPE as Triton kernels.
 
 They are applied the library's way, by its function for the model type
-(``apply_liger_kernel_to_llama`` / ``_llava`` ... with ``model=``: the instance's norms and MLPs get
-Liger's forward, the model's forward Liger's ``lce_forward``). Two things are process-wide in the library: RoPE
-replaces ``apply_rotary_pos_emb`` in the architecture's ``modeling_*`` module, and so does nothing
-else; :class:`Applied.restore` puts the module's names back (``fcit bench train`` runs variants
-with and without Liger in one process).
+(``apply_liger_kernel_to_llama`` ... with ``model=``: the instance's norms and MLPs get Liger's
+forward, the model's forward Liger's ``lce_forward``). One thing is process-wide in the library:
+RoPE replaces ``apply_rotary_pos_emb`` in the architecture's ``modeling_*`` module;
+:meth:`Applied.restore` puts the module's names back (``fcit bench train`` runs variants with and
+without Liger in one process).
 
 ``train.liger``: ``off``; ``on`` (refused with the reason where an op cannot run: no library, no
 GPU, ZeRO-3 with the fused loss, a model type Liger does not cover); ``auto`` = on with CUDA when
@@ -28,6 +28,7 @@ import torch
 
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.registry import LIGER_OPS
+
 INSTALL_HINT = "pip install 'fcit_hpc[fast]' (liger-kernel)"
 
 
@@ -51,7 +52,9 @@ def resolve_ops(train, device: torch.device) -> tuple[str, ...]:
     on = mode == "on"
     if not installed():
         if on:
-            raise ConfigError(f"train.liger: on, but liger-kernel is not installed ({INSTALL_HINT})")
+            raise ConfigError(
+                f"train.liger: on, but liger-kernel is not installed ({INSTALL_HINT})"
+            )
         return ()
     cuda = device.type == "cuda"
     if not cuda and not (on and interpreted()):
