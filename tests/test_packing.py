@@ -145,3 +145,29 @@ def test_packed_step_equals_padded_step(tmp_path):
 def test_packing_refuses_client_groups():
     with pytest.raises(ConfigError, match="train.packing: .*gpus_per_client 2"):
         load_config(None, ["train.packing=true", "train.gpus_per_client=2"])
+
+
+def test_methods_that_run_the_model_themselves_see_the_packing(tmp_path):
+    """EWC's Fisher and LwF's teacher forward run the model on the client's batches outside the
+    trainer's forward: packed batches give what padded ones give (float32)."""
+    from fcit_hpc.methods.ewc import fisher_diagonal
+    from fcit_hpc.methods.lwf import Distillation
+
+    cfg, model, adapter, tok, start = _model("tiny-llama")
+    samples = _samples("tiny-llama", tmp_path, 4)
+    prev = start + 0.01 * np.random.default_rng(0).standard_normal(start.size).astype(np.float32)
+    fisher, trained = {}, {}
+    for pack in (False, True):
+        batches = make_batches(tok, samples, 2, 48, 1, torch.Generator().manual_seed(3), pack=pack)
+        fisher[pack] = fisher_diagonal(model, adapter, start, batches)
+        term = Distillation(model, adapter, prev, 1.0, 2.0)
+        opt = LocalOpt(1e-2, 0.0, 0.0)
+        trained[pack] = TorchTrainer().train(
+            model, adapter, 0, start, batches, opt, batch_terms=[term]
+        )
+    np.testing.assert_allclose(
+        fisher[True], fisher[False], rtol=1e-4, atol=1e-6 * fisher[False].max()
+    )
+    assert fisher[False].max() > 0
+    assert trained[True].loss == pytest.approx(trained[False].loss, rel=1e-5)
+    assert update_mismatch(trained[True].vector, trained[False].vector, start) < 1e-3
