@@ -65,7 +65,11 @@ def resolve_ops(train, device: torch.device) -> tuple[str, ...]:
                 "or off on the CPU"
             )
         return ()
-    if train.zero_stage == 3 and "fused_linear_cross_entropy" in ops:
+    if (
+        train.backend == "deepspeed"
+        and train.zero_stage == 3
+        and "fused_linear_cross_entropy" in ops
+    ):
         # lce_forward reads lm_head.weight outside lm_head's forward: under ZeRO-3 it is
         # partitioned (empty) there. Liger redirects this for FSDP only.
         if on:
