@@ -147,6 +147,7 @@ def test_packing_refuses_client_groups():
         load_config(None, ["train.packing=true", "train.gpus_per_client=2"])
 
 
+@pytest.mark.slow
 def test_methods_that_run_the_model_themselves_see_the_packing(tmp_path):
     """EWC's Fisher and LwF's teacher forward run the model on the client's batches outside the
     trainer's forward: packed batches give what padded ones give (float32)."""
