@@ -9,8 +9,12 @@ keeps the adapter in float32 as fcit does; it computes the LoRA branch in float3
 compute dtype. Per side:
 
 - **s/step, tokens/s**: mean over the steps after ``warmup`` (the device is synchronised after
-  every step; the median too, for a shared machine); tokens = batch × sample length, image
-  tokens included.
+  every step; the median too, for a shared machine); tokens = what the device processed (batch
+  × the batch's longest sample, image tokens included), real tokens = the samples' own tokens
+  (no padding; ``--lengths`` draws their text lengths, :mod:`fcit_hpc.bench_lengths`).
+- **variants** (``--variants``): fcit with ``train.liger`` on, ``train.packing`` on, or both, each
+  on the same samples from the same start, one row each beside plain and fcit (no Liger, padded);
+  a variant that cannot run here is listed as refused with the reason.
 - **peak memory**: CUDA ``max_memory_allocated`` (reset between the sides); on the CPU the
   process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), "n/a" where
   that cannot be reset. Each side's peak includes its model.
@@ -18,10 +22,11 @@ compute dtype. Per side:
   fcit's is measured for a first and a next client (fresh engine each, as in a run). Plain: PEFT
   wrapping and AdamW. The set-up share of a client's local training is
   setup / (setup + client_steps · s/step), with the steps from which it is at most 5%.
-- **MFU**: model FLOPs per step / step time / the device's dense peak (:data:`PEAKS`). Per
-  sample of T tokens (L layers, width d), with N_lm the language model's matmul weights
-  (embedding tables excluded), N_lora the trained LoRA weights, N_vis and N_proj the vision tower
-  and projector (frozen, nothing before them needs a gradient: forward only)::
+- **MFU**: model FLOPs per step (of the real tokens; mean over the timed steps) / step time /
+  the device's dense peak (:data:`PEAKS`). Per sample of T tokens (L layers, width d), with N_lm
+  the language model's matmul weights (embedding tables excluded), N_lora the trained LoRA
+  weights, N_vis and N_proj the vision tower and projector (frozen, nothing before them needs a
+  gradient: forward only)::
 
       T · (4·N_lm + 6·N_lora + 12·L·T·d) + I · (2·N_vis·P + 2·N_proj·Q)
 
