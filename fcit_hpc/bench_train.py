@@ -9,8 +9,12 @@ keeps the adapter in float32 as fcit does; it computes the LoRA branch in float3
 compute dtype. Per side:
 
 - **s/step, tokens/s**: mean over the steps after ``warmup`` (the device is synchronised after
-  every step; the median too, for a shared machine); tokens = batch × sample length, image
-  tokens included.
+  every step; the median too, for a shared machine); tokens = what the device processed (batch
+  × the batch's longest sample, image tokens included), real tokens = the samples' own tokens
+  (no padding; ``--lengths`` draws their text lengths, :mod:`fcit_hpc.bench_lengths`).
+- **variants** (``--variants``): fcit with ``train.liger`` on, ``train.packing`` on, or both, each
+  on the same samples from the same start, one row each beside plain and fcit (no Liger, padded);
+  a variant that cannot run here is listed as refused with the reason.
 - **peak memory**: CUDA ``max_memory_allocated`` (reset between the sides); on the CPU the
   process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``), "n/a" where
   that cannot be reset. Each side's peak includes its model.
@@ -18,10 +22,11 @@ compute dtype. Per side:
   fcit's is measured for a first and a next client (fresh engine each, as in a run). Plain: PEFT
   wrapping and AdamW. The set-up share of a client's local training is
   setup / (setup + client_steps · s/step), with the steps from which it is at most 5%.
-- **MFU**: model FLOPs per step / step time / the device's dense peak (:data:`PEAKS`). Per
-  sample of T tokens (L layers, width d), with N_lm the language model's matmul weights
-  (embedding tables excluded), N_lora the trained LoRA weights, N_vis and N_proj the vision tower
-  and projector (frozen, nothing before them needs a gradient: forward only)::
+- **MFU**: model FLOPs per step (of the real tokens; mean over the timed steps) / step time /
+  the device's dense peak (:data:`PEAKS`). Per sample of T tokens (L layers, width d), with N_lm
+  the language model's matmul weights (embedding tables excluded), N_lora the trained LoRA
+  weights, N_vis and N_proj the vision tower and projector (frozen, nothing before them needs a
+  gradient: forward only)::
 
       T · (4·N_lm + 6·N_lora + 12·L·T·d) + I · (2·N_vis·P + 2·N_proj·Q)
 
@@ -46,7 +51,9 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model  # imported here: not part of the timed set-up
 
+from fcit_hpc.bench_lengths import Lengths, batches_of, parse_lengths, synthetic_rows
 from fcit_hpc.config import Config, load_config
+from fcit_hpc.data.batches import real_tokens
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.comm import LocalComm
 from fcit_hpc.fed.context import init_group_worlds, make_trainer
@@ -69,6 +76,7 @@ PEAKS: list[tuple[tuple[str, ...], dict[str, float]]] = [
 # is an assumption (400 samples at batch 4), printed as such; --client-steps sets the real one.
 DEFAULT_CLIENT_STEPS = 100
 SETUP_SHARE_TARGET = 0.05
+FIXED = Lengths("fixed")
 
 
 @dataclass(frozen=True)
@@ -95,33 +103,36 @@ def batch_shape(model, text_len: int) -> BatchShape:
     return BatchShape(img + text_len, img, v.image_size, c.image_token_id, vocab, text_len // 2)
 
 
-def synthetic_batches(shape: BatchShape, batch_size: int, n: int, seed: int, device) -> list:
+def synthetic_batches(
+    shape: BatchShape,
+    batch_size: int,
+    n: int,
+    seed: int,
+    device,
+    text_lens: list[int] | None = None,
+    pack: bool = False,
+) -> list:
     """``n`` batches of random token ids (any id but the image token's, which fills the places
-    after the first position where the image goes; the loss on the last ``answer_len`` tokens; no
-    padding) and random images, on ``device``."""
+    after the first position where the image goes; the loss on the last half of each sample's
+    text) and random images, on ``device``. ``text_lens``: each sample's text tokens (default
+    all ``shape.seq_len - shape.image_tokens``: no padding); padded, or packed (``pack``)."""
     gen = torch.Generator().manual_seed(seed)
-    B, T = batch_size, shape.seq_len
-    img = shape.image_token_id
-    out = []
-    for _ in range(n):
-        if img < 0:
-            ids = torch.randint(0, shape.vocab, (B, T), generator=gen)
-        else:  # skip the image token's id
-            ids = torch.randint(0, shape.vocab - 1, (B, T), generator=gen)
-            ids += (ids >= img).long()
-        ids[:, 1 : 1 + shape.image_tokens] = img
-        labels = torch.full_like(ids, -100)
-        labels[:, T - shape.answer_len :] = ids[:, T - shape.answer_len :]
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-        if shape.image_tokens:
-            s = shape.image_size
-            batch["pixel_values"] = torch.randn(B, 3, s, s, generator=gen)
-        out.append({k: v.to(device) for k, v in batch.items()})
-    return out
+    if text_lens is None:
+        text_lens = [shape.seq_len - shape.image_tokens] * (batch_size * n)
+    rows = synthetic_rows(shape, text_lens, gen)
+    images = _images(shape, len(rows), gen)
+    return batches_of(rows, images, batch_size, pack, device)
 
 
-def train_flops(model, lora_numel: int, shape: BatchShape, batch_size: int) -> float:
-    """Model FLOPs of one training step (module docstring)."""
+def _images(shape: BatchShape, n: int, gen: torch.Generator):
+    if not shape.image_tokens:
+        return None
+    s = shape.image_size
+    return torch.randn(n, 3, s, s, generator=gen)
+
+
+def sample_flops(model, lora_numel: int, shape: BatchShape, seq_len: int) -> float:
+    """Model FLOPs of training on one sample of ``seq_len`` tokens (module docstring)."""
     n = {"lm": 0, "vis": 0, "proj": 0}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Embedding):
@@ -133,13 +144,18 @@ def train_flops(model, lora_numel: int, shape: BatchShape, batch_size: int) -> f
             p.numel() for k, p in mod.named_parameters(recurse=False) if "lora_" not in k
         )
     tc = model.config.get_text_config()
-    T, L, d = shape.seq_len, tc.num_hidden_layers, tc.hidden_size
+    T, L, d = seq_len, tc.num_hidden_layers, tc.hidden_size
     per_sample = T * (4 * n["lm"] + 6 * lora_numel + 12 * L * T * d)
     if shape.image_tokens:
         v = model.config.vision_config
         patches = (v.image_size // v.patch_size) ** 2 + 1
         per_sample += 2 * n["vis"] * patches + 2 * n["proj"] * shape.image_tokens
-    return float(batch_size * per_sample)
+    return float(per_sample)
+
+
+def train_flops(model, lora_numel: int, shape: BatchShape, batch_size: int) -> float:
+    """Model FLOPs of one training step on ``batch_size`` samples of ``shape.seq_len`` tokens."""
+    return batch_size * sample_flops(model, lora_numel, shape, shape.seq_len)
 
 
 def device_peak(name: str, precision: str) -> float | None:
@@ -239,18 +255,29 @@ class Side:
     peak_bytes: int | None
     setup_next_s: float | None = None  # fcit: a second client's set-up
     steps: list[float] = field(default_factory=list)
+    tokens: tuple[float, float] = (0.0, 0.0)  # per timed step: processed, real (no padding)
 
 
 @dataclass
 class Workload:
-    """What both sides train on: the batches and their shape, fcit's LoRA start (flat float32)
-    and wrapped layer names, the model FLOPs of a step."""
+    """What every side trains on: the samples (rows of input ids and labels, images) in their
+    padded batches, their shape, fcit's LoRA start (flat float32) and wrapped layer names, the
+    model FLOPs of a timed step (mean over the timed batches; real tokens only)."""
 
     batches: list
     shape: BatchShape
     start: np.ndarray
     names: list[str]
     flops: float
+    rows: list = field(default_factory=list)
+    images: torch.Tensor | None = None
+    batch_size: int = 1
+
+    def for_side(self, pack: bool, device) -> list:
+        """The batches of a side: the padded ones, or the same samples packed."""
+        if not pack:
+            return self.batches
+        return batches_of(self.rows, self.images, self.batch_size, True, device)
 
 
 def _steps(marks: list[float], warmup: int) -> list[float]:
@@ -258,42 +285,85 @@ def _steps(marks: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:], strict=False)][warmup:]
 
 
-def run_fcit(cfg: Config, rt: Runtime, n: int, warmup: int, mem: PeakMemory):
-    """fcit's model and trainer of ``train.backend`` on subspace 0 (one subspace: what a client
-    trains) over ``n`` synthetic batches, then a second client's set-up. Returns (side,
-    workload)."""
-    mem.reset()
-    model, adapter, _ = build_model(cfg, 1, rt)
+def make_workload(cfg: Config, rt: Runtime, model, adapter, n: int, warmup: int, lengths):
+    """The samples of ``n`` batches of ``train.batch_size`` with text lengths drawn from
+    ``lengths`` (:class:`fcit_hpc.bench_lengths.Lengths`), padded, and fcit's LoRA start."""
     shape = batch_shape(model, cfg.model.max_seq_len)
     B = cfg.train.batch_size
-    work = Workload(
-        synthetic_batches(shape, B, n, cfg.seed, rt.device),
+    gen = torch.Generator().manual_seed(cfg.seed)
+    text_lens = lengths.draw(B * n, cfg.model.max_seq_len, cfg.seed)
+    rows = synthetic_rows(shape, text_lens, gen)
+    images = _images(shape, len(rows), gen)
+    timed = [len(ids) for ids, _ in rows[B * warmup :]]
+    flops = sum(sample_flops(model, adapter.numel, shape, T) for T in timed) / max(1, n - warmup)
+    return Workload(
+        batches_of(rows, images, B, False, rt.device),
         shape,
         adapter.init_vector(torch.Generator().manual_seed(cfg.seed)).numpy(),
         list(adapter.names),
-        train_flops(model, adapter.numel, shape, B),
+        flops,
+        rows,
+        images,
+        B,
     )
-    trainer = make_trainer(cfg, rt)
-    opt = LocalOpt(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio)
-    first, nxt = Clock(rt), Clock(rt)
-    t0 = first.now()
-    res = trainer.train(model, adapter, 0, work.start, work.batches, opt, tick=first.tick)
-    peak = mem.read()
-    t1 = nxt.now()  # the next client: a fresh session (engine) again
-    trainer.train(model, adapter, 0, work.start, work.batches[:1], opt, tick=nxt.tick)
+
+
+def run_fcit(
+    cfg: Config,
+    rt: Runtime,
+    n: int,
+    warmup: int,
+    mem: PeakMemory,
+    work: Workload | None = None,
+    lengths=FIXED,
+    name: str = "",
+):
+    """fcit's model and trainer of ``train.backend`` on subspace 0 (one subspace: what a client
+    trains) over ``n`` synthetic batches (``work``'s; made here when None, with ``lengths``),
+    padded or packed as ``train.packing`` says, then a second client's set-up. Returns (side,
+    workload); the model's Liger patches are undone at the end."""
+    mem.reset()
+    model, adapter, _ = build_model(cfg, 1, rt)
+    try:
+        if work is None:
+            work = make_workload(cfg, rt, model, adapter, n, warmup, lengths)
+        batches = work.for_side(cfg.train.packing, rt.device)
+        trainer = make_trainer(cfg, rt)
+        opt = LocalOpt(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio)
+        first, nxt = Clock(rt), Clock(rt)
+        t0 = first.now()
+        res = trainer.train(model, adapter, 0, work.start, batches, opt, tick=first.tick)
+        peak = mem.read()
+        t1 = nxt.now()  # the next client: a fresh session (engine) again
+        trainer.train(model, adapter, 0, work.start, batches[:1], opt, tick=nxt.tick)
+    finally:
+        applied = getattr(model, "fcit_liger", None)
+        if applied is not None:
+            applied.restore()
     t = cfg.train
-    name = f"deepspeed ZeRO-{t.zero_stage}" if t.backend == "deepspeed" else t.backend
+    backend = f"deepspeed ZeRO-{t.zero_stage}" if t.backend == "deepspeed" else t.backend
     steps = _steps(first.marks, warmup)
     side = Side(
-        f"fcit ({name})",
+        name or f"fcit ({backend})",
         sum(steps) / len(steps),
         first.marks[0] - t0,
         res.loss,
         peak,
         nxt.marks[0] - t1,
         steps,
+        _tokens(batches[warmup:]),
     )
     return side, work
+
+
+def _tokens(batches: list) -> tuple[float, float]:
+    """(tokens, real tokens) per batch, mean over ``batches``: what the device processed,
+    padding included, and the samples' own tokens."""
+    n = max(1, len(batches))
+    return (
+        sum(b["input_ids"].numel() for b in batches) / n,
+        sum(real_tokens(b) for b in batches) / n,
+    )
 
 
 def plain_base(cfg: Config, rt: Runtime):
@@ -385,29 +455,36 @@ def run_plain(cfg: Config, rt: Runtime, work: Workload, warmup: int, mem: PeakMe
     steps = _steps(clock.marks, warmup)
     loss = float(torch.stack(losses).float().mean())
     mean = sum(steps) / len(steps)
-    return Side("plain HF + PEFT", mean, clock.marks[0] - t0, loss, peak, None, steps)
+    tokens = _tokens(work.batches[warmup:])
+    return Side("plain HF + PEFT", mean, clock.marks[0] - t0, loss, peak, None, steps, tokens)
 
 
 def summarise(
     sides: dict[str, Side],
-    tokens_per_step: int,
     flops: float,
     peak: float | None,
     client_steps: int,
 ) -> dict:
-    """Derived figures: tokens/s, MFU and peak GB per side, the fcit / plain ratios, and fcit's
-    set-up share of a client's local training at ``client_steps`` steps."""
+    """Derived figures: tokens/s (processed, padding included), real tokens/s, MFU and peak GB
+    per side and their ratios to the plain side, the fcit / plain ratios, and fcit's set-up
+    share of a client's local training at ``client_steps`` steps."""
     out: dict = {}
     for key, s in sides.items():
         out[key] = {
-            "tokens_per_s": tokens_per_step / s.step_s,
+            "tokens_per_s": s.tokens[0] / s.step_s,
+            "real_tokens_per_s": s.tokens[1] / s.step_s,
             "mfu": None if peak is None else flops / s.step_s / peak,
             "peak_gb": None if s.peak_bytes is None else s.peak_bytes / 1e9,
         }
-    f, p = out["fcit"], out["plain"]
-    out["ratio_tokens_per_s"] = f["tokens_per_s"] / p["tokens_per_s"]
-    both = f["peak_gb"] is not None and p["peak_gb"] is not None
-    out["ratio_memory"] = f["peak_gb"] / p["peak_gb"] if both else None
+    p = out["plain"]
+    for key in sides:
+        d = out[key]
+        d["x_plain_tokens_per_s"] = d["tokens_per_s"] / p["tokens_per_s"]
+        d["x_plain_real_tokens_per_s"] = d["real_tokens_per_s"] / p["real_tokens_per_s"]
+        both = d["peak_gb"] is not None and p["peak_gb"] is not None
+        d["x_plain_memory"] = d["peak_gb"] / p["peak_gb"] if both else None
+    out["ratio_tokens_per_s"] = out["fcit"]["x_plain_tokens_per_s"]
+    out["ratio_memory"] = out["fcit"]["x_plain_memory"]
     fs = sides["fcit"]
     for label, setup in (("next", fs.setup_next_s), ("first", fs.setup_s)):
         out[f"setup_share_{label}"] = setup / (setup + client_steps * fs.step_s)
@@ -415,6 +492,36 @@ def summarise(
     t = SETUP_SHARE_TARGET
     out["setup_breakeven_steps"] = fs.setup_next_s * (1 - t) / (t * fs.step_s)
     return out
+
+
+def variants_table(r: dict) -> str:
+    """One row per variant (markdown): tokens/s, real tokens/s, their ratios to plain PEFT, peak
+    memory and its ratio, MFU, mean loss; a refused variant with its reason."""
+    d = r["derived"]
+    head = [
+        "| variant | tokens/s | real tokens/s | × plain (real tokens/s) | peak GB | × plain "
+        "(memory) | MFU % | mean loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for key in r["variants"]:
+        if key in r["refused"]:
+            name = r["fcit"]["name"] + VARIANTS[key][0]
+            rows.append(f"| {name} | refused: {r['refused'][key]} | | | | | | |")
+            continue
+        s, x = r["sides"][key], d[key]
+        cells = [
+            s["name"],
+            _num(x["tokens_per_s"], ".1f"),
+            _num(x["real_tokens_per_s"], ".1f"),
+            _num(x["x_plain_real_tokens_per_s"], ".3f"),
+            _num(x["peak_gb"], ".3f"),
+            _num(x["x_plain_memory"], ".3f"),
+            _num(x["mfu"], ".1f", 100),
+            _num(s["loss"], ".4f"),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(head + rows)
 
 
 def _num(x: float | None, spec: str, scale: float = 1.0) -> str:
@@ -477,8 +584,30 @@ def report(r: dict) -> str:
     )
 
 
+# --variants: label and the overrides after the user's (fcit's reference row: no Liger, padded)
+# (what fcit's row name gets appended, overrides); plain's row is run_plain's
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "plain": ("", ()),
+    "fcit": ("", ("train.liger=off", "train.packing=false")),
+    "liger": (" + liger", ("train.liger=on", "train.packing=false")),
+    "packing": (" + packing", ("train.liger=off", "train.packing=true")),
+    "liger+packing": (" + liger + packing", ("train.liger=on", "train.packing=true")),
+}
+
+
+def parse_variants(spec: str) -> list[str]:
+    """``--variants`` → variant keys in :data:`VARIANTS` order; plain and fcit always run (the
+    reference rows)."""
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    for k in keys:
+        if k not in VARIANTS:
+            raise ConfigError(f"--variants: unknown {k!r} (one of {', '.join(VARIANTS)})")
+    return [k for k in VARIANTS if k in keys or k in ("plain", "fcit")]
+
+
 def bench_train(args) -> int:
-    """``fcit bench train CONFIG [overrides]``: both sides, the table, optionally JSON."""
+    """``fcit bench train CONFIG [overrides]``: plain PEFT, fcit and fcit's variants on the same
+    samples, the tables, optionally JSON."""
     if not args.items or "=" in args.items[0]:
         raise ConfigError("fcit bench train: give CONFIG, then overrides")
     for flag, value, low in (
@@ -488,6 +617,8 @@ def bench_train(args) -> int:
     ):
         if value is not None and value < low:
             raise ConfigError(f"{flag}: {value} is out of range (must be >= {low})")
+    lengths = parse_lengths(args.lengths)
+    variants = parse_variants(args.variants)
     cfg = load_config(args.items[0], args.items[1:])
     rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())  # one client, one process
     apply_runtime(rt)
@@ -496,8 +627,21 @@ def bench_train(args) -> int:
     mem = PeakMemory(rt)
     n = args.warmup + args.steps
 
-    fcit, work = run_fcit(cfg, rt, n, args.warmup, mem)
-    plain = run_plain(cfg, rt, work, args.warmup, mem)
+    def variant_cfg(key: str) -> Config:
+        return load_config(args.items[0], [*args.items[1:], *VARIANTS[key][1]])
+
+    fcit, work = run_fcit(variant_cfg("fcit"), rt, n, args.warmup, mem, lengths=lengths)
+    sides = {"fcit": fcit, "plain": run_plain(cfg, rt, work, args.warmup, mem)}
+    refused: dict[str, str] = {}
+    for key in variants:
+        if key in sides:
+            continue
+        try:
+            vcfg = variant_cfg(key)
+            name = fcit.name + VARIANTS[key][0]
+            sides[key], _ = run_fcit(vcfg, rt, n, args.warmup, mem, work, name=name)
+        except ConfigError as e:  # a switch that cannot run here, with its reason
+            refused[key] = str(e)
     client_steps, source = args.client_steps, "--client-steps"
     if client_steps is None:
         client_steps = DEFAULT_CLIENT_STEPS
@@ -511,26 +655,32 @@ def bench_train(args) -> int:
         "batch_size": cfg.train.batch_size,
         "seq_len": shape.seq_len,
         "image_tokens": shape.image_tokens,
+        "lengths": lengths.describe(cfg.model.max_seq_len),
         "gradient_checkpointing": rt.gradient_checkpointing,
         "steps": args.steps,
         "warmup": args.warmup,
-        "tokens_per_step": cfg.train.batch_size * shape.seq_len,
+        "tokens_per_step": fcit.tokens[0],
+        "real_tokens_per_step": fcit.tokens[1],
         "flops_per_step": work.flops,
         "peak_flops": peak_flops(rt),
         "memory_kind": memory_kind(rt, fcit.peak_bytes is not None),
         "client_steps": client_steps,
         "client_steps_source": source,
         "fcit": asdict(fcit),
-        "plain": asdict(plain),
+        "plain": asdict(sides["plain"]),
+        "variants": variants,
+        "sides": {k: asdict(v) for k, v in sides.items()},
+        "refused": refused,
     }
-    r["derived"] = summarise(
-        {"fcit": fcit, "plain": plain},
-        r["tokens_per_step"],
-        work.flops,
-        r["peak_flops"],
-        client_steps,
-    )
+    r["derived"] = summarise(sides, work.flops, r["peak_flops"], client_steps)
     print(report(r))
+    print()
+    print(
+        f"lengths: {r['lengths']} (+{shape.image_tokens} image); padded batches are "
+        f"{100 * (1 - fcit.tokens[1] / fcit.tokens[0]):.1f}% padding; MFU counts the real "
+        "tokens' model FLOPs"
+    )
+    print(variants_table(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0

@@ -689,6 +689,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="`bench train`: local steps of one client, for the set-up share",
     )
+    b.add_argument(
+        "--lengths",
+        default="fixed",
+        help="`bench train`: text tokens per sample: fixed (model.max_seq_len), uniform:LO:HI, "
+        "or file:PATH (one integer per line)",
+    )
+    b.add_argument(
+        "--variants",
+        default="plain,fcit,liger,packing,liger+packing",
+        help="`bench train`: rows to run beside plain and fcit: liger, packing, liger+packing",
+    )
     pl = sub.add_parser(
         "plan", help="predicted wall time, memory per rank and bytes on the wire of a config"
     )

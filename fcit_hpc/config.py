@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from fcit_hpc.errors import ConfigError
-from fcit_hpc.registry import COMPARE_ENTRIES, FED_ALGS, SSA_MODES
+from fcit_hpc.registry import COMPARE_ENTRIES, FED_ALGS, LIGER_OPS, SSA_MODES
 from fcit_hpc.registry import METHODS as _REGISTRY_METHODS
 
 METHODS = tuple(_REGISTRY_METHODS)
@@ -129,6 +129,12 @@ class TrainConfig:
     # phase timers (docs/phases.md): torch.cuda.synchronize() at every phase start and end, for
     # exact GPU phase times (off: no sync is added; the CPU's times are exact either way)
     sync_timers: bool = False
+    # Liger kernels on the language model (fcit_hpc.model.liger): auto (on with CUDA when
+    # liger-kernel is installed) | on (refused with the reason where it cannot run) | off
+    liger: str = "auto"
+    liger_ops: list[str] = field(default_factory=lambda: list(LIGER_OPS))
+    # a batch's samples in one row, no padding, attention within each sample (data.batches)
+    packing: bool = False
 
 
 @dataclass
@@ -260,6 +266,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.precision": _in(("fp32", "bf16", "fp16")),
     "train.gpus_per_client": (lambda v: v >= 1, ">= 1"),
     "train.projector_lr": (lambda v: v >= 0, ">= 0"),
+    "train.liger": _in(("auto", "on", "off")),
+    "train.liger_ops": (
+        lambda v: all(o in LIGER_OPS for o in v),
+        f"a list of {', '.join(LIGER_OPS)}",
+    ),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.decoder": _in(("static", "hf")),
@@ -310,6 +321,10 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
     raise AssertionError(f"unsupported config type {tp}")
 
 
+# string fields with the values on and off (besides others), which YAML writes as booleans
+_ON_OFF = ("train.liger",)
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(data)}")
@@ -328,7 +343,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name], path)
         else:
-            kwargs[f.name] = _check_type(path, data[f.name], tp)
+            value = data[f.name]
+            if path in _ON_OFF and isinstance(value, bool):  # YAML 1.1 reads on/off as booleans
+                value = "on" if value else "off"
+            kwargs[f.name] = _check_type(path, value, tp)
     return cls(**kwargs)
 
 
@@ -387,6 +405,11 @@ def validate(cfg: Config) -> Config:
             "unfused low-precision optimizer, whose updates measurably differ from the plain "
             "torch reference (tests/test_runtime.py); use zero_stage 1, 2 or 3 (the reference "
             "code's setting is ZeRO-2, bf16)"
+        )
+    if t.packing and t.gpus_per_client > 1:
+        raise ConfigError(
+            "train.packing: a packed batch is one row, which a client group of "
+            f"train.gpus_per_client {t.gpus_per_client} cannot split by rows; use 1"
         )
     if cfg.model.name in ("hf", "hf-shape") and not cfg.model.path:
         raise ConfigError(f"model.path: required when model.name is {cfg.model.name!r}")

@@ -2,14 +2,14 @@
 fcit_hpc, and what is missing, with the command that fixes it.
 
 It prints Python; torch with its CUDA build and the GPUs this rank sees; Triton, transformers,
-peft, DeepSpeed (and whether its ops are prebuilt or left to JIT), h5py; mpi4py with the MPI
-library it loads (no ``MPI_Init`` unless ``--mpi-init``) and the launchers on PATH; pycocoevalcap
-and Java (the Flickr30k / METEOR scorer needs both); the launcher's variables (SLURM_*,
-OMPI_COMM_WORLD_*, PMI_*, CUDA_VISIBLE_DEVICES) and the rank they give; the installed versions
-against requirements.lock. Exit code: 0 when the essentials for ``fcit run`` are there (Python
->= 3.10, torch, numpy, PyYAML, h5py, transformers, peft, fcit_hpc itself), 1 otherwise; optional
-pieces (DeepSpeed, MPI, scorers, Java) only print their fix. Fast: nothing heavier than torch is
-imported.
+peft, DeepSpeed (and whether its ops are prebuilt or left to JIT), liger-kernel, h5py; mpi4py
+with the MPI library it loads (no ``MPI_Init`` unless ``--mpi-init``) and the launchers on PATH;
+pycocoevalcap and Java (the Flickr30k / METEOR scorer needs both); the launcher's variables
+(SLURM_*, OMPI_COMM_WORLD_*, PMI_*, CUDA_VISIBLE_DEVICES) and the rank they give; the installed
+versions against requirements.lock. Exit code: 0 when the essentials for ``fcit run`` are there
+(Python >= 3.10, torch, numpy, PyYAML, h5py, transformers, peft, fcit_hpc itself), 1 otherwise;
+optional pieces (DeepSpeed, liger-kernel, MPI, scorers, Java) only print their fix. Fast: nothing
+heavier than torch is imported.
 """
 
 from __future__ import annotations
@@ -205,6 +205,17 @@ def _pin(name: str, lock: Mapping[str, str]) -> str:
     return f"{name}=={lock[_norm(name)]}" if _norm(name) in lock else name
 
 
+def check_liger(r: Report, lock: Mapping[str, str]) -> None:
+    """liger-kernel (the [fast] extra): train.liger's kernels; optional."""
+    v = _version("liger-kernel")
+    if v is None:
+        r.missing(
+            "liger-kernel", "train.liger (Liger kernels on CUDA)", _pip_fix("liger-kernel", lock)
+        )
+    else:
+        r.add("liger-kernel", f"{v} (train.liger: auto uses it on CUDA)")
+
+
 def check_python_packages(r: Report, lock: Mapping[str, str]) -> None:
     """The plain packages (version only; nothing imported)."""
     for dist in ("numpy", "PyYAML", "h5py", "transformers", "peft"):
@@ -247,6 +258,7 @@ def doctor(env: Mapping[str, str], lock_path: Path | None, mpi_init: bool = Fals
     check_torch(r, lock)
     check_python_packages(r, lock)
     check_deepspeed(r, lock)
+    check_liger(r, lock)
     check_mpi(r, lock, mpi_init)
     check_scorers(r, lock)
     for i, line in enumerate(launcher_lines(env)):

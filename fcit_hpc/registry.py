@@ -37,3 +37,6 @@ COMPARE_LABELS: dict[str, str] = {
     **{f"{PROPOSED}-{m}": f"{METHODS[PROPOSED].label}, SSA {m}" for m in SSA_MODES},
 }
 COMPARE_ENTRIES = tuple(COMPARE_LABELS)
+
+# train.liger_ops: Liger kernels by the keyword arguments of liger-kernel's apply functions
+LIGER_OPS = ("fused_linear_cross_entropy", "rms_norm", "swiglu", "rope")

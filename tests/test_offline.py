@@ -108,6 +108,11 @@ def test_doctor_exits_1_with_the_fix_when_an_essential_is_missing(monkeypatch, c
     )
     assert doctor.main(["--lock", str(lock)]) == 0
     assert "deepspeed: pip install -c requirements.lock deepspeed==" in capsys.readouterr().out
+    monkeypatch.setattr(doctor, "_version", lambda d: None if d == "liger-kernel" else real(d))
+    assert doctor.main(["--lock", str(lock)]) == 0  # optional too
+    assert "liger-kernel: pip install -c requirements.lock liger-kernel==0.8.5" in (
+        capsys.readouterr().out
+    )
 
 
 # --- make wheelhouse: what is carried --------------------------------------------------------

@@ -57,7 +57,10 @@ def _client_batches(ctx, unit: int, client: int, seed: int, epochs: int):
     samples = ctx.data.client_samples(unit, client)
     gen = torch.Generator().manual_seed(seed)
     c = ctx.cfg
-    batches = make_batches(ctx.tok, samples, c.train.batch_size, c.model.max_seq_len, epochs, gen)
+    t = c.train
+    batches = make_batches(
+        ctx.tok, samples, t.batch_size, c.model.max_seq_len, epochs, gen, pack=t.packing
+    )
     return samples, batches
 
 

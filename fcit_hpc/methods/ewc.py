@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fcit_hpc.data.batches import packed_kwargs
 from fcit_hpc.errors import StateError
 from fcit_hpc.host import to_host
 from fcit_hpc.methods.base import SingleLoRA
@@ -33,7 +34,7 @@ def fisher_diagonal(model, adapter, vec, batches) -> np.ndarray:
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     model.eval()  # no dropout: the Fisher of the model as it is used
     for batch in batches:
-        grads = torch.autograd.grad(model(**batch).loss, params)
+        grads = torch.autograd.grad(model(**batch, **packed_kwargs(batch)).loss, params)
         for a, g in zip(acc, grads, strict=True):
             a += g.detach().float() ** 2
     n = max(1, len(batches))

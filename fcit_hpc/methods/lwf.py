@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fcit_hpc.data.batches import packed_kwargs
 from fcit_hpc.errors import ConfigError, StateError
 from fcit_hpc.methods.base import SingleLoRA
 from fcit_hpc.state.schema import MethodState
@@ -69,7 +70,7 @@ class Distillation:
         try:
             self.adapter.set(0, self.previous)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            self.old_logits = self.model(**inputs).logits.detach()
+            self.old_logits = self.model(**inputs, **packed_kwargs(inputs)).logits.detach()
         finally:
             self.adapter.set(0, current)
             self.model.train(was_training)

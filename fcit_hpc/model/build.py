@@ -8,6 +8,7 @@ import torch
 from fcit_hpc.config import Config
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.model.hf_configs import llama_config, llava_config
+from fcit_hpc.model.liger import apply_liger, resolve_ops
 from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
 from fcit_hpc.model.tokenizer import ByteTokenizer
 
@@ -159,8 +160,8 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None, rank: int | None 
     """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears,
     ``num_subspaces`` (S_max, the method's slots) blocks of rank ``rank`` each (lora.lora_r by
     default; the scaling stays lora_alpha / lora_r at any rank), placed on the runtime's device
-    in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`); the CPU in float32
-    without a runtime."""
+    in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`), with the Liger kernels
+    of ``train.liger`` (:mod:`fcit_hpc.model.liger`); the CPU in float32 without a runtime."""
     dtype = runtime.dtype if runtime is not None else torch.float32
     model = build_base_model(cfg, dtype, runtime.device if runtime is not None else None)
     model.eval()
@@ -173,6 +174,7 @@ def build_model(cfg: Config, num_subspaces: int, runtime=None, rank: int | None 
         keep_projector_fp32(model, runtime.dtype)
     if runtime is not None:
         model.to(runtime.device)
+        apply_liger(model, resolve_ops(cfg.train, runtime.device))
         if runtime.gradient_checkpointing:
             enable_gradient_checkpointing(model)
     tok = make_tokenizer(cfg)

@@ -17,7 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fcit_hpc.data.batches import packed_kwargs
 from fcit_hpc.host import to_host
+from fcit_hpc.model.liger import logits_kwargs
 from fcit_hpc.model.steps import run_steps
 
 # given the trainable parameters (loaded at the start values): zero-argument loss terms
@@ -179,27 +181,33 @@ class LocalTrainer:
         raise NotImplementedError
 
     def _loss(
-        self, sess: LocalSession, batch: dict, batch_terms: Sequence[BatchTerm] = ()
+        self,
+        sess: LocalSession,
+        batch: dict,
+        batch_terms: Sequence[BatchTerm] = (),
+        logits_kw: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(task loss, batch terms) of a batch: the model's mean token loss alone; in a client
         group this member's share of it (module docstring); the batch terms (None without any)
-        per target token of the batch, likewise shared."""
+        per target token of the batch, likewise shared. ``logits_kw``: what the model's forward
+        needs to return the logits with the loss (Liger's fused loss skips them)."""
         batch = to_device(batch, self.device)
+        kw = packed_kwargs(batch)
         if self.shard is None and not batch_terms:
-            return sess.forward(batch).loss, None
+            return sess.forward({**batch, **kw}).loss, None
         total = max(1, target_tokens(batch["labels"]))
         if self.shard is None:
             part, weight = batch, 1.0
             for t in batch_terms:
                 t.prepare(part)
-            out = sess.forward(part)
+            out = sess.forward({**part, **kw, **(logits_kw or {})})
             loss = out.loss
         else:
             part, weight = self.shard.take(batch)
             for t in batch_terms:
                 t.prepare(part)
             labels = part.pop("labels")
-            out = sess.forward(part)
+            out = sess.forward({**part, **kw})
             loss = token_loss_sum(out.logits, labels) * (weight / total)
             part = {**part, "labels": labels}
         if not batch_terms:
@@ -254,8 +262,10 @@ class LocalTrainer:
             if tick is not None:
                 tick()
 
+        logits_kw = logits_kwargs(model) if batch_terms else None
+
         def forward(batch):
-            loss, more = self._loss(sess, batch, batch_terms)
+            loss, more = self._loss(sess, batch, batch_terms, logits_kw)
             if more is not None:
                 pending.append(more)
             return loss
