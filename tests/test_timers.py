@@ -4,6 +4,8 @@ rewritten log; scorer dependencies found at start-up; ``fcit plan``'s arithmetic
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 
@@ -78,7 +80,7 @@ def test_timers_are_per_thread():
 
 def test_reduce_ranks_is_sum_and_max_per_phase():
     rng = np.random.default_rng(0)
-    n = len(timers.PHASES) + len(timers.COUNTERS) + 1
+    n = len(timers.PHASES) + len(timers.COUNTERS) + len(timers.GAUGES) + 1
     per_rank = [rng.uniform(0, 3, n) for _ in range(3)]
     per_rank[1][timers.INDEX["report"]] = 0.0
     for v in per_rank:
@@ -92,8 +94,38 @@ def test_reduce_ranks_is_sum_and_max_per_phase():
     assert "aggregate" not in got
     assert got["wall"] == pytest.approx(per_rank[0][-1], abs=1e-4)  # rank 0's
     assert got["prefill_tokens"] == int(m[:, len(timers.PHASES)].sum())
+    gauge = len(timers.PHASES) + len(timers.COUNTERS)  # peak memory: every rank's, in order
+    assert got["peak_rss_mib"] == [round(float(x), 1) for x in m[:, gauge]]
     tot = timers.totals([got, got])
     assert tot["train"]["max"] == pytest.approx(2 * got["train"]["max"])
+
+
+def test_peak_memory_gauge_is_the_process_high_water_mark():
+    """The gauge against an independent reading: /proc's VmHWM (Linux), and it rises by an
+    allocation held past the old peak."""
+    import re
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("no /proc on this system (the gauge reads getrusage there too)")
+
+    def vm_hwm() -> float:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024
+
+    gauge = len(timers.PHASES) + len(timers.COUNTERS)
+    assert timers.take()[gauge] == pytest.approx(vm_hwm(), abs=2.0)
+    # a small fresh process (the module alone, without torch's import peak): 200 MiB touched
+    # raise its peak by as much
+    code = (
+        "import importlib.util as u, sys, numpy as np; s = u.spec_from_file_location('t', "
+        "sys.argv[1]); t = u.module_from_spec(s); s.loader.exec_module(t); g = len(t.PHASES) + "
+        "len(t.COUNTERS); a = t.take()[g]; b = np.ones(200 << 17); print(a, t.take()[g])"
+    )
+    cmd = [sys.executable, "-c", code, timers.__file__]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    a, b = map(float, out.stdout.split())
+    assert 195 <= b - a <= 230
 
 
 def test_generation_clock_splits_prefill_and_decode():
