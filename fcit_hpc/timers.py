@@ -47,28 +47,31 @@ PHASES: tuple[str, ...] = (
 INDEX = {name: i for i, name in enumerate(PHASES)}
 # counters beside the seconds (not times): generated tokens, split as prefill/decode positions
 COUNTERS: tuple[str, ...] = ("prefill_tokens", "decode_tokens")
-# gauges beside them (per rank, not summed): the process's peak resident memory so far, MiB
-GAUGES: tuple[str, ...] = ("peak_rss_mib",)
+# gauges beside them (per rank, not summed): the process's peak resident memory so far and its
+# resident memory now, MiB
+GAUGES: tuple[str, ...] = ("peak_rss_mib", "rss_mib")
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB: ``VmHWM`` of /proc/self/status on
-    Linux (the process's own; ``getrusage``'s ru_maxrss also carries the peak of the process it
-    was forked from, e.g. a test runner), ru_maxrss elsewhere. The ranks of an in-process world
-    share one process."""
+def memory_mib() -> tuple[float, float]:
+    """(peak, current) resident set size of this process, MiB: ``VmHWM`` and ``VmRSS`` of
+    /proc/self/status on Linux (the process's own; ``getrusage``'s ru_maxrss also carries the
+    peak of the process it was forked from, e.g. a test runner); elsewhere ru_maxrss for both.
+    The ranks of an in-process world share one process."""
     import re
     import resource
     import sys
 
     try:
         with open("/proc/self/status") as f:
-            m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-        if m:
-            return int(m.group(1)) / 1024
+            text = f.read()
+        got = [re.search(rf"{k}:\s+(\d+) kB", text) for k in ("VmHWM", "VmRSS")]
+        if all(got):
+            return int(got[0].group(1)) / 1024, int(got[1].group(1)) / 1024
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    peak = peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    return peak, peak
 
 
 class PhaseTimer:
@@ -125,7 +128,7 @@ class PhaseTimer:
         since the last take, the gauges now, then the wall time since the last take; then
         zeroed (open phases count at their end)."""
         now = time.perf_counter()
-        out = np.concatenate([self.seconds, self.counts, [peak_rss_mib()], [now - self.mark]])
+        out = np.concatenate([self.seconds, self.counts, memory_mib(), [now - self.mark]])
         self.seconds[:] = 0.0
         self.counts[:] = 0.0
         self.mark = now
@@ -164,12 +167,21 @@ def reset(sync: bool = False) -> None:
     t.sync = bool(sync)
 
 
+def combine(earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
+    """Two successive :func:`take` vectors of one rank as one: seconds, counters and wall added,
+    the gauges of the later one (memory is a level, not an amount)."""
+    out = np.asarray(earlier, np.float64) + np.asarray(later, np.float64)
+    g = len(PHASES) + len(COUNTERS)
+    out[g : g + len(GAUGES)] = np.asarray(later, np.float64)[g : g + len(GAUGES)]
+    return out
+
+
 def reduce_ranks(per_rank: list[np.ndarray]) -> dict:
     """The ``phases`` entry of a metrics line from every rank's :func:`take` vector (rank order):
     per phase with time, ``{"sum": s, "max": m}`` over the ranks (seconds, 4 decimals); counters
-    summed; gauges (``peak_rss_mib``) as a list, one value per rank; ``wall``: rank 0's wall
-    time since its previous record."""
-    m = np.stack([np.asarray(v, np.float64) for v in per_rank])  # [ranks, phases + counters + 1]
+    summed; gauges (``peak_rss_mib``, ``rss_mib``) as a list, one value per rank; ``wall``:
+    rank 0's wall time since its previous record."""
+    m = np.stack([np.asarray(v, np.float64) for v in per_rank])  # [ranks, take()]
     out: dict = {"wall": round(float(m[0, -1]), 4)}
     for i, name in enumerate(PHASES):
         col = m[:, i]

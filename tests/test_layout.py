@@ -33,6 +33,7 @@ LEVELS = {
     "compare": 8,
     "bench": 8,
     "bench_train": 8,
+    "bench_scale": 8,
     "plan": 8,
     "preflight": 8,
     "crash": 8,

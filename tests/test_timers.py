@@ -96,36 +96,50 @@ def test_reduce_ranks_is_sum_and_max_per_phase():
     assert got["prefill_tokens"] == int(m[:, len(timers.PHASES)].sum())
     gauge = len(timers.PHASES) + len(timers.COUNTERS)  # peak memory: every rank's, in order
     assert got["peak_rss_mib"] == [round(float(x), 1) for x in m[:, gauge]]
+    assert got["rss_mib"] == [round(float(x), 1) for x in m[:, gauge + 1]]
     tot = timers.totals([got, got])
     assert tot["train"]["max"] == pytest.approx(2 * got["train"]["max"])
 
 
-def test_peak_memory_gauge_is_the_process_high_water_mark():
-    """The gauge against an independent reading: /proc's VmHWM (Linux), and it rises by an
-    allocation held past the old peak."""
+def test_combine_adds_times_and_keeps_the_later_gauges():
+    n = len(timers.PHASES) + len(timers.COUNTERS) + len(timers.GAUGES) + 1
+    a, b = np.arange(n, dtype=np.float64), np.full(n, 10.0)
+    got = timers.combine(a, b)
+    g = len(timers.PHASES) + len(timers.COUNTERS)
+    np.testing.assert_array_equal(got[:g], a[:g] + 10)
+    np.testing.assert_array_equal(got[g : g + len(timers.GAUGES)], 10.0)  # a level, not a sum
+    assert got[-1] == a[-1] + 10
+
+
+def test_memory_gauges_are_the_process_peak_and_current_rss():
+    """The gauges against an independent reading (/proc's VmHWM, VmRSS, Linux); in a small fresh
+    process, 200 MiB touched raise the peak by as much, and once freed leave the peak where it
+    is while the current RSS falls back."""
     import re
     from pathlib import Path
 
     status = Path("/proc/self/status")
     if not status.is_file():
-        pytest.skip("no /proc on this system (the gauge reads getrusage there too)")
+        pytest.skip("no /proc on this system (the gauges read getrusage there)")
 
-    def vm_hwm() -> float:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024
+    def vm(key: str) -> float:
+        return int(re.search(rf"{key}:\s+(\d+) kB", status.read_text()).group(1)) / 1024
 
     gauge = len(timers.PHASES) + len(timers.COUNTERS)
-    assert timers.take()[gauge] == pytest.approx(vm_hwm(), abs=2.0)
-    # a small fresh process (the module alone, without torch's import peak): 200 MiB touched
-    # raise its peak by as much
+    v = timers.take()
+    assert v[gauge] == pytest.approx(vm("VmHWM"), abs=2.0)
+    assert v[gauge + 1] == pytest.approx(vm("VmRSS"), abs=8.0)
     code = (
         "import importlib.util as u, sys, numpy as np; s = u.spec_from_file_location('t', "
         "sys.argv[1]); t = u.module_from_spec(s); s.loader.exec_module(t); g = len(t.PHASES) + "
-        "len(t.COUNTERS); a = t.take()[g]; b = np.ones(200 << 17); print(a, t.take()[g])"
+        "len(t.COUNTERS); a = t.take()[g : g + 2]; b = np.ones(200 << 17); c = t.take()[g : g "
+        "+ 2]; del b; d = t.take()[g : g + 2]; print(*a, *c, *d)"
     )
-    cmd = [sys.executable, "-c", code, timers.__file__]
+    cmd = [sys.executable, "-c", code, timers.__file__]  # the module alone: no torch import peak
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    a, b = map(float, out.stdout.split())
-    assert 195 <= b - a <= 230
+    peak0, _, peak1, rss1, peak2, rss2 = map(float, out.stdout.split())
+    assert 195 <= peak1 - peak0 <= 230 and peak2 == pytest.approx(peak1, abs=1.0)
+    assert rss1 - rss2 >= 190  # freed: the current RSS falls, the peak stays
 
 
 def test_generation_clock_splits_prefill_and_decode():
