@@ -70,29 +70,26 @@ def dko_assign(
     subspace of two or more clients is never merged. ``min_cluster_frac`` = 0: no first pass.
 
     Returns the decisions (one per client, in the given order) and the new number of live subspaces.
+    When the first pass finds no such client (the usual round), its result is the real pass's
+    (same inputs, nothing demoted) and is kept: one pass, not two.
     """
-    small: set[int] = set()
-    if min_cluster_frac > 0:
-        small = small_singletons(G, counts, live, clients, tokens, samples, tau, min_cluster_frac)
+    if min_cluster_frac <= 0:
+        return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, set())
+    G1, counts1 = G.copy(), counts.copy()
+    first, live1 = _dko_pass(G1, counts1, live, clients, tokens, samples, tau, "nearest", set())
+    small = small_singletons(first, samples, min_cluster_frac)
+    if not small and (full_policy == "nearest" or all(d.action != FULL for d in first)):
+        G[:], counts[:] = G1, counts1
+        return first, live1
     return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small)
 
 
 def small_singletons(
-    G: np.ndarray,
-    counts: np.ndarray,
-    live: int,
-    clients: list[int],
-    tokens: list[np.ndarray],
-    samples: list[int],
-    tau: float,
-    min_cluster_frac: float,
+    decisions: list[DkoDecision], samples: list[int], min_cluster_frac: float
 ) -> set[int]:
-    """The clients that, in a plain DKO pass (on copies; a full S_max assigns the nearest), create
-    a new subspace that no other client of the round joins while holding under
+    """The clients that, in a plain DKO pass (``decisions``; a full S_max assigns the nearest),
+    create a new subspace that no other client of the round joins while holding under
     ``min_cluster_frac`` of the round's samples."""
-    decisions, _ = _dko_pass(
-        G.copy(), counts.copy(), live, clients, tokens, samples, tau, "nearest", set()
-    )
     members: dict[int, int] = {}
     for d in decisions:
         members[d.subspace] = members.get(d.subspace, 0) + 1
