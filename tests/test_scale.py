@@ -13,7 +13,7 @@ from fcit_hpc.fed.server.plan import sample_clients
 from fcit_hpc.state.schema import read_state
 from fcit_hpc.timers import run_records
 
-from .conftest import ROOT, mpiexec, run_ok
+from .conftest import BIN, ROOT, mpiexec, run_ok
 
 CONFIG = str(ROOT / "configs" / "bench_scale.yaml")
 OVERRIDES = ("federation.num_clients=2000", "federation.client_selection_frac=0.01")
@@ -25,7 +25,7 @@ def test_two_thousand_clients_on_one_and_two_ranks(tmp_path):
     one = run_ok("bench_scale.yaml", tmp_path / "p1", *OVERRIDES, "federation.num_rounds=2")
     p = mpiexec(
         2,
-        "fcit",
+        str(BIN / "fcit"),
         "run",
         CONFIG,
         "--out",
