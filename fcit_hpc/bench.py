@@ -22,7 +22,9 @@ def _mpiexec() -> str:
     return str(here) if here.exists() else (shutil.which("mpiexec") or "mpiexec")
 
 
-def _run(n: int, config: Path, out: Path) -> list[float]:
+def launch(n: int, config: Path, out: Path, overrides: tuple[str, ...] = ()) -> None:
+    """``fcit run CONFIG --out OUT`` under mpiexec with ``n`` ranks, one thread each; exits
+    naming the world size and the run's last error lines when it fails."""
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -43,10 +45,16 @@ def _run(n: int, config: Path, out: Path) -> list[float]:
         "--out",
         str(out),
         "train.num_threads=1",
+        *overrides,
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
-        raise SystemExit(f"bench run with {n} ranks failed:\n{p.stderr[-2000:]}")
+        what = " ".join(overrides)
+        raise SystemExit(f"bench run with {n} ranks {what} failed:\n{p.stderr[-2000:]}")
+
+
+def _run(n: int, config: Path, out: Path) -> list[float]:
+    launch(n, config, out)
     secs = [float(s) for s in read_state(out).rounds["seconds"]]
     return secs[1:] if len(secs) > 1 else secs  # the first round pays one-off warm-up
 

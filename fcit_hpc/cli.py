@@ -610,6 +610,10 @@ def cmd_bench(args, comm) -> int:
         from fcit_hpc.bench import bench_rounds
 
         return bench_rounds(args)
+    if args.what == "scale":
+        from fcit_hpc.bench_scale import bench_scale
+
+        return bench_scale(args)
     from fcit_kernels.bench import main as bench_kernels
 
     return bench_kernels(args)
@@ -645,9 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b = sub.add_parser(
         "bench",
-        help="benchmarks: round wall time at 1 vs 2 ranks; kernels; one client's training",
+        help="benchmarks: round wall time at 1 vs 2 ranks; 50 to 10,000 clients; kernels; one "
+        "client's training",
     )
-    b.add_argument("what", choices=["rounds", "kernels", "train"])
+    b.add_argument("what", choices=["rounds", "scale", "kernels", "train"])
     b.add_argument(
         "items",
         nargs="*",
@@ -656,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", help="write results as JSON to this file")
-    b.add_argument("--config", default=None, help="config for `bench rounds`")
+    b.add_argument("--config", default=None, help="config for `bench rounds` / `bench scale`")
     b.add_argument(
         "--skip-e2e", action="store_true", help="`bench kernels` on CUDA: no 7B decode latency"
     )

@@ -124,6 +124,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: dtype of the base weights and of compute
     gradient_checkpointing: bool = False
     gpus_per_client: int = 1  # G: ranks (one device each) that train one client together
+    # ranks of a node that may share one GPU (1: a GPU per rank; more, when each trains alone)
+    ranks_per_gpu: int = 1
     deterministic: bool = False  # torch deterministic algorithms (cuBLAS workspace on CUDA)
     projector_lr: float = 2e-5  # LLaVA's multimodal projector, trained beside LoRA; 0 freezes it
     # phase timers (docs/phases.md): torch.cuda.synchronize() at every phase start and end, for
@@ -265,6 +267,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.device": _in(("auto", "cpu", "cuda")),
     "train.precision": _in(("fp32", "bf16", "fp16")),
     "train.gpus_per_client": (lambda v: v >= 1, ">= 1"),
+    "train.ranks_per_gpu": (lambda v: v >= 1, ">= 1"),
     "train.projector_lr": (lambda v: v >= 0, ">= 0"),
     "train.liger": _in(("auto", "on", "off")),
     "train.liger_ops": (

@@ -89,6 +89,7 @@ FIELD_DOCS: dict[str, str] = {
     "train.precision": "`fp32`, `bf16`, `fp16`: dtype of the base weights and of compute (LoRA masters stay float32)",
     "train.gradient_checkpointing": "recompute activations in the backward pass (HF, non-reentrant)",
     "train.gpus_per_client": "G: ranks (one GPU each) that train one client together, data-parallel; must divide the ranks hosting clients",
+    "train.ranks_per_gpu": "ranks of a node allowed on one GPU (each training alone); more ranks than the node's GPUs times this stop the job before any work (docs/slurm.md, GPU placement)",
     "train.deterministic": "torch deterministic algorithms (and cuBLAS's workspace setting on CUDA)",
     "train.sync_timers": "synchronize the GPU at phase boundaries so the phase timers measure device time (off: no syncs in the hot path)",
     "train.projector_lr": "LLaVA's multimodal projector: trained beside LoRA with this lr, averaged by the server; 0 freezes it",

@@ -294,7 +294,7 @@ def figures_from_run(run_dir: Path, fig: Figures) -> None:
     if clients:
         fig.set("setup_s_per_client", t("setup") / clients, where)
     if rounds:  # comm aside: on the slowest rank it is short, elsewhere it is waiting for it
-        fixed = sum(t(n, "max") for n in ("aggregate", "state_write"))
+        fixed = sum(t(n, "max") for n in ("aggregate", "dko", "state_write"))
         fig.set("round_fixed_s", fixed / len(rounds), where)
     fig.set("startup_s", t("startup", "max"), where)
     counts = {c: sum(int(r.get(c, 0)) for r in recs) for c in ("prefill_tokens", "decode_tokens")}

@@ -7,8 +7,10 @@ other module decides a device: they take ``runtime.device`` (or the device of a 
 The launcher's environment is read here only (:func:`launch_info`): Open MPI
 (``OMPI_COMM_WORLD_*``), MPICH / Hydra and Intel MPI (``PMI_RANK``, ``PMI_SIZE``,
 ``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``) and SLURM's ``srun`` (``SLURM_PROCID``, ``SLURM_NTASKS``,
-``SLURM_LOCALID``, ``SLURM_STEP_TASKS_PER_NODE`` with ``SLURM_NODEID``). ``CUDA_VISIBLE_DEVICES`` is
-honoured through torch, which only sees the devices it lists.
+``SLURM_LOCALID``, ``SLURM_STEP_TASKS_PER_NODE`` with ``SLURM_NODEID``). A rank's GPU comes from
+those and ``CUDA_VISIBLE_DEVICES`` / ``SLURM_GPUS_ON_NODE`` (:func:`gpu_index`: a GPU bound to the
+task, or the node-local rank over the node's GPUs; never more ranks per GPU than
+``train.ranks_per_gpu``).
 
 Client groups (``train.gpus_per_client = G``): the ranks that host clients are split, in rank order,
 into consecutive groups of G; a group trains one client at a time, data-parallel over its G devices,
@@ -163,28 +165,93 @@ class Runtime:
         return "nccl" if self.is_cuda else "gloo"
 
 
-def _cuda_device(launch: LaunchInfo, gpus_per_client: int, visible: int):
-    """The GPU of this rank: node-local rank modulo the visible devices. Ranks that train alone
-    may share a GPU (each has its own model and world of one; useful to test P ranks on one
-    GPU); the members of a client group may not (NCCL needs one device per member). A rank that
-    sees exactly one device while its node runs several (a launcher binding one GPU per task
-    through CUDA_VISIBLE_DEVICES) uses that one."""
-    import torch
+def _env_int(env: Mapping[str, str], key: str) -> int | None:
+    if key not in env:
+        return None
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"launcher variable {key}={env[key]!r} is not an integer") from None
 
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+
+def gpu_index(
+    launch: LaunchInfo,
+    env: Mapping[str, str],
+    visible: int,
+    gpus_per_client: int = 1,
+    ranks_per_gpu: int = 1,
+) -> int:
+    """The index, among the ``visible`` CUDA devices this rank's torch sees, of its GPU.
+
+    A pure function of the launcher's variables (``launch``: the node-local rank and the ranks on
+    the node, from ``SLURM_LOCALID`` or ``OMPI_COMM_WORLD_LOCAL_RANK``; ``env``:
+    ``CUDA_VISIBLE_DEVICES``, ``SLURM_GPUS_ON_NODE``) and the device count:
+
+    - *bound*: the launcher gave each task its own GPU (``srun --gpus-per-task=1`` or a
+      ``--gpu-bind``, which set ``CUDA_VISIBLE_DEVICES`` per task): the rank sees fewer GPUs than
+      the node has for the job (``SLURM_GPUS_ON_NODE``), or one while its node runs several
+      ranks; it uses device 0. A task bound to several GPUs is refused: one rank drives one GPU
+      (G GPUs per client are G ranks, ``train.gpus_per_client``).
+    - otherwise every rank of the node sees the node's GPUs (``mpirun``, ``srun`` without
+      binding): GPU = node-local rank modulo their number.
+
+    Either way the node's ranks may not exceed its GPUs times ``ranks_per_gpu``
+    (``train.ranks_per_gpu``), and the members of a client group need a GPU each (NCCL): a
+    ConfigError names the counts, the variables and the fix."""
+    cvd = env.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    seen = f"CUDA_VISIBLE_DEVICES={cvd!r}"
     if visible == 0:
         raise ConfigError(
-            "train.device: 'cuda' was asked for but torch sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={cvd!r})"
+            f"train.device: 'cuda' was asked for but torch sees no CUDA device ({seen})"
         )
-    bound = visible == 1 and launch.local_size > 1 and "CUDA_VISIBLE_DEVICES" in os.environ
-    if gpus_per_client > 1 and launch.local_size > visible and not bound:
+    on_node = _env_int(env, "SLURM_GPUS_ON_NODE")  # the step's GPUs on this node (srun)
+    if on_node is not None:
+        seen += f", SLURM_GPUS_ON_NODE={on_node}"
+    asked = [k for k in ("SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND") if k in env]
+    seen += "".join(f", {k}={env[k]!r}" for k in asked)
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        per_task = False
+    elif on_node is not None:
+        per_task = visible < on_node
+    else:  # no node count: a single GPU per task that srun was asked to bind
+        per_task = visible == 1 and launch.local_size > 1 and bool(asked)
+    if per_task and visible > 1:
         raise ConfigError(
-            f"train.gpus_per_client: {gpus_per_client} GPUs per client need one GPU per rank, "
-            f"but this node runs {launch.local_size} ranks and sees {visible} GPUs "
-            f"(CUDA_VISIBLE_DEVICES={cvd!r}); start at most {visible} ranks per node"
+            f"train.gpus_per_client: this rank was given {visible} GPUs of its own ({seen}); a "
+            "rank drives one GPU: launch one task per GPU (srun --gpus-per-task=1) and set "
+            "train.gpus_per_client = G for G GPUs per client"
         )
-    return torch.device("cuda", 0 if bound else launch.local_rank % visible)
+    if per_task:  # each task its own GPU; the node has as many as the step gave it
+        gpus = on_node if on_node is not None else launch.local_size
+    else:  # every rank sees the node's GPUs (of the allocation, when SLURM says how many)
+        gpus = min(visible, on_node) if on_node is not None else visible
+    share = 1 if gpus_per_client > 1 else ranks_per_gpu
+    if launch.local_size > gpus * share:
+        need = -(-launch.local_size // gpus)
+        if gpus_per_client > 1:
+            what = f"train.gpus_per_client: {gpus_per_client} GPUs per client"
+            fix = f"a client group's members need a GPU each: start at most {gpus} ranks per node"
+        else:
+            what = f"train.ranks_per_gpu: {ranks_per_gpu}"
+            fix = (
+                f"start at most {gpus * share} ranks per node, or allow {need} ranks per GPU "
+                f"(train.ranks_per_gpu={need})"
+            )
+        raise ConfigError(
+            f"{what}: this node runs {launch.local_size} ranks ({launch.launcher} launch) on "
+            f"{gpus} GPUs ({seen}), {need} per GPU; {fix}"
+        )
+    return 0 if per_task else launch.local_rank % gpus
+
+
+def _cuda_device(launch: LaunchInfo, train_cfg, visible: int):
+    """torch.device of this rank's GPU (:func:`gpu_index` on this process's environment)."""
+    import torch
+
+    index = gpu_index(
+        launch, os.environ, visible, train_cfg.gpus_per_client, train_cfg.ranks_per_gpu
+    )
+    return torch.device("cuda", index)
 
 
 def make_runtime(
@@ -201,7 +268,7 @@ def make_runtime(
     want = train_cfg.device
     has_cuda = torch.cuda.is_available()
     if want == "cuda" or (want == "auto" and has_cuda):
-        device = _cuda_device(launch, train_cfg.gpus_per_client, torch.cuda.device_count())
+        device = _cuda_device(launch, train_cfg, torch.cuda.device_count())
     else:
         device = torch.device("cpu")
     dtype = getattr(torch, DTYPES[train_cfg.precision])

@@ -33,7 +33,8 @@ PHASES: tuple[str, ...] = (
     "train",  # local training steps of the clients
     "identity",  # identity features: the clients' tokens (DKO), the test samples' (SSA gate)
     "comm",  # broadcasts and gathers of the round (waiting for the slowest rank included)
-    "aggregate",  # the server: DKO, validation, aggregation, the strategy's update
+    "aggregate",  # the server: validation, aggregation, the strategy's update
+    "dko",  # the server: DKO's matching of the identity tokens (identity methods)
     "stage_end",  # the method's stage-end upload (EWC's Fisher) and merge
     "eval_prefill",  # evaluation: generation up to each batch's first new token
     "eval_decode",  # evaluation: the remaining generated tokens
@@ -46,6 +47,31 @@ PHASES: tuple[str, ...] = (
 INDEX = {name: i for i, name in enumerate(PHASES)}
 # counters beside the seconds (not times): generated tokens, split as prefill/decode positions
 COUNTERS: tuple[str, ...] = ("prefill_tokens", "decode_tokens")
+# gauges beside them (per rank, not summed): the process's peak resident memory so far and its
+# resident memory now, MiB
+GAUGES: tuple[str, ...] = ("peak_rss_mib", "rss_mib")
+
+
+def memory_mib() -> tuple[float, float]:
+    """(peak, current) resident set size of this process, MiB: ``VmHWM`` and ``VmRSS`` of
+    /proc/self/status on Linux (the process's own; ``getrusage``'s ru_maxrss also carries the
+    peak of the process it was forked from, e.g. a test runner); elsewhere ru_maxrss for both.
+    The ranks of an in-process world share one process."""
+    import re
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            text = f.read()
+        got = [re.search(rf"{k}:\s+(\d+) kB", text) for k in ("VmHWM", "VmRSS")]
+        if all(got):
+            return int(got[0].group(1)) / 1024, int(got[1].group(1)) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
+    peak = peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    return peak, peak
 
 
 class PhaseTimer:
@@ -98,10 +124,11 @@ class PhaseTimer:
         self.counts[COUNTERS.index(name)] += n
 
     def take(self) -> np.ndarray:
-        """float64 [len(PHASES) + len(COUNTERS) + 1]: the seconds and counters since the last
-        take, then the wall time since it; then zeroed (open phases count at their end)."""
+        """float64 [len(PHASES) + len(COUNTERS) + len(GAUGES) + 1]: the seconds and counters
+        since the last take, the gauges now, then the wall time since the last take; then
+        zeroed (open phases count at their end)."""
         now = time.perf_counter()
-        out = np.concatenate([self.seconds, self.counts, [now - self.mark]])
+        out = np.concatenate([self.seconds, self.counts, memory_mib(), [now - self.mark]])
         self.seconds[:] = 0.0
         self.counts[:] = 0.0
         self.mark = now
@@ -140,11 +167,21 @@ def reset(sync: bool = False) -> None:
     t.sync = bool(sync)
 
 
+def combine(earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
+    """Two successive :func:`take` vectors of one rank as one: seconds, counters and wall added,
+    the gauges of the later one (memory is a level, not an amount)."""
+    out = np.asarray(earlier, np.float64) + np.asarray(later, np.float64)
+    g = len(PHASES) + len(COUNTERS)
+    out[g : g + len(GAUGES)] = np.asarray(later, np.float64)[g : g + len(GAUGES)]
+    return out
+
+
 def reduce_ranks(per_rank: list[np.ndarray]) -> dict:
     """The ``phases`` entry of a metrics line from every rank's :func:`take` vector (rank order):
     per phase with time, ``{"sum": s, "max": m}`` over the ranks (seconds, 4 decimals); counters
-    summed; ``wall``: rank 0's wall time since its previous record."""
-    m = np.stack([np.asarray(v, np.float64) for v in per_rank])  # [ranks, phases + counters + 1]
+    summed; gauges (``peak_rss_mib``, ``rss_mib``) as a list, one value per rank; ``wall``:
+    rank 0's wall time since its previous record."""
+    m = np.stack([np.asarray(v, np.float64) for v in per_rank])  # [ranks, take()]
     out: dict = {"wall": round(float(m[0, -1]), 4)}
     for i, name in enumerate(PHASES):
         col = m[:, i]
@@ -154,6 +191,8 @@ def reduce_ranks(per_rank: list[np.ndarray]) -> dict:
         n = float(m[:, len(PHASES) + j].sum())
         if n:
             out[name] = int(n)
+    for j, name in enumerate(GAUGES):  # one value per rank, rank order
+        out[name] = [round(float(x), 1) for x in m[:, len(PHASES) + len(COUNTERS) + j]]
     return out
 
 

@@ -102,7 +102,7 @@ if has main; then
   rm -rf "$OUT/main"
   # shellcheck disable=SC2086
   run main "$T_MAIN" "$BIN/mpiexec" --oversubscribe -n "$NP" $FCIT run configs/default.yaml \
-    --out "$OUT/main" train.device=cuda ${MAIN_OVERRIDES:-}
+    --out "$OUT/main" train.device=cuda "train.ranks_per_gpu=$NP" ${MAIN_OVERRIDES:-}
   row main "$(find "$OUT/main" -name report.md 2>/dev/null | wc -l) report.md, job ${SECS} s"
 fi
 

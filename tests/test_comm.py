@@ -61,7 +61,7 @@ def test_round_bytes_are_the_bytes_of_the_buffers_that_travel(tmp_path, monkeypa
     from fcit_hpc.config import load_config
     from fcit_hpc.fed import loop
     from fcit_hpc.run import run_federated
-    from fcit_hpc.timers import COUNTERS, PHASES
+    from fcit_hpc.timers import COUNTERS, GAUGES, PHASES
 
     cfg = load_config(ROOT / "configs/smoke.yaml", ["eval.enabled=false"])
     comm = RecordingComm()
@@ -85,7 +85,10 @@ def test_round_bytes_are_the_bytes_of_the_buffers_that_travel(tmp_path, monkeypa
         # gathered: token headers, tokens, update headers, deltas (one rank, so all clients),
         # then the rank's phase timers (fcit_hpc.timers; no part of the round's traffic)
         tok_head, toks, upd_head, deltas, timer = up_of[stage, rnd]
-        assert timer.dtype == np.float64 and timer.size == len(PHASES) + len(COUNTERS) + 1
+        assert (
+            timer.dtype == np.float64
+            and timer.size == len(PHASES) + len(COUNTERS) + len(GAUGES) + 1
+        )
         assert toks.size == tok_head.size // 3 * dim and deltas.size == upd_head.size // 7 * numel
         rows = st.clients[(st.clients["stage"] == stage) & (st.clients["round"] == rnd)]
         assert len(rows) == 3

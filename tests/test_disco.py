@@ -141,3 +141,37 @@ def test_ssa_variants_match_formulas():
     np.testing.assert_allclose(ssa_activation(f, G, 0.05, "cosine"), cos, rtol=1e-5)
     np.testing.assert_array_equal(ssa_activation(f, G, 0.05, "argmax"), [[1, 0, 0], [0, 0, 1]])
     np.testing.assert_array_equal(ssa_activation(f, G, 0.05, "concat"), np.ones((2, 3)))
+
+
+def test_dko_of_a_thousand_clients_is_the_plain_loop():
+    """The vectorised pass against an independent reference: each client alone, in client-id
+    order, against the tokens of its moment with np.dot / np.linalg.norm (float64), tokens that
+    existed before the round included. Same decisions and tokens; similarities to 1e-12."""
+    rng = np.random.default_rng(7)
+    d, s_max, n = 384, 8, 1000
+    centres = rng.standard_normal((6, d))
+    toks = [(centres[i % 6] + 0.2 * rng.standard_normal(d)).astype(np.float32) for i in range(n)]
+    samples = rng.integers(1, 9, n).tolist()
+    G = np.zeros((s_max, d), np.float32)
+    G[:2] = centres[:2] + 0.2 * rng.standard_normal((2, d))
+    counts = np.array([5.0, 3.0] + [0.0] * (s_max - 2))
+    ref_G, ref_n, ref = G.astype(np.float64), counts.copy(), []
+    live = 2
+    for c, (mu, m) in enumerate(zip(toks, samples, strict=True)):
+        mu = mu.astype(np.float64)
+        sims = [
+            np.dot(ref_G[k], mu) / (np.linalg.norm(ref_G[k]) * np.linalg.norm(mu))
+            for k in range(live)
+        ]
+        k = int(np.argmax(sims))
+        if sims[k] < 0.9:
+            k, live = live, live + 1
+        ref_G[k] = np.float32((ref_G[k] * ref_n[k] + mu * m) / (ref_n[k] + m))
+        ref_n[k] += m
+        ref.append((c, k, max(sims)))
+    got, got_live = dko_assign(G, counts, 2, list(range(n)), toks, samples, tau=0.9)
+    assert got_live == live == 6
+    assert [(x.client, x.subspace) for x in got] == [(c, k) for c, k, _ in ref]
+    np.testing.assert_allclose([x.similarity for x in got], [s for *_, s in ref], atol=1e-12)
+    np.testing.assert_allclose(G, ref_G, rtol=1e-6)
+    np.testing.assert_array_equal(counts, ref_n)

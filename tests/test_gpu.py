@@ -45,11 +45,21 @@ def test_smoke_on_the_gpu_matches_the_cpu(tmp_path):
 
 
 def test_gpu_world_size_invariance(tmp_path):
-    """P = 1 and P = 2 ranks on the GPU (two ranks may share one GPU when each trains alone)."""
+    """P = 1 and P = 2 ranks on the GPU (two ranks share one GPU: train.ranks_per_gpu=2)."""
     runs = []
     for n in (1, 2):
         out = tmp_path / f"p{n}"
-        p = mpiexec(n, FCIT, "run", SMOKE, "--out", str(out), "train.device=cuda", NO_EVAL)
+        p = mpiexec(
+            n,
+            FCIT,
+            "run",
+            SMOKE,
+            "--out",
+            str(out),
+            "train.device=cuda",
+            "train.ranks_per_gpu=2",
+            NO_EVAL,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         runs.append(read_state(out))
     np.testing.assert_allclose(runs[1].adapter, runs[0].adapter, atol=1e-6, rtol=0)

@@ -34,6 +34,7 @@ LEVELS = {
     "bench": 8,
     "bench_train": 8,
     "bench_lengths": 8,
+    "bench_scale": 8,
     "plan": 8,
     "preflight": 8,
     "crash": 8,

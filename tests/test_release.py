@@ -131,6 +131,22 @@ def release(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------ reading the tree
+def test_client_samples_kept_for_the_last_clients_only(release, monkeypatch):
+    """A rank reading thousands of clients keeps only the last CLIENT_CACHE clients' samples; one
+    read again is read from its file again, the same samples."""
+    from fcit_hpc.benchmark import layout
+
+    monkeypatch.setattr(layout, "CLIENT_CACHE", 2)
+    data = LayoutData(release, stage_datasets("task"), "task", 1.0, 3)
+    first = [data.client_samples(2, c) for c in range(3)]
+    info = data._read.cache_info()
+    assert info.currsize == 2 and info.misses == 3
+    assert data.client_samples(2, 0) == first[0]  # dropped, read again: equal
+    assert data._read.cache_info().misses == 4
+    data.client_samples(2, 0).clear()  # a caller's list is its own
+    assert data.client_samples(2, 0) == first[0]
+
+
 def test_released_tree_reads_as_published(release):
     data = LayoutData(release, stage_datasets("task"), "task", 1.0, 3)
     img = str(release / "datasets")

@@ -2,11 +2,13 @@
 (static cache, CUDA graph) and the identity tokens of clients selected again. (The evaluation
 runs once per stage whatever the round count: fcit_hpc.fed.loop.run_federated, docs/gpu.md.)"""
 
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
 
 from fcit_hpc.config import load_config
+from fcit_hpc.fed import client as fed_client
 from fcit_hpc.fed.client import compute_tokens, identity_token
 from fcit_hpc.fed.wire import unpack_tokens
 
@@ -40,7 +42,7 @@ def _ctx(nan_clients=()):
         cfg=cfg,
         data=SimpleNamespace(client_samples=lambda u, c: data[(u, c)]),
         encoder=CountingEncoder(),
-        identity_cache={},
+        identity_cache=OrderedDict(),
     ), data
 
 
@@ -64,6 +66,22 @@ def test_identity_tokens_encoded_once_per_client():
         ups = {u.client: u for u in unpack_tokens([msg[0]], [msg[1]])}
         assert np.isnan(ups[1].values[0]) and np.isfinite(ups[0].values).all()
         assert [ups[c].samples for c in (0, 1, 2)] == [3, 4, 5]
+
+
+def test_identity_cache_keeps_the_last_clients_only(monkeypatch):
+    """10,000 clients must not leave 10,000 tokens on a rank: the least recently used goes."""
+    monkeypatch.setattr(fed_client, "IDENTITY_CACHE", 3)
+    ctx, _ = _ctx()
+    for c in (0, 1, 2):
+        identity_token(ctx, 0, c)
+    identity_token(ctx, 0, 0)  # used again: now the most recent
+    identity_token(ctx, 1, 3)  # a fourth client: the least recent (0, 1) goes
+    assert list(ctx.identity_cache) == [(0, 2), (0, 0), (1, 3)]
+    calls = ctx.encoder.calls
+    mu, _ = identity_token(ctx, 0, 1)  # encoded again, the same token as before
+    assert ctx.encoder.calls == calls + 1 and len(ctx.identity_cache) == 3
+    fresh, _ = _ctx()
+    np.testing.assert_array_equal(mu, identity_token(fresh, 0, 1)[0])
 
 
 def test_decoder_kept_for_the_run():

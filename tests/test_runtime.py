@@ -325,16 +325,190 @@ def test_deepspeed_stage0_low_precision_is_refused():
     load_config(None, ["train.backend=deepspeed", "train.precision=bf16", "train.zero_stage=2"])
 
 
-def test_gpu_choice_per_rank():
-    """Node-local rank modulo the visible GPUs; a group's members need distinct GPUs."""
-    from fcit_hpc.runtime import _cuda_device
+def _ompi(local: int, local_size: int) -> dict:
+    return {
+        "OMPI_COMM_WORLD_RANK": str(local),
+        "OMPI_COMM_WORLD_SIZE": str(local_size),
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(local),
+        "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
+    }
 
-    assert _cuda_device(LaunchInfo(5, 8, 1, 4), 1, 4) == torch.device("cuda", 1)
-    assert _cuda_device(LaunchInfo(1, 2, 1, 2), 1, 1) == torch.device("cuda", 0)  # shared
-    with pytest.raises(ConfigError, match="train.gpus_per_client: 2 GPUs per client"):
-        _cuda_device(LaunchInfo(1, 4, 1, 4), 2, 2)
-    with pytest.raises(ConfigError, match="train.device: 'cuda'"):
-        _cuda_device(LaunchInfo(), 1, 0)
+
+def _srun(local: int, tasks: int, **extra: str) -> dict:
+    return {
+        "SLURM_PROCID": str(local),
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_LOCALID": str(local),
+        "SLURM_NODEID": "0",
+        "SLURM_STEP_TASKS_PER_NODE": str(tasks),
+        **extra,
+    }
+
+
+# (what, launcher environment, GPUs torch sees, gpus_per_client, ranks_per_gpu, expected index)
+PLACEMENTS = [
+    ("plain process, one GPU", {}, 1, 1, 1, 0),
+    ("mpirun, 4 ranks, 4 GPUs", _ompi(1, 4), 4, 1, 1, 1),
+    ("mpirun, 8 ranks, 4 GPUs, 2 allowed", _ompi(5, 8), 4, 1, 2, 1),
+    (
+        "mpirun, CUDA_VISIBLE_DEVICES=0 exported, 2 allowed",
+        {**_ompi(1, 2), "CUDA_VISIBLE_DEVICES": "0"},
+        1,
+        1,
+        2,
+        0,
+    ),
+    (
+        "mpirun in an allocation: Open MPI's local rank, not the batch step's SLURM_LOCALID",
+        {
+            **_ompi(2, 4),
+            **_srun(0, 1),
+            "CUDA_VISIBLE_DEVICES": "0,1,2,3",
+            "SLURM_GPUS_ON_NODE": "4",
+        },
+        4,
+        1,
+        1,
+        2,
+    ),
+    (
+        "srun --gpus-per-task=1: each task sees its own GPU",
+        _srun(3, 4, CUDA_VISIBLE_DEVICES="3", SLURM_GPUS_ON_NODE="4", SLURM_GPUS_PER_TASK="1"),
+        1,
+        1,
+        1,
+        0,
+    ),
+    (
+        "srun --gpus-per-task=1 of a SLURM without SLURM_GPUS_ON_NODE",
+        _srun(2, 4, CUDA_VISIBLE_DEVICES="2", SLURM_GPUS_PER_TASK="1"),
+        1,
+        1,
+        1,
+        0,
+    ),
+    (
+        "srun --gpu-bind=single:1",
+        _srun(1, 2, CUDA_VISIBLE_DEVICES="1", SLURM_GPUS_ON_NODE="2", SLURM_GPU_BIND="single:1"),
+        1,
+        1,
+        1,
+        0,
+    ),
+    (
+        "srun --gpus-per-node=4, no binding: SLURM_LOCALID over the node's GPUs",
+        _srun(3, 4, CUDA_VISIBLE_DEVICES="0,1,2,3", SLURM_GPUS_ON_NODE="4"),
+        4,
+        1,
+        1,
+        3,
+    ),
+    (
+        "a client group of 4 (train.gpus_per_client=4), one GPU per member",
+        _srun(2, 4, CUDA_VISIBLE_DEVICES="2", SLURM_GPUS_ON_NODE="4", SLURM_GPUS_PER_TASK="1"),
+        1,
+        4,
+        1,
+        0,
+    ),
+    (
+        "the allocation's 2 GPUs of a node with 8, no CUDA_VISIBLE_DEVICES",
+        _srun(1, 2, SLURM_GPUS_ON_NODE="2"),
+        8,
+        1,
+        1,
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "what,env,visible,g,share,want", PLACEMENTS, ids=[p[0] for p in PLACEMENTS]
+)
+def test_gpu_placement_from_launcher_variables(what, env, visible, g, share, want):
+    """A rank's GPU as a pure function of the launcher's variables and the device count."""
+    from fcit_hpc.runtime import gpu_index
+
+    assert gpu_index(launch_info(env), env, visible, g, share) == want
+
+
+# (what, launcher environment, GPUs torch sees, gpus_per_client, ranks_per_gpu, message parts)
+OVERSUBSCRIBED = [
+    (
+        "mpirun, 8 ranks on 4 GPUs",
+        _ompi(5, 8),
+        4,
+        1,
+        1,
+        ["train.ranks_per_gpu: 1", "8 ranks (openmpi launch) on 4 GPUs", "train.ranks_per_gpu=2"],
+    ),
+    (
+        "CUDA_VISIBLE_DEVICES=0 exported to 2 ranks",
+        {**_ompi(0, 2), "CUDA_VISIBLE_DEVICES": "0"},
+        1,
+        1,
+        1,
+        ["2 ranks (openmpi launch) on 1 GPUs", "CUDA_VISIBLE_DEVICES='0'"],
+    ),
+    (
+        "srun --gpu-bind=map_gpu:0,0: two tasks bound to one GPU",
+        _srun(1, 2, CUDA_VISIBLE_DEVICES="0", SLURM_GPUS_ON_NODE="1", SLURM_GPU_BIND="map_gpu:0,0"),
+        1,
+        1,
+        1,
+        ["2 ranks (slurm launch) on 1 GPUs", "SLURM_GPU_BIND='map_gpu:0,0'"],
+    ),
+    (
+        "3 ranks per GPU where 2 are allowed",
+        _srun(5, 6, CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="2"),
+        2,
+        1,
+        2,
+        ["train.ranks_per_gpu: 2", "6 ranks", "3 per GPU", "train.ranks_per_gpu=3"],
+    ),
+    (
+        "a client group sharing GPUs, whatever ranks_per_gpu allows",
+        _ompi(3, 4),
+        2,
+        2,
+        2,
+        ["train.gpus_per_client: 2 GPUs per client", "a GPU each", "at most 2 ranks per node"],
+    ),
+    (
+        "srun --gpus-per-task=2: one rank cannot drive two",
+        _srun(0, 2, CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="4", SLURM_GPUS_PER_TASK="2"),
+        2,
+        1,
+        1,
+        ["given 2 GPUs of its own", "--gpus-per-task=1", "train.gpus_per_client"],
+    ),
+    (
+        "no GPU at all",
+        {"CUDA_VISIBLE_DEVICES": ""},
+        0,
+        1,
+        1,
+        ["train.device: 'cuda'", "sees no CUDA"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "what,env,visible,g,share,parts", OVERSUBSCRIBED, ids=[p[0] for p in OVERSUBSCRIBED]
+)
+def test_more_ranks_per_gpu_than_asked_is_a_config_error(what, env, visible, g, share, parts):
+    from fcit_hpc.runtime import gpu_index
+
+    with pytest.raises(ConfigError) as e:
+        gpu_index(launch_info(env), env, visible, g, share)
+    for part in parts:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_ranks_per_gpu_is_a_checked_config_field():
+    assert load_config(None, ["train.ranks_per_gpu=2"]).train.ranks_per_gpu == 2
+    with pytest.raises(ConfigError, match="train.ranks_per_gpu"):
+        load_config(None, ["train.ranks_per_gpu=0"])
 
 
 def test_gradient_checkpointing_gives_the_same_update():

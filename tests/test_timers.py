@@ -4,6 +4,8 @@ rewritten log; scorer dependencies found at start-up; ``fcit plan``'s arithmetic
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 
@@ -78,7 +80,7 @@ def test_timers_are_per_thread():
 
 def test_reduce_ranks_is_sum_and_max_per_phase():
     rng = np.random.default_rng(0)
-    n = len(timers.PHASES) + len(timers.COUNTERS) + 1
+    n = len(timers.PHASES) + len(timers.COUNTERS) + len(timers.GAUGES) + 1
     per_rank = [rng.uniform(0, 3, n) for _ in range(3)]
     per_rank[1][timers.INDEX["report"]] = 0.0
     for v in per_rank:
@@ -92,8 +94,52 @@ def test_reduce_ranks_is_sum_and_max_per_phase():
     assert "aggregate" not in got
     assert got["wall"] == pytest.approx(per_rank[0][-1], abs=1e-4)  # rank 0's
     assert got["prefill_tokens"] == int(m[:, len(timers.PHASES)].sum())
+    gauge = len(timers.PHASES) + len(timers.COUNTERS)  # peak memory: every rank's, in order
+    assert got["peak_rss_mib"] == [round(float(x), 1) for x in m[:, gauge]]
+    assert got["rss_mib"] == [round(float(x), 1) for x in m[:, gauge + 1]]
     tot = timers.totals([got, got])
     assert tot["train"]["max"] == pytest.approx(2 * got["train"]["max"])
+
+
+def test_combine_adds_times_and_keeps_the_later_gauges():
+    n = len(timers.PHASES) + len(timers.COUNTERS) + len(timers.GAUGES) + 1
+    a, b = np.arange(n, dtype=np.float64), np.full(n, 10.0)
+    got = timers.combine(a, b)
+    g = len(timers.PHASES) + len(timers.COUNTERS)
+    np.testing.assert_array_equal(got[:g], a[:g] + 10)
+    np.testing.assert_array_equal(got[g : g + len(timers.GAUGES)], 10.0)  # a level, not a sum
+    assert got[-1] == a[-1] + 10
+
+
+def test_memory_gauges_are_the_process_peak_and_current_rss():
+    """The gauges against an independent reading (/proc's VmHWM, VmRSS, Linux); in a small fresh
+    process, 200 MiB touched raise the peak by as much, and once freed leave the peak where it
+    is while the current RSS falls back."""
+    import re
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("no /proc on this system (the gauges read getrusage there)")
+
+    def vm(key: str) -> float:
+        return int(re.search(rf"{key}:\s+(\d+) kB", status.read_text()).group(1)) / 1024
+
+    gauge = len(timers.PHASES) + len(timers.COUNTERS)
+    v = timers.take()
+    assert v[gauge] == pytest.approx(vm("VmHWM"), abs=2.0)
+    assert v[gauge + 1] == pytest.approx(vm("VmRSS"), abs=8.0)
+    code = (
+        "import importlib.util as u, sys, numpy as np; s = u.spec_from_file_location('t', "
+        "sys.argv[1]); t = u.module_from_spec(s); s.loader.exec_module(t); g = len(t.PHASES) + "
+        "len(t.COUNTERS); a = t.take()[g : g + 2]; b = np.ones(200 << 17); c = t.take()[g : g "
+        "+ 2]; del b; d = t.take()[g : g + 2]; print(*a, *c, *d)"
+    )
+    cmd = [sys.executable, "-c", code, timers.__file__]  # the module alone: no torch import peak
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    peak0, _, peak1, rss1, peak2, rss2 = map(float, out.stdout.split())
+    assert 195 <= peak1 - peak0 <= 230 and peak2 == pytest.approx(peak1, abs=1.0)
+    assert rss1 - rss2 >= 190  # freed: the current RSS falls, the peak stays
 
 
 def test_generation_clock_splits_prefill_and_decode():

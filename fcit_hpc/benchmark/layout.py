@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,8 @@ SETTING_DIRS = {
     "joint-capability": ("Capability-related", "multask"),
 }
 _CLIENT = re.compile(r"client_(\d+)\.json")
+# clients whose samples a process keeps in memory (a round's on a rank; more are read again)
+CLIENT_CACHE = 256
 
 
 def beta_dir(beta: float) -> str:
@@ -225,14 +228,18 @@ class LayoutData:
         self.setting, self.beta, self.num_clients = setting, beta, num_clients
         self._check_beta()
         whole = setting.startswith("joint") and num_clients == 1
-        self._files = [self._unit_files(u, whole) for u in range(len(stages))]
+        # per unit: the whole unit's files (the multi-task bound's one client), or None: client
+        # c reads client_<c>.json of the unit's folder (a path made on use, none held per client)
+        self._whole = [self._unit_files(u, whole) for u in range(len(stages))]
         self.test: dict[int, list[Sample]] = {}
         for n in self.task_names:
             f = test_file(self.root, n)
             if not f.is_file():
                 raise DataError(f"{f}: missing test file of dataset {n}")
             self.test[self.task_of[n]] = load_test(f, self.task_of[n], self.image_root)
-        self._cache: dict[tuple[int, int], list[Sample]] = {}
+        # the samples of the last clients read (a round's: tokens, then training), not of every
+        # client ever read: memory stays flat with 10,000 clients (``CLIENT_CACHE`` entries)
+        self._read = lru_cache(maxsize=CLIENT_CACHE)(self._read_client)
 
     def _check_beta(self) -> None:
         part = partition_dir(self.root, self.setting, self.beta)
@@ -249,8 +256,9 @@ class LayoutData:
             f"β folders there: {', '.join(have) or 'none'}"
         )
 
-    def _unit_files(self, unit: int, whole: bool) -> list[list[Path]]:
-        """Client c → the files it reads (one, or the whole unit)."""
+    def _unit_files(self, unit: int, whole: bool) -> list[Path] | None:
+        """Check the unit's client files are there; returns the whole unit's files when one
+        client reads them all, else None (client c reads ``client_<c>.json``)."""
         d = unit_dir(self.root, self.setting, self.beta, unit)
         if not d.is_dir():
             raise DataError(
@@ -261,31 +269,40 @@ class LayoutData:
         if whole:
             if not ids:
                 raise DataError(f"{d}: no client files (client_<id>.json)")
-            return [[d / f"client_{i}.json" for i in ids]]
-        have = set(ids)
-        for c in range(self.num_clients):
-            if c not in have:
-                raise DataError(
-                    f"{d / f'client_{c}.json'}: missing client file (federation.num_clients = "
-                    f"{self.num_clients}; the folder has {len(ids)} client files)"
-                )
-        return [[d / f"client_{c}.json"] for c in range(self.num_clients)]
+            return [d / f"client_{i}.json" for i in ids]
+        missing = np.setdiff1d(np.arange(self.num_clients), ids)
+        if missing.size:
+            raise DataError(
+                f"{d / f'client_{missing[0]}.json'}: missing client file (federation.num_clients "
+                f"= {self.num_clients}; the folder has {len(ids)} client files)"
+            )
+        return None
+
+    def client_files(self, unit: int, client: int) -> list[Path]:
+        """The files client ``client`` reads in data unit ``unit``."""
+        whole = self._whole[unit]
+        if whole is not None:
+            return whole
+        return [unit_dir(self.root, self.setting, self.beta, unit) / f"client_{client}.json"]
 
     def check_client_files(self) -> None:
         """Parse every client file of every stage (records, conversations; images are checked
         when a client reads them): a broken file of a late stage is found before the first
         round, not hours later. DataError naming the file and the record."""
-        for unit, clients in enumerate(self._files):
-            for files in clients:
-                for f in files:
+        for unit, whole in enumerate(self._whole):
+            clients = [0] if whole is not None else range(self.num_clients)
+            for c in clients:
+                for f in self.client_files(unit, c):
                     load_conversations(f, unit, self.image_root, check_images=False)
 
     def client_samples(self, unit: int, client: int) -> list[Sample]:
-        key = (unit, client)
-        if key not in self._cache:
-            self._cache[key] = [
-                s
-                for f in self._files[unit][client]
-                for s in load_conversations(f, unit, self.image_root)
-            ]
-        return self._cache[key]
+        """The samples of ``client`` in data unit ``unit`` (read on first use; the last
+        ``CLIENT_CACHE`` clients kept). A fresh list: callers may change it."""
+        return list(self._read(unit, client))
+
+    def _read_client(self, unit: int, client: int) -> tuple[Sample, ...]:
+        return tuple(
+            s
+            for f in self.client_files(unit, client)
+            for s in load_conversations(f, unit, self.image_root)
+        )

@@ -31,11 +31,27 @@ def dirichlet_sizes(n: int, num_clients: int, beta: float, min_size: int, seed) 
     return sizes + min_size
 
 
+class DirichletShards:
+    """The Dirichlet partition of ``n`` items over ``num_clients`` clients, held as the client
+    sizes and one permutation (int64 [num_clients] + [n]), not as a list of shards: a client's
+    shard is cut on request (:meth:`shard`), so 10,000 clients cost two arrays, not 10,000."""
+
+    def __init__(self, n: int, num_clients: int, beta: float, min_size: int, seed):
+        self.sizes = dirichlet_sizes(n, num_clients, beta, min_size, seed)
+        self.perm = np.random.default_rng([*np.atleast_1d(seed), SALT_PARTITION]).permutation(n)
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def shard(self, client: int) -> np.ndarray:
+        """Sorted sample indices of ``client`` (int64 [sizes[client]])."""
+        return np.sort(self.perm[self.bounds[client] : self.bounds[client + 1]])
+
+
 def dirichlet_partition(
     n: int, num_clients: int, beta: float, min_size: int, seed
 ) -> list[np.ndarray]:
     """Shuffled sample indices of ``n`` items split into ``num_clients`` shards (sizes above)."""
-    sizes = dirichlet_sizes(n, num_clients, beta, min_size, seed)
-    perm = np.random.default_rng([*np.atleast_1d(seed), SALT_PARTITION]).permutation(n)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.sort(perm[bounds[c] : bounds[c + 1]]) for c in range(num_clients)]
+    part = DirichletShards(n, num_clients, beta, min_size, seed)
+    return [part.shard(c) for c in range(num_clients)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fcit_hpc.benchmark.layout import LayoutData, partition_record, prepare, prepared_as
-from fcit_hpc.benchmark.partition import dirichlet_partition
+from fcit_hpc.benchmark.partition import DirichletShards
 from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
 from fcit_hpc.benchmark.schedule import Schedule
 from fcit_hpc.benchmark.synthetic import TASK_NAMES, make_split
@@ -102,13 +102,13 @@ class FederatedData:
             t: make_split(t, b.test_per_task, cfg.seed, "test") for t in range(b.num_tasks)
         }
         self.units: list[list[Sample]] = []
-        self.shards: list[list[np.ndarray]] = []
+        self.shards: list[DirichletShards] = []  # per unit: sizes + permutation, cut per client
         for u, tasks in enumerate(self.schedule.stages):
             data = [s for t in tasks for s in make_split(t, b.train_per_task, cfg.seed, "train")]
             perm = np.random.default_rng([cfg.seed, u, SALT_UNIT_SHUFFLE]).permutation(len(data))
             self.units.append([data[i] for i in perm])
             self.shards.append(
-                dirichlet_partition(
+                DirichletShards(
                     len(data),
                     cfg.federation.num_clients,
                     b.dirichlet_beta,
@@ -128,4 +128,4 @@ class FederatedData:
     def client_samples(self, unit: int, client: int) -> list[Sample]:
         if self._layout is not None:
             return self._layout.client_samples(unit, client)
-        return [self.units[unit][i] for i in self.shards[unit][client]]
+        return [self.units[unit][i] for i in self.shards[unit].shard(client)]

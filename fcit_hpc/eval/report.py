@@ -51,6 +51,20 @@ def accuracy_table(st: RunState) -> str:
     return "\n".join(lines)
 
 
+def clients_line(st: RunState) -> str:
+    """How many clients trained: distinct clients with an accepted update, of the federation's
+    ``num_clients``, and the client updates accepted / rejected over the run."""
+    from fcit_hpc.state.schema import ClientStatus
+
+    total = yaml.safe_load(st.config_yaml)["federation"]["num_clients"]
+    c = st.clients
+    ok = c["status"] == ClientStatus.ACCEPTED
+    return (
+        f"- clients trained: {len(np.unique(c['client'][ok])):,} of {total:,} "
+        f"({int(ok.sum()):,} client updates accepted, {int((~ok).sum()):,} rejected)"
+    )
+
+
 def write_report(run_dir: str | Path, st: RunState | None = None) -> Path:
     run_dir = Path(run_dir)
     st = st or read_state(run_dir)
@@ -80,6 +94,7 @@ def write_report(run_dir: str | Path, st: RunState | None = None) -> Path:
         "",
         "## Communication and time",
         "",
+        clients_line(st),
         f"- bytes sent by clients: {sent:,}; received by clients: {recv:,}",
         f"- wall time of the rounds (rank 0): {secs:.1f} s",
         "",

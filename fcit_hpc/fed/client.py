@@ -21,11 +21,16 @@ from fcit_hpc.train.base import LocalOpt, Side
 __all__ = ["client_seed", "compute_tokens", "stage_end_uploads", "train_clients"]
 
 
+# identity tokens a rank keeps (least recently used dropped first): 4,096 x D float32, 6 MiB at
+# D = 384; a client selected again after that is encoded again (same samples, same token)
+IDENTITY_CACHE = 4096
+
+
 def identity_token(ctx, unit: int, client: int) -> tuple[np.ndarray, int]:
-    """(μ_k float32 [D], sample count) of ``client``'s samples in data unit ``unit``, encoded
-    once per run and kept in ``ctx.identity_cache``: the samples and the identity encoder (frozen
-    whatever the training does) are the same every round, so a client selected again is not
-    read and encoded again. μ is a copy (callers may change it)."""
+    """(μ_k float32 [D], sample count) of ``client``'s samples in data unit ``unit``, kept in
+    ``ctx.identity_cache`` (an OrderedDict, the last ``IDENTITY_CACHE`` clients): the samples
+    and the identity encoder (frozen whatever the training does) are the same every round, so a
+    client selected again is not read and encoded again. μ is a copy (callers may change it)."""
     cache = getattr(ctx, "identity_cache", None)
     key = (unit, client)
     if cache is None or key not in cache:
@@ -34,6 +39,9 @@ def identity_token(ctx, unit: int, client: int) -> tuple[np.ndarray, int]:
         if cache is None:
             return got
         cache[key] = got
+        while len(cache) > IDENTITY_CACHE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
     mu, n = cache[key]
     return mu.copy(), n
 

@@ -4,6 +4,7 @@ federated strategy, the local trainer and the identity encoder."""
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -43,8 +44,9 @@ class RunContext:
     # the evaluation's greedy decoder (static KV cache, CUDA graph), made at the first
     # evaluation and kept for the run (fcit_hpc.eval.generate.run_decoder)
     decoder: object = None
-    # identity tokens by (data unit, client), encoded once per run (fed.client.identity_token)
-    identity_cache: dict = field(default_factory=dict)
+    # identity tokens by (data unit, client), encoded once (fed.client.identity_token); the
+    # last IDENTITY_CACHE clients' only, so a rank's memory stays flat with 10,000 clients
+    identity_cache: OrderedDict = field(default_factory=OrderedDict)
 
 
 def make_trainer(cfg: Config, runtime: Runtime):

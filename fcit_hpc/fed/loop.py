@@ -147,7 +147,7 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         with phase("comm"):
             heads = comm.gatherv(head)
             bodies = comm.gatherv(body)
-        with phase("aggregate"):
+        with phase("dko"):
             decided = role.dko(heads, bodies)
         with phase("comm"):
             assign = comm.bcast_array(decided)

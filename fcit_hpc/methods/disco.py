@@ -29,13 +29,25 @@ __all__ = [
 ]
 
 
+def norms(X: np.ndarray) -> np.ndarray:
+    """|x| of every row of X [n, D] (float64 [n]); a row's value does not depend on the others."""
+    X = np.asarray(X, np.float64)
+    return np.sqrt(np.einsum("nd,nd->n", X, X))
+
+
+def cosines(A: np.ndarray, nA: np.ndarray, G: np.ndarray, nG: np.ndarray) -> np.ndarray:
+    """cos(a_n, G_k) [n, S] for tokens A [n, D] and global tokens G [S, D] (float64) with their
+    norms ``nA`` [n], ``nG`` [S]. Every entry is one product sum over D in order (``einsum``
+    without BLAS), so it is the same bits whichever other rows are in the call: DKO computes a
+    whole round at once, or a row against a few moved tokens, and gets what one pair would."""
+    return np.einsum("nd,kd->nk", A, G) / np.maximum(np.outer(nA, nG), 1e-12)
+
+
 def cosine(a: np.ndarray, G: np.ndarray) -> np.ndarray:
-    """cos(a, G_i) for every row of G (float64)."""
-    a = a.astype(np.float64)
-    G = G.astype(np.float64)
-    na = np.linalg.norm(a)
-    nG = np.linalg.norm(G, axis=1)
-    return (G @ a) / np.maximum(na * nG, 1e-12)
+    """cos(a, G_i) for every row of G (float64 [S])."""
+    a = np.asarray(a, np.float64)[None]
+    G = np.asarray(G, np.float64).reshape(-1, a.shape[1])
+    return cosines(a, norms(a), G, norms(G))[0]
 
 
 def dko_assign(
@@ -58,29 +70,26 @@ def dko_assign(
     subspace of two or more clients is never merged. ``min_cluster_frac`` = 0: no first pass.
 
     Returns the decisions (one per client, in the given order) and the new number of live subspaces.
+    When the first pass finds no such client (the usual round), its result is the real pass's
+    (same inputs, nothing demoted) and is kept: one pass, not two.
     """
-    small: set[int] = set()
-    if min_cluster_frac > 0:
-        small = small_singletons(G, counts, live, clients, tokens, samples, tau, min_cluster_frac)
+    if min_cluster_frac <= 0:
+        return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, set())
+    G1, counts1 = G.copy(), counts.copy()
+    first, live1 = _dko_pass(G1, counts1, live, clients, tokens, samples, tau, "nearest", set())
+    small = small_singletons(first, samples, min_cluster_frac)
+    if not small and (full_policy == "nearest" or all(d.action != FULL for d in first)):
+        G[:], counts[:] = G1, counts1
+        return first, live1
     return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small)
 
 
 def small_singletons(
-    G: np.ndarray,
-    counts: np.ndarray,
-    live: int,
-    clients: list[int],
-    tokens: list[np.ndarray],
-    samples: list[int],
-    tau: float,
-    min_cluster_frac: float,
+    decisions: list[DkoDecision], samples: list[int], min_cluster_frac: float
 ) -> set[int]:
-    """The clients that, in a plain DKO pass (on copies; a full S_max assigns the nearest), create
-    a new subspace that no other client of the round joins while holding under
+    """The clients that, in a plain DKO pass (``decisions``; a full S_max assigns the nearest),
+    create a new subspace that no other client of the round joins while holding under
     ``min_cluster_frac`` of the round's samples."""
-    decisions, _ = _dko_pass(
-        G.copy(), counts.copy(), live, clients, tokens, samples, tau, "nearest", set()
-    )
     members: dict[int, int] = {}
     for d in decisions:
         members[d.subspace] = members.get(d.subspace, 0) + 1
@@ -93,10 +102,29 @@ def small_singletons(
 
 
 def _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small: set[int]):
+    """One DKO pass in client-id order (updates ``G``, ``counts``). Vectorised over clients and
+    subspaces: the similarities of every client to the tokens as they are at the start are one
+    product (:func:`cosines`, [n, S_max]); the walk in client order, which the method defines
+    (a merge moves the token the next client is compared with), then recomputes only the
+    entries of the tokens moved or created since — one row against those few, not against all.
+    The values are those of comparing each client alone with the tokens of its moment."""
     s_max = G.shape[0]
-    decisions = []
-    for cid, mu, m in zip(clients, tokens, samples, strict=True):
-        sims = cosine(mu, G[:live]) if live else np.zeros(0)
+    decisions: list[DkoDecision] = []
+    if not clients:
+        return decisions, live
+    A = np.stack([np.asarray(t) for t in tokens]).astype(np.float64)  # [n, D]
+    nA = norms(A)  # [n]
+    G64 = G.astype(np.float64)  # [S_max, D], kept equal to G (float32 values) row by row
+    nG = norms(G64)  # [S_max]
+    first = cosines(A, nA, G64, nG)  # [n, S_max]: every client against the tokens at the start
+    moved = np.zeros(s_max, bool)  # tokens merged into (or created) since ``first``
+    redo = np.zeros(0, np.int64)  # their indices
+    for i, (cid, m) in enumerate(zip(clients, samples, strict=True)):
+        row = first[i]
+        if redo.size:
+            row = row.copy()
+            row[redo] = cosines(A[i : i + 1], nA[i : i + 1], G64[redo], nG[redo])[0]
+        sims = row[:live]
         best = int(np.argmax(sims)) if live else -1
         best_sim = float(sims[best]) if live else float("nan")
         if live and best_sim >= tau:
@@ -114,8 +142,13 @@ def _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small
                 f"and all {s_max} subspaces (lora.max_subspaces) are in use"
             )
         n = counts[k]
-        G[k] = ((G[k].astype(np.float64) * n + mu.astype(np.float64) * m) / (n + m)).astype(G.dtype)
+        G[k] = ((G64[k] * n + A[i] * m) / (n + m)).astype(G.dtype)
         counts[k] = n + m
+        G64[k] = G[k]
+        nG[k] = norms(G64[k : k + 1])[0]
+        if not moved[k]:
+            moved[k] = True
+            redo = np.flatnonzero(moved)
         decisions.append(DkoDecision(cid, k, best_sim, action))
     return decisions, live
 

@@ -31,7 +31,7 @@ from fcit_hpc.host import to_host
 from fcit_hpc.model.projector import get_projector
 from fcit_hpc.seeds import SALT_ROUND_RNG, derive_seed
 from fcit_hpc.state.schema import STATE_FILE, RunState, write_state
-from fcit_hpc.timers import phase, reduce_ranks, take
+from fcit_hpc.timers import combine, phase, reduce_ranks, take
 
 
 class Server(Role):
@@ -141,7 +141,7 @@ class Server(Role):
         own work since the gather (aggregation, state write, diagnostics) added to its row."""
         per_rank = list(gathered) if gathered is not None else []
         mine = take()
-        per_rank = [per_rank[0] + mine, *per_rank[1:]] if per_rank else [mine]
+        per_rank = [combine(per_rank[0], mine), *per_rank[1:]] if per_rank else [mine]
         return reduce_ranks(per_rank)
 
     def record_eval(self, stage, result: StageEval, phases=None):
