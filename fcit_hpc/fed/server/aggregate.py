@@ -15,6 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
+from fcit_hpc.errors import WireError
 from fcit_hpc.fed.strategies import Strategy, weighted_average
 from fcit_hpc.fed.wire import Update
 from fcit_hpc.methods.base import DkoDecision
@@ -75,6 +76,22 @@ def update_status(u: Update, numel: int) -> ClientStatus:
     return ClientStatus.ACCEPTED
 
 
+def check_subspace(u: Update, info: RoundInfo, subspaces_of, s_max: int) -> tuple[int, ...]:
+    """The subspaces an update carries: the one DKO assigned its client (when DKO ran), each one
+    of the ``s_max`` slots; WireError naming the client otherwise."""
+    d = info.decisions.get(u.client)
+    if d is not None and d.subspace != u.subspace:
+        raise WireError(
+            f"update of client {u.client}: subspace = {u.subspace}, DKO assigned {d.subspace}"
+        )
+    ks = subspaces_of(u.subspace) if 0 <= u.subspace < s_max else (u.subspace,)
+    if not all(0 <= k < s_max for k in ks):
+        raise WireError(
+            f"update of client {u.client}: subspace = {u.subspace} is not one of the {s_max} slots"
+        )
+    return ks
+
+
 def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, sent, status):
     """One CLIENT_DTYPE record. Bytes received = everything broadcast in the round; bytes sent =
     the client's uploads as they travelled (``fcit_hpc.fed.wire.wire_nbytes``)."""
@@ -94,14 +111,18 @@ def client_rows(
     numel: int,
     sides: dict[str, int] | None = None,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
+    s_max: int | None = None,
 ) -> tuple[np.ndarray, Accepted]:
     """(CLIENT_DTYPE rows sorted by client, the accepted updates split per subspace and side).
-    ``sides``: the size of each side vector, in upload order (module docstring)."""
+    ``sides``: the size of each side vector, in upload order (module docstring); ``s_max``: the
+    slots an update's subspace must be one of (None: not checked)."""
     sides = sides or {}
     acc = Accepted()
     rows = []
     for u in updates:
-        ks = subspaces_of(u.subspace)
+        if u.client not in info.placement:
+            raise WireError(f"update of client {u.client}: not a client of this round's plan")
+        ks = check_subspace(u, info, subspaces_of, s_max) if s_max else subspaces_of(u.subspace)
         status = update_status(u, len(ks) * numel + sum(sides.values()))
         if status == ClientStatus.ACCEPTED:
             for j, k in enumerate(ks):
@@ -146,7 +167,7 @@ def aggregate_round(
     ``st``."""
     numel = st.adapter.shape[1]
     sizes = {name: v.size for name, v in st.sides().items()}
-    rows, acc = client_rows(info, updates, numel, sizes, subspaces_of)
+    rows, acc = client_rows(info, updates, numel, sizes, subspaces_of, st.adapter.shape[0])
     for k in sorted(acc.subspaces):
         got = acc.subspaces[k]
         mean_delta = weighted_average([v for v, _ in got], [n for _, n in got])

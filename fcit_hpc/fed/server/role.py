@@ -42,6 +42,7 @@ class Server(Role):
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.dko_result = DkoResult()
         self.bar = None
+        self.planned: set[int] = set()  # the client ids of the last plan
         data, method = ctx.data, ctx.method
         dim = ctx.encoder.dim if ctx.encoder is not None else 1
         shape = (data.num_stages, data.num_tasks)
@@ -86,13 +87,17 @@ class Server(Role):
         self.bar = tqdm(total=total, initial=done, desc="fcit", unit="round", dynamic_ncols=True)
 
     def plan(self, stage, round_):
-        return plan_round(self.ctx.cfg, self.ctx.data.schedule, stage, round_, self.ctx.comm.size)
+        plan = plan_round(self.ctx.cfg, self.ctx.data.schedule, stage, round_, self.ctx.comm.size)
+        self.planned = {int(c) for c in plan[:, 0]}  # who may send in this phase
+        return plan
 
     def state(self):
         return self.st
 
     def dko(self, heads, values):
-        self.dko_result = run_dko(self.st, self.ctx.method, unpack_tokens(heads, values))
+        self.dko_result = run_dko(
+            self.st, self.ctx.method, unpack_tokens(heads, values, self.planned)
+        )
         return self.dko_result.assignment()
 
     def use_subspace(self, k):
@@ -105,7 +110,7 @@ class Server(Role):
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
         with phase("aggregate"):
-            updates = unpack_updates(heads, values)
+            updates = unpack_updates(heads, values, {int(c) for c in plan[:, 0]})
             agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
             self.dko_result = DkoResult()
             st.append_metrics(agg.round_row, agg.client_rows)
@@ -130,7 +135,8 @@ class Server(Role):
         return np.array([0 if done else 1], np.int64)
 
     def merge_stage_end(self, stage, heads, values):
-        merge_stage_end(self.st, self.ctx.method, unpack_tokens(heads, values), stage)
+        uploads = unpack_tokens(heads, values, self.planned)
+        merge_stage_end(self.st, self.ctx.method, uploads, stage)
 
     def needs_eval(self, stage):
         return np.array([1 if np.isnan(self.st.accuracy[stage]).all() else 0], np.int64)
