@@ -18,7 +18,7 @@ def test_reader_loads_or_raises_a_named_error(target):
     assert counts["inputs"] >= EXAMPLES
     kinds = set(counts) - {"inputs", "loaded"}
     assert counts["loaded"] + sum(counts[k] for k in kinds) == counts["inputs"]
-    assert kinds <= {"ConfigError", "DataError", "StateError"}
+    assert kinds <= {"ConfigError", "DataError", "StateError", "WireError"}
 
 
 def test_the_property_catches_a_reader_that_misbehaves(tmp_path: Path):

@@ -51,7 +51,7 @@ def _count(row: np.ndarray, fields: tuple[str, ...], name: str, where: str, low:
     """Field ``name`` of a header row as an integer >= ``low``; WireError when it is not one."""
     v = row[fields.index(name)]
     if not (np.isfinite(v) and v == np.floor(v) and low <= v < 2**53):
-        raise WireError(f"{where}: {name} = {v!r} is not an integer >= {low}")
+        raise WireError(f"{where}: {name} = {v.item()!r} is not an integer >= {low}")
     return int(v)
 
 

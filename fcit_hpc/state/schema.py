@@ -105,6 +105,7 @@ class ClientStatus(IntEnum):
     NON_FINITE = 1  # update rejected: contains NaN/Inf
     WRONG_SHAPE = 2  # update rejected: not the subspace's size
     BAD_TOKEN = 3  # identity token rejected, the client trained nothing
+    OUT_OF_RANGE = 4  # update rejected: a value beyond MAX_ABS_UPDATE
 
 
 STATUS = {
@@ -112,6 +113,7 @@ STATUS = {
     ClientStatus.NON_FINITE: "rejected: non-finite update",
     ClientStatus.WRONG_SHAPE: "rejected: wrong shape",
     ClientStatus.BAD_TOKEN: "rejected: bad identity token",
+    ClientStatus.OUT_OF_RANGE: "rejected: values out of range",
 }
 # Fields that measure time or placement, not the federated computation (metrics.jsonl's
 # ``phases``, the phase timers, too: fcit_hpc.timers).

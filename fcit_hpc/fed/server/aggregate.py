@@ -63,6 +63,12 @@ class Aggregation:
     client_rows: np.ndarray
 
 
+# An update value beyond 2^50 is rejected: its square, FedOpt's second moment accumulated over the
+# rounds, would leave float32 (3.4e38) within a few rounds and freeze the subspace's server
+# optimizer at inf without a word. A LoRA delta is many orders of magnitude smaller.
+MAX_ABS_UPDATE = 2.0**50
+
+
 def update_status(u: Update, numel: int) -> ClientStatus:
     """Accepted, or why the update is rejected (logged)."""
     if u.delta.size != numel:
@@ -73,6 +79,9 @@ def update_status(u: Update, numel: int) -> ClientStatus:
     if not np.isfinite(u.delta).all():
         log.warning("client %d: update rejected, contains NaN/Inf", u.client)
         return ClientStatus.NON_FINITE
+    if u.delta.size and np.abs(u.delta).max() > MAX_ABS_UPDATE:
+        log.warning("client %d: update rejected, a value beyond %g", u.client, MAX_ABS_UPDATE)
+        return ClientStatus.OUT_OF_RANGE
     return ClientStatus.ACCEPTED
 
 
