@@ -94,6 +94,16 @@ def _saved_config(saved: Path) -> Config:
         raise ConfigError(f"{saved}: {e}") from None
 
 
+def stored_config(st: RunState, state_file: Path) -> Config:
+    """The config a state file holds; StateError naming the file when it is invalid."""
+    from fcit_hpc.config import config_from_yaml_text
+
+    try:
+        return config_from_yaml_text(st.config_yaml)
+    except ConfigError as e:
+        raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+
+
 def _reason(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -102,13 +112,10 @@ def _resume_config(st: RunState, saved: Path, accept: bool) -> tuple[Config, boo
     """The config a resume continues with (stored in ``st``) and whether config.yaml is to be
     rewritten from it (missing). A config.yaml that is empty, unparsable or differs from the
     stored config is refused with a diff; ``accept`` (``--accept-config``) takes its settings."""
-    from fcit_hpc.config import config_from_yaml_text, to_yaml
+    from fcit_hpc.config import to_yaml
 
     state_file = saved.parent / "state.h5"
-    try:
-        stored = config_from_yaml_text(st.config_yaml)
-    except ConfigError as e:
-        raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+    stored = stored_config(st, state_file)
     if not saved.exists():
         return stored, True
     if not saved.is_file():
@@ -152,7 +159,6 @@ def _stored_run(run_dir: Path, cfg: Config | None, accept: bool = False) -> RunS
     config given on the command line, which the stored one must equal (``--continue``); None:
     ``--resume``, which checks config.yaml against the stored config (``accept``:
     ``--accept-config``)."""
-    from fcit_hpc.config import config_from_yaml_text
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
     state_file, saved = run_dir / STATE_FILE, run_dir / "config.yaml"
@@ -161,10 +167,7 @@ def _stored_run(run_dir: Path, cfg: Config | None, accept: bool = False) -> RunS
         if cfg is None:
             stored, rewrite = _resume_config(st, saved, accept)
             return RunStart(stored, run_dir, st, write_config=rewrite)
-        try:
-            stored = config_from_yaml_text(st.config_yaml)
-        except ConfigError as e:
-            raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+        stored = stored_config(st, state_file)
         if diff := _config_difference(st.config_yaml, cfg):
             raise ConfigError(
                 f"{state_file}: holds a run of another config ({diff}); use another --out"
@@ -413,13 +416,12 @@ def cmd_export(args) -> int:
 
     import numpy as np
 
-    from fcit_hpc.config import config_from_yaml_text
     from fcit_hpc.errors import StorageError
     from fcit_hpc.methods import make_method
-    from fcit_hpc.state.schema import read_state
+    from fcit_hpc.state.schema import STATE_FILE, read_state
 
     st = read_state(args.run_dir)
-    cfg = config_from_yaml_text(st.config_yaml)
+    cfg = stored_config(st, Path(args.run_dir) / STATE_FILE)
     alpha = None
     if args.alpha:
         try:
@@ -449,8 +451,13 @@ def cmd_export(args) -> int:
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # an --alpha the run's adapters cannot take, or a state that misfits
+        if str(e).startswith("--alpha"):
+            raise ConfigError(str(e)) from None
+        state_file = Path(args.run_dir) / STATE_FILE
+        raise StateError(
+            f"{state_file}: does not fit the model of its stored config ({_reason(e)})"
+        ) from None
     except OSError as e:
         raise StorageError(f"{out}: cannot write the export ({_reason(e)})") from None
     finally:

@@ -15,9 +15,11 @@ no other exception, no hang (an alarm per input), no file of the input changed b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -634,6 +636,7 @@ class Target:
     read: Callable[[Path, object], object]
     names: Callable[[str, Path], bool] = _names_path  # does an error's message name the input?
     weight: float = 1.0  # its share of the inputs, relative to the others
+    setup: Callable[[], object] | None = None  # one-off work before the first input (untimed)
 
 
 def _lay_nothing(d: Path, x) -> None:
@@ -749,9 +752,20 @@ def _export(d: Path, x):
 
     out = d.with_name(f"{d.name}-export")
     try:
-        return cmd_export(Namespace(run_dir=str(d), out=str(out), alpha=x[2]))
+        with contextlib.redirect_stdout(io.StringIO()):  # the folders it wrote
+            return cmd_export(Namespace(run_dir=str(d), out=str(out), alpha=x[2]))
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _checkpoint_setup() -> None:
+    """The smoke state, and the imports of the first export (peft, transformers' writers)."""
+    import peft  # noqa: F401
+
+    import fcit_hpc.cli  # noqa: F401
+    import fcit_hpc.model.export  # noqa: F401
+
+    _smoke_checkpoint()
 
 
 def _names_path_or_option(msg: str, root: Path) -> bool:
@@ -806,6 +820,7 @@ TARGETS = [
         _export,
         names=_names_path_or_option,
         weight=0.5,
+        setup=_checkpoint_setup,
     ),
     Target(
         "messages on the wire",
@@ -861,6 +876,8 @@ def run_target(
     (hypothesis's shrunk counterexample) when the property fails."""
     counts: Counter = Counter()
     logging.getLogger("fcit").setLevel(logging.ERROR)  # rejected updates are logged as warnings
+    if target.setup is not None:
+        target.setup()
     with tempfile.TemporaryDirectory(prefix="fcit-fuzz-") as tmp:
         base = Path(tmp)
 
