@@ -1,6 +1,6 @@
 """The short profile of the reader fuzzing (tests/fuzz.py; the full run is
-`python -m tests.fuzz --examples 10000`): 30 generated inputs per reader (times its weight: 15 exports, 60 messages), a fixed seed, a
-deadline per input."""
+`python -m tests.fuzz --examples 10000`): 30 generated inputs per reader times its weight (15
+exports, 60 messages), a fixed seed, a deadline per input."""
 
 from collections import Counter
 from pathlib import Path
