@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fcit_hpc.errors import ConfigError, FcitError, Preempted, StateError
+from fcit_hpc.errors import ConfigError, FcitError, Preempted, StateError, one_line
 
 if TYPE_CHECKING:
     from fcit_hpc.config import Config
@@ -72,20 +72,27 @@ def _config_diff(stored: str, given: str) -> str:
 MAX_DIFF_LINES = 2000
 
 
+def _read_config_text(saved: Path, when_empty: str) -> str:
+    """RUN_DIR/config.yaml's text; ConfigError naming it when it cannot be read or is empty
+    (what a full disk leaves), the latter with ``when_empty``: what to do about it."""
+    try:
+        text = saved.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config ({one_line(e)})") from None
+    if not text.strip():
+        raise ConfigError(f"{saved}: empty (a write cut short, e.g. by a full disk); {when_empty}")
+    return text
+
+
 def _saved_config(saved: Path) -> Config:
     """RUN_DIR/config.yaml, refused when empty (what a full disk leaves) or unreadable."""
     from fcit_hpc.config import load_config
 
-    try:
-        text = saved.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{saved}: cannot read the run's config ({_reason(e)})") from None
-    if not text.strip():
-        raise ConfigError(
-            f"{saved}: empty (a write cut short, e.g. by a full disk); not resuming with the "
-            f"default config: remove it and start afresh with `fcit run CONFIG --out "
-            f"{saved.parent}`"
-        )
+    _read_config_text(
+        saved,
+        "not resuming with the default config: remove it and start afresh with "
+        f"`fcit run CONFIG --out {saved.parent}`",
+    )
     try:
         return load_config(saved)
     except ConfigError as e:  # a field's error: say which file it is in
@@ -104,10 +111,6 @@ def stored_config(st: RunState, state_file: Path) -> Config:
         raise StateError(f"{state_file}: stored config is invalid: {e}") from None
 
 
-def _reason(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _resume_config(st: RunState, saved: Path, accept: bool) -> tuple[Config, bool]:
     """The config a resume continues with (stored in ``st``) and whether config.yaml is to be
     rewritten from it (missing). A config.yaml that is empty, unparsable or differs from the
@@ -120,15 +123,11 @@ def _resume_config(st: RunState, saved: Path, accept: bool) -> tuple[Config, boo
         return stored, True
     if not saved.is_file():
         raise ConfigError(f"{saved}: not a file")
-    try:
-        text = saved.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{saved}: cannot read the run's config ({_reason(e)})") from None
-    if not text.strip():
-        raise ConfigError(
-            f"{saved}: empty (a write cut short, e.g. by a full disk), while {state_file} holds "
-            f"the run's config: remove {saved} to resume with the stored one (it is rewritten)"
-        )
+    _read_config_text(
+        saved,
+        f"while {state_file} holds the run's config: remove {saved} to resume with the stored "
+        "one (it is rewritten)",
+    )
     try:
         given = _saved_config(saved)
     except ConfigError as e:
@@ -364,7 +363,7 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{final}: cannot write the run's config ({_reason(e)})") from None
+        raise StorageError(f"{final}: cannot write the run's config ({one_line(e)})") from None
 
 
 def _remove_setup_files(run_dir: Path, created: bool) -> None:
@@ -441,7 +440,7 @@ def cmd_export(args) -> int:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        raise StorageError(f"{out}: cannot create the export folder ({_reason(e)})") from None
+        raise StorageError(f"{out}: cannot create the export folder ({one_line(e)})") from None
     try:
         dirs = make_method(cfg).export(cfg, st, tmp, alpha)
         if out.exists():
@@ -456,10 +455,10 @@ def cmd_export(args) -> int:
             raise ConfigError(str(e)) from None
         state_file = Path(args.run_dir) / STATE_FILE
         raise StateError(
-            f"{state_file}: does not fit the model of its stored config ({_reason(e)})"
+            f"{state_file}: does not fit the model of its stored config ({one_line(e)})"
         ) from None
     except OSError as e:
-        raise StorageError(f"{out}: cannot write the export ({_reason(e)})") from None
+        raise StorageError(f"{out}: cannot write the export ({one_line(e)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for d in dirs:

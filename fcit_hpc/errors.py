@@ -10,6 +10,12 @@ EXIT_PREEMPTED = 75
 EXIT_PROTOCOL = 76
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none): what a one-line
+    error message quotes of the error underneath."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class FcitError(Exception):
     """Bad user input (config, data file, state file). The CLI prints it on one line, exits 2."""
 

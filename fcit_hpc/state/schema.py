@@ -56,7 +56,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fcit_hpc.errors import StateError, StorageError
+from fcit_hpc.errors import StateError, StorageError, one_line
 
 SCHEMA_VERSION = 2  # 2: /method/<name>, and a sha256 checksum attribute on every dataset
 READABLE_VERSIONS = (1, 2)  # 1: no checksums, EWC in /ewc: migrated on read (module doc)
@@ -192,8 +192,7 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise StorageError(
-            f"{final}: cannot write the state file ({_one_line(e)}); the previous state is "
-            "unchanged"
+            f"{final}: cannot write the state file ({one_line(e)}); the previous state is unchanged"
         ) from None
     except BaseException:
         with contextlib.suppress(OSError):
@@ -203,13 +202,9 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         _fsync_dir(run_dir)
     except OSError as e:
         raise StorageError(
-            f"{final}: written, but its directory could not be synced ({_one_line(e)})"
+            f"{final}: written, but its directory could not be synced ({one_line(e)})"
         ) from None
     return final
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _write_h5(path: Path, st: RunState) -> None:
