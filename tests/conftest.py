@@ -58,6 +58,20 @@ def serial_run(tmp_path_factory):
     return smoke_serial(tmp_path_factory.mktemp("serial") / "run")
 
 
+@pytest.fixture(autouse=True)
+def _gpu_tests_need_cuda(request):
+    """A test marked ``gpu`` fails (it does not skip) without a CUDA device or under the Triton
+    interpreter: deselected in CPU runs (pytest.ini), run by `make test-gpu`."""
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with `make test-gpu` on a GPU)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("unset TRITON_INTERPRET for the gpu tests (it is set by conftest by default)")
+
+
 @pytest.fixture
 def smoke_config() -> Path:
     return ROOT / "configs" / "smoke.yaml"
