@@ -9,11 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from fcit_hpc.config import load_config
+from fcit_hpc.config import config_from_yaml_text, load_config
 from fcit_hpc.errors import ConfigError, StateError
-from fcit_hpc.fed.server import diagnostics as dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
-from fcit_hpc.fed.server.run_state import check_dko, init_dko
+from fcit_hpc.methods import dko_diagnostics as dko
 from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, SMALL, DkoDecision
 from fcit_hpc.methods.disco import Disco, cosine, dko_assign
 from fcit_hpc.state.schema import (
@@ -238,7 +237,7 @@ def _state():
     rows = np.zeros(3, CLIENT_DTYPE)
     rows["unit"], rows["subspace"], rows["samples"] = [0, 1, 1], [0, 1, 0], [7, 5, 2**40]
     st.append_metrics(np.zeros(1, ROUND_DTYPE), rows)
-    init_dko(st, "f", [[0], [1]], 2)
+    dko.init(st, "f", [[0], [1]], 2)
     st.dko_gate_mass[0] = [0.25, np.nan]
     return st
 
@@ -252,7 +251,7 @@ def test_state_roundtrip_of_the_counts(tmp_path):
     assert back.dko_samples.tobytes() == st.dko_samples.tobytes()
     assert back.dko_task_unit.tolist() == [0, 1]
     assert back.dko_gate_mass.tobytes() == st.dko_gate_mass.tobytes()
-    check_dko(back, "f", [[0], [1]], 2)
+    dko.check(back, "f", [[0], [1]], 2)
     (tmp_path / "b").mkdir()
     write_state(tmp_path / "b", back)  # and once more: bitwise the same file content
     assert same_content(comparable_content(tmp_path), comparable_content(tmp_path / "b")) == []
@@ -265,7 +264,7 @@ def test_old_state_without_dko_loads_and_counts_come_from_the_client_records(tmp
         del f["dko"]  # a file written before the DKO diagnostics (or of another method)
     old = read_state(tmp_path)
     assert old.dko_samples.size == 0 and old.dko_gate_mass.size == 0
-    init_dko(old, "f", [[0], [1]], 2)
+    dko.init(old, "f", [[0], [1]], 2)
     assert old.dko_samples.tobytes() == st.dko_samples.tobytes()
     assert np.isnan(old.dko_gate_mass).all()
 
@@ -299,14 +298,14 @@ def test_check_dko_refuses_counts_that_disagree_with_the_clients():
     st = _state()
     st.dko_samples[0, 0] += 1
     with pytest.raises(StateError, match="does not agree with /metrics/clients"):
-        check_dko(st, "state.h5", [[0], [1]], 2)
+        dko.check(st, "state.h5", [[0], [1]], 2)
     with pytest.raises(StateError, match="does not fit"):
-        check_dko(_state(), "state.h5", [[0], [1], [0]], 2)
+        dko.check(_state(), "state.h5", [[0], [1], [0]], 2)
     old = _state()
     old.dko_samples = np.zeros((0, 0), np.int64)
     old.clients["unit"][0] = 5  # a foreign file: a unit the benchmark does not have
     with pytest.raises(StateError, match="state.h5: /metrics/clients holds data units"):
-        init_dko(old, "state.h5", [[0], [1]], 2)
+        dko.init(old, "state.h5", [[0], [1]], 2)
 
 
 # -------------------------------------------------------------------------- end to end
@@ -355,7 +354,8 @@ def test_smoke_run_holds_the_diagnostics(cmp_run):
     assert "## DKO diagnostics" in rep and "| S1 |" in rep and "Gate mass on the right" in rep
     # the log regenerated from the state (what a resume does) has the same dko lines
     before = (run / "metrics.jsonl").read_text()
-    MetricsLog(run / "rewritten.jsonl").rewrite(st, st.task_names)
+    method = Disco(config_from_yaml_text(st.config_yaml))
+    MetricsLog(run / "rewritten.jsonl").rewrite(st, st.task_names, method)
     again = [json.loads(x) for x in (run / "rewritten.jsonl").read_text().splitlines()]
     assert [r for r in again if r["kind"] == "dko"] == recs
     assert (run / "metrics.jsonl").read_text() == before

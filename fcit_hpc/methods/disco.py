@@ -158,6 +158,44 @@ class Disco(Method):
         )
         return decisions
 
+    # --- the DKO diagnostics (fcit_hpc.methods.dko_diagnostics) ---
+    def prepare_state(self, st, where, stages, num_tasks):
+        from fcit_hpc.methods import dko_diagnostics as dko
+
+        dko.init(st, where, stages, num_tasks)
+        dko.check(st, where, stages, num_tasks)
+
+    def after_round(self, st, client_rows):
+        from fcit_hpc.methods.dko_diagnostics import add_samples
+
+        if st.dko_samples.size:
+            add_samples(st.dko_samples, client_rows)
+
+    def after_eval(self, st, stage, features):
+        from fcit_hpc.methods.dko_diagnostics import stage_gate_mass
+
+        if st.dko_samples.size and features is not None:
+            m = self.cfg.method
+            tokens = st.tokens[: st.num_subspaces]
+            st.dko_gate_mass[stage] = stage_gate_mass(
+                features(), tokens, st.dko_samples, st.dko_task_unit, m.epsilon, m.ssa
+            )
+
+    def eval_records(self, st, stage, task_names):
+        from fcit_hpc.methods.dko_diagnostics import stage_record
+
+        return [stage_record(st, stage, task_names)] if st.dko_samples.size else []
+
+    def summary(self, st):
+        from fcit_hpc.methods.dko_diagnostics import summary
+
+        return summary(st) if st.dko_samples.size else {}
+
+    def report_lines(self, st, fmt):
+        from fcit_hpc.methods.dko_diagnostics import report_lines
+
+        return report_lines(st, fmt)
+
     def set_inference(self, adapter, state, features):
         """SSA: α [B, S_live] from the batch's features [B, D], one gate row per sample."""
         import torch

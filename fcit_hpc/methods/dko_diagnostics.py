@@ -1,5 +1,6 @@
-"""DKO diagnostics (identity methods: DISCO and its SSA variants): which data each subspace
-received, how pure it is, and how much of the SSA gate lands on the right subspaces at test time.
+"""DKO diagnostics, DISCO's own (``Disco``'s diagnostics hooks call these): which data each
+subspace received, how pure it is, and how much of the SSA gate lands on the right subspaces at
+test time. Stored in ``state.h5`` under ``/dko`` (``RunState.dko_*``).
 
 Labels are data units: unit u is the data of stage u (``Schedule.stages[u]``), so in the task
 setting a unit is one task; in the capability setting a capability group. Every accepted update
@@ -21,6 +22,7 @@ import json
 
 import numpy as np
 
+from fcit_hpc.errors import StateError
 from fcit_hpc.state.schema import ClientStatus, RunState
 
 
@@ -179,3 +181,84 @@ def summary(st: RunState) -> dict[str, float]:
         counts = samples_from_clients(st.clients, *st.dko_samples.shape, stage=s)
         out["gate_mass"] = overall_gate_mass(st.dko_gate_mass[s], counts, st.dko_task_unit)
     return out
+
+
+def init(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
+    """The diagnostics when the state has none (a fresh state, or a file written before them:
+    the counts come from its client records, as they would have accumulated)."""
+    if st.dko_samples.size:
+        return
+    _check_client_records(st, where, len(stages))
+    st.dko_samples = samples_from_clients(st.clients, st.adapter.shape[0], len(stages))
+    st.dko_task_unit = task_units(stages, num_tasks)
+    st.dko_gate_mass = np.full(st.accuracy.shape, np.nan)
+
+
+def _check_client_records(st: RunState, where, units: int) -> None:
+    c = st.clients
+    if ((c["unit"] < 0) | (c["unit"] >= units) | (c["subspace"] >= st.adapter.shape[0])).any():
+        raise StateError(f"{where}: /metrics/clients holds data units or subspaces out of range")
+
+
+def check(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
+    """Stored diagnostics must fit the benchmark and agree with the client records."""
+    s_max, units = st.adapter.shape[0], len(stages)
+    if st.dko_samples.shape != (s_max, units):
+        raise StateError(
+            f"{where}: /dko/samples shape {st.dko_samples.shape} does not fit ({s_max}, {units}) "
+            "(subspaces x data units)"
+        )
+    if not np.array_equal(st.dko_task_unit, task_units(stages, num_tasks)):
+        raise StateError(f"{where}: /dko/task_unit does not fit the benchmark's stages")
+    if st.dko_gate_mass.shape != st.accuracy.shape:
+        raise StateError(
+            f"{where}: /dko/gate_mass shape {st.dko_gate_mass.shape}, /eval/accuracy "
+            f"{st.accuracy.shape}"
+        )
+    _check_client_records(st, where, units)
+    if not np.array_equal(st.dko_samples, samples_from_clients(st.clients, s_max, units)):
+        raise StateError(f"{where}: /dko/samples does not agree with /metrics/clients")
+
+
+def report_lines(st: RunState, fmt) -> list[str]:
+    """The report's section (``fmt``: the report's number format); none without diagnostics."""
+    if not st.dko_samples.size:
+        return []
+    names = st.task_names or [f"task{i}" for i in range(st.accuracy.shape[1])]
+    live, counts = st.num_subspaces, st.dko_samples
+    units = unit_names(st.dko_task_unit, names, counts.shape[1])
+    per, weighted, plain = purity(counts[:live])
+    major = majority(counts[:live])
+    lines = [
+        "## DKO diagnostics",
+        "",
+        f"Subspaces found: {live}. Purity (share of a subspace's accepted samples from its "
+        f"majority task): {fmt(weighted)} sample-weighted over subspaces, {fmt(plain)} plain "
+        "mean over subspaces.",
+        "",
+        "| subspace | samples | " + " | ".join(units) + " | majority | purity |",
+        "|---" * (len(units) + 4) + "|",
+    ]
+    for k in range(live):
+        lines.append(
+            f"| S{k} | {int(counts[k].sum())} | "
+            + " | ".join(str(int(x)) for x in counts[k])
+            + f" | {units[major[k]] if major[k] >= 0 else '–'} | {fmt(per[k])} |"
+        )
+    gate = st.dko_gate_mass
+    lines += [
+        "",
+        "Gate mass on the right subspaces after each stage's evaluation: per test sample, the "
+        "sum of its SSA α over the subspaces whose majority task is the sample's (0 when none), "
+        "averaged per task; mean over the tasks trained so far.",
+        "",
+        "| after stage | " + " | ".join(names) + " | mean (trained) |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for s_ in range(len(gate)):
+        if np.isnan(gate[s_]).all():
+            continue
+        c = samples_from_clients(st.clients, *counts.shape, stage=s_)
+        mean = overall_gate_mass(gate[s_], c, st.dko_task_unit)
+        lines.append(f"| {s_} | " + " | ".join(fmt(x) for x in gate[s_]) + f" | {fmt(mean)} |")
+    return lines + [""]
