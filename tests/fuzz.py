@@ -429,10 +429,13 @@ def _states():
             projector=np.ones(proj, np.float32),
         )
         st_.append_metrics(np.zeros(n_rounds, ROUND_DTYPE), np.zeros(2 * n_rounds, CLIENT_DTYPE))
-        if dko:  # an identity method's DKO diagnostics
-            st_.dko_samples = rng.integers(0, 9, (s, stages)).astype(np.int64)
-            st_.dko_task_unit = np.arange(tasks, dtype=np.int64) % stages
-            st_.dko_gate_mass = np.full((stages, tasks), np.nan)
+        if dko and not ewc:  # DISCO's DKO diagnostics, its own state
+            arrays = {
+                "samples": rng.integers(0, 9, (s, stages)).astype(np.int64),
+                "task_unit": np.arange(tasks, dtype=np.int64) % stages,
+                "gate_mass": np.full((stages, tasks), np.nan),
+            }
+            st_.method = MethodState("disco", arrays)
         return st_
 
     return st.builds(
@@ -472,10 +475,10 @@ STATE_PATHS = [
     "method",
     "method/ewc",
     "method/ewc/fisher",
-    "dko",
-    "dko/samples",
-    "dko/task_unit",
-    "dko/gate_mass",
+    "method/disco",
+    "method/disco/samples",
+    "method/disco/task_unit",
+    "method/disco/gate_mass",
 ]
 STATE_ATTRS = [
     ("/", "schema_version"),
@@ -701,6 +704,20 @@ def _stored_config(d: Path, text: bytes):
     return config_mod.config_from_yaml_text(text.decode("utf-8", "surrogateescape"))
 
 
+def _read_state(d: Path, x):
+    """``read_state``, then the run's method validates its own state (as the server does)."""
+    from fcit_hpc.cli import stored_config
+    from fcit_hpc.fed.server.run_state import init_method_state
+    from fcit_hpc.methods import make_method
+
+    state = read_state(d)
+    method = make_method(stored_config(state, d / STATE_FILE))
+    numel = state.adapter.shape[1]
+    init_method_state(state, method, numel)
+    method.validate_state(state.method, numel, d / STATE_FILE)
+    return state
+
+
 _CHECKPOINT: list[RunState] = []  # a smoke run's state as the server makes it, made once
 
 
@@ -801,12 +818,7 @@ TARGETS = [
         lambda d, x: load_test(d / "records.json", 0, d, check_images=x[1]),
     ),
     Target("release tree", _trees, _write_tree, _read_tree),
-    Target(
-        "state.h5",
-        lambda: st.tuples(_states(), _mutations()),
-        _lay_state,
-        lambda d, x: read_state(d),
-    ),
+    Target("state.h5", lambda: st.tuples(_states(), _mutations()), _lay_state, _read_state),
     Target(
         "run directory (--resume)",
         lambda: st.tuples(st.one_of(st.none(), _states()), _mutations(), _run_dir_configs()),

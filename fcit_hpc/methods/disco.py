@@ -158,7 +158,12 @@ class Disco(Method):
         )
         return decisions
 
-    # --- the DKO diagnostics (fcit_hpc.methods.dko_diagnostics) ---
+    # --- the DKO diagnostics, its own state (fcit_hpc.methods.dko_diagnostics) ---
+    def init_state(self, numel):
+        from fcit_hpc.methods.dko_diagnostics import fresh
+
+        return fresh(self.name)
+
     def prepare_state(self, st, where, stages, num_tasks):
         from fcit_hpc.methods import dko_diagnostics as dko
 
@@ -166,30 +171,27 @@ class Disco(Method):
         dko.check(st, where, stages, num_tasks)
 
     def after_round(self, st, client_rows):
-        from fcit_hpc.methods.dko_diagnostics import add_samples
+        from fcit_hpc.methods.dko_diagnostics import add_samples, stored
 
-        if st.dko_samples.size:
-            add_samples(st.dko_samples, client_rows)
+        add_samples(stored(st)[0], client_rows)
 
     def after_eval(self, st, stage, features):
-        from fcit_hpc.methods.dko_diagnostics import stage_gate_mass
+        from fcit_hpc.methods.dko_diagnostics import stage_gate_mass, stored
 
-        if st.dko_samples.size and features is not None:
-            m = self.cfg.method
+        if features is not None:
+            m, (samples, task_unit, gate) = self.cfg.method, stored(st)
             tokens = st.tokens[: st.num_subspaces]
-            st.dko_gate_mass[stage] = stage_gate_mass(
-                features(), tokens, st.dko_samples, st.dko_task_unit, m.epsilon, m.ssa
-            )
+            gate[stage] = stage_gate_mass(features(), tokens, samples, task_unit, m.epsilon, m.ssa)
 
     def eval_records(self, st, stage, task_names):
         from fcit_hpc.methods.dko_diagnostics import stage_record
 
-        return [stage_record(st, stage, task_names)] if st.dko_samples.size else []
+        return [stage_record(st, stage, task_names)]
 
     def summary(self, st):
         from fcit_hpc.methods.dko_diagnostics import summary
 
-        return summary(st) if st.dko_samples.size else {}
+        return summary(st)
 
     def report_lines(self, st, fmt):
         from fcit_hpc.methods.dko_diagnostics import report_lines

@@ -1,6 +1,6 @@
 """DKO diagnostics, DISCO's own (``Disco``'s diagnostics hooks call these): which data each
 subspace received, how pure it is, and how much of the SSA gate lands on the right subspaces at
-test time. Stored in ``state.h5`` under ``/dko`` (``RunState.dko_*``).
+test time. Stored as DISCO's own state (``/method/disco`` in ``state.h5``, :func:`fresh`).
 
 Labels are data units: unit u is the data of stage u (``Schedule.stages[u]``), so in the task
 setting a unit is one task; in the capability setting a capability group. Every accepted update
@@ -23,7 +23,25 @@ import json
 import numpy as np
 
 from fcit_hpc.errors import StateError
-from fcit_hpc.state.schema import ClientStatus, RunState
+from fcit_hpc.state.schema import ClientStatus, MethodState, RunState
+
+
+def fresh(name: str) -> MethodState:
+    """The diagnostics before :func:`init` sizes them: ``samples`` int64 [S_max, U] accepted
+    samples per subspace (the DKO decision) x data unit, ``task_unit`` int64 [tasks] each test
+    task's unit (-1: none), ``gate_mass`` float64 [stages, tasks] (NaN: not evaluated)."""
+    arrays = {
+        "samples": np.zeros((0, 0), np.int64),
+        "task_unit": np.zeros(0, np.int64),
+        "gate_mass": np.zeros((0, 0)),
+    }
+    return MethodState(name, arrays)
+
+
+def stored(st: RunState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(samples, task_unit, gate_mass) of the state (views: writes go to the state)."""
+    a = st.method.arrays
+    return a["samples"], a["task_unit"], a["gate_mass"]
 
 
 def add_samples(counts: np.ndarray, rows: np.ndarray) -> None:
@@ -159,39 +177,36 @@ def live_after(st: RunState, stage: int) -> int:
 
 def stage_record(st: RunState, stage: int, task_names: list[str]) -> str:
     """The dko line of an evaluated stage, from the stored state alone (also on resume)."""
-    counts = samples_from_clients(st.clients, *st.dko_samples.shape, stage=stage)
-    rec = dko_record(
-        stage,
-        counts,
-        live_after(st, stage),
-        st.dko_gate_mass[stage],
-        st.dko_task_unit,
-        list(task_names),
-    )
+    samples, task_unit, gate = stored(st)
+    counts = samples_from_clients(st.clients, *samples.shape, stage=stage)
+    rec = dko_record(stage, counts, live_after(st, stage), gate[stage], task_unit, list(task_names))
     return json.dumps(rec)
 
 
 def summary(st: RunState) -> dict[str, float]:
     """The run summary's DKO entries: ``purity`` (sample-weighted, final counts) and
     ``gate_mass`` (overall, at the last evaluated stage; absent without evaluation)."""
-    out = {"purity": purity(st.dko_samples[: st.num_subspaces])[1]}
-    done = [s for s in range(len(st.dko_gate_mass)) if not np.isnan(st.dko_gate_mass[s]).all()]
+    samples, task_unit, gate = stored(st)
+    out = {"purity": purity(samples[: st.num_subspaces])[1]}
+    done = [s for s in range(len(gate)) if not np.isnan(gate[s]).all()]
     if done:
         s = done[-1]
-        counts = samples_from_clients(st.clients, *st.dko_samples.shape, stage=s)
-        out["gate_mass"] = overall_gate_mass(st.dko_gate_mass[s], counts, st.dko_task_unit)
+        counts = samples_from_clients(st.clients, *samples.shape, stage=s)
+        out["gate_mass"] = overall_gate_mass(gate[s], counts, task_unit)
     return out
 
 
 def init(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
     """The diagnostics when the state has none (a fresh state, or a file written before them:
     the counts come from its client records, as they would have accumulated)."""
-    if st.dko_samples.size:
+    if stored(st)[0].size:
         return
     _check_client_records(st, where, len(stages))
-    st.dko_samples = samples_from_clients(st.clients, st.adapter.shape[0], len(stages))
-    st.dko_task_unit = task_units(stages, num_tasks)
-    st.dko_gate_mass = np.full(st.accuracy.shape, np.nan)
+    st.method.arrays.update(
+        samples=samples_from_clients(st.clients, st.adapter.shape[0], len(stages)),
+        task_unit=task_units(stages, num_tasks),
+        gate_mass=np.full(st.accuracy.shape, np.nan),
+    )
 
 
 def _check_client_records(st: RunState, where, units: int) -> None:
@@ -203,30 +218,32 @@ def _check_client_records(st: RunState, where, units: int) -> None:
 def check(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
     """Stored diagnostics must fit the benchmark and agree with the client records."""
     s_max, units = st.adapter.shape[0], len(stages)
-    if st.dko_samples.shape != (s_max, units):
+    samples, task_unit, gate = stored(st)
+    at = f"/method/{st.method.name}"
+    if samples.shape != (s_max, units):
         raise StateError(
-            f"{where}: /dko/samples shape {st.dko_samples.shape} does not fit ({s_max}, {units}) "
+            f"{where}: {at}/samples shape {samples.shape} does not fit ({s_max}, {units}) "
             "(subspaces x data units)"
         )
-    if not np.array_equal(st.dko_task_unit, task_units(stages, num_tasks)):
-        raise StateError(f"{where}: /dko/task_unit does not fit the benchmark's stages")
-    if st.dko_gate_mass.shape != st.accuracy.shape:
+    if not np.array_equal(task_unit, task_units(stages, num_tasks)):
+        raise StateError(f"{where}: {at}/task_unit does not fit the benchmark's stages")
+    if gate.shape != st.accuracy.shape:
         raise StateError(
-            f"{where}: /dko/gate_mass shape {st.dko_gate_mass.shape}, /eval/accuracy "
-            f"{st.accuracy.shape}"
+            f"{where}: {at}/gate_mass shape {gate.shape}, /eval/accuracy {st.accuracy.shape}"
         )
     _check_client_records(st, where, units)
-    if not np.array_equal(st.dko_samples, samples_from_clients(st.clients, s_max, units)):
-        raise StateError(f"{where}: /dko/samples does not agree with /metrics/clients")
+    if not np.array_equal(samples, samples_from_clients(st.clients, s_max, units)):
+        raise StateError(f"{where}: {at}/samples does not agree with /metrics/clients")
 
 
 def report_lines(st: RunState, fmt) -> list[str]:
     """The report's section (``fmt``: the report's number format); none without diagnostics."""
-    if not st.dko_samples.size:
+    counts, task_unit, gate = stored(st)
+    if not counts.size:
         return []
     names = st.task_names or [f"task{i}" for i in range(st.accuracy.shape[1])]
-    live, counts = st.num_subspaces, st.dko_samples
-    units = unit_names(st.dko_task_unit, names, counts.shape[1])
+    live = st.num_subspaces
+    units = unit_names(task_unit, names, counts.shape[1])
     per, weighted, plain = purity(counts[:live])
     major = majority(counts[:live])
     lines = [
@@ -245,7 +262,6 @@ def report_lines(st: RunState, fmt) -> list[str]:
             + " | ".join(str(int(x)) for x in counts[k])
             + f" | {units[major[k]] if major[k] >= 0 else '–'} | {fmt(per[k])} |"
         )
-    gate = st.dko_gate_mass
     lines += [
         "",
         "Gate mass on the right subspaces after each stage's evaluation: per test sample, the "
@@ -259,6 +275,6 @@ def report_lines(st: RunState, fmt) -> list[str]:
         if np.isnan(gate[s_]).all():
             continue
         c = samples_from_clients(st.clients, *counts.shape, stage=s_)
-        mean = overall_gate_mass(gate[s_], c, st.dko_task_unit)
+        mean = overall_gate_mass(gate[s_], c, task_unit)
         lines.append(f"| {s_} | " + " | ".join(fmt(x) for x in gate[s_]) + f" | {fmt(mean)} |")
     return lines + [""]
