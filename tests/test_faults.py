@@ -282,8 +282,8 @@ def test_state_of_schema_version_1_still_loads_and_others_are_refused(serial_run
     back = read_state(tmp_path)  # written before checksums: loads unverified
     assert np.array_equal(back.adapter, read_state(serial_run).adapter)
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 3
-    with pytest.raises(StateError, match=r"schema_version 3: this fcit reads versions 1, 2"):
+        f.attrs["schema_version"] = 4
+    with pytest.raises(StateError, match=r"schema_version 4: this fcit reads versions 1, 2, 3"):
         read_state(tmp_path)
     write_state(tmp_path, read_state(serial_run))
     with h5py.File(path, "a") as f:
