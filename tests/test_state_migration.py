@@ -45,6 +45,16 @@ def _v1_content(run_dir, method: str) -> dict:
     return out
 
 
+def _check_and_rewrite(st, src, out) -> None:
+    """What the server does with a loaded state (the method's state made or checked, the state
+    checked against the model), then the state written into ``out``."""
+    m = make_method(config_from_yaml_text(st.config_yaml))
+    numel = st.adapter.shape[1]
+    init_method_state(st, m, numel)
+    check_state(st, m, numel, src / "state.h5", mixer_numel=st.mixer.size)
+    write_state(out, st)
+
+
 @pytest.mark.parametrize("method", ["ewc", "disco"])
 def test_v1_file_loads_and_rewrites_as_v2(tmp_path, method):
     src = DATA / f"state_v1_{method}"
@@ -57,11 +67,7 @@ def test_v1_file_loads_and_rewrites_as_v2(tmp_path, method):
         assert st.method.arrays["fisher"].tobytes() == raw_fisher.tobytes() and raw_fisher.size
     else:
         assert st.method.name == "disco" and raw_fisher.size == 0  # /dko moved
-    m = make_method(config_from_yaml_text(st.config_yaml))
-    numel = st.adapter.shape[1]
-    init_method_state(st, m, numel)
-    check_state(st, m, numel, src / "state.h5", mixer_numel=st.mixer.size)
-    write_state(tmp_path, st)
+    _check_and_rewrite(st, src, tmp_path)
     with h5py.File(tmp_path / "state.h5", "r") as f:
         assert f.attrs["schema_version"] == SCHEMA_VERSION == 3 and "ewc" not in f
         assert "dko" not in f and ("method/disco" in f) == (method == "disco")
@@ -97,11 +103,7 @@ def test_v2_disco_file_moves_its_dko_diagnostics_and_rewrites_as_v3(tmp_path):
     assert st.method.name == "disco" and set(st.method.arrays) == set(raw)
     for k, v in raw.items():
         assert st.method.arrays[k].dtype == v.dtype and st.method.arrays[k].tobytes() == v.tobytes()
-    m = make_method(config_from_yaml_text(st.config_yaml))
-    numel = st.adapter.shape[1]
-    init_method_state(st, m, numel)
-    check_state(st, m, numel, src / "state.h5", mixer_numel=st.mixer.size)
-    write_state(tmp_path, st)
+    _check_and_rewrite(st, src, tmp_path)
     with h5py.File(tmp_path / "state.h5", "r") as f:
         assert f.attrs["schema_version"] == 3 and "dko" not in f and "method/disco" in f
     assert same_content(_v1_content(src, "disco"), _v1_content(tmp_path, "disco")) == []

@@ -259,7 +259,7 @@ def _verify_checksums(r: _Reader) -> None:
         if isinstance(want, bytes | np.bytes_):
             want = bytes(want).decode("utf-8", "replace")
         if not isinstance(want, str):
-            raise r.fail(f"/{name} carries no {CHECKSUM} checksum (schema versions 2 and later have one)")
+            raise r.fail(f"/{name} carries no {CHECKSUM} checksum (schema version 2 on has one)")
         if _values_digest(obj) != want:
             raise r.fail(
                 f"/{name}: checksum mismatch: its values changed after they were written (a "
