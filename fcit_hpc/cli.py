@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fcit_hpc.errors import ConfigError, FcitError, Preempted, StateError
+from fcit_hpc.errors import ConfigError, FcitError, Preempted, StateError, one_line
 
 if TYPE_CHECKING:
     from fcit_hpc.config import Config
@@ -72,20 +72,27 @@ def _config_diff(stored: str, given: str) -> str:
 MAX_DIFF_LINES = 2000
 
 
+def _read_config_text(saved: Path, when_empty: str) -> str:
+    """RUN_DIR/config.yaml's text; ConfigError naming it when it cannot be read or is empty
+    (what a full disk leaves), the latter with ``when_empty``: what to do about it."""
+    try:
+        text = saved.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config ({one_line(e)})") from None
+    if not text.strip():
+        raise ConfigError(f"{saved}: empty (a write cut short, e.g. by a full disk); {when_empty}")
+    return text
+
+
 def _saved_config(saved: Path) -> Config:
     """RUN_DIR/config.yaml, refused when empty (what a full disk leaves) or unreadable."""
     from fcit_hpc.config import load_config
 
-    try:
-        text = saved.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{saved}: cannot read the run's config ({_reason(e)})") from None
-    if not text.strip():
-        raise ConfigError(
-            f"{saved}: empty (a write cut short, e.g. by a full disk); not resuming with the "
-            f"default config: remove it and start afresh with `fcit run CONFIG --out "
-            f"{saved.parent}`"
-        )
+    _read_config_text(
+        saved,
+        "not resuming with the default config: remove it and start afresh with "
+        f"`fcit run CONFIG --out {saved.parent}`",
+    )
     try:
         return load_config(saved)
     except ConfigError as e:  # a field's error: say which file it is in
@@ -94,34 +101,33 @@ def _saved_config(saved: Path) -> Config:
         raise ConfigError(f"{saved}: {e}") from None
 
 
-def _reason(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def stored_config(st: RunState, state_file: Path) -> Config:
+    """The config a state file holds; StateError naming the file when it is invalid."""
+    from fcit_hpc.config import config_from_yaml_text
+
+    try:
+        return config_from_yaml_text(st.config_yaml)
+    except ConfigError as e:
+        raise StateError(f"{state_file}: stored config is invalid: {e}") from None
 
 
 def _resume_config(st: RunState, saved: Path, accept: bool) -> tuple[Config, bool]:
     """The config a resume continues with (stored in ``st``) and whether config.yaml is to be
     rewritten from it (missing). A config.yaml that is empty, unparsable or differs from the
     stored config is refused with a diff; ``accept`` (``--accept-config``) takes its settings."""
-    from fcit_hpc.config import config_from_yaml_text, to_yaml
+    from fcit_hpc.config import to_yaml
 
     state_file = saved.parent / "state.h5"
-    try:
-        stored = config_from_yaml_text(st.config_yaml)
-    except ConfigError as e:
-        raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+    stored = stored_config(st, state_file)
     if not saved.exists():
         return stored, True
     if not saved.is_file():
         raise ConfigError(f"{saved}: not a file")
-    try:
-        text = saved.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{saved}: cannot read the run's config ({_reason(e)})") from None
-    if not text.strip():
-        raise ConfigError(
-            f"{saved}: empty (a write cut short, e.g. by a full disk), while {state_file} holds "
-            f"the run's config: remove {saved} to resume with the stored one (it is rewritten)"
-        )
+    _read_config_text(
+        saved,
+        f"while {state_file} holds the run's config: remove {saved} to resume with the stored "
+        "one (it is rewritten)",
+    )
     try:
         given = _saved_config(saved)
     except ConfigError as e:
@@ -152,7 +158,6 @@ def _stored_run(run_dir: Path, cfg: Config | None, accept: bool = False) -> RunS
     config given on the command line, which the stored one must equal (``--continue``); None:
     ``--resume``, which checks config.yaml against the stored config (``accept``:
     ``--accept-config``)."""
-    from fcit_hpc.config import config_from_yaml_text
     from fcit_hpc.state.schema import STATE_FILE, read_state
 
     state_file, saved = run_dir / STATE_FILE, run_dir / "config.yaml"
@@ -161,10 +166,7 @@ def _stored_run(run_dir: Path, cfg: Config | None, accept: bool = False) -> RunS
         if cfg is None:
             stored, rewrite = _resume_config(st, saved, accept)
             return RunStart(stored, run_dir, st, write_config=rewrite)
-        try:
-            stored = config_from_yaml_text(st.config_yaml)
-        except ConfigError as e:
-            raise StateError(f"{state_file}: stored config is invalid: {e}") from None
+        stored = stored_config(st, state_file)
         if diff := _config_difference(st.config_yaml, cfg):
             raise ConfigError(
                 f"{state_file}: holds a run of another config ({diff}); use another --out"
@@ -361,7 +363,7 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
         os.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{final}: cannot write the run's config ({_reason(e)})") from None
+        raise StorageError(f"{final}: cannot write the run's config ({one_line(e)})") from None
 
 
 def _remove_setup_files(run_dir: Path, created: bool) -> None:
@@ -413,13 +415,12 @@ def cmd_export(args) -> int:
 
     import numpy as np
 
-    from fcit_hpc.config import config_from_yaml_text
     from fcit_hpc.errors import StorageError
     from fcit_hpc.methods import make_method
-    from fcit_hpc.state.schema import read_state
+    from fcit_hpc.state.schema import STATE_FILE, read_state
 
     st = read_state(args.run_dir)
-    cfg = config_from_yaml_text(st.config_yaml)
+    cfg = stored_config(st, Path(args.run_dir) / STATE_FILE)
     alpha = None
     if args.alpha:
         try:
@@ -439,7 +440,7 @@ def cmd_export(args) -> int:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        raise StorageError(f"{out}: cannot create the export folder ({_reason(e)})") from None
+        raise StorageError(f"{out}: cannot create the export folder ({one_line(e)})") from None
     try:
         dirs = make_method(cfg).export(cfg, st, tmp, alpha)
         if out.exists():
@@ -449,10 +450,15 @@ def cmd_export(args) -> int:
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # an --alpha the run's adapters cannot take, or a state that misfits
+        if str(e).startswith("--alpha"):
+            raise ConfigError(str(e)) from None
+        state_file = Path(args.run_dir) / STATE_FILE
+        raise StateError(
+            f"{state_file}: does not fit the model of its stored config ({one_line(e)})"
+        ) from None
     except OSError as e:
-        raise StorageError(f"{out}: cannot write the export ({_reason(e)})") from None
+        raise StorageError(f"{out}: cannot write the export ({one_line(e)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for d in dirs:

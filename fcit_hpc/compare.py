@@ -140,7 +140,7 @@ def _row(states: list, metrics: list) -> list[str]:
 def comparison(run_dir: Path, entries: list[str], seeds: list[int]) -> str:
     """Mean (± std over seeds) of each metric per entry; identity methods (DISCO and its SSA
     variants) also get DKO's purity (sample-weighted over subspaces) and gate mass on the right
-    subspaces (``fcit_hpc.fed.server.diagnostics``), the others "–"."""
+    subspaces (``fcit_hpc.methods.dko_diagnostics``), the others "–"."""
     lines = _header(["method"], METRIC_COLS)
     for entry in entries:
         states = [read_state(run_dir / entry / f"seed{s}") for s in seeds]

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fcit_hpc.errors import EXIT_INPUT, EXIT_IO, EXIT_PREEMPTED
+from fcit_hpc.errors import EXIT_INPUT, EXIT_IO, EXIT_PREEMPTED, one_line
 
 EXIT_BUG = 1
 SIZE_FIELDS = (
@@ -70,7 +70,7 @@ def classify(e: BaseException, args=None) -> tuple[int, str]:
         return int(e.code) if isinstance(e.code, int) else EXIT_BUG, str(e.code or "")
     log = log_traceback(e, args)
     where = f"traceback in {log}" if log else "no log file could be written"
-    first = " ".join(str(e).split())[:300] or type(e).__name__
+    first = one_line(e)[:300]
     if isinstance(e, OSError) and e.filename is not None:
         return EXIT_IO, f"error: {e.filename}: {e.strerror or first} ({where})"
     if _out_of_memory(e):

@@ -2,10 +2,18 @@
 
 # sysexits.h codes: bad input ends with 2 (argparse's usage code, kept from the start), a failed
 # write of the run's files with EX_IOERR, a stop on request (preemption) with EX_TEMPFAIL, which
-# the SLURM script reads as "requeue me" (slurm/fcit.sbatch).
+# the SLURM script reads as "requeue me" (slurm/fcit.sbatch), a malformed message between ranks
+# with EX_PROTOCOL.
 EXIT_INPUT = 2
 EXIT_IO = 74
 EXIT_PREEMPTED = 75
+EXIT_PROTOCOL = 76
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none): what a one-line
+    error message quotes of the error underneath."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class FcitError(Exception):
@@ -63,3 +71,13 @@ class RunDirError(FcitError):
     """The run directory cannot be used (not a directory, not writable, no room): exit 74."""
 
     exit_code = EXIT_IO
+
+
+class WireError(FcitError):
+    """A message a rank sent does not follow its layout (``fcit_hpc.fed.wire``): a header that is
+    not whole rows, a count that is not one, a body of another length than its header announces,
+    a client the round did not plan. The message names the rank or client and the field; exit 76.
+    Only rank 0 reads the messages, so the job is aborted."""
+
+    exit_code = EXIT_PROTOCOL
+    rank_local = True

@@ -51,11 +51,49 @@ def smoke_serial(out: Path, *overrides: str) -> Path:
     return run_ok("smoke.yaml", out, *overrides)
 
 
+KILL_RANK1_STAGE1_ROUND1 = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
+
+
+def assert_two_ranks_and_resume_equal_serial(serial: Path, tmp_path: Path, overrides, stored):
+    """configs/smoke.yaml with ``overrides`` on 2 ranks, and killed on rank 1 in stage 1 round 1
+    then resumed on 2 ranks: each ends equal to ``serial`` (the same run on one rank, its
+    comparable content). ``stored(state)``: what the killed run's state must hold."""
+    from fcit_hpc.state.schema import comparable_content, read_state, same_content
+
+    smoke, bin_fcit = str(ROOT / "configs/smoke.yaml"), str(BIN / "fcit")
+    out = tmp_path / "p2"
+    p = mpiexec(2, bin_fcit, "run", smoke, "--out", str(out), *overrides)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert same_content(comparable_content(serial), comparable_content(out)) == []
+    killed = tmp_path / "killed"
+    kill = KILL_RANK1_STAGE1_ROUND1
+    p = mpiexec(2, bin_fcit, "run", smoke, "--out", str(killed), *overrides, *kill, timeout=120)
+    assert p.returncode != 0
+    assert stored(read_state(killed))
+    p = mpiexec(2, bin_fcit, "run", "--resume", str(killed))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert same_content(comparable_content(serial), comparable_content(killed)) == []
+
+
 @pytest.fixture(scope="session")
 def serial_run(tmp_path_factory):
     """configs/smoke.yaml run once as a plain process: the reference of the MPI and SLURM runs
     (read only)."""
     return smoke_serial(tmp_path_factory.mktemp("serial") / "run")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_need_cuda(request):
+    """A test marked ``gpu`` fails (it does not skip) without a CUDA device or under the Triton
+    interpreter: deselected in CPU runs (pytest.ini), run by `make test-gpu`."""
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with `make test-gpu` on a GPU)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("unset TRITON_INTERPRET for the gpu tests (it is set by conftest by default)")
 
 
 @pytest.fixture

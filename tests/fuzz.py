@@ -15,9 +15,14 @@ no other exception, no hang (an alarm per input), no file of the input changed b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import hashlib
+import io
 import json
+import logging
+import math
 import shutil
 import signal
 import sys
@@ -55,6 +60,8 @@ from fcit_hpc.state.schema import (
     read_state,
     write_state,
 )
+
+from . import fuzz_wire
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -422,10 +429,13 @@ def _states():
             projector=np.ones(proj, np.float32),
         )
         st_.append_metrics(np.zeros(n_rounds, ROUND_DTYPE), np.zeros(2 * n_rounds, CLIENT_DTYPE))
-        if dko:  # an identity method's DKO diagnostics
-            st_.dko_samples = rng.integers(0, 9, (s, stages)).astype(np.int64)
-            st_.dko_task_unit = np.arange(tasks, dtype=np.int64) % stages
-            st_.dko_gate_mass = np.full((stages, tasks), np.nan)
+        if dko and not ewc:  # DISCO's DKO diagnostics, its own state
+            arrays = {
+                "samples": rng.integers(0, 9, (s, stages)).astype(np.int64),
+                "task_unit": np.arange(tasks, dtype=np.int64) % stages,
+                "gate_mass": np.full((stages, tasks), np.nan),
+            }
+            st_.method = MethodState("disco", arrays)
         return st_
 
     return st.builds(
@@ -465,10 +475,10 @@ STATE_PATHS = [
     "method",
     "method/ewc",
     "method/ewc/fisher",
-    "dko",
-    "dko/samples",
-    "dko/task_unit",
-    "dko/gate_mass",
+    "method/disco",
+    "method/disco/samples",
+    "method/disco/task_unit",
+    "method/disco/gate_mass",
 ]
 STATE_ATTRS = [
     ("/", "schema_version"),
@@ -608,13 +618,14 @@ def _snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def _names_input(msg: str, root: Path, config: bool) -> bool:
-    """The message starts with what it is about: a path under the input's folder, or (config) a
-    field, an override or the config file."""
-    head = msg.split(": ", 1)[0]
-    if config:
-        return bool(head.strip()) and ": " in msg
+def _names_path(msg: str, root: Path) -> bool:
+    """The message names a path under the input's folder."""
     return str(root) in msg
+
+
+def _names_field(msg: str, root: Path) -> bool:
+    """The message starts with a field, an override or the config file."""
+    return bool(msg.split(": ", 1)[0].strip()) and ": " in msg
 
 
 @dataclass
@@ -626,7 +637,9 @@ class Target:
     strategy: Callable[[], st.SearchStrategy]
     lay: Callable[[Path, object], object]
     read: Callable[[Path, object], object]
-    config: bool = False
+    names: Callable[[str, Path], bool] = _names_path  # does an error's message name the input?
+    weight: float = 1.0  # its share of the inputs, relative to the others
+    setup: Callable[[], object] | None = None  # one-off work before the first input (untimed)
 
 
 def _lay_nothing(d: Path, x) -> None:
@@ -691,22 +704,107 @@ def _stored_config(d: Path, text: bytes):
     return config_mod.config_from_yaml_text(text.decode("utf-8", "surrogateescape"))
 
 
+def _read_state(d: Path, x):
+    """``read_state``, then the run's method validates its own state (as the server does)."""
+    from fcit_hpc.cli import stored_config
+    from fcit_hpc.fed.server.run_state import init_method_state
+    from fcit_hpc.methods import make_method
+
+    state = read_state(d)
+    method = make_method(stored_config(state, d / STATE_FILE))
+    numel = state.adapter.shape[1]
+    init_method_state(state, method, numel)
+    method.validate_state(state.method, numel, d / STATE_FILE)
+    return state
+
+
+_CHECKPOINT: list[RunState] = []  # a smoke run's state as the server makes it, made once
+
+
+def _smoke_checkpoint() -> RunState:
+    """A state of the smoke config that fits its model (what `fcit export` can export)."""
+    if not _CHECKPOINT:
+        import torch
+
+        from fcit_hpc.fed.server import init_state
+        from fcit_hpc.fed.strategies import strategy_from_config
+        from fcit_hpc.methods import make_method
+        from fcit_hpc.model.build import build_model
+
+        cfg = config_mod.load_config(SMOKE)
+        method = make_method(cfg)
+        _, adapter, _ = build_model(cfg, method.num_slots())
+        strategy = strategy_from_config(cfg.federation)
+        st_ = init_state(cfg, adapter, method, 8, (2, 4), strategy)
+        g = torch.Generator().manual_seed(0)
+        st_.adapter = (0.05 * torch.randn(st_.adapter.shape, generator=g)).numpy()
+        st_.num_subspaces = 2
+        _CHECKPOINT.append(st_)
+    return copy.deepcopy(_CHECKPOINT[0])
+
+
+def _checkpoints():
+    """(a state: the smoke run's or a generated one, its file's mutations, ``--alpha``)."""
+    alpha = st.one_of(
+        st.none(),
+        st.sampled_from(["1,0", "0.5,0.5", "nan,1", "1,2,3", "1e39,0", "", ",", "1;2", "-0,1"]),
+        st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4).map(
+            lambda v: ",".join(map(str, v))
+        ),
+        st.text(max_size=10),
+    )
+    state = st.one_of(st.none(), st.none(), _states())
+    return st.tuples(state, _mutations(), alpha)
+
+
+def _lay_checkpoint(d: Path, x) -> None:
+    _lay_state(d, (x[0] if x[0] is not None else _smoke_checkpoint(), x[1]))
+
+
+def _export(d: Path, x):
+    """``fcit export D --out D-export [--alpha A]`` (the output beside the input's folder)."""
+    from argparse import Namespace
+
+    from fcit_hpc.cli import cmd_export
+
+    out = d.with_name(f"{d.name}-export")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the folders it wrote
+            return cmd_export(Namespace(run_dir=str(d), out=str(out), alpha=x[2]))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _checkpoint_setup() -> None:
+    """The smoke state, and the imports of the first export (peft, transformers' writers)."""
+    import peft  # noqa: F401
+
+    import fcit_hpc.cli  # noqa: F401
+    import fcit_hpc.model.export  # noqa: F401
+
+    _smoke_checkpoint()
+
+
+def _names_path_or_option(msg: str, root: Path) -> bool:
+    return _names_path(msg, root) or msg.startswith(("--alpha: ", "--out: "))
+
+
 TARGETS = [
     Target(
         "config file",
         _config_texts,
         _lay_config,
         lambda d, x: config_mod.load_config(d / "config.yaml"),
-        config=True,
+        names=_names_field,
     ),
     Target(
         "config overrides",
         _overrides,
         _lay_nothing,
         lambda d, items: config_mod.load_config(SMOKE, items),
-        config=True,
+        names=_names_field,
     ),
-    Target("stored config", _config_texts, _lay_nothing, _stored_config, config=True),
+    Target("stored config", _config_texts, _lay_nothing, _stored_config, names=_names_field),
     Target(
         "LLaVA conversations",
         lambda: st.tuples(_json_bytes(False), st.booleans()),
@@ -720,17 +818,29 @@ TARGETS = [
         lambda d, x: load_test(d / "records.json", 0, d, check_images=x[1]),
     ),
     Target("release tree", _trees, _write_tree, _read_tree),
-    Target(
-        "state.h5",
-        lambda: st.tuples(_states(), _mutations()),
-        _lay_state,
-        lambda d, x: read_state(d),
-    ),
+    Target("state.h5", lambda: st.tuples(_states(), _mutations()), _lay_state, _read_state),
     Target(
         "run directory (--resume)",
         lambda: st.tuples(st.one_of(st.none(), _states()), _mutations(), _run_dir_configs()),
         _lay_run_dir,
         _resume,
+    ),
+    Target(
+        "checkpoint (fcit export)",
+        _checkpoints,
+        _lay_checkpoint,
+        _export,
+        names=_names_path_or_option,
+        weight=0.5,
+        setup=_checkpoint_setup,
+    ),
+    Target(
+        "messages on the wire",
+        fuzz_wire.messages,
+        _lay_nothing,
+        fuzz_wire.read,
+        names=fuzz_wire.names_sender,
+        weight=2.0,
     ),
 ]
 
@@ -755,7 +865,7 @@ def check(target: Target, base: Path, x, counts: Counter) -> None:
             counts["loaded"] += 1
         except FcitError as e:
             msg = str(e)
-            if not _names_input(msg, d, target.config):
+            if not target.names(msg, d):
                 raise Uncaught(f"{type(e).__name__} does not name its input: {msg!r}") from e
             counts[type(e).__name__] += 1
         except _Hang:
@@ -777,6 +887,9 @@ def run_target(
     """Fuzz one reader with ``examples`` generated inputs; returns the outcome counts. Raises
     (hypothesis's shrunk counterexample) when the property fails."""
     counts: Counter = Counter()
+    logging.getLogger("fcit").setLevel(logging.ERROR)  # rejected updates are logged as warnings
+    if target.setup is not None:
+        target.setup()
     with tempfile.TemporaryDirectory(prefix="fcit-fuzz-") as tmp:
         base = Path(tmp)
 
@@ -796,7 +909,7 @@ def run_target(
     return counts
 
 
-KINDS = ["loaded", "ConfigError", "DataError", "StateError"]
+KINDS = ["loaded", "ConfigError", "DataError", "StateError", "WireError"]
 
 
 def table(rows: list[tuple[str, Counter, float]]) -> str:
@@ -821,12 +934,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="fuzz only the readers whose name contains this")
     args = ap.parse_args(argv)
     targets = [t for t in TARGETS if not args.only or args.only in t.name]
-    per = -(-args.examples // len(targets))
+    weights = sum(t.weight for t in targets)
     rows = []
     for i, t in enumerate(targets):
         t0 = time.perf_counter()
         try:
-            counts = run_target(t, per, args.seed + i)
+            counts = run_target(t, math.ceil(args.examples * t.weight / weights), args.seed + i)
         except Exception as e:  # the property failed: each failure with its (shrunk) input
             for err in getattr(e, "exceptions", [e]):
                 print(f"{t.name}: FAILED: {err}", file=sys.stderr)

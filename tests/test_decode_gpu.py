@@ -3,8 +3,6 @@ replayed from a CUDA graph gives the eager step's tokens, batch after batch, wit
 gate; one graph serves every batch of a shape. The CPU twin (the same decoder, eager, against
 Hugging Face ``generate``) is tests/test_generate.py::test_static_decoder_equals_generate."""
 
-import os
-
 import pytest
 import torch
 
@@ -24,14 +22,6 @@ PROMPTS = [
     "a b",
 ]
 LIVE = 3
-
-
-@pytest.fixture(autouse=True)
-def _needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu tests need a CUDA device (run them with `make test-gpu` on a GPU)")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("unset TRITON_INTERPRET for the gpu tests (it is set by conftest by default)")
 
 
 def _embedded(precision: str):

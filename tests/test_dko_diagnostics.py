@@ -9,11 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from fcit_hpc.config import load_config
+from fcit_hpc.config import config_from_yaml_text, load_config
 from fcit_hpc.errors import ConfigError, StateError
-from fcit_hpc.fed.server import diagnostics as dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
-from fcit_hpc.fed.server.run_state import check_dko, init_dko
+from fcit_hpc.methods import dko_diagnostics as dko
 from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, SMALL, DkoDecision
 from fcit_hpc.methods.disco import Disco, cosine, dko_assign
 from fcit_hpc.state.schema import (
@@ -226,6 +225,9 @@ def test_task_units_and_counts_from_client_records():
 
 
 # ----------------------------------------------------------------------------- the state
+STAGES = [[0], [1]]  # two data units, one task each
+
+
 def _state():
     st = RunState(
         config_yaml="seed: 0\n",
@@ -234,25 +236,36 @@ def _state():
         token_counts=np.zeros(3),
         accuracy=np.full((2, 2), np.nan),
         num_subspaces=2,
+        method=dko.fresh("disco"),
     )
     rows = np.zeros(3, CLIENT_DTYPE)
     rows["unit"], rows["subspace"], rows["samples"] = [0, 1, 1], [0, 1, 0], [7, 5, 2**40]
     st.append_metrics(np.zeros(1, ROUND_DTYPE), rows)
-    init_dko(st, "f", [[0], [1]], 2)
-    st.dko_gate_mass[0] = [0.25, np.nan]
+    dko.init(st, "f", STAGES, 2)
+    st.method.arrays["gate_mass"][0] = [0.25, np.nan]
+    return st
+
+
+def _load(run_dir):
+    """What the server does with a stored state: read it, DISCO validates and prepares its own."""
+    st = read_state(run_dir)
+    disco, where = Disco(load_config(ROOT / "configs/smoke.yaml")), run_dir / STATE_FILE
+    disco.validate_state(st.method, 4, where)
+    disco.prepare_state(st, where, STAGES, 2)
     return st
 
 
 def test_state_roundtrip_of_the_counts(tmp_path):
     st = _state()
-    assert st.dko_samples.tolist() == [[7, 2**40], [0, 5], [0, 0]]
+    samples, task_unit, gate = dko.stored(st)
+    assert samples.tolist() == [[7, 2**40], [0, 5], [0, 0]]
     write_state(tmp_path, st)
-    back = read_state(tmp_path)
-    assert back.dko_samples.dtype == np.int64
-    assert back.dko_samples.tobytes() == st.dko_samples.tobytes()
-    assert back.dko_task_unit.tolist() == [0, 1]
-    assert back.dko_gate_mass.tobytes() == st.dko_gate_mass.tobytes()
-    check_dko(back, "f", [[0], [1]], 2)
+    with h5py.File(tmp_path / STATE_FILE) as f:  # DISCO's own group, nothing beside it
+        assert set(f["method/disco"]) == {"samples", "task_unit", "gate_mass"} and "dko" not in f
+    back = _load(tmp_path)
+    b_samples, b_task_unit, b_gate = dko.stored(back)
+    assert b_samples.dtype == np.int64 and b_samples.tobytes() == samples.tobytes()
+    assert b_task_unit.tolist() == [0, 1] and b_gate.tobytes() == gate.tobytes()
     (tmp_path / "b").mkdir()
     write_state(tmp_path / "b", back)  # and once more: bitwise the same file content
     assert same_content(comparable_content(tmp_path), comparable_content(tmp_path / "b")) == []
@@ -261,24 +274,22 @@ def test_state_roundtrip_of_the_counts(tmp_path):
 def test_old_state_without_dko_loads_and_counts_come_from_the_client_records(tmp_path):
     st = _state()
     write_state(tmp_path, st)
-    with h5py.File(tmp_path / STATE_FILE, "a") as f:
-        del f["dko"]  # a file written before the DKO diagnostics (or of another method)
     old = read_state(tmp_path)
-    assert old.dko_samples.size == 0 and old.dko_gate_mass.size == 0
-    init_dko(old, "f", [[0], [1]], 2)
-    assert old.dko_samples.tobytes() == st.dko_samples.tobytes()
-    assert np.isnan(old.dko_gate_mass).all()
+    old.method = Disco(load_config(ROOT / "configs/smoke.yaml")).init_state(4)  # none stored
+    dko.init(old, "f", STAGES, 2)
+    assert dko.stored(old)[0].tobytes() == dko.stored(st)[0].tobytes()
+    assert np.isnan(dko.stored(old)[2]).all()
 
 
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda f: f.__delitem__("dko/task_unit"), "missing dataset dko/task_unit"),
-        (lambda f: _replace(f, "dko/samples", np.ones((2, 2), np.int64)), "/dko/samples"),
-        (lambda f: _replace(f, "dko/samples", -np.ones((3, 2), np.int64)), "/dko/samples"),
-        (lambda f: _replace(f, "dko/samples", np.ones((3, 2))), "not integers"),
-        (lambda f: _replace(f, "dko/task_unit", np.array([0, 2])), "/dko/task_unit"),
-        (lambda f: _replace(f, "dko/gate_mass", np.zeros((1, 2))), "/dko/gate_mass"),
+        (lambda f: f.__delitem__("method/disco/task_unit"), "/method/disco arrays"),
+        (lambda f: _replace(f, "samples", np.ones((2, 2), np.int64)), "/samples shape"),
+        (lambda f: _replace(f, "samples", -np.ones((3, 2), np.int64)), "does not agree"),
+        (lambda f: _replace(f, "samples", np.ones((3, 2))), "/samples is float64"),
+        (lambda f: _replace(f, "task_unit", np.array([0, 2])), "/task_unit does not fit"),
+        (lambda f: _replace(f, "gate_mass", np.zeros((1, 2))), "/gate_mass shape"),
     ],
 )
 def test_malformed_dko_is_refused_naming_the_file(tmp_path, edit, match):
@@ -286,27 +297,31 @@ def test_malformed_dko_is_refused_naming_the_file(tmp_path, edit, match):
     with h5py.File(tmp_path / STATE_FILE, "a") as f:
         edit(f)
     with pytest.raises(StateError, match=match) as e:
-        read_state(tmp_path)
+        _load(tmp_path)
     assert str(tmp_path / STATE_FILE) in str(e.value)
 
 
 def _replace(f, name, data):
-    del f[name]
-    f.create_dataset(name, data=data)
+    """Another well-formed dataset, with a valid checksum: DISCO's checks must refuse it."""
+    import hashlib
+
+    del f[f"method/disco/{name}"]
+    d = f.create_dataset(f"method/disco/{name}", data=data)
+    d.attrs["sha256"] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
 
 
 def test_check_dko_refuses_counts_that_disagree_with_the_clients():
     st = _state()
-    st.dko_samples[0, 0] += 1
+    dko.stored(st)[0][0, 0] += 1
     with pytest.raises(StateError, match="does not agree with /metrics/clients"):
-        check_dko(st, "state.h5", [[0], [1]], 2)
+        dko.check(st, "state.h5", STAGES, 2)
     with pytest.raises(StateError, match="does not fit"):
-        check_dko(_state(), "state.h5", [[0], [1], [0]], 2)
+        dko.check(_state(), "state.h5", [[0], [1], [0]], 2)
     old = _state()
-    old.dko_samples = np.zeros((0, 0), np.int64)
+    old.method = dko.fresh("disco")
     old.clients["unit"][0] = 5  # a foreign file: a unit the benchmark does not have
     with pytest.raises(StateError, match="state.h5: /metrics/clients holds data units"):
-        init_dko(old, "state.h5", [[0], [1]], 2)
+        dko.init(old, "state.h5", STAGES, 2)
 
 
 # -------------------------------------------------------------------------- end to end
@@ -326,15 +341,15 @@ def test_smoke_run_holds_the_diagnostics(cmp_run):
     run = cmp_run / "disco" / "seed0"
     st = read_state(run)
     with h5py.File(run / STATE_FILE) as f:
-        assert {"samples", "task_unit", "gate_mass"} <= set(f["dko"])
-    assert st.dko_samples.shape == (4, 2) and st.num_subspaces == 2
+        assert {"samples", "task_unit", "gate_mass"} == set(f["method/disco"])
+    assert dko.stored(st)[0].shape == (4, 2) and st.num_subspaces == 2
     # independently, from the client records of metrics.jsonl: per subspace x unit samples
     counts = np.zeros((4, 2), np.int64)
     for r in _lines(run, "round"):
         for c in r["clients"]:
             if c["status"] == "accepted":
                 counts[c["subspace"], c["unit"]] += c["samples"]
-    assert counts.tolist() == st.dko_samples.tolist()
+    assert counts.tolist() == dko.stored(st)[0].tolist()
     top, total = counts.max(1).sum(), counts.sum()
     summary = _lines(run, "summary")[-1]
     assert summary["purity"] == pytest.approx(top / total) == st.summary["purity"]
@@ -345,7 +360,7 @@ def test_smoke_run_holds_the_diagnostics(cmp_run):
     assert [s["per_unit"] for s in last["subspaces"]] == counts[:2].tolist()
     assert last["purity"] == pytest.approx(top / total, abs=1e-4)
     assert set(last["gate_mass"]) == {"add", "reverse"}
-    g = st.dko_gate_mass
+    g = dko.stored(st)[2]
     assert not np.isnan(g).any() and ((g >= 0) & (g <= 1 + 1e-6)).all()
     assert summary["gate_mass"] == pytest.approx(g[-1].mean())
     assert last["gate_mass_mean"] == pytest.approx(g[-1].mean(), abs=1e-4)
@@ -355,14 +370,15 @@ def test_smoke_run_holds_the_diagnostics(cmp_run):
     assert "## DKO diagnostics" in rep and "| S1 |" in rep and "Gate mass on the right" in rep
     # the log regenerated from the state (what a resume does) has the same dko lines
     before = (run / "metrics.jsonl").read_text()
-    MetricsLog(run / "rewritten.jsonl").rewrite(st, st.task_names)
+    method = Disco(config_from_yaml_text(st.config_yaml))
+    MetricsLog(run / "rewritten.jsonl").rewrite(st, st.task_names, method)
     again = [json.loads(x) for x in (run / "rewritten.jsonl").read_text().splitlines()]
     assert [r for r in again if r["kind"] == "dko"] == recs
     assert (run / "metrics.jsonl").read_text() == before
-    # Finetune reports nothing: no /dko, no summary entries, no dko lines, "–" in the table
+    # Finetune reports nothing: no diagnostics, no summary entries, no dko lines, "–" in the table
     ft = cmp_run / "finetune" / "seed0"
     with h5py.File(ft / STATE_FILE) as f:
-        assert "dko" not in f
+        assert "dko" not in f and "method" not in f
     assert "purity" not in read_state(ft).summary and _lines(ft, "dko") == []
     assert "DKO diagnostics" not in (ft / "report.md").read_text()
     table = (cmp_run / "comparison.md").read_text().splitlines()
@@ -381,7 +397,7 @@ def test_stop_and_resume_keeps_the_diagnostics_bitwise(cmp_run, tmp_path):
     p = fcit("run", str(ROOT / "configs" / "smoke.yaml"), "--out", str(out), *stop,
              "debug.kill_signal=TERM")  # fmt: skip
     assert p.returncode == 75, p.stderr[-3000:]
-    assert read_state(out).dko_samples.sum() > 0
+    assert dko.stored(read_state(out))[0].sum() > 0
     p = fcit("run", "--resume", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = comparable_content(ref), comparable_content(out)

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from fcit_hpc.methods.ewc import ewc_term, ewc_terms, fisher_diagonal
-from fcit_hpc.state.schema import comparable_content, read_state, same_content
+from fcit_hpc.state.schema import read_state
 from fcit_hpc.train.torch_trainer import TorchTrainer
 
-from .conftest import ROOT, mpiexec, smoke_serial
+from .conftest import assert_two_ranks_and_resume_equal_serial, smoke_serial
 from .test_trainers import _setup, assert_deepspeed_matches_torch
 
-SMOKE = str(ROOT / "configs/smoke.yaml")
-FCIT = str(ROOT / ".venv/bin/fcit")
 EWC = ["method.name=ewc"]
 
 
@@ -84,15 +82,7 @@ def test_ewc_run_consolidates_every_stage(ewc_serial):
 
 @pytest.mark.mpi
 def test_ewc_two_ranks_and_resume_equal_serial(ewc_serial, tmp_path):
-    out = tmp_path / "p2"
-    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(out), *EWC)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert same_content(comparable_content(ewc_serial), comparable_content(out)) == []
-    killed = tmp_path / "killed"
-    kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
-    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(killed), *EWC, *kill, timeout=120)
-    assert p.returncode != 0
-    assert read_state(killed).method.counters["stages"] == 1  # stage 0 consolidated before the kill
-    p = mpiexec(2, FCIT, "run", "--resume", str(killed))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert same_content(comparable_content(ewc_serial), comparable_content(killed)) == []
+    def stage0_consolidated(st):  # before the kill
+        return st.method.counters["stages"] == 1
+
+    assert_two_ranks_and_resume_equal_serial(ewc_serial, tmp_path, EWC, stage0_consolidated)

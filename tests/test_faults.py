@@ -282,8 +282,8 @@ def test_state_of_schema_version_1_still_loads_and_others_are_refused(serial_run
     back = read_state(tmp_path)  # written before checksums: loads unverified
     assert np.array_equal(back.adapter, read_state(serial_run).adapter)
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 3
-    with pytest.raises(StateError, match=r"schema_version 3: this fcit reads versions 1, 2"):
+        f.attrs["schema_version"] = 4
+    with pytest.raises(StateError, match=r"schema_version 4: this fcit reads versions 1, 2, 3"):
         read_state(tmp_path)
     write_state(tmp_path, read_state(serial_run))
     with h5py.File(path, "a") as f:
@@ -390,6 +390,30 @@ def test_export_refuses_bad_alpha_before_writing(serial_run, tmp_path, alpha):
     out = tmp_path / "adapters"
     assert main(["export", str(serial_run), "--out", str(out), "--alpha", alpha]) == 2
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda t: t, "does not fit the model of its stored config (subspace vector has 1 values"),
+        (lambda t: t.replace("seed: 0", "seed: -3"), "stored config is invalid: seed"),
+    ],
+)
+def test_export_of_a_state_that_misfits_its_model_names_the_state_file(tmp_path, capsys, edit, why):
+    """Found by the fuzzing: a state whose adapter does not fit the model of its stored config
+    ended with a message naming no file (and an invalid stored config, with a field alone)."""
+    from fcit_hpc.cli import main
+    from fcit_hpc.state.schema import RunState
+
+    smoke = (ROOT / "configs" / "smoke.yaml").read_text()
+    assert "seed: 0" in smoke
+    one = np.ones((1, 1), np.float32)
+    (tmp_path / "r").mkdir()
+    write_state(tmp_path / "r", RunState(edit(smoke), one, one, np.ones(1), np.zeros((1, 1))))
+    out = tmp_path / "adapters"
+    assert main(["export", str(tmp_path / "r"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'r' / STATE_FILE}: {why}" in err and not out.exists()
 
 
 def _in_terminal(cmd: list[str], trigger: bytes, timeout: float = 240) -> tuple[int, str]:

@@ -18,12 +18,6 @@ SMOKE = str(ROOT / "configs/smoke.yaml")
 NO_EVAL = "eval.enabled=false"
 
 
-@pytest.fixture(autouse=True)
-def _needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu tests need a CUDA device (run them with `make test-gpu` on a GPU)")
-
-
 def _run_in_process(out, *overrides):
     from fcit_hpc import cli
 

@@ -11,7 +11,7 @@ import pytest
 
 from fcit_hpc.state.schema import comparable_content, read_state, same_content
 
-from .conftest import ROOT
+from .conftest import KILL_RANK1_STAGE1_ROUND1, ROOT
 from .slurm_cluster import SlurmCluster, missing_binaries
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -100,7 +100,7 @@ def test_step_that_fails_to_launch_fails_the_job(cluster, tmp_path):
 
 def test_killed_job_resubmitted_with_resume(cluster, serial_run, tmp_path):
     run = tmp_path / "run"
-    kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
+    kill = KILL_RANK1_STAGE1_ROUND1
     rc, log = _submit(cluster, tmp_path, "killed", SMOKE, "--out", str(run), *kill)
     assert rc != 0, "the job whose rank was killed must fail"
     st = read_state(run)

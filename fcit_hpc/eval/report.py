@@ -20,7 +20,7 @@ METRIC_COLS = [
     ("fwt", "Zero-shot/FWT"),
 ]
 
-# identity methods' DKO diagnostics in the summary (fcit_hpc.fed.server.diagnostics); "–" for
+# identity methods' DKO diagnostics in the summary (fcit_hpc.methods.dko_diagnostics); "–" for
 # other methods
 DKO_COLS = [("purity", "Purity"), ("gate_mass", "Gate mass")]
 
@@ -110,7 +110,7 @@ def write_report(run_dir: str | Path, st: RunState | None = None) -> Path:
         for name, row in zip(st.task_names, st.activation, strict=True):
             lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
         lines.append("")
-    lines += dko_section(st)
+    lines += method_section(st)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     out = run_dir / "report.md"
@@ -138,50 +138,12 @@ def phase_section(run_dir: Path, st: RunState) -> list[str]:
     return [*out, ""]
 
 
-def dko_section(st: RunState) -> list[str]:
-    """Report lines of the DKO diagnostics (identity methods; none for the others)."""
-    if not st.dko_samples.size:
-        return []
-    from fcit_hpc.fed.server import diagnostics as dko
+def method_section(st: RunState) -> list[str]:
+    """The report lines the run's method adds (DISCO: its DKO diagnostics)."""
+    from fcit_hpc.config import config_from_yaml_text
+    from fcit_hpc.methods import make_method
 
-    names = st.task_names or [f"task{i}" for i in range(st.accuracy.shape[1])]
-    live, counts = st.num_subspaces, st.dko_samples
-    units = dko.unit_names(st.dko_task_unit, names, counts.shape[1])
-    per, weighted, plain = dko.purity(counts[:live])
-    major = dko.majority(counts[:live])
-    lines = [
-        "## DKO diagnostics",
-        "",
-        f"Subspaces found: {live}. Purity (share of a subspace's accepted samples from its "
-        f"majority task): {_fmt(weighted)} sample-weighted over subspaces, {_fmt(plain)} plain "
-        "mean over subspaces.",
-        "",
-        "| subspace | samples | " + " | ".join(units) + " | majority | purity |",
-        "|---" * (len(units) + 4) + "|",
-    ]
-    for k in range(live):
-        lines.append(
-            f"| S{k} | {int(counts[k].sum())} | "
-            + " | ".join(str(int(x)) for x in counts[k])
-            + f" | {units[major[k]] if major[k] >= 0 else '–'} | {_fmt(per[k])} |"
-        )
-    gate = st.dko_gate_mass
-    lines += [
-        "",
-        "Gate mass on the right subspaces after each stage's evaluation: per test sample, the "
-        "sum of its SSA α over the subspaces whose majority task is the sample's (0 when none), "
-        "averaged per task; mean over the tasks trained so far.",
-        "",
-        "| after stage | " + " | ".join(names) + " | mean (trained) |",
-        "|---" * (len(names) + 2) + "|",
-    ]
-    for s_ in range(len(gate)):
-        if np.isnan(gate[s_]).all():
-            continue
-        c = dko.samples_from_clients(st.clients, *counts.shape, stage=s_)
-        mean = dko.overall_gate_mass(gate[s_], c, st.dko_task_unit)
-        lines.append(f"| {s_} | " + " | ".join(_fmt(x) for x in gate[s_]) + f" | {_fmt(mean)} |")
-    return lines + [""]
+    return make_method(config_from_yaml_text(st.config_yaml)).report_lines(st, _fmt)
 
 
 def _plots(run_dir: Path, st: RunState) -> list[Path]:

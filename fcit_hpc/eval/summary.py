@@ -50,7 +50,4 @@ def finalize(cfg, st: RunState, data, method, encoder) -> None:
         st.summary = {"last": float("nan")}
     if method.uses_identity and st.num_subspaces and encoder is not None:
         st.activation = activation_map(cfg, st, data, encoder)
-    if st.dko_samples.size:  # identity methods: purity and the gate's mass on the right subspaces
-        from fcit_hpc.fed.server.diagnostics import summary
-
-        st.summary.update(summary(st))
+    st.summary.update(method.summary(st))  # DISCO: purity, the gate's mass on the right subspaces

@@ -8,6 +8,12 @@ Every message is a header array (one row per item) plus one flat body of values,
 - token (client → server, before DKO; also the EWC Fisher upload): int64 rows ``TOKEN_FIELDS`` +
   float32 values;
 - prediction (rank → rank 0, evaluation): int64 rows ``PREDICTION_FIELDS`` + UTF-8 bytes.
+
+Unpacking checks the framing of every rank's message before anything is read from it: whole
+header rows, every count and id a non-negative integer, the body exactly as long as the header
+announces, no item twice; anything else is a :class:`~fcit_hpc.errors.WireError` naming the rank,
+the item and the field. The values themselves (a NaN delta, a token of the wrong size) are the
+server's to accept or reject per client.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from fcit_hpc.errors import WireError
 
 # update header: one float64 row per client. ``steps`` travels for the record (local steps run).
 UPDATE_FIELDS = ("client", "subspace", "samples", "loss", "seconds", "numel", "steps")
@@ -39,14 +47,55 @@ def _body(parts: list[np.ndarray], empty_dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, empty_dtype)
 
 
-def _items(heads: list[np.ndarray], bodies: list[np.ndarray], width: int, size_col: int):
-    """(header row, its slice of the body) for every item of every rank's message."""
-    for h, b in zip(heads, bodies, strict=True):
+def _count(row: np.ndarray, fields: tuple[str, ...], name: str, where: str, low: int = 0) -> int:
+    """Field ``name`` of a header row as an integer >= ``low``; WireError when it is not one."""
+    v = row[fields.index(name)]
+    if not (np.isfinite(v) and v == np.floor(v) and low <= v < 2**53):
+        raise WireError(f"{where}: {name} = {v.item()!r} is not an integer >= {low}")
+    return int(v)
+
+
+def _items(kind: str, heads, bodies, fields: tuple[str, ...], size: str, ints: dict[str, int]):
+    """(where, header row, its integer fields, its slice of the body) for every item of every
+    rank's message, the framing checked (module docstring). ``ints``: field -> its lowest value."""
+    if len(heads) != len(bodies):
+        raise WireError(f"{kind} messages: {len(heads)} headers, {len(bodies)} bodies")
+    width = len(fields)
+    for rank, (h, b) in enumerate(zip(heads, bodies, strict=True)):
+        h, b = np.asarray(h).reshape(-1), np.asarray(b).reshape(-1)
+        if h.size % width:
+            raise WireError(
+                f"rank {rank}: {kind} header of {h.size} values is not whole rows of {width} "
+                f"({', '.join(fields)})"
+            )
+        rows = h.reshape(-1, width)
+        items = []
+        for i, row in enumerate(rows):
+            where = f"rank {rank}: {kind} {i}"
+            items.append(
+                (where, row, {f: _count(row, fields, f, where, lo) for f, lo in ints.items()})
+            )
+        announced = sum(n[size] for _, _, n in items)
+        if announced != b.size:
+            raise WireError(
+                f"rank {rank}: {kind} header announces {announced} values ({size}), "
+                f"the body holds {b.size}"
+            )
         off = 0
-        for row in h.reshape(-1, width):
-            n = int(row[size_col])
-            yield row, b[off : off + n]
-            off += n
+        for where, row, n in items:
+            yield where, row, n, b[off : off + n[size]]
+            off += n[size]
+
+
+def _senders(kind: str, clients: list[int], planned: set[int] | None) -> None:
+    """Every client sends at most once, and only a client of the round's plan (when given)."""
+    seen = set()
+    for c in clients:
+        if c in seen:
+            raise WireError(f"{kind} of client {c}: sent twice")
+        if planned is not None and c not in planned:
+            raise WireError(f"{kind} of client {c}: not a client of this round's plan")
+        seen.add(c)
 
 
 # --- update -----------------------------------------------------------------------------------
@@ -77,21 +126,24 @@ def pack_updates(rows: list[tuple], deltas: list[np.ndarray]) -> tuple[np.ndarra
     return header.reshape(-1), _body(deltas, VALUE_DTYPE)
 
 
-def unpack_updates(heads: list[np.ndarray], values: list[np.ndarray]) -> list[Update]:
-    """Gathered per-rank (header, body) → updates sorted by client id."""
+def unpack_updates(heads: list[np.ndarray], values: list[np.ndarray], planned=None) -> list[Update]:
+    """Gathered per-rank (header, body) → updates sorted by client id (framing checked; senders
+    among ``planned`` client ids, when given)."""
+    ints = {"client": 0, "subspace": 0, "samples": 1, "numel": 0, "steps": 0}
     out = [
         Update(
-            int(r[0]),
-            int(r[1]),
-            int(r[2]),
+            n["client"],
+            n["subspace"],
+            n["samples"],
             float(r[3]),
             float(r[4]),
-            int(r[6]),
+            n["steps"],
             d,
             wire_nbytes(r, d),
         )
-        for r, d in _items(heads, values, UPDATE_WIDTH, UPDATE_FIELDS.index("numel"))
+        for _, r, n, d in _items("update", heads, values, UPDATE_FIELDS, "numel", ints)
     ]
+    _senders("update", [u.client for u in out], planned)
     out.sort(key=lambda u: u.client)
     return out
 
@@ -114,12 +166,17 @@ def pack_tokens(rows: list[tuple[int, int]], values: list[np.ndarray]):
     return header.reshape(-1), _body(values, VALUE_DTYPE)
 
 
-def unpack_tokens(heads: list[np.ndarray], values: list[np.ndarray]) -> list[TokenUpload]:
-    """Gathered per-rank (header, body) → uploads sorted by client id."""
+def unpack_tokens(
+    heads: list[np.ndarray], values: list[np.ndarray], planned=None
+) -> list[TokenUpload]:
+    """Gathered per-rank (header, body) → uploads sorted by client id (framing checked; senders
+    among ``planned`` client ids, when given)."""
+    ints = {"client": 0, "samples": 1, "size": 0}
     out = [
-        TokenUpload(int(r[0]), int(r[1]), v, wire_nbytes(r, v))
-        for r, v in _items(heads, values, TOKEN_WIDTH, TOKEN_FIELDS.index("size"))
+        TokenUpload(n["client"], n["samples"], v, wire_nbytes(r, v))
+        for _, r, n, v in _items("token", heads, values, TOKEN_FIELDS, "size", ints)
     ]
+    _senders("token", [u.client for u in out], planned)
     return sorted(out, key=lambda e: e.client)
 
 
@@ -137,8 +194,15 @@ def pack_predictions(local: list[tuple[int, int, str]]) -> tuple[np.ndarray, np.
 
 
 def unpack_predictions(heads, bodies) -> dict[tuple[int, int], str]:
-    """Gathered per-rank (header, body) → (task, index) → text."""
-    return {
-        (int(r[0]), int(r[1])): bytes(b).decode("utf-8")
-        for r, b in _items(heads, bodies, PREDICTION_WIDTH, PREDICTION_FIELDS.index("nbytes"))
-    }
+    """Gathered per-rank (header, body) → (task, index) → text (framing and UTF-8 checked)."""
+    ints = {"task": 0, "index": 0, "nbytes": 0}
+    out = {}
+    for where, _, n, b in _items("prediction", heads, bodies, PREDICTION_FIELDS, "nbytes", ints):
+        key = (n["task"], n["index"])
+        if key in out:
+            raise WireError(f"{where}: task {key[0]} sample {key[1]} sent twice")
+        try:
+            out[key] = bytes(b).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise WireError(f"{where}: text is not UTF-8 ({e.reason} at byte {e.start})") from None
+    return out

@@ -49,6 +49,10 @@ class Method:
     - its own state (``/method/<name>`` in state.h5): :meth:`init_state` makes it,
       :meth:`validate_state` checks a stored one, :attr:`client_arrays` names the arrays the
       loop broadcasts to every rank each round (the clients' :meth:`client_terms` read them);
+    - its diagnostics (DISCO's DKO diagnostics; none by default): :meth:`prepare_state` fits
+      them to the benchmark on every start, :meth:`after_round` and :meth:`after_eval` update
+      them, :meth:`eval_records` (metrics.jsonl), :meth:`summary` and :meth:`report_lines` show
+      them;
     - inference: :meth:`set_inference` gates the subspaces for a batch of test samples;
     - export: :meth:`export` writes PEFT adapters where the method's adapter is one.
     """
@@ -96,6 +100,31 @@ class Method:
                     f"{where}: /method/{ms.name}/{k} is {v.dtype} of {v.ndim} dimension(s), "
                     f"expected {fresh.arrays[k].dtype} of {fresh.arrays[k].ndim}"
                 )
+
+    def prepare_state(self, st, where, stages: list[list[int]], num_tasks: int) -> None:
+        """Server, on every start and resume after the state's checks: make (a fresh state, an
+        older file) or check what the method keeps of the benchmark's ``stages`` (data units,
+        their tasks); a StateError names ``where`` when it does not fit."""
+
+    def after_round(self, st, client_rows: np.ndarray) -> None:
+        """Server, after a round's aggregation: its client records (CLIENT_DTYPE)."""
+
+    def after_eval(self, st, stage: int, features) -> None:
+        """Server, after a stage's evaluation; ``features()`` gives each task's test samples'
+        identity features [M_t, D] (None without an identity encoder)."""
+
+    def eval_records(self, st, stage: int, task_names: list[str]) -> list[str]:
+        """metrics.jsonl lines (JSON) that follow the ``eval`` line of ``stage``, from the state
+        alone (the log is rewritten from it on resume)."""
+        return []
+
+    def summary(self, st) -> dict[str, float]:
+        """Entries the method adds to the run's summary."""
+        return {}
+
+    def report_lines(self, st, fmt) -> list[str]:
+        """The method's section of report.md (``fmt``: the report's number format)."""
+        return []
 
     def stage_end_done(self, ms: MethodState, stage: int) -> bool:
         """Whether the stage-end phase of ``stage`` is merged into ``ms`` already (a resumed

@@ -191,6 +191,46 @@ class Disco(Method):
         )
         return decisions
 
+    # --- the DKO diagnostics, its own state (fcit_hpc.methods.dko_diagnostics) ---
+    def init_state(self, numel):
+        from fcit_hpc.methods.dko_diagnostics import fresh
+
+        return fresh(self.name)
+
+    def prepare_state(self, st, where, stages, num_tasks):
+        from fcit_hpc.methods import dko_diagnostics as dko
+
+        dko.init(st, where, stages, num_tasks)
+        dko.check(st, where, stages, num_tasks)
+
+    def after_round(self, st, client_rows):
+        from fcit_hpc.methods.dko_diagnostics import add_samples, stored
+
+        add_samples(stored(st)[0], client_rows)
+
+    def after_eval(self, st, stage, features):
+        from fcit_hpc.methods.dko_diagnostics import stage_gate_mass, stored
+
+        if features is not None:
+            m, (samples, task_unit, gate) = self.cfg.method, stored(st)
+            tokens = st.tokens[: st.num_subspaces]
+            gate[stage] = stage_gate_mass(features(), tokens, samples, task_unit, m.epsilon, m.ssa)
+
+    def eval_records(self, st, stage, task_names):
+        from fcit_hpc.methods.dko_diagnostics import stage_record
+
+        return [stage_record(st, stage, task_names)]
+
+    def summary(self, st):
+        from fcit_hpc.methods.dko_diagnostics import summary
+
+        return summary(st)
+
+    def report_lines(self, st, fmt):
+        from fcit_hpc.methods.dko_diagnostics import report_lines
+
+        return report_lines(st, fmt)
+
     def set_inference(self, adapter, state, features):
         """SSA: α [B, S_live] from the batch's features [B, D], one gate row per sample."""
         import torch

@@ -15,7 +15,7 @@ import os
 import socket
 from pathlib import Path
 
-from fcit_hpc.errors import ConfigError, StorageError
+from fcit_hpc.errors import ConfigError, StorageError, one_line
 
 LOCK_FILE = ".fcit.lock"
 
@@ -50,7 +50,7 @@ def acquire(run_dir: str | Path) -> RunLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise StorageError(f"{path}: cannot create the run's lock file ({_reason(e)})") from None
+        raise StorageError(f"{path}: cannot create the run's lock file ({one_line(e)})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -62,13 +62,13 @@ def acquire(run_dir: str | Path) -> RunLock:
         ) from None
     except OSError as e:  # a file system without flock support
         os.close(fd)
-        raise StorageError(f"{path}: cannot lock the run directory ({_reason(e)})") from None
+        raise StorageError(f"{path}: cannot lock the run directory ({one_line(e)})") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (owner_line() + "\n").encode(), 0)
     except OSError as e:
         os.close(fd)
-        raise StorageError(f"{path}: cannot write the run's lock file ({_reason(e)})") from None
+        raise StorageError(f"{path}: cannot write the run's lock file ({one_line(e)})") from None
     return RunLock(run_dir, fd)
 
 
@@ -78,7 +78,3 @@ def _read_owner(fd: int) -> str:
     except OSError:
         text = ""
     return text or "owner unknown"
-
-
-def _reason(e: OSError) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -22,25 +22,19 @@ Layout::
     /method/<name>/<array>   numeric [*]          the method's own state (absent for methods
                                                   without one), written, read and validated by
                                                   the method (``Method.init_state`` /
-                                                  ``validate_state``); e.g. EWC's fisher, anchor
+                                                  ``validate_state``); e.g. EWC's fisher, anchor,
+                                                  DISCO's DKO diagnostics
     /method/<name>           attrs: the method's integer counters (EWC: stages)
-    /dko/samples             int64   [S_max, U]     DKO diagnostics (identity methods only; absent
-                                                  otherwise and in older files): accepted samples
-                                                  per subspace (the DKO decision) x data unit U
-                                                  (a stage's data: its task in the task setting)
-    /dko/task_unit           int64   [tasks]        the data unit of each test task (-1: none)
-    /dko/gate_mass           float64 [stages, tasks] mean SSA gate mass on the task's subspaces
-                                                  (those whose majority unit is the task's) after
-                                                  each stage's evaluation (NaN: not evaluated)
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 
-Versions: 2 (current) puts a method's own state under ``/method/<name>`` and gives every dataset
-an attribute ``sha256``, the hex SHA-256 of its values' bytes (C order, as stored: records packed
-field by field), verified on every load: a changed byte inside any dataset's values is refused
-naming the dataset. 1 (before) held EWC's state in ``/ewc`` (fisher, anchor, attrs stages; empty
-for other methods), had no checksums, and loads unverified through :func:`_migrate_v1`. Other
-versions are refused, naming the version.
+Versions: 3 (current) keeps DISCO's DKO diagnostics under ``/method/disco`` (samples, task_unit,
+gate_mass), where 2 had them in ``/dko``. 2 put a method's own state under ``/method/<name>`` and
+gave every dataset an attribute ``sha256``, the hex SHA-256 of its values' bytes (C order, as
+stored: records packed field by field), verified on every load: a changed byte inside any
+dataset's values is refused naming the dataset. 1 held EWC's state in ``/ewc`` (fisher, anchor,
+attrs stages; empty for other methods) and had no checksums. Versions 1 and 2 load through
+:func:`_migrate` (version 1 unverified); other versions are refused, naming the version.
 """
 
 from __future__ import annotations
@@ -56,10 +50,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fcit_hpc.errors import StateError, StorageError
+from fcit_hpc.errors import StateError, StorageError, one_line
 
-SCHEMA_VERSION = 2  # 2: /method/<name>, and a sha256 checksum attribute on every dataset
-READABLE_VERSIONS = (1, 2)  # 1: no checksums, EWC in /ewc: migrated on read (module doc)
+SCHEMA_VERSION = 3  # 3: DKO diagnostics in /method/disco; 2: /method/<name>, checksums
+READABLE_VERSIONS = (1, 2, 3)  # 1 and 2 migrated on read (module doc)
 CHECKSUM = "sha256"
 STATE_FILE = "state.h5"
 
@@ -105,6 +99,7 @@ class ClientStatus(IntEnum):
     NON_FINITE = 1  # update rejected: contains NaN/Inf
     WRONG_SHAPE = 2  # update rejected: not the subspace's size
     BAD_TOKEN = 3  # identity token rejected, the client trained nothing
+    OUT_OF_RANGE = 4  # update rejected: a value beyond MAX_ABS_UPDATE
 
 
 STATUS = {
@@ -112,6 +107,7 @@ STATUS = {
     ClientStatus.NON_FINITE: "rejected: non-finite update",
     ClientStatus.WRONG_SHAPE: "rejected: wrong shape",
     ClientStatus.BAD_TOKEN: "rejected: bad identity token",
+    ClientStatus.OUT_OF_RANGE: "rejected: values out of range",
 }
 # Fields that measure time or placement, not the federated computation (metrics.jsonl's
 # ``phases``, the phase timers, too: fcit_hpc.timers).
@@ -150,9 +146,6 @@ class RunState:
     summary: dict[str, float] = field(default_factory=dict)
     projector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     mixer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    dko_samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
-    dko_task_unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    dko_gate_mass: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     method: MethodState = field(default_factory=MethodState)
 
     def sides(self) -> dict[str, np.ndarray]:
@@ -190,8 +183,7 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise StorageError(
-            f"{final}: cannot write the state file ({_one_line(e)}); the previous state is "
-            "unchanged"
+            f"{final}: cannot write the state file ({one_line(e)}); the previous state is unchanged"
         ) from None
     except BaseException:
         with contextlib.suppress(OSError):
@@ -201,13 +193,9 @@ def write_state(run_dir: str | Path, st: RunState) -> Path:
         _fsync_dir(run_dir)
     except OSError as e:
         raise StorageError(
-            f"{final}: written, but its directory could not be synced ({_one_line(e)})"
+            f"{final}: written, but its directory could not be synced ({one_line(e)})"
         ) from None
     return final
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _write_h5(path: Path, st: RunState) -> None:
@@ -243,11 +231,6 @@ def _write_h5(path: Path, st: RunState) -> None:
             ev.attrs[k] = float(v)
         if st.method.name:  # methods without a state of their own write no group
             _write_method(f, st.method)
-        if st.dko_samples.size:  # identity methods only: other methods' files stay as they were
-            dk = f.create_group("dko")
-            dk.create_dataset("samples", data=np.asarray(st.dko_samples, np.int64))
-            dk.create_dataset("task_unit", data=np.asarray(st.dko_task_unit, np.int64))
-            dk.create_dataset("gate_mass", data=np.asarray(st.dko_gate_mass, np.float64))
         _add_checksums(f)
 
 
@@ -276,7 +259,7 @@ def _verify_checksums(r: _Reader) -> None:
         if isinstance(want, bytes | np.bytes_):
             want = bytes(want).decode("utf-8", "replace")
         if not isinstance(want, str):
-            raise r.fail(f"/{name} carries no {CHECKSUM} checksum (schema version 2 has one)")
+            raise r.fail(f"/{name} carries no {CHECKSUM} checksum (schema version 2 on has one)")
         if _values_digest(obj) != want:
             raise r.fail(
                 f"/{name}: checksum mismatch: its values changed after they were written (a "
@@ -393,7 +376,7 @@ def _read(r: _Reader) -> RunState:
             raise r.fail(f"/server_opt/{k} shape {so[k].shape} != {adapter.shape}")
     projector = r.array("global/projector", np.float32, 1, optional=True)
     mixer = r.array("global/mixer", np.float32, 1, optional=True)
-    method = _migrate_v1(r) if version == 1 else _read_method(r)
+    method = _migrate(r, version) if version < SCHEMA_VERSION else _read_method(r)
     accuracy = r.array("eval/accuracy", np.float64, 2)
     stages, tasks = accuracy.shape
     first_stage = r.array("eval/first_stage", np.int64, 1)
@@ -413,7 +396,6 @@ def _read(r: _Reader) -> RunState:
         if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.number):
             raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
         summary[k] = float(v)
-    dko = _read_dko(r, s_max, accuracy.shape)
     stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
     done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
     if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
@@ -441,9 +423,6 @@ def _read(r: _Reader) -> RunState:
         summary=summary,
         projector=projector,
         mixer=mixer,
-        dko_samples=dko[0],
-        dko_task_unit=dko[1],
-        dko_gate_mass=dko[2],
         method=method,
     )
     if version >= 2:  # after the structure's checks, whose messages say more about an edit
@@ -471,10 +450,31 @@ def _read_method(r: _Reader) -> MethodState:
     return MethodState(name, arrays, counters)
 
 
-def _migrate_v1(r: _Reader) -> MethodState:
-    """Version 1 held EWC's state in ``/ewc`` (fisher, anchor float32 [P]; attrs stages), for
-    every method, empty unless EWC consolidated a stage: moved to ``/method/ewc`` when not
-    empty (an empty one is what ``EWC.init_state`` makes anew)."""
+def _migrate(r: _Reader, version: int) -> MethodState:
+    """The method state of a version-1 or -2 file. Version 1 held EWC's state in ``/ewc``
+    (fisher, anchor float32 [P]; attrs stages) for every method, empty unless EWC consolidated a
+    stage: moved to ``/method/ewc`` when not empty (an empty one is what ``EWC.init_state`` makes
+    anew). Versions 1 and 2 held DISCO's DKO diagnostics in ``/dko`` (samples, task_unit,
+    gate_mass): moved to ``/method/disco`` (DISCO had no other state; a file without ``/dko``,
+    written before the diagnostics, gets them rebuilt from its client records)."""
+    ms = _read_method(r) if version == 2 else _ewc_v1(r)
+    if r.group("dko", optional=True) is None:
+        return ms
+    if ms.name:
+        raise r.fail(f"/dko beside the state of method {ms.name!r}")
+    for name in ("samples", "task_unit"):
+        obj = r.f.get(f"dko/{name}")
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in "iu":
+            raise r.fail(f"/dko/{name} holds {obj.dtype}, not integers")
+    arrays = {
+        "samples": r.array("dko/samples", np.int64, 2),
+        "task_unit": r.array("dko/task_unit", np.int64, 1),
+        "gate_mass": r.array("dko/gate_mass", np.float64, 2),
+    }
+    return MethodState("disco", arrays)
+
+
+def _ewc_v1(r: _Reader) -> MethodState:
     ewc = r.group("ewc", optional=True)
     if ewc is None:
         return MethodState()
@@ -484,32 +484,6 @@ def _migrate_v1(r: _Reader) -> MethodState:
     if not (fisher.size or anchor.size or stages):
         return MethodState()
     return MethodState("ewc", {"fisher": fisher, "anchor": anchor}, {"stages": stages})
-
-
-def _read_dko(
-    r: _Reader, s_max: int, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """/dko (samples, task_unit, gate_mass); empty arrays when the group is absent (methods
-    without identity tokens, files written before the DKO diagnostics)."""
-    if r.group("dko", optional=True) is None:
-        return np.zeros((0, 0), np.int64), np.zeros(0, np.int64), np.zeros((0, 0))
-    for name in ("samples", "task_unit"):
-        obj = r.f.get(f"dko/{name}")
-        if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in "iu":
-            raise r.fail(f"/dko/{name} holds {obj.dtype}, not integers")
-    samples = r.array("dko/samples", np.int64, 2)
-    task_unit = r.array("dko/task_unit", np.int64, 1)
-    gate = r.array("dko/gate_mass", np.float64, 2)
-    units = samples.shape[1]
-    if samples.shape[0] != s_max or units == 0 or (samples < 0).any():
-        raise r.fail(
-            f"/dko/samples has shape {samples.shape}, expected ({s_max}, units >= 1) of counts >= 0"
-        )
-    if task_unit.shape != (shape[1],) or ((task_unit < -1) | (task_unit >= units)).any():
-        raise r.fail(f"/dko/task_unit does not give one unit in [-1, {units}) per task")
-    if gate.shape != shape:
-        raise r.fail(f"/dko/gate_mass has shape {gate.shape}, /eval/accuracy {shape}")
-    return samples, task_unit, gate
 
 
 def comparable_content(run_dir: str | Path) -> dict[str, np.ndarray]:

@@ -97,39 +97,16 @@ def interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["M", "R", "r", "G"])  # a new S·r or M: no recompilation
-def _shrink_kernel(
-    x_ptr,
-    a_ptr,
-    alpha_ptr,
-    h_ptr,
-    M,
-    K,
-    R,
-    r,
-    G,  # rows per α row: row m is gated by α[m // G]
-    scaling,
-    sxm,
-    sxk,
-    sar,
-    sak,
-    salm,
-    sals,
-    shm,
-    shr,
-    BM: tl.constexpr,
-    BR: tl.constexpr,
-    BK: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """h[m, j] (+)= scaling · α[m // G, j // r] · Σ_{k in this program's K slice} x[m, k] A[j, k]"""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rr = pid_r * BR + tl.arange(0, BR)
+@triton.jit
+def _shrink_tile(
+    x_ptr, a_ptr, alpha_ptr, h_ptr, rm, rr, pid_k, M, K, R, r, G, scaling,
+    sxm, sxk, sar, sak, salm, sals, shm, shr,
+    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The shrink of one tile, rows ``rm`` [BM] x columns ``rr`` [BR] of h over K slice
+    ``pid_k`` of SPLIT_K: h[m, j] (+)= scaling · α[m // G, j // r] · Σ_k x[m, k] A[j, k]
+    (stored, or added atomically when K is split). The split and the fused kernels' one copy."""
     rk = tl.arange(0, BK)
     k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * k_span
@@ -161,6 +138,42 @@ def _shrink_kernel(
         tl.store(hp, acc, mask=mask)
     else:
         tl.atomic_add(hp, acc, mask=mask, sem="relaxed")  # kernel end orders it for the expand
+
+
+@triton.jit(do_not_specialize=["M", "R", "r", "G"])  # a new S·r or M: no recompilation
+def _shrink_kernel(
+    x_ptr,
+    a_ptr,
+    alpha_ptr,
+    h_ptr,
+    M,
+    K,
+    R,
+    r,
+    G,  # rows per α row: row m is gated by α[m // G]
+    scaling,
+    sxm,
+    sxk,
+    sar,
+    sak,
+    salm,
+    sals,
+    shm,
+    shr,
+    BM: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """h[m, j] (+)= scaling · α[m // G, j // r] · Σ_{k in this program's K slice} x[m, k] A[j, k]"""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.program_id(1) * BR + tl.arange(0, BR)
+    _shrink_tile(
+        x_ptr, a_ptr, alpha_ptr, h_ptr, rm, rr, tl.program_id(2), M, K, R, r, G, scaling,
+        sxm, sxk, sar, sak, salm, sals, shm, shr, BM, BR, BK, SPLIT_K, PREC, UPCAST,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "R"])
@@ -259,40 +272,11 @@ def _fused_decode_kernel(
     n_expand = tl.cdiv(N, BN)
     rm = tl.arange(0, 16)  # BM = 16 rows (M ≤ 16): a literal, no local constexpr (Triton 3.6)
     if pid < n_shrink:
-        pid_r = pid // SPLIT_K
-        pid_k = pid % SPLIT_K
-        rr = pid_r * BRS + tl.arange(0, BRS)
-        rk = tl.arange(0, BK)
-        k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
-        k_lo = pid_k * k_span
-        k_hi = tl.minimum(k_lo + k_span, K)
-        acc = tl.zeros((16, BRS), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + rk
-            xt = tl.load(
-                x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-                mask=(rm[:, None] < M) & (kk[None, :] < k_hi),
-                other=0.0,
-            )  # [16, BK]
-            at = tl.load(
-                a_ptr + rr[None, :] * sar + kk[:, None] * sak,
-                mask=(rr[None, :] < R) & (kk[:, None] < k_hi),
-                other=0.0,
-            )  # [BK, BRS]
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc = tl.dot(xt, at, acc, input_precision=PREC)
-        mask = (rm[:, None] < M) & (rr[None, :] < R)
-        g = tl.load(
-            alpha_ptr + (rm // G)[:, None] * salm + (rr // r)[None, :] * sals, mask=mask, other=0.0
-        )
-        acc = acc * (g.to(tl.float32) * scaling)
-        hp = h_ptr + rm[:, None] * RP + rr[None, :]
-        if SPLIT_K == 1:
-            tl.store(hp, acc, mask=mask)
-        else:
-            tl.atomic_add(hp, acc, mask=mask, sem="relaxed")
+        rr = (pid // SPLIT_K) * BRS + tl.arange(0, BRS)
+        _shrink_tile(
+            x_ptr, a_ptr, alpha_ptr, h_ptr, rm, rr, pid % SPLIT_K, M, K, R, r, G, scaling,
+            sxm, sxk, sar, sak, salm, sals, RP, 1, 16, BRS, BK, SPLIT_K, PREC, UPCAST,
+        )  # fmt: skip
         # every warp's h writes before the (one-thread) release increment, as cooperative
         # groups' grid sync does: CTA barrier, then a gpu-scope release by one thread
         tl.debug_barrier()

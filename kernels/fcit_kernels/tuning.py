@@ -269,32 +269,33 @@ def keys_before(calls: list[dict]) -> set:
     return out
 
 
-def keys_after(calls: list[dict]) -> set:
-    """This module's keys for the same calls (two-GEMM path at R ≥ TWO_GEMM_R: no key)."""
-    out = set()
+def _triton_calls(calls: list[dict]):
+    """(call, M, K, N, R, dtype, its kernels) of each recorded call that runs Triton kernels
+    (the two-GEMM path at R >= TWO_GEMM_R runs none): the fused one at decode sizes, else the
+    shrink and the expand."""
     for c in calls:
         M, K, N, R = c["M"], c["K"], c["N"], c["R"]
-        dt = getattr(torch, c["dtype"].replace("torch.", ""))
         if R >= TWO_GEMM_R:
             continue
-        if M <= DECODE_M and R <= FUSED_MAX_R:
-            out.add(key("fused", dt, M, f"{K}x{N}", R))
-        else:
-            out.add(key("shrink", dt, M, str(K), R))
-            out.add(key("expand", dt, M, str(N), R))
-    return out
+        dt = getattr(torch, c["dtype"].replace("torch.", ""))
+        ops = ("fused",) if M <= DECODE_M and R <= FUSED_MAX_R else ("shrink", "expand")
+        yield c, M, K, N, R, dt, ops
+
+
+def keys_after(calls: list[dict]) -> set:
+    """This module's keys for the same calls (two-GEMM path at R ≥ TWO_GEMM_R: no key)."""
+    return {
+        key(op, dt, M, {"fused": f"{K}x{N}", "shrink": str(K), "expand": str(N)}[op], R)
+        for _, M, K, N, R, dt, ops in _triton_calls(calls)
+        for op in ops
+    }
 
 
 def variants_after(calls: list[dict]) -> set:
     """Compiled kernel variants with a cold cache (heuristic configs): the constexprs and dtype
     (M, R, r, G are not specialised; K and N specialise only on divisibility by 16)."""
     out = set()
-    for c in calls:
-        M, K, N, R = c["M"], c["K"], c["N"], c["R"]
-        dt = getattr(torch, c["dtype"].replace("torch.", ""))
-        if R >= TWO_GEMM_R:
-            continue
-        ops = ("fused",) if M <= DECODE_M and R <= FUSED_MAX_R else ("shrink", "expand")
+    for c, M, K, N, R, dt, ops in _triton_calls(calls):
         for op in ops:
             cfg = heuristic(op, dt, M, K, N, R, False)
             extra = (("RP", r_bucket(R)),) if op == "fused" else ()

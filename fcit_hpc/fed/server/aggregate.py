@@ -15,6 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
+from fcit_hpc.errors import WireError
 from fcit_hpc.fed.strategies import Strategy, weighted_average
 from fcit_hpc.fed.wire import Update
 from fcit_hpc.methods.base import DkoDecision
@@ -62,6 +63,12 @@ class Aggregation:
     client_rows: np.ndarray
 
 
+# An update value beyond 2^50 is rejected: its square, FedOpt's second moment accumulated over the
+# rounds, would leave float32 (3.4e38) within a few rounds and freeze the subspace's server
+# optimizer at inf without a word. A LoRA delta is many orders of magnitude smaller.
+MAX_ABS_UPDATE = 2.0**50
+
+
 def update_status(u: Update, numel: int) -> ClientStatus:
     """Accepted, or why the update is rejected (logged)."""
     if u.delta.size != numel:
@@ -72,7 +79,26 @@ def update_status(u: Update, numel: int) -> ClientStatus:
     if not np.isfinite(u.delta).all():
         log.warning("client %d: update rejected, contains NaN/Inf", u.client)
         return ClientStatus.NON_FINITE
+    if u.delta.size and np.abs(u.delta).max() > MAX_ABS_UPDATE:
+        log.warning("client %d: update rejected, a value beyond %g", u.client, MAX_ABS_UPDATE)
+        return ClientStatus.OUT_OF_RANGE
     return ClientStatus.ACCEPTED
+
+
+def check_subspace(u: Update, info: RoundInfo, subspaces_of, s_max: int) -> tuple[int, ...]:
+    """The subspaces an update carries: the one DKO assigned its client (when DKO ran), each one
+    of the ``s_max`` slots; WireError naming the client otherwise."""
+    d = info.decisions.get(u.client)
+    if d is not None and d.subspace != u.subspace:
+        raise WireError(
+            f"update of client {u.client}: subspace = {u.subspace}, DKO assigned {d.subspace}"
+        )
+    ks = subspaces_of(u.subspace) if 0 <= u.subspace < s_max else (u.subspace,)
+    if not all(0 <= k < s_max for k in ks):
+        raise WireError(
+            f"update of client {u.client}: subspace = {u.subspace} is not one of the {s_max} slots"
+        )
+    return ks
 
 
 def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, sent, status):
@@ -94,14 +120,18 @@ def client_rows(
     numel: int,
     sides: dict[str, int] | None = None,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
+    s_max: int | None = None,
 ) -> tuple[np.ndarray, Accepted]:
     """(CLIENT_DTYPE rows sorted by client, the accepted updates split per subspace and side).
-    ``sides``: the size of each side vector, in upload order (module docstring)."""
+    ``sides``: the size of each side vector, in upload order (module docstring); ``s_max``: the
+    slots an update's subspace must be one of (None: not checked)."""
     sides = sides or {}
     acc = Accepted()
     rows = []
     for u in updates:
-        ks = subspaces_of(u.subspace)
+        if u.client not in info.placement:
+            raise WireError(f"update of client {u.client}: not a client of this round's plan")
+        ks = check_subspace(u, info, subspaces_of, s_max) if s_max else subspaces_of(u.subspace)
         status = update_status(u, len(ks) * numel + sum(sides.values()))
         if status == ClientStatus.ACCEPTED:
             for j, k in enumerate(ks):
@@ -146,7 +176,7 @@ def aggregate_round(
     ``st``."""
     numel = st.adapter.shape[1]
     sizes = {name: v.size for name, v in st.sides().items()}
-    rows, acc = client_rows(info, updates, numel, sizes, subspaces_of)
+    rows, acc = client_rows(info, updates, numel, sizes, subspaces_of, st.adapter.shape[0])
     for k in sorted(acc.subspaces):
         got = acc.subspaces[k]
         mean_delta = weighted_average([v for v, _ in got], [n for _, n in got])

@@ -1,5 +1,5 @@
 """RUN_DIR/metrics.jsonl: one JSON object per round and per evaluation (``kind``: round, eval; dko
-after each evaluation of an identity method, see :mod:`fcit_hpc.fed.server.diagnostics`; summary
+after each evaluation of DISCO, see :mod:`fcit_hpc.methods.dko_diagnostics`; summary
 at the end), written by the server."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
-    def rewrite(self, st: RunState, task_names) -> None:
-        """Regenerate the log from the state (on resume: drops lines of an unfinished round)."""
-        from fcit_hpc.fed.server.diagnostics import stage_record
-
+    def rewrite(self, st: RunState, task_names, method=None) -> None:
+        """Regenerate the log from the state (on resume: drops lines of an unfinished round);
+        ``method``: the run's, whose own lines follow each evaluation's."""
         old = self.old_phases()
         lines = [
             self.with_phases(
@@ -34,8 +33,8 @@ class MetricsLog:
             if not np.isnan(st.accuracy[t]).all():
                 line = self.eval_line(t, st.accuracy[t], task_names)
                 lines.append(self.with_phases(line, old.get(("eval", t, None))))
-                if st.dko_samples.size:  # identity methods: the stage's DKO diagnostics
-                    lines.append(stage_record(st, t, task_names))
+                if method is not None:  # DISCO: the stage's DKO diagnostics
+                    lines += method.eval_records(st, t, task_names)
         lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
         if st.summary and st.done:  # a resumed finished run keeps its summary line
             stages = st.accuracy.shape[0]

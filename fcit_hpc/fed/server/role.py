@@ -13,18 +13,11 @@ import torch
 from fcit_hpc.errors import StateError
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
-from fcit_hpc.fed.server.diagnostics import add_samples, stage_gate_mass, stage_record
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
-from fcit_hpc.fed.server.run_state import (
-    check_dko,
-    check_state,
-    init_dko,
-    init_method_state,
-    init_state,
-)
+from fcit_hpc.fed.server.run_state import check_state, init_method_state, init_state
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
@@ -42,6 +35,7 @@ class Server(Role):
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.dko_result = DkoResult()
         self.bar = None
+        self.planned: set[int] = set()  # the client ids of the last plan
         data, method = ctx.data, ctx.method
         dim = ctx.encoder.dim if ctx.encoder is not None else 1
         shape = (data.num_stages, data.num_tasks)
@@ -62,9 +56,7 @@ class Server(Role):
                 shape,
                 dim,
             )
-            if method.uses_identity:  # DKO diagnostics: made (or rebuilt) here, then checked
-                init_dko(state, where, stages, data.num_tasks)
-                check_dko(state, where, stages, data.num_tasks)
+            method.prepare_state(state, where, stages, data.num_tasks)
         except StateError as e:  # only rank 0 holds the state: it ends the whole job
             e.rank_local = True
             raise
@@ -72,7 +64,7 @@ class Server(Role):
         self.test_features = None  # identity features of every test sample (gate mass), cached
         if state.rng_torch.size:
             torch.set_rng_state(torch.from_numpy(state.rng_torch.copy()))
-        self.metrics.rewrite(state, data.task_names)
+        self.metrics.rewrite(state, data.task_names, method)
 
     def cursor(self):
         return np.array([self.st.stage, self.st.round, int(self.st.done)], np.int64)
@@ -86,13 +78,17 @@ class Server(Role):
         self.bar = tqdm(total=total, initial=done, desc="fcit", unit="round", dynamic_ncols=True)
 
     def plan(self, stage, round_):
-        return plan_round(self.ctx.cfg, self.ctx.data.schedule, stage, round_, self.ctx.comm.size)
+        plan = plan_round(self.ctx.cfg, self.ctx.data.schedule, stage, round_, self.ctx.comm.size)
+        self.planned = {int(c) for c in plan[:, 0]}  # who may send in this phase
+        return plan
 
     def state(self):
         return self.st
 
     def dko(self, heads, values):
-        self.dko_result = run_dko(self.st, self.ctx.method, unpack_tokens(heads, values))
+        self.dko_result = run_dko(
+            self.st, self.ctx.method, unpack_tokens(heads, values, self.planned)
+        )
         return self.dko_result.assignment()
 
     def use_subspace(self, k):
@@ -105,12 +101,11 @@ class Server(Role):
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
         with phase("aggregate"):
-            updates = unpack_updates(heads, values)
+            updates = unpack_updates(heads, values, {int(c) for c in plan[:, 0]})
             agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
             self.dko_result = DkoResult()
             st.append_metrics(agg.round_row, agg.client_rows)
-            if st.dko_samples.size:
-                add_samples(st.dko_samples, agg.client_rows)
+            ctx.method.after_round(st, agg.client_rows)
             st.stage, st.round = stage, round_
             torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
             st.rng_torch = torch.get_rng_state().numpy().copy()
@@ -130,7 +125,8 @@ class Server(Role):
         return np.array([0 if done else 1], np.int64)
 
     def merge_stage_end(self, stage, heads, values):
-        merge_stage_end(self.st, self.ctx.method, unpack_tokens(heads, values), stage)
+        uploads = unpack_tokens(heads, values, self.planned)
+        merge_stage_end(self.st, self.ctx.method, uploads, stage)
 
     def needs_eval(self, stage):
         return np.array([1 if np.isnan(self.st.accuracy[stage]).all() else 0], np.int64)
@@ -151,26 +147,12 @@ class Server(Role):
         self.st.accuracy[stage] = result.accuracy
         st = self.st
         with phase("eval"):
-            self._gate_mass(stage)
+            features = self.features if self.ctx.encoder is not None else None
+            self.ctx.method.after_eval(st, stage, features)
         line = MetricsLog.eval_line(stage, result.accuracy, data.task_names)
         self.metrics.append(MetricsLog.with_phases(line, self._phases(phases)))
-        if st.dko_samples.size:
-            self.metrics.append(stage_record(st, stage, data.task_names))
-
-    def _gate_mass(self, stage) -> None:
-        """Identity methods: the SSA gate mass of the DKO diagnostics after an evaluation."""
-        st = self.st
-        if st.dko_samples.size:
-            if self.ctx.encoder is not None:
-                m = self.ctx.cfg.method
-                st.dko_gate_mass[stage] = stage_gate_mass(
-                    self.features(),
-                    st.tokens[: st.num_subspaces],
-                    st.dko_samples,
-                    st.dko_task_unit,
-                    m.epsilon,
-                    m.ssa,
-                )
+        for record in self.ctx.method.eval_records(st, stage, data.task_names):
+            self.metrics.append(record)
 
     def features(self) -> list[np.ndarray | None]:
         """Identity features [M_t, D] of each task's test samples (None: no tests), encoded once

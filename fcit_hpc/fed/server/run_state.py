@@ -12,48 +12,6 @@ from fcit_hpc.seeds import SALT_ADAPTER_INIT, derive_seed
 from fcit_hpc.state.schema import RunState
 
 
-def init_dko(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
-    """An identity method's DKO diagnostics when the state has none (a fresh state, or a file
-    written before them: the counts come from its client records, as they would have
-    accumulated); see :mod:`fcit_hpc.fed.server.diagnostics`."""
-    from fcit_hpc.fed.server.diagnostics import samples_from_clients, task_units
-
-    if st.dko_samples.size:
-        return
-    _check_client_records(st, where, len(stages))
-    st.dko_samples = samples_from_clients(st.clients, st.adapter.shape[0], len(stages))
-    st.dko_task_unit = task_units(stages, num_tasks)
-    st.dko_gate_mass = np.full(st.accuracy.shape, np.nan)
-
-
-def _check_client_records(st: RunState, where, units: int) -> None:
-    c = st.clients
-    if ((c["unit"] < 0) | (c["unit"] >= units) | (c["subspace"] >= st.adapter.shape[0])).any():
-        raise StateError(f"{where}: /metrics/clients holds data units or subspaces out of range")
-
-
-def check_dko(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
-    """Stored DKO diagnostics must fit the benchmark and agree with the client records."""
-    from fcit_hpc.fed.server.diagnostics import samples_from_clients, task_units
-
-    s_max, units = st.adapter.shape[0], len(stages)
-    if st.dko_samples.shape != (s_max, units):
-        raise StateError(
-            f"{where}: /dko/samples shape {st.dko_samples.shape} does not fit ({s_max}, {units}) "
-            "(subspaces x data units)"
-        )
-    if not np.array_equal(st.dko_task_unit, task_units(stages, num_tasks)):
-        raise StateError(f"{where}: /dko/task_unit does not fit the benchmark's stages")
-    if st.dko_gate_mass.shape != st.accuracy.shape:
-        raise StateError(
-            f"{where}: /dko/gate_mass shape {st.dko_gate_mass.shape}, /eval/accuracy "
-            f"{st.accuracy.shape}"
-        )
-    _check_client_records(st, where, units)
-    if not np.array_equal(st.dko_samples, samples_from_clients(st.clients, s_max, units)):
-        raise StateError(f"{where}: /dko/samples does not agree with /metrics/clients")
-
-
 def init_state(
     cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy, projector=None
 ):

@@ -1,5 +1,6 @@
-"""DKO diagnostics (identity methods: DISCO and its SSA variants): which data each subspace
-received, how pure it is, and how much of the SSA gate lands on the right subspaces at test time.
+"""DKO diagnostics, DISCO's own (``Disco``'s diagnostics hooks call these): which data each
+subspace received, how pure it is, and how much of the SSA gate lands on the right subspaces at
+test time. Stored as DISCO's own state (``/method/disco`` in ``state.h5``, :func:`fresh`).
 
 Labels are data units: unit u is the data of stage u (``Schedule.stages[u]``), so in the task
 setting a unit is one task; in the capability setting a capability group. Every accepted update
@@ -21,7 +22,26 @@ import json
 
 import numpy as np
 
-from fcit_hpc.state.schema import ClientStatus, RunState
+from fcit_hpc.errors import StateError
+from fcit_hpc.state.schema import ClientStatus, MethodState, RunState
+
+
+def fresh(name: str) -> MethodState:
+    """The diagnostics before :func:`init` sizes them: ``samples`` int64 [S_max, U] accepted
+    samples per subspace (the DKO decision) x data unit, ``task_unit`` int64 [tasks] each test
+    task's unit (-1: none), ``gate_mass`` float64 [stages, tasks] (NaN: not evaluated)."""
+    arrays = {
+        "samples": np.zeros((0, 0), np.int64),
+        "task_unit": np.zeros(0, np.int64),
+        "gate_mass": np.zeros((0, 0)),
+    }
+    return MethodState(name, arrays)
+
+
+def stored(st: RunState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(samples, task_unit, gate_mass) of the state (views: writes go to the state)."""
+    a = st.method.arrays
+    return a["samples"], a["task_unit"], a["gate_mass"]
 
 
 def add_samples(counts: np.ndarray, rows: np.ndarray) -> None:
@@ -157,25 +177,104 @@ def live_after(st: RunState, stage: int) -> int:
 
 def stage_record(st: RunState, stage: int, task_names: list[str]) -> str:
     """The dko line of an evaluated stage, from the stored state alone (also on resume)."""
-    counts = samples_from_clients(st.clients, *st.dko_samples.shape, stage=stage)
-    rec = dko_record(
-        stage,
-        counts,
-        live_after(st, stage),
-        st.dko_gate_mass[stage],
-        st.dko_task_unit,
-        list(task_names),
-    )
+    samples, task_unit, gate = stored(st)
+    counts = samples_from_clients(st.clients, *samples.shape, stage=stage)
+    rec = dko_record(stage, counts, live_after(st, stage), gate[stage], task_unit, list(task_names))
     return json.dumps(rec)
 
 
 def summary(st: RunState) -> dict[str, float]:
     """The run summary's DKO entries: ``purity`` (sample-weighted, final counts) and
     ``gate_mass`` (overall, at the last evaluated stage; absent without evaluation)."""
-    out = {"purity": purity(st.dko_samples[: st.num_subspaces])[1]}
-    done = [s for s in range(len(st.dko_gate_mass)) if not np.isnan(st.dko_gate_mass[s]).all()]
+    samples, task_unit, gate = stored(st)
+    out = {"purity": purity(samples[: st.num_subspaces])[1]}
+    done = [s for s in range(len(gate)) if not np.isnan(gate[s]).all()]
     if done:
         s = done[-1]
-        counts = samples_from_clients(st.clients, *st.dko_samples.shape, stage=s)
-        out["gate_mass"] = overall_gate_mass(st.dko_gate_mass[s], counts, st.dko_task_unit)
+        counts = samples_from_clients(st.clients, *samples.shape, stage=s)
+        out["gate_mass"] = overall_gate_mass(gate[s], counts, task_unit)
     return out
+
+
+def init(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
+    """The diagnostics when the state has none (a fresh state, or a file written before them:
+    the counts come from its client records, as they would have accumulated)."""
+    if stored(st)[0].size:
+        return
+    _check_client_records(st, where, len(stages))
+    st.method.arrays.update(
+        samples=samples_from_clients(st.clients, st.adapter.shape[0], len(stages)),
+        task_unit=task_units(stages, num_tasks),
+        gate_mass=np.full(st.accuracy.shape, np.nan),
+    )
+
+
+def _check_client_records(st: RunState, where, units: int) -> None:
+    c = st.clients
+    if ((c["unit"] < 0) | (c["unit"] >= units) | (c["subspace"] >= st.adapter.shape[0])).any():
+        raise StateError(f"{where}: /metrics/clients holds data units or subspaces out of range")
+
+
+def check(st: RunState, where, stages: list[list[int]], num_tasks: int) -> None:
+    """Stored diagnostics must fit the benchmark and agree with the client records."""
+    s_max, units = st.adapter.shape[0], len(stages)
+    samples, task_unit, gate = stored(st)
+    at = f"/method/{st.method.name}"
+    if samples.shape != (s_max, units):
+        raise StateError(
+            f"{where}: {at}/samples shape {samples.shape} does not fit ({s_max}, {units}) "
+            "(subspaces x data units)"
+        )
+    if not np.array_equal(task_unit, task_units(stages, num_tasks)):
+        raise StateError(f"{where}: {at}/task_unit does not fit the benchmark's stages")
+    if gate.shape != st.accuracy.shape:
+        raise StateError(
+            f"{where}: {at}/gate_mass shape {gate.shape}, /eval/accuracy {st.accuracy.shape}"
+        )
+    _check_client_records(st, where, units)
+    if not np.array_equal(samples, samples_from_clients(st.clients, s_max, units)):
+        raise StateError(f"{where}: {at}/samples does not agree with /metrics/clients")
+
+
+def report_lines(st: RunState, fmt) -> list[str]:
+    """The report's section (``fmt``: the report's number format); none without diagnostics."""
+    counts, task_unit, gate = stored(st)
+    if not counts.size:
+        return []
+    names = st.task_names or [f"task{i}" for i in range(st.accuracy.shape[1])]
+    live = st.num_subspaces
+    units = unit_names(task_unit, names, counts.shape[1])
+    per, weighted, plain = purity(counts[:live])
+    major = majority(counts[:live])
+    lines = [
+        "## DKO diagnostics",
+        "",
+        f"Subspaces found: {live}. Purity (share of a subspace's accepted samples from its "
+        f"majority task): {fmt(weighted)} sample-weighted over subspaces, {fmt(plain)} plain "
+        "mean over subspaces.",
+        "",
+        "| subspace | samples | " + " | ".join(units) + " | majority | purity |",
+        "|---" * (len(units) + 4) + "|",
+    ]
+    for k in range(live):
+        lines.append(
+            f"| S{k} | {int(counts[k].sum())} | "
+            + " | ".join(str(int(x)) for x in counts[k])
+            + f" | {units[major[k]] if major[k] >= 0 else '–'} | {fmt(per[k])} |"
+        )
+    lines += [
+        "",
+        "Gate mass on the right subspaces after each stage's evaluation: per test sample, the "
+        "sum of its SSA α over the subspaces whose majority task is the sample's (0 when none), "
+        "averaged per task; mean over the tasks trained so far.",
+        "",
+        "| after stage | " + " | ".join(names) + " | mean (trained) |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for s_ in range(len(gate)):
+        if np.isnan(gate[s_]).all():
+            continue
+        c = samples_from_clients(st.clients, *counts.shape, stage=s_)
+        mean = overall_gate_mass(gate[s_], c, task_unit)
+        lines.append(f"| {s_} | " + " | ".join(fmt(x) for x in gate[s_]) + f" | {fmt(mean)} |")
+    return lines + [""]
