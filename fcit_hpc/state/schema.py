@@ -32,6 +32,12 @@ Layout::
     /dko/gate_mass           float64 [stages, tasks] mean SSA gate mass on the task's subspaces
                                                   (those whose majority unit is the task's) after
                                                   each stage's evaluation (NaN: not evaluated)
+    /privacy/norms           compound [n_uploads] NORM_DTYPE: each DP upload's L2 norm before
+                                                  clipping and the bound C it was clipped to
+    /privacy/epsilon         float64 [stages]     ε at privacy.dp_delta after each stage (NaN:
+                                                  not reached); /privacy attrs: clip (the
+                                                  adaptive bound C of the next round). Written
+                                                  only with privacy.dp on; absent otherwise
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 
@@ -98,6 +104,13 @@ CLIENT_DTYPE = np.dtype(
 )
 
 
+# one record per client update under DP (fcit_hpc.fed.privacy): its L2 norm before clipping, and
+# the bound C it was clipped to
+NORM_DTYPE = np.dtype(
+    [("stage", "i4"), ("round", "i4"), ("client", "i4"), ("norm", "f8"), ("clip", "f8")]
+)
+
+
 class ClientStatus(IntEnum):
     """What the server did with a client's round (stored as ``/clients.status``)."""
 
@@ -105,6 +118,7 @@ class ClientStatus(IntEnum):
     NON_FINITE = 1  # update rejected: contains NaN/Inf
     WRONG_SHAPE = 2  # update rejected: not the subspace's size
     BAD_TOKEN = 3  # identity token rejected, the client trained nothing
+    DROPPED = 4  # trained, but its upload never arrived (federation.dropout)
 
 
 STATUS = {
@@ -112,6 +126,7 @@ STATUS = {
     ClientStatus.NON_FINITE: "rejected: non-finite update",
     ClientStatus.WRONG_SHAPE: "rejected: wrong shape",
     ClientStatus.BAD_TOKEN: "rejected: bad identity token",
+    ClientStatus.DROPPED: "dropped: no upload",
 }
 # Fields that measure time or placement, not the federated computation (metrics.jsonl's
 # ``phases``, the phase timers, too: fcit_hpc.timers).
@@ -154,6 +169,9 @@ class RunState:
     dko_task_unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dko_gate_mass: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     method: MethodState = field(default_factory=MethodState)
+    privacy_norms: np.ndarray = field(default_factory=lambda: np.zeros(0, NORM_DTYPE))
+    privacy_epsilon: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [stages]
+    privacy_clip: float = float("nan")
 
     def sides(self) -> dict[str, np.ndarray]:
         """The side vectors clients train beside their subspaces and the server averages
@@ -248,6 +266,11 @@ def _write_h5(path: Path, st: RunState) -> None:
             dk.create_dataset("samples", data=np.asarray(st.dko_samples, np.int64))
             dk.create_dataset("task_unit", data=np.asarray(st.dko_task_unit, np.int64))
             dk.create_dataset("gate_mass", data=np.asarray(st.dko_gate_mass, np.float64))
+        if st.privacy_epsilon.size:  # privacy.dp on only: other runs' files stay as they were
+            pv = f.create_group("privacy")
+            pv.attrs["clip"] = float(st.privacy_clip)
+            pv.create_dataset("norms", data=np.asarray(st.privacy_norms, NORM_DTYPE))
+            pv.create_dataset("epsilon", data=np.asarray(st.privacy_epsilon, np.float64))
         _add_checksums(f)
 
 
@@ -414,6 +437,7 @@ def _read(r: _Reader) -> RunState:
             raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
         summary[k] = float(v)
     dko = _read_dko(r, s_max, accuracy.shape)
+    privacy = _read_privacy(r, stages)
     stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
     done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
     if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
@@ -445,6 +469,9 @@ def _read(r: _Reader) -> RunState:
         dko_task_unit=dko[1],
         dko_gate_mass=dko[2],
         method=method,
+        privacy_norms=privacy[0],
+        privacy_epsilon=privacy[1],
+        privacy_clip=privacy[2],
     )
     if version >= 2:  # after the structure's checks, whose messages say more about an edit
         _verify_checksums(r)
@@ -510,6 +537,23 @@ def _read_dko(
     if gate.shape != shape:
         raise r.fail(f"/dko/gate_mass has shape {gate.shape}, /eval/accuracy {shape}")
     return samples, task_unit, gate
+
+
+def _read_privacy(r: _Reader, stages: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """/privacy (norms, epsilon, clip); empty when the group is absent (DP off)."""
+    g = r.group("privacy", optional=True)
+    if g is None:
+        return np.zeros(0, NORM_DTYPE), np.zeros(0), float("nan")
+    norms = r.records("privacy/norms", NORM_DTYPE)
+    eps = r.array("privacy/epsilon", np.float64, 1)
+    if eps.shape != (stages,):
+        raise r.fail(f"/privacy/epsilon has shape {eps.shape}, expected ({stages},) (stages)")
+    clip = g.attrs.get("clip")
+    if isinstance(clip, bool | np.bool_) or not isinstance(clip, float | np.floating):
+        raise r.fail(f"attribute clip of privacy is {clip!r}, not a number")
+    if not float(clip) > 0:
+        raise r.fail(f"attribute clip of privacy is {float(clip)!r}, not a bound > 0")
+    return norms, eps, float(clip)
 
 
 def comparable_content(run_dir: str | Path) -> dict[str, np.ndarray]:
