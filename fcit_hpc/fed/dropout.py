@@ -12,7 +12,8 @@ SALT_DROPOUT = 5_003
 
 
 def dropped_clients(seed: int, stage: int, round_: int, trainers: list[int], share: float) -> set:
-    """round(share · n) of the round's n training clients (sorted ids), drawn without replacement."""
+    """round(share · n) of the round's n training clients (sorted ids), drawn without
+    replacement."""
     n = round(share * len(trainers))
     if n == 0:
         return set()

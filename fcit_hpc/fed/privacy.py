@@ -27,6 +27,7 @@ invariant and a resumed run bitwise equal.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -70,8 +71,9 @@ def delta_multiplier(z: float, count_std: float) -> float:
     return (z**-2 - (2 * count_std) ** -2) ** -0.5
 
 
-def next_clip(bound: float, clipped_bits: list[int], count_std: float, lr: float,
-              quantile: float, seed: int) -> float:
+def next_clip(
+    bound: float, clipped_bits: list[int], count_std: float, lr: float, quantile: float, seed: int
+) -> float:
     """C ← C·exp(−η_C (b̄ − γ)), b̄ = (Σ b_i + N(0, σ_b²)) / m; b_i = 1[‖Δ_i‖ ≤ C]."""
     m = len(clipped_bits)
     if m == 0:
@@ -102,8 +104,14 @@ def epsilon(z: float, q: float, steps: int, delta: float, orders=None) -> float:
         return 0.0
     acc = rdp.RdpAccountant(orders) if orders is not None else rdp.RdpAccountant()
     event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
-    acc.compose(dp_event.SelfComposedDpEvent(event, steps))
-    return float(acc.get_epsilon(delta))
+    absl = logging.getLogger("absl")  # it warns for each fractional order it cannot use
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc.compose(dp_event.SelfComposedDpEvent(event, steps))
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,17 @@ class PrivateUpload:
     """What happens to each update of this rank's clients before it leaves (``prepare``), and
     the DP norm records it sends beside them (``norm_rows``)."""
 
-    def __init__(self, cfg, stage: int, round_: int, subspaces, clip: float, secure=None,
-                 numel: int = 0, trained=None):
+    def __init__(
+        self,
+        cfg,
+        stage: int,
+        round_: int,
+        subspaces,
+        clip: float,
+        secure=None,
+        numel: int = 0,
+        trained=None,
+    ):
         self.cfg, self.p = cfg, cfg.privacy
         self.stage, self.round, self.clip = stage, round_, clip
         self.secure, self.numel, self.trained = secure, numel, trained

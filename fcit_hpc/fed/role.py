@@ -54,7 +54,15 @@ class Role:
         """Without identity tokens: subspace k is trained this round."""
 
     def end_round(
-        self, stage: int, round_: int, plan, heads, values, t0: float, down0: int, phases=None,
+        self,
+        stage: int,
+        round_: int,
+        plan,
+        heads,
+        values,
+        t0: float,
+        down0: int,
+        phases=None,
         private: PrivateRound | None = None,
     ):
         """Aggregate the gathered updates, record and store the round. ``phases``: every rank's

@@ -5,18 +5,19 @@ after the key sharing.
 Per round and per aggregation group (the clients that update one subspace, or every client for
 the side vectors), in the stages of Flower's ``SecAggPlusWorkflow`` / ``secaggplus_mod``:
 
-1. *setup / advertise keys*: every member u makes two X25519 key pairs, (sk1, pk1) for its pairwise
-   masks and (sk2, pk2) for encrypting its shares, and a 32-byte self-mask seed b_u; it sends
-   (pk1, pk2). The server fixes the neighbour graph: a k-regular circulant (Harary) graph over
-   the members in a seeded order (k = all others: plain SecAgg).
+1. *setup / advertise keys*: every member u makes two X25519 key pairs, (sk1, pk1) for its
+   pairwise masks and (sk2, pk2) for encrypting its shares, and a 32-byte self-mask seed b_u; it
+   sends (pk1, pk2). The server fixes the neighbour graph: a k-regular circulant (Harary) graph
+   over the members in a seeded order (k = all others: plain SecAgg).
 2. *share keys*: u splits sk1_u and b_u into Shamir shares (threshold t) for itself and each
-   neighbour, and sends each neighbour v its pair AES-GCM-encrypted under HKDF(X25519(sk2_u, pk2_v));
-   the server only forwards them.
-3. *collect masked vectors*: u encodes its vector x_u in the ring Z_{2^64} (fixed point, ``frac_bits``)
-   and uploads y_u = x_u + PRG(b_u) + Σ_{v∈N(u), v>u} PRG(s_uv) − Σ_{v∈N(u), v<u} PRG(s_uv), with
-   s_uv = HKDF(X25519(sk1_u, pk1_v)) = s_vu. A client that drops out uploads nothing.
-4. *unmask*: each survivor returns, for every neighbour, the share of b (the neighbour uploaded) or of
-   sk1 (it dropped out). The server rebuilds them (at least t shares each, else
+   neighbour, and sends each neighbour v its pair AES-GCM-encrypted under
+   HKDF(X25519(sk2_u, pk2_v)); the server only forwards them.
+3. *collect masked vectors*: u encodes its vector x_u in the ring Z_{2^64} (fixed point,
+   ``frac_bits``) and uploads y_u = x_u + PRG(b_u) + Σ_{v∈N(u), v>u} PRG(s_uv)
+   − Σ_{v∈N(u), v<u} PRG(s_uv), with s_uv = HKDF(X25519(sk1_u, pk1_v)) = s_vu. A client that
+   drops out uploads nothing.
+4. *unmask*: each survivor returns, for every neighbour, the share of b (the neighbour
+   uploaded) or of sk1 (it dropped out). The server rebuilds them (at least t shares each, else
    :class:`SecAggError`), subtracts the survivors' self masks and the dropped clients' pairwise
    masks from Σ y_u, and decodes the sum.
 
@@ -196,9 +197,9 @@ class Member:
     def receive(self, sender: int, blob: bytes, keys: dict[int, bytes]) -> None:
         """Stage 2 (recipient side): decrypt and keep a neighbour's shares."""
         nonce, ct = blob[:12], blob[12:]
-        self.held[sender] = (self._channel(keys[sender][32:], sender, self.client).decrypt(
-            nonce, ct, None
-        ),)
+        self.held[sender] = (
+            self._channel(keys[sender][32:], sender, self.client).decrypt(nonce, ct, None),
+        )
 
     def masked(self, x: np.ndarray, neighbours: list[int], keys: dict[int, bytes]) -> np.ndarray:
         """Stage 3: y_u = x_u + PRG(b_u) ± PRG(s_uv) (uint64, mod 2^64)."""

@@ -92,8 +92,9 @@ class SecureRound:
         heads = self.comm.gatherv(_rows(rows, 2).reshape(-1))
         bodies = self.comm.gatherv(_bytes(blobs))
         self._count(heads, bodies, 2, 0, lambda r: 64)
-        table = (np.concatenate(heads) if heads is not None else None), (
-            np.concatenate(bodies) if bodies is not None else None
+        table = (
+            (np.concatenate(heads) if heads is not None else None),
+            (np.concatenate(bodies) if bodies is not None else None),
         )
         head = self.comm.bcast_array(table[0])
         body = self.comm.bcast_array(table[1])
@@ -104,7 +105,9 @@ class SecureRound:
     def share_keys(self) -> None:
         rows, blobs = [], []
         for (c, g), m in sorted(self.members.items()):
-            for v, blob in sorted(m.share_keys(self.graph(g)[c], self.keys[g], self.t(g, c)).items()):
+            for v, blob in sorted(
+                m.share_keys(self.graph(g)[c], self.keys[g], self.t(g, c)).items()
+            ):
                 rows.append((c, g, v, len(blob)))
                 blobs.append(blob)
         heads = self.comm.gatherv(_rows(rows, 4).reshape(-1))
@@ -129,7 +132,9 @@ class SecureRound:
         """Gather the masked vectors: group → client → y on the server, None elsewhere."""
         rows = [(c, g, y.size) for c, g, y in self.masked]
         body = (
-            np.concatenate([y for _, _, y in self.masked]) if self.masked else np.zeros(0, np.uint64)
+            np.concatenate([y for _, _, y in self.masked])
+            if self.masked
+            else np.zeros(0, np.uint64)
         )
         heads = self.comm.gatherv(_rows(rows, 3).reshape(-1))
         bodies = self.comm.gatherv(body)
@@ -151,8 +156,12 @@ class SecureRound:
         drops = None
         if masked is not None:
             drops = _rows(
-                [(g, c) for g, ms in sorted(self.groups.items()) for c in ms
-                 if c not in masked.get(g, {})],
+                [
+                    (g, c)
+                    for g, ms in sorted(self.groups.items())
+                    for c in ms
+                    if c not in masked.get(g, {})
+                ],
                 2,
             )
         drops = self.comm.bcast_array(drops)
@@ -180,8 +189,13 @@ class SecureRound:
             if not masked.get(g):
                 continue
             ring = sa.unmask_sum(
-                g, self.graph(g), self.keys[g], masked[g], shares.get(g, []),
-                self.p.secagg_threshold, sizes[g],
+                g,
+                self.graph(g),
+                self.keys[g],
+                masked[g],
+                shares.get(g, []),
+                self.p.secagg_threshold,
+                sizes[g],
             )
             sums[g] = sa.decode(ring, self.p.secagg_frac_bits)
         return sums

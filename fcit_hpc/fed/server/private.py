@@ -105,6 +105,11 @@ def stage_epsilon(st: RunState, cfg, stage: int) -> float:
     p = cfg.privacy
     log.info(
         "privacy: ε = %.4g at δ = %g after stage %d (%s DP, z = %g, %d rounds)",
-        eps, p.dp_delta, stage, p.dp, p.dp_noise, len(st.rounds),
+        eps,
+        p.dp_delta,
+        stage,
+        p.dp,
+        p.dp_noise,
+        len(st.rounds),
     )
     return eps

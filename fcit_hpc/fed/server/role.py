@@ -104,9 +104,7 @@ class Server(Role):
         top = max(self.ctx.method.trained_subspaces(k))
         self.st.num_subspaces = max(self.st.num_subspaces, top + 1)
 
-    def end_round(
-        self, stage, round_, plan, heads, values, t0, down0, phases=None, private=None
-    ):
+    def end_round(self, stage, round_, plan, heads, values, t0, down0, phases=None, private=None):
         ctx, st, dko = self.ctx, self.st, self.dko_result
         bytes_down = ctx.comm.bytes_broadcast - down0
         seconds = time.perf_counter() - t0
