@@ -66,10 +66,18 @@ class PrivateCombine(Combine):
 
 
 def init_privacy(st: RunState, cfg, stages: int) -> None:
-    """A DP run's records when the state has none (a fresh run)."""
-    if cfg.privacy.dp != "off" and not st.privacy_epsilon.size:
+    """A DP run's records when the state has none (a fresh run); the noisy tokens' ε, logged."""
+    p = cfg.privacy
+    if p.dp != "off" and not st.privacy_epsilon.size:
         st.privacy_epsilon = np.full(stages, np.nan)
-        st.privacy_clip = float(cfg.privacy.dp_clip)
+        st.privacy_clip = float(p.dp_clip)
+    if p.token_noise > 0:
+        log.info(
+            "privacy: each identity token costs ε = %.4g at δ = %g (σ_t = %g)",
+            privacy.token_epsilon(p.token_noise, p.dp_delta),
+            p.dp_delta,
+            p.token_noise,
+        )
 
 
 def record_round(st: RunState, cfg, stage: int, round_: int, norms, accepted: set[int]) -> None:
