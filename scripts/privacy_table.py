@@ -44,7 +44,9 @@ def main(argv=None) -> int:
         eps = st.privacy_epsilon if st.privacy_epsilon.size else np.full(stages, np.nan)
         up = st.rounds["bytes_sent"].mean()
         rows.append((name, eps, st.summary["last"], st.summary["avg"], up))
-    delta = next((o.split("=")[1] for o in a.overrides if o.startswith("privacy.dp_delta=")), "1e-5")
+    delta = next(
+        (o.split("=")[1] for o in a.overrides if o.startswith("privacy.dp_delta=")), "1e-5"
+    )
     head = " | ".join(f"ε stage {t}" for t in range(stages))
     print(f"| setting | {head} | Last | Avg | upload bytes / round |")
     print("|---|" + "---|" * (stages + 3))
@@ -52,7 +54,9 @@ def main(argv=None) -> int:
     for name, eps, last, avg, up in rows:
         e = " | ".join("–" if np.isnan(x) else f"{x:.2f}" for x in eps)
         print(f"| {name} | {e} | {last:.2f} | {avg:.2f} | {up:,.0f} ({up / base:.2f}x) |")
-    print(f"\nε at δ = {delta} (dp-accounting RDP, Poisson sampling q = clients per round / clients)")
+    print(
+        f"\nε at δ = {delta} (dp-accounting RDP, Poisson sampling q = clients per round / clients)"
+    )
     return 0
 
 

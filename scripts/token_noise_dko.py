@@ -2,7 +2,9 @@
 a config's whole schedule with the run's own code (plan, identity encoder, the token noise, the
 method's matching), for several σ_t, without training — DKO's decisions depend on the tokens
 only. One table: subspaces created, sample-weighted purity (share of a subspace's samples from
-its majority data unit), the share of clients matched as with exact tokens, and each token's ε.
+its majority data unit), the agreement of the grouping with the exact tokens' (Rand index over
+pairs of client-rounds: same subspace in both or different in both; subspace ids may differ),
+and each token's ε.
 
     python scripts/token_noise_dko.py CONFIG [key=value ...] [--sigmas 0 0.005 0.01 0.02 0.05]
 """
@@ -48,6 +50,16 @@ def simulate(ctx, cfg) -> tuple[dict, np.ndarray, int]:
     return out, counts, st.num_subspaces
 
 
+def rand_index(a: dict, b: dict) -> float:
+    """Share of pairs of keys that both groupings put together, or both apart."""
+    keys = sorted(a)
+    x = np.array([a[k] for k in keys])
+    y = np.array([b[k] for k in keys])
+    same_x, same_y = x[:, None] == x[None, :], y[:, None] == y[None, :]
+    iu = np.triu_indices(len(keys), 1)
+    return float((same_x == same_y)[iu].mean())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -58,13 +70,13 @@ def main(argv=None) -> int:
     ctx = build_context(cfg, LocalComm())
     ctx.identity_cache = {}
     ref = None
-    print("| σ_t | ε per token (δ = 1e-5) | subspaces | purity | matched as exact |")
+    print("| σ_t | ε per token (δ = 1e-5) | subspaces | purity | agreement with exact |")
     print("|---|---|---|---|---|")
     for s in a.sigmas:
         c = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, token_noise=s))
         got, counts, live = simulate(ctx, c)
         ref = ref if ref is not None else got
-        same = np.mean([got[k] == ref[k] for k in ref])
+        same = rand_index(got, ref)
         eps = "∞" if s == 0 else f"{token_epsilon(s, 1e-5):,.0f}"
         print(f"| {s:g} | {eps} | {live} | {purity(counts)[1]:.2f} | {same:.2f} |")
     return 0

@@ -12,13 +12,12 @@ from fcit_hpc.config import load_config
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed import privacy
 from fcit_hpc.fed import secagg as sa
-from fcit_hpc.fed.comm import LocalComm, run_threads
 from fcit_hpc.fed.dropout import dropped_clients
 from fcit_hpc.fed.server.private import PrivateCombine
 from fcit_hpc.seeds import derive_seed
 from fcit_hpc.state.schema import comparable_content, read_state, same_content
 
-from .conftest import ROOT, fcit, smoke_serial
+from .conftest import BIN, ROOT, fcit, mpiexec, smoke_serial
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
@@ -234,33 +233,43 @@ def _lines(run, kind):
     ]
 
 
-@pytest.mark.slow
-def test_dp_secagg_dropout_world_size_invariant(tmp_path):
-    """DP (central, adaptive clipping), SecAgg+ (k = 2), drop-outs and noisy tokens on: 3 ranks
-    (rank 0 hosting no clients) equal 1 rank; ε, norms and drop-outs recorded."""
-    from fcit_hpc.run import run_federated
+@pytest.fixture(scope="module")
+def private_ref(tmp_path_factory):
+    """configs/smoke.yaml with DP (central, adaptive clipping), SecAgg+ (k = 2), drop-outs and
+    noisy tokens on, run once as a plain process (read only)."""
+    return smoke_serial(tmp_path_factory.mktemp("private") / "ref", *PRIVATE)
 
-    over = [*PRIVATE, "federation.server_hosts_clients=false"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    st = run_federated(_cfg(*over, f"out_dir={a}"), LocalComm(), a, None)
-    cfg = _cfg(*over, f"out_dir={b}")
-    run_threads(3, lambda comm: run_federated(cfg, comm, b, None))
-    assert same_content(comparable_content(a), comparable_content(b)) == []
+
+@pytest.mark.slow
+def test_dp_secagg_dropout_records(private_ref):
+    st = read_state(private_ref)
     assert (st.clients["status"] == 4).sum() == 4  # one of 3 per round dropped, 4 rounds
     assert np.isfinite(st.privacy_epsilon).all() and st.privacy_epsilon[1] > st.privacy_epsilon[0]
     assert st.privacy_norms.size == 8 and len(set(st.privacy_norms["clip"])) > 1  # adaptive
-    rounds = _lines(a, "round")
-    assert all("dp" in r and r["dp"]["norms"] for r in rounds)
-    assert [p["epsilon"] for p in _lines(a, "privacy")] == st.privacy_epsilon.tolist()
+    rounds = _lines(private_ref, "round")
+    assert all(r["dp"]["norms"] and r["dp"]["clip"] > 0 for r in rounds)
+    assert [p["epsilon"] for p in _lines(private_ref, "privacy")] == st.privacy_epsilon.tolist()
+    # ε is dp-accounting's for the rounds run so far (q = 3 of 10 clients, z = 1)
+    assert st.privacy_epsilon[1] == privacy.epsilon(1.0, 0.3, 4, 1e-5)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_dp_secagg_dropout_three_mpi_ranks_equal_one(private_ref, tmp_path):
+    """Real MPI ranks (rank 0 hosting no clients: ranks 1, 2 train): the same state as one."""
+    out = tmp_path / "p3"
+    over = [*PRIVATE, "federation.server_hosts_clients=false"]
+    p = mpiexec(3, str(BIN / "fcit"), "run", str(SMOKE), "--out", str(out), *over)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _no_config(comparable_content(private_ref)), _no_config(comparable_content(out))
+    assert same_content(a, b) == []
+    assert set(read_state(out).clients["rank"].tolist()) == {1, 2}
 
 
 @pytest.mark.slow
-def test_dp_secagg_dropout_stopped_and_resumed_is_bitwise(tmp_path):
-    """The same settings, stopped by SIGTERM in stage 1 and resumed: equal to a run never
-    stopped (both as processes), metrics.jsonl's privacy lines too."""
-    ref = smoke_serial(tmp_path / "ref", *PRIVATE)
+def test_dp_secagg_dropout_stopped_and_resumed_is_bitwise(private_ref, tmp_path):
+    """The same settings, stopped by SIGTERM in stage 1 and resumed: equal to the run never
+    stopped, metrics.jsonl's privacy lines too."""
     out = tmp_path / "stopped"
     stop = ["debug.kill_rank=0", "debug.kill_stage=1", "debug.kill_round=0"]
     p = fcit("run", str(SMOKE), "--out", str(out), *PRIVATE, *stop, "debug.kill_signal=TERM")
@@ -269,6 +278,6 @@ def test_dp_secagg_dropout_stopped_and_resumed_is_bitwise(tmp_path):
     p = fcit("run", "--resume", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "privacy: ε =" in p.stderr
-    a, b = _no_config(comparable_content(ref)), _no_config(comparable_content(out))
+    a, b = _no_config(comparable_content(private_ref)), _no_config(comparable_content(out))
     assert same_content(a, b) == []
-    assert _lines(out, "privacy") == _lines(ref, "privacy")
+    assert _lines(out, "privacy") == _lines(private_ref, "privacy")
