@@ -20,8 +20,8 @@ from fcit_hpc.config import load_config
 from fcit_hpc.fed.client import identity_token
 from fcit_hpc.fed.comm import LocalComm
 from fcit_hpc.fed.context import build_context
-from fcit_hpc.fed.private_upload import noisy_token
 from fcit_hpc.fed.privacy import token_epsilon
+from fcit_hpc.fed.private_upload import noisy_token
 from fcit_hpc.fed.server.diagnostics import purity
 from fcit_hpc.fed.server.dko import run_dko
 from fcit_hpc.fed.server.plan import plan_round
