@@ -1,8 +1,9 @@
 """One table of the privacy settings on one config: the plain run, secure aggregation, and
 central DP at several noise multipliers σ — ε at δ after each stage, Last, Avg, upload bytes per
-round — each run measured here, one after another, by `fcit run`.
+round — each run made here by `fcit run` (``--jobs`` of them at a time; a finished run already
+in OUT_DIR is read, not run again).
 
-    python scripts/privacy_table.py CONFIG OUT_DIR [key=value ...] [--sigmas 0.5 1 2]
+    python scripts/privacy_table.py CONFIG OUT_DIR [key=value ...] [--sigmas 0.5 1 2] [--jobs 1]
 """
 
 from __future__ import annotations
@@ -24,22 +25,35 @@ def runs(sigmas: list[float]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def finished(out: Path) -> bool:
+    return (out / "state.h5").is_file() and read_state(out).done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("out_dir")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--sigmas", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    ap.add_argument("--jobs", type=int, default=1)
     a = ap.parse_args(argv)
+    todo = [(Path(a.out_dir) / f"run{i}", over) for i, (_, over) in enumerate(runs(a.sigmas))]
+    todo = [(out, over) for out, over in todo if not finished(out)]
+    for at in range(0, len(todo), a.jobs):
+        procs = []
+        for out, over in todo[at : at + a.jobs]:
+            cmd = [sys.executable, "-m", "fcit_hpc", "run", a.config, "--out", str(out)]
+            log = out.with_suffix(".log")  # each run's own output, beside its directory
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as fh:
+                procs.append((subprocess.Popen([*cmd, *a.overrides, *over], stderr=fh), log))
+        for p, log in procs:
+            if p.wait():
+                sys.stderr.write(log.read_text()[-3000:])
+                return p.returncode
     rows, stages = [], 0
-    for i, (name, over) in enumerate(runs(a.sigmas)):
-        out = Path(a.out_dir) / f"run{i}"
-        cmd = [sys.executable, "-m", "fcit_hpc", "run", a.config, "--out", str(out)]
-        p = subprocess.run([*cmd, *a.overrides, *over], capture_output=True, text=True)
-        if p.returncode:
-            sys.stderr.write(p.stderr[-3000:])
-            return p.returncode
-        st = read_state(out)
+    for i, (name, _) in enumerate(runs(a.sigmas)):
+        st = read_state(Path(a.out_dir) / f"run{i}")
         stages = st.accuracy.shape[0]
         eps = st.privacy_epsilon if st.privacy_epsilon.size else np.full(stages, np.nan)
         up = st.rounds["bytes_sent"].mean()
