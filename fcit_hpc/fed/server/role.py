@@ -4,6 +4,7 @@ stage-end merge, the state, its file, the metrics log and the predictions files.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from fcit_hpc.model.projector import get_projector
 from fcit_hpc.seeds import SALT_ROUND_RNG, derive_seed
 from fcit_hpc.state.schema import STATE_FILE, ClientStatus, RunState, write_state
 from fcit_hpc.timers import phase, reduce_ranks, take
+
+log = logging.getLogger("fcit.server")
 
 
 class Server(Role):
@@ -139,6 +142,15 @@ class Server(Role):
             return None
         got = {u.client for u in updates}
         info.dropped = tuple((c, k) for c, k in private.trainers.items() if c not in got)
+        if info.dropped:
+            log.info(
+                "stage %d round %d: client(s) %s trained and did not upload; the means are over "
+                "the %d that did",
+                stage,
+                round_,
+                ", ".join(str(c) for c, _ in info.dropped),
+                len(got),
+            )
         info.extra_bytes = private.sent
         p = self.ctx.cfg.privacy
         if p.dp == "off" and not p.secagg:
