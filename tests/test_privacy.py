@@ -281,3 +281,15 @@ def test_dp_secagg_dropout_stopped_and_resumed_is_bitwise(private_ref, tmp_path)
     a, b = _no_config(comparable_content(private_ref)), _no_config(comparable_content(out))
     assert same_content(a, b) == []
     assert _lines(out, "privacy") == _lines(private_ref, "privacy")
+
+
+@pytest.mark.slow
+def test_a_run_with_too_many_dropouts_for_secagg_stops_with_a_clear_error(tmp_path):
+    """2 of the 3 clients drop out: the survivor's self-mask seed needs 2 of 3 shares and has
+    its own only. Exit 2 naming the group, the client and the settings; nothing stored."""
+    out = tmp_path / "run"
+    p = fcit("run", str(SMOKE), "--out", str(out), "privacy.secagg=true", "federation.dropout=0.67")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "secure aggregation of group 0" in p.stderr
+    assert "shares from surviving clients, 2 are needed (too many drop-outs" in p.stderr
+    assert not (out / "state.h5").exists()

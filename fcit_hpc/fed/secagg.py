@@ -50,7 +50,11 @@ _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
 class SecAggError(FcitError):
-    """Secure aggregation cannot finish a round (too many drop-outs, a value out of range)."""
+    """Secure aggregation cannot finish a round (too many drop-outs, a value out of range). Raised
+    on one rank (the server, or a client's): the job is aborted; the state keeps the last
+    completed round."""
+
+    rank_local = True
 
 
 # --- primitives ---------------------------------------------------------------------------------
