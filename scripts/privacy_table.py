@@ -46,7 +46,8 @@ def main(argv=None) -> int:
             log = out.with_suffix(".log")  # each run's own output, beside its directory
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as fh:
-                procs.append((subprocess.Popen([*cmd, *a.overrides, *over], stderr=fh), log))
+                args = [*cmd, *a.overrides, *over]
+                procs.append((subprocess.Popen(args, stdout=fh, stderr=fh), log))
         for p, log in procs:
             if p.wait():
                 sys.stderr.write(log.read_text()[-3000:])
