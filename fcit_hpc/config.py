@@ -436,6 +436,11 @@ def count_std(cfg: Config) -> float:
 
 def _validate_privacy(cfg: Config) -> None:
     p = cfg.privacy
+    if p.dp == "local" and p.dp_adaptive:
+        raise ConfigError(
+            "privacy.dp_adaptive: adaptive clipping needs central DP (the server noises the count "
+            "of unclipped updates; under local DP it would see each client's bit in the clear)"
+        )
     if p.dp != "off" and p.dp_adaptive and p.dp_noise > 0 and 2 * count_std(cfg) <= p.dp_noise:
         raise ConfigError(
             f"privacy.dp_count_std: {count_std(cfg):g} must exceed dp_noise / 2 = "

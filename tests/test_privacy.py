@@ -102,6 +102,8 @@ def test_adaptive_clipping_follows_andrew_et_al():
     assert noisy == pytest.approx(np.exp(-0.2 * (b - 0.5)))
     with pytest.raises(ConfigError, match="privacy.dp_count_std"):
         _cfg("privacy.dp=central", "privacy.dp_adaptive=true", "privacy.dp_count_std=0.4")
+    with pytest.raises(ConfigError, match="privacy.dp_adaptive: adaptive clipping needs central"):
+        _cfg("privacy.dp=local", "privacy.dp_adaptive=true", "privacy.dp_count_std=2")
 
 
 def test_dropouts_are_seeded_and_sized():
