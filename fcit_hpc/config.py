@@ -52,6 +52,8 @@ class FederationConfig:
     fedopt_beta2: float = 0.99
     server_momentum: float = 0.9  # FedAvgM
     server_hosts_clients: bool = True  # rank 0 trains clients too
+    # share of a round's training clients that train but fail to upload (seeded per round)
+    dropout: float = 0.0
 
 
 @dataclass
@@ -156,6 +158,25 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level DP and secure aggregation (docs/privacy.md)."""
+
+    dp: str = "off"  # off | central (noise at the server) | local (noise at each client)
+    dp_clip: float = 1.0  # C: L2 bound of a client's update (adaptive: its start)
+    dp_noise: float = 1.0  # z: noise multiplier (std z·C per released sum)
+    dp_delta: float = 1e-5  # δ of the reported ε
+    dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021)
+    dp_quantile: float = 0.5  # γ: target share of unclipped updates
+    dp_clip_lr: float = 0.2  # η_C: the clip bound's geometric step
+    dp_count_std: float = 0.0  # σ_b of the clipped-count noise; 0: clients per round / 20
+    token_noise: float = 0.0  # σ_t: Gaussian noise on each identity token (clipped to norm 1)
+    secagg: bool = False  # SecAgg+ masking of every upload, per subspace group
+    secagg_neighbours: int = 0  # k of the k-regular neighbour graph (even); 0: all (SecAgg)
+    secagg_threshold: float = 0.5  # Shamir threshold t: more than this share of the holders
+    secagg_frac_bits: int = 32  # fixed-point fraction bits in the ring Z_2^64
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill or signal a rank, corrupt a client's update, hold rank 0 at
     a safe point."""
@@ -190,6 +211,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
@@ -278,6 +300,18 @@ _RULES: dict[str, tuple[Any, str]] = {
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.decoder": _in(("static", "hf")),
     "eval.caption_meteor": _in(("java", "skip")),
+    "federation.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "privacy.dp": _in(("off", "central", "local")),
+    "privacy.dp_clip": (lambda v: v > 0, "> 0"),
+    "privacy.dp_noise": (lambda v: v >= 0, ">= 0"),
+    "privacy.dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "privacy.dp_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "privacy.dp_clip_lr": (lambda v: v >= 0, ">= 0"),
+    "privacy.dp_count_std": (lambda v: v >= 0, ">= 0"),
+    "privacy.token_noise": (lambda v: v >= 0, ">= 0"),
+    "privacy.secagg_neighbours": (lambda v: v >= 0 and v % 2 == 0, "even and >= 0"),
+    "privacy.secagg_threshold": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "privacy.secagg_frac_bits": (lambda v: 8 <= v <= 48, "in [8, 48]"),
     "debug.kill_signal": _in(("KILL", "TERM", "USR1")),
 }
 
@@ -414,9 +448,31 @@ def validate(cfg: Config) -> Config:
             "train.packing: a packed batch is one row, which a client group of "
             f"train.gpus_per_client {t.gpus_per_client} cannot split by rows; use 1"
         )
+    _validate_privacy(cfg)
     if cfg.model.name in ("hf", "hf-shape") and not cfg.model.path:
         raise ConfigError(f"model.path: required when model.name is {cfg.model.name!r}")
     return cfg
+
+
+def count_std(cfg: Config) -> float:
+    """σ_b of adaptive clipping's clipped-count noise: the setting, or Andrew et al.'s
+    recommendation (expected clients per round / 20)."""
+    return cfg.privacy.dp_count_std or cfg.clients_per_round / 20
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    if p.dp == "local" and p.dp_adaptive:
+        raise ConfigError(
+            "privacy.dp_adaptive: adaptive clipping needs central DP (the server noises the count "
+            "of unclipped updates; under local DP it would see each client's bit in the clear)"
+        )
+    if p.dp != "off" and p.dp_adaptive and p.dp_noise > 0 and 2 * count_std(cfg) <= p.dp_noise:
+        raise ConfigError(
+            f"privacy.dp_count_std: {count_std(cfg):g} must exceed dp_noise / 2 = "
+            f"{p.dp_noise / 2:g} for adaptive clipping (Andrew et al.: the update keeps noise "
+            "multiplier (z^-2 - (2 sigma_b)^-2)^-1/2)"
+        )
 
 
 def get_field(cfg: Any, path: str) -> Any:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.data.batches import make_batches
+from fcit_hpc.fed.private_upload import noisy_token
 from fcit_hpc.fed.wire import pack_tokens, pack_updates
 from fcit_hpc.model.identity import sample_identity_token
 from fcit_hpc.model.projector import projector_params, set_projector
@@ -52,6 +53,7 @@ def compute_tokens(ctx, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, vals = [], []
     for client, unit, _ in plan_rows:
         mu, n = identity_token(ctx, int(unit), int(client))
+        mu = noisy_token(ctx.cfg, mu, int(client), int(unit))
         if client in dbg.nan_token_clients:
             mu[0] = np.nan
         if client in dbg.bad_token_clients:
@@ -139,10 +141,14 @@ def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
     return delta
 
 
-def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces: dict, view):
+def train_clients(
+    ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces: dict, view, upload=None
+):
     """Train this rank's clients one after another, each from the global state ``view``; packed
     as update messages. Clients assigned subspace -1 (token rejected) train nothing. In a client
-    group every member trains the same clients together; only the leader's pack holds them."""
+    group every member trains the same clients together; only the leader's pack holds them.
+    ``upload``: the round's :class:`~fcit_hpc.fed.private_upload.PrivateUpload` (drop-outs, DP,
+    secure aggregation), None without them."""
     rows, deltas = [], []
     dbg = ctx.cfg.debug
     for client, unit, _ in plan_rows:
@@ -162,6 +168,10 @@ def train_clients(ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces
         for vec, begin in zip(res.sides, view.sides().values(), strict=True):
             parts.append((vec - begin).astype(np.float32))
         delta = _debug_delta(dbg, client, np.concatenate(parts))
+        if upload is not None and ctx.runtime.is_leader:
+            delta = upload.prepare(client, k, len(samples), delta)
+            if delta is None:  # dropped out: trained, uploads nothing
+                continue
         rows.append((client, k, len(samples), res.loss, time.perf_counter() - t0, res.steps))
         deltas.append(delta)
         if ctx.comm.rank == dbg.kill_rank and (stage, round_) == (dbg.kill_stage, dbg.kill_round):

@@ -22,7 +22,9 @@ from fcit_hpc.fed import preempt
 from fcit_hpc.fed.client import compute_tokens, stage_end_uploads, train_clients
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.context import RunContext, build_context
-from fcit_hpc.fed.role import Role
+from fcit_hpc.fed.private_upload import SIDES_GROUP, PrivateUpload, secure_groups
+from fcit_hpc.fed.role import PrivateRound, Role
+from fcit_hpc.fed.secure_round import SecureRound
 from fcit_hpc.fed.server import Server
 from fcit_hpc.model.projector import set_projector
 from fcit_hpc.state.schema import MethodState, RunState
@@ -156,13 +158,55 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         k = ctx.method.stage_subspace(stage)
         subspaces = {int(c): k for c in plan[:, 0]}
         role.use_subspace(k)
+    with phase("comm"):
+        upload = private_upload(ctx, role, stage, rnd, subspaces, lead)
     with local_work():
-        head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
+        head, body = train_clients(ctx, stage, rnd, mine, subspaces, view, upload)
     with phase("comm"):
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
+        private = private_results(ctx, upload, subspaces)
     # every rank's phase seconds to rank 0 (not counted as round traffic: no part of the method)
-    role.end_round(stage, rnd, plan, heads, bodies, t0, down0, comm.gatherv(take()))
+    role.end_round(stage, rnd, plan, heads, bodies, t0, down0, comm.gatherv(take()), private)
+
+
+def private_upload(ctx: RunContext, role: Role, stage: int, rnd: int, subspaces, lead):
+    """The round's privacy steps on the uploads (None without drop-outs, DP or secure
+    aggregation): the clip bound from the server, secure aggregation's key advertisement and
+    key sharing (docs/privacy.md)."""
+    cfg, comm = ctx.cfg, ctx.comm
+    p = cfg.privacy
+    if p.dp == "off" and not p.secagg and cfg.federation.dropout == 0:
+        return None
+    clip = float(comm.bcast_array(role.dp_clip())[0]) if p.dp != "off" else 0.0
+    secure = None
+    if p.secagg:
+        sides = ctx.projector_numel + ctx.mixer_numel > 0
+        groups = secure_groups(subspaces, ctx.method.trained_subspaces, sides)
+        secure = SecureRound(comm, cfg, stage, rnd, groups, lead[:, 0])
+        secure.advertise_keys()
+        secure.share_keys()
+    numel, trained = ctx.adapter.numel, ctx.method.trained_subspaces
+    return PrivateUpload(cfg, stage, rnd, subspaces, clip, secure, numel, trained)
+
+
+def private_results(ctx: RunContext, upload, subspaces) -> PrivateRound | None:
+    """After the updates: the DP norms and secure aggregation's masked vectors and unmasking;
+    what the server needs of them (on rank 0)."""
+    if upload is None:
+        return None
+    comm = ctx.comm
+    norms = comm.gatherv(upload.norm_rows()) if ctx.cfg.privacy.dp != "off" else None
+    sums, sent = None, {}
+    if upload.secure is not None:
+        sec = upload.secure
+        sizes = {g: ctx.adapter.numel for g in sec.groups}
+        if sides := ctx.projector_numel + ctx.mixer_numel:
+            sizes[SIDES_GROUP] = sides
+        sums = sec.unmask(sec.upload(), sizes)
+        sent = sec.sent
+    trainers = {c for c, k in subspaces.items() if k >= 0}
+    return PrivateRound(norms, sums, sent, {c: subspaces[c] for c in sorted(trainers)})
 
 
 def run_stage_end(ctx: RunContext, role: Role, stage: int, last_round: int) -> None:

@@ -5,9 +5,23 @@ its answers is what a non-root rank passes to a collective: nothing)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fcit_hpc.state.schema import RunState
+
+
+@dataclass
+class PrivateRound:
+    """What the server gets of a round's privacy steps (:func:`fcit_hpc.fed.loop.private_results`):
+    the gathered DP norm rows, secure aggregation's group sums and protocol bytes per client, and
+    the subspace of every client that trained (to tell the ones that did not upload)."""
+
+    norms: list | None
+    sums: dict | None
+    sent: dict
+    trainers: dict
 
 
 class Role:
@@ -32,14 +46,28 @@ class Role:
         """The subspace of every client (int64 [n, 2]) from the gathered identity tokens."""
         return None
 
+    def dp_clip(self) -> np.ndarray | None:
+        """float64 [1]: the DP clip bound C of the round (adaptive clipping moves it)."""
+        return None
+
     def use_subspace(self, k: int) -> None:
         """Without identity tokens: subspace k is trained this round."""
 
     def end_round(
-        self, stage: int, round_: int, plan, heads, values, t0: float, down0: int, phases=None
+        self,
+        stage: int,
+        round_: int,
+        plan,
+        heads,
+        values,
+        t0: float,
+        down0: int,
+        phases=None,
+        private: PrivateRound | None = None,
     ):
         """Aggregate the gathered updates, record and store the round. ``phases``: every rank's
-        phase timer vector (:func:`fcit_hpc.timers.take`), rank 0's only."""
+        phase timer vector (:func:`fcit_hpc.timers.take`), rank 0's only; ``private``: the
+        round's privacy results, None without them."""
 
     def after_rounds(self, stage: int) -> None:
         pass

@@ -25,6 +25,12 @@ Layout::
                                                   ``validate_state``); e.g. EWC's fisher, anchor,
                                                   DISCO's DKO diagnostics
     /method/<name>           attrs: the method's integer counters (EWC: stages)
+    /privacy/norms           compound [n_uploads] NORM_DTYPE: each DP upload's L2 norm before
+                                                  clipping and the bound C it was clipped to
+    /privacy/epsilon         float64 [stages]     ε at privacy.dp_delta after each stage (NaN:
+                                                  not reached); /privacy attrs: clip (the
+                                                  adaptive bound C of the next round). Written
+                                                  only with privacy.dp on; absent otherwise
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 
@@ -92,6 +98,13 @@ CLIENT_DTYPE = np.dtype(
 )
 
 
+# one record per client update under DP (fcit_hpc.fed.privacy): its L2 norm before clipping, and
+# the bound C it was clipped to
+NORM_DTYPE = np.dtype(
+    [("stage", "i4"), ("round", "i4"), ("client", "i4"), ("norm", "f8"), ("clip", "f8")]
+)
+
+
 class ClientStatus(IntEnum):
     """What the server did with a client's round (stored as ``/clients.status``)."""
 
@@ -100,6 +113,7 @@ class ClientStatus(IntEnum):
     WRONG_SHAPE = 2  # update rejected: not the subspace's size
     BAD_TOKEN = 3  # identity token rejected, the client trained nothing
     OUT_OF_RANGE = 4  # update rejected: a value beyond MAX_ABS_UPDATE
+    DROPPED = 5  # trained, but its upload never arrived (federation.dropout)
 
 
 STATUS = {
@@ -108,6 +122,7 @@ STATUS = {
     ClientStatus.WRONG_SHAPE: "rejected: wrong shape",
     ClientStatus.BAD_TOKEN: "rejected: bad identity token",
     ClientStatus.OUT_OF_RANGE: "rejected: values out of range",
+    ClientStatus.DROPPED: "dropped: no upload",
 }
 # Fields that measure time or placement, not the federated computation (metrics.jsonl's
 # ``phases``, the phase timers, too: fcit_hpc.timers).
@@ -147,6 +162,9 @@ class RunState:
     projector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     mixer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     method: MethodState = field(default_factory=MethodState)
+    privacy_norms: np.ndarray = field(default_factory=lambda: np.zeros(0, NORM_DTYPE))
+    privacy_epsilon: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [stages]
+    privacy_clip: float = float("nan")
 
     def sides(self) -> dict[str, np.ndarray]:
         """The side vectors clients train beside their subspaces and the server averages
@@ -231,6 +249,11 @@ def _write_h5(path: Path, st: RunState) -> None:
             ev.attrs[k] = float(v)
         if st.method.name:  # methods without a state of their own write no group
             _write_method(f, st.method)
+        if st.privacy_epsilon.size:  # privacy.dp on only: other runs' files stay as they were
+            pv = f.create_group("privacy")
+            pv.attrs["clip"] = float(st.privacy_clip)
+            pv.create_dataset("norms", data=np.asarray(st.privacy_norms, NORM_DTYPE))
+            pv.create_dataset("epsilon", data=np.asarray(st.privacy_epsilon, np.float64))
         _add_checksums(f)
 
 
@@ -396,6 +419,7 @@ def _read(r: _Reader) -> RunState:
         if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.number):
             raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
         summary[k] = float(v)
+    privacy = _read_privacy(r, stages)
     stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
     done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
     if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
@@ -424,6 +448,9 @@ def _read(r: _Reader) -> RunState:
         projector=projector,
         mixer=mixer,
         method=method,
+        privacy_norms=privacy[0],
+        privacy_epsilon=privacy[1],
+        privacy_clip=privacy[2],
     )
     if version >= 2:  # after the structure's checks, whose messages say more about an edit
         _verify_checksums(r)
@@ -484,6 +511,23 @@ def _ewc_v1(r: _Reader) -> MethodState:
     if not (fisher.size or anchor.size or stages):
         return MethodState()
     return MethodState("ewc", {"fisher": fisher, "anchor": anchor}, {"stages": stages})
+
+
+def _read_privacy(r: _Reader, stages: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """/privacy (norms, epsilon, clip); empty when the group is absent (DP off)."""
+    g = r.group("privacy", optional=True)
+    if g is None:
+        return np.zeros(0, NORM_DTYPE), np.zeros(0), float("nan")
+    norms = r.records("privacy/norms", NORM_DTYPE)
+    eps = r.array("privacy/epsilon", np.float64, 1)
+    if eps.shape != (stages,):
+        raise r.fail(f"/privacy/epsilon has shape {eps.shape}, expected ({stages},) (stages)")
+    clip = g.attrs.get("clip")
+    if isinstance(clip, bool | np.bool_) or not isinstance(clip, float | np.floating):
+        raise r.fail(f"attribute clip of privacy is {clip!r}, not a number")
+    if not float(clip) > 0:
+        raise r.fail(f"attribute clip of privacy is {float(clip)!r}, not a bound > 0")
+    return norms, eps, float(clip)
 
 
 def comparable_content(run_dir: str | Path) -> dict[str, np.ndarray]:

@@ -35,6 +35,10 @@ class RoundInfo:
     token_bytes: dict[int, int]  # client -> bytes of its identity-token upload
     bytes_down: int  # every buffer broadcast in the round (each client received all of it)
     seconds: float = 0.0
+    # client -> bytes of its other uploads (secure aggregation's keys, shares, masked vectors)
+    extra_bytes: dict[int, int] = field(default_factory=dict)
+    # (client, subspace) of the clients that trained and did not upload (federation.dropout)
+    dropped: tuple[tuple[int, int], ...] = ()
 
     @cached_property
     def placement(self) -> dict[int, tuple[int, int]]:
@@ -53,6 +57,22 @@ class Accepted:
 def single(k: int) -> tuple[int, ...]:
     """A client assigned subspace k trains k alone."""
     return (k,)
+
+
+class Combine:
+    """How accepted updates become one mean per subspace and side vector: the default is the
+    sample-weighted mean of the deltas (plain FedAvg aggregation). Privacy settings replace it
+    (:class:`fcit_hpc.fed.server.private.PrivateCombine`): equal weights and noise under DP, the
+    unmasked group sums under secure aggregation."""
+
+    deltas = True  # updates carry their deltas (False: only their headers travel in the clear)
+
+    def weight(self, u: Update) -> float:
+        return float(u.samples)
+
+    def mean(self, key: int | str, got: list[tuple[np.ndarray, float]]) -> np.ndarray:
+        """The mean delta of subspace ``key`` (int) or side vector ``key`` (str), float32."""
+        return weighted_average([v for v, _ in got], [w for _, w in got])
 
 
 @dataclass
@@ -109,7 +129,7 @@ def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, 
     sim, action = (
         (d.similarity, d.action) if d and status != ClientStatus.BAD_TOKEN else (np.nan, 0)
     )
-    sent += info.token_bytes.get(client, 0)
+    sent += info.token_bytes.get(client, 0) + info.extra_bytes.get(client, 0)
     row = (info.stage, info.round, client, rank, unit, subspace, samples, loss, seconds)
     return (*row, sent, info.bytes_down, int(status), sim, action)
 
@@ -121,26 +141,29 @@ def client_rows(
     sides: dict[str, int] | None = None,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
     s_max: int | None = None,
+    combine: Combine | None = None,
 ) -> tuple[np.ndarray, Accepted]:
     """(CLIENT_DTYPE rows sorted by client, the accepted updates split per subspace and side).
     ``sides``: the size of each side vector, in upload order (module docstring); ``s_max``: the
-    slots an update's subspace must be one of (None: not checked)."""
+    slots an update's subspace must be one of (None: not checked); ``combine``: the updates'
+    weights and whether they carry their deltas (not under secure aggregation)."""
     sides = sides or {}
+    combine = combine or Combine()
     acc = Accepted()
     rows = []
     for u in updates:
         if u.client not in info.placement:
             raise WireError(f"update of client {u.client}: not a client of this round's plan")
         ks = check_subspace(u, info, subspaces_of, s_max) if s_max else subspaces_of(u.subspace)
-        status = update_status(u, len(ks) * numel + sum(sides.values()))
+        w = combine.weight(u)
+        size = len(ks) * numel + sum(sides.values())
+        status = update_status(u, size if combine.deltas else 0)
         if status == ClientStatus.ACCEPTED:
             for j, k in enumerate(ks):
-                acc.subspaces.setdefault(k, []).append(
-                    (u.delta[j * numel : (j + 1) * numel], u.samples)
-                )
+                acc.subspaces.setdefault(k, []).append((u.delta[j * numel : (j + 1) * numel], w))
             off = len(ks) * numel
             for name, size in sides.items():
-                acc.sides.setdefault(name, []).append((u.delta[off : off + size], u.samples))
+                acc.sides.setdefault(name, []).append((u.delta[off : off + size], w))
                 off += size
         rows.append(
             _client_row(info, u.client, u.subspace, u.samples, u.loss, u.seconds, u.nbytes, status)
@@ -148,6 +171,8 @@ def client_rows(
     for c, d in info.decisions.items():  # rejected at the token stage: trained nothing
         if d.subspace < 0:
             rows.append(_client_row(info, c, -1, 0, np.nan, 0.0, 0, ClientStatus.BAD_TOKEN))
+    for c, k in info.dropped:  # trained, never uploaded: the server knows its assignment
+        rows.append(_client_row(info, c, k, 0, np.nan, 0.0, 0, ClientStatus.DROPPED))
     return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), acc
 
 
@@ -167,22 +192,25 @@ def aggregate_round(
     strategy: Strategy,
     info: RoundInfo,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
+    combine: Combine | None = None,
 ) -> Aggregation:
     """Validate updates, average per subspace (sample-weighted, client-id order), apply the
     strategy's server update to ``st.adapter`` (and ``st.server_opt``); each side vector (the
     projector, when clients train it; a method's mixer) moves by the sample-weighted mean of
     every accepted client's delta — plain FedAvg, as the reference code averages the projector.
-    ``subspaces_of``: the subspaces an update carries, from its assigned subspace. Mutates
-    ``st``."""
+    ``subspaces_of``: the subspaces an update carries, from its assigned subspace; ``combine``:
+    the weights and means (:class:`Combine`). Mutates ``st``."""
     numel = st.adapter.shape[1]
     sizes = {name: v.size for name, v in st.sides().items()}
-    rows, acc = client_rows(info, updates, numel, sizes, subspaces_of, st.adapter.shape[0])
+    combine = combine or Combine()
+    rows, acc = client_rows(
+        info, updates, numel, sizes, subspaces_of, st.adapter.shape[0], combine=combine
+    )
     for k in sorted(acc.subspaces):
-        got = acc.subspaces[k]
-        mean_delta = weighted_average([v for v, _ in got], [n for _, n in got])
+        mean_delta = combine.mean(k, acc.subspaces[k])
         view = {name: arr[k] for name, arr in st.server_opt.items()}
         st.adapter[k] = strategy.update(st.adapter[k], mean_delta, view)
     for name, got in acc.sides.items():
-        mean = weighted_average([v for v, _ in got], [n for _, n in got])
+        mean = combine.mean(name, got)
         setattr(st, name, (getattr(st, name) + mean).astype(np.float32))
     return Aggregation(round_row(info, rows, st.num_subspaces), rows)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from fcit_hpc.state.schema import STATUS, RunState
 
@@ -24,7 +25,7 @@ class MetricsLog:
         old = self.old_phases()
         lines = [
             self.with_phases(
-                self.round_line(r, st.clients),
+                self.round_line(r, st.clients, st.privacy_norms),
                 old.get(("round", int(r["stage"]), int(r["round"]))),
             )
             for r in st.rounds
@@ -35,6 +36,9 @@ class MetricsLog:
                 lines.append(self.with_phases(line, old.get(("eval", t, None))))
                 if method is not None:  # DISCO: the stage's DKO diagnostics
                     lines += method.eval_records(st, t, task_names)
+        for t in range(st.privacy_epsilon.size):  # DP: ε after each stage reached
+            if not np.isnan(st.privacy_epsilon[t]):
+                lines.append(self.privacy_line(st, t))
         lines.sort(key=lambda s: (json.loads(s)["stage"], json.loads(s).get("round", 1 << 30)))
         if st.summary and st.done:  # a resumed finished run keeps its summary line
             stages = st.accuracy.shape[0]
@@ -65,9 +69,36 @@ class MetricsLog:
         return json.dumps({**json.loads(line), "phases": phases})
 
     @staticmethod
-    def round_line(r, clients) -> str:
-        """The JSON line of round record ``r`` (ROUND_DTYPE) with its ``clients`` records."""
+    def privacy_line(st: RunState, stage: int) -> str:
+        """The JSON line of ε at δ after ``stage`` (DP runs)."""
+        cfg = yaml.safe_load(st.config_yaml) or {}
+        p = cfg.get("privacy", {})
+        return json.dumps(
+            {
+                "kind": "privacy",
+                "stage": int(stage),
+                "epsilon": float(st.privacy_epsilon[stage]),
+                "delta": p.get("dp_delta"),
+                "dp": p.get("dp"),
+                "noise_multiplier": p.get("dp_noise"),
+                "rounds": int((st.rounds["stage"] <= stage).sum()),
+            }
+        )
+
+    @staticmethod
+    def round_line(r, clients, norms=None) -> str:
+        """The JSON line of round record ``r`` (ROUND_DTYPE) with its ``clients`` records (and,
+        under DP, its clients' update norms before clipping and the clip bound: ``norms``)."""
         cs = clients[(clients["stage"] == r["stage"]) & (clients["round"] == r["round"])]
+        extra = {}
+        if norms is not None and norms.size:
+            ns = norms[(norms["stage"] == r["stage"]) & (norms["round"] == r["round"])]
+            if ns.size:
+                extra["dp"] = {
+                    "clip": float(ns["clip"][0]),
+                    "clipped": int((ns["norm"] > ns["clip"]).sum()),
+                    "norms": {str(int(n["client"])): round(float(n["norm"]), 6) for n in ns},
+                }
         return json.dumps(
             {
                 "kind": "round",
@@ -95,6 +126,7 @@ class MetricsLog:
                     }
                     for c in cs
                 ],
+                **extra,
             }
         )
 

@@ -4,6 +4,7 @@ stage-end merge, the state, its file, the metrics log and the predictions files.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,14 +18,17 @@ from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
+from fcit_hpc.fed.server.private import PrivateCombine, init_privacy, record_round, stage_epsilon
 from fcit_hpc.fed.server.run_state import check_state, init_method_state, init_state
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
 from fcit_hpc.model.projector import get_projector
 from fcit_hpc.seeds import SALT_ROUND_RNG, derive_seed
-from fcit_hpc.state.schema import STATE_FILE, RunState, write_state
+from fcit_hpc.state.schema import STATE_FILE, ClientStatus, RunState, write_state
 from fcit_hpc.timers import combine, phase, reduce_ranks, take
+
+log = logging.getLogger("fcit.server")
 
 
 class Server(Role):
@@ -45,6 +49,7 @@ class Server(Role):
         where = self.run_dir / STATE_FILE
         stages = data.schedule.stages
         init_method_state(state, method, ctx.adapter.numel)
+        init_privacy(state, ctx.cfg, data.num_stages)
         try:
             check_state(
                 state,
@@ -91,19 +96,28 @@ class Server(Role):
         )
         return self.dko_result.assignment()
 
+    def dp_clip(self):
+        return np.array([self.st.privacy_clip], np.float64)
+
     def use_subspace(self, k):
         top = max(self.ctx.method.trained_subspaces(k))
         self.st.num_subspaces = max(self.st.num_subspaces, top + 1)
 
-    def end_round(self, stage, round_, plan, heads, values, t0, down0, phases=None):
+    def end_round(self, stage, round_, plan, heads, values, t0, down0, phases=None, private=None):
         ctx, st, dko = self.ctx, self.st, self.dko_result
         bytes_down = ctx.comm.bytes_broadcast - down0
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
         with phase("aggregate"):
             updates = unpack_updates(heads, values, {int(c) for c in plan[:, 0]})
-            agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
+            combiner = self._private(stage, round_, info, updates, private)
+            trained = ctx.method.trained_subspaces
+            agg = aggregate_round(st, updates, ctx.strategy, info, trained, combiner)
             self.dko_result = DkoResult()
+            if ctx.cfg.privacy.dp != "off":
+                rows = agg.client_rows
+                ok = set(rows["client"][rows["status"] == ClientStatus.ACCEPTED].tolist())
+                record_round(st, ctx.cfg, stage, round_, private.norms, ok)
             st.append_metrics(agg.round_row, agg.client_rows)
             ctx.method.after_round(st, agg.client_rows)
             st.stage, st.round = stage, round_
@@ -111,10 +125,36 @@ class Server(Role):
             st.rng_torch = torch.get_rng_state().numpy().copy()
         with phase("state_write"):
             write_state(self.run_dir, st)
-        line = MetricsLog.round_line(st.rounds[-1], st.clients)
+        line = MetricsLog.round_line(st.rounds[-1], st.clients, st.privacy_norms)
         self.metrics.append(MetricsLog.with_phases(line, self._phases(phases)))
         self.bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces)
         self.bar.update(1)
+
+    def _private(self, stage, round_, info, updates, private):
+        """The round's privacy results into ``info`` (drop-outs, protocol bytes); the means
+        under DP or secure aggregation (None: the plain sample-weighted ones)."""
+        if private is None:
+            return None
+        got = {u.client for u in updates}
+        info.dropped = tuple((c, k) for c, k in private.trainers.items() if c not in got)
+        if info.dropped:
+            log.info(
+                "stage %d round %d: client(s) %s trained and did not upload; the means are over "
+                "the %d that did",
+                stage,
+                round_,
+                ", ".join(str(c) for c, _ in info.dropped),
+                len(got),
+            )
+        info.extra_bytes = private.sent
+        p = self.ctx.cfg.privacy
+        if p.dp == "off" and not p.secagg:
+            return None
+        sizes = {name: v.size for name, v in self.st.sides().items()}
+        slots = self.st.adapter.shape[0]
+        return PrivateCombine(
+            self.ctx.cfg, stage, round_, self.st.privacy_clip, private.sums, sizes, slots
+        )
 
     def after_rounds(self, stage):
         if not self.ctx.method.trains:
@@ -168,6 +208,9 @@ class Server(Role):
     def end_stage(self, stage):
         st = self.st
         self.ctx.method.after_stage(st, stage)
+        if st.privacy_epsilon.size:
+            stage_epsilon(st, self.ctx.cfg, stage)
+            self.metrics.append(MetricsLog.privacy_line(st, stage))
         st.stage, st.round = stage + 1, -1
         st.done = stage + 1 == self.ctx.data.num_stages
         with phase("state_write"):  # counted in the next record
