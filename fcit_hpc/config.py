@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from fcit_hpc.errors import ConfigError
-from fcit_hpc.registry import COMPARE_ENTRIES, FED_ALGS, SSA_MODES
+from fcit_hpc.registry import CODECS, COMPARE_ENTRIES, FED_ALGS, SSA_MODES
 from fcit_hpc.registry import METHODS as _REGISTRY_METHODS
 
 METHODS = tuple(_REGISTRY_METHODS)
@@ -148,6 +148,27 @@ class EvalConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Codecs of the uploads (fcit_hpc.fed.codec): none | fp16 | bf16 | int8 | int4 | topk."""
+
+    subspace: str = "none"  # the subspace deltas (and a method's mixer)
+    projector: str = "none"  # the LLaVA projector's delta
+    token: str = "none"  # the identity tokens
+    block_size: int = 64  # int8 / int4: values per float32 scale
+    topk_fraction: float = 0.1  # topk: the share of values sent
+    error_feedback: bool = True  # clients keep the residual of a lossy delta codec
+
+
+@dataclass
+class LogConfig:
+    """Experiment logging beside metrics.jsonl (rank 0, under the run directory)."""
+
+    tensorboard: bool = False  # RUN_DIR/tensorboard/: every number of metrics.jsonl as a scalar
+    mlflow: bool = False  # RUN_DIR/mlruns (a local file store) unless MLFLOW_TRACKING_URI is set
+    wandb: bool = False  # offline in RUN_DIR/wandb unless WANDB_MODE says otherwise
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill or signal a rank, corrupt a client's update, hold rank 0 at
     a safe point."""
@@ -182,6 +203,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
@@ -264,6 +287,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.decoder": _in(("static", "hf")),
     "eval.caption_meteor": _in(("java", "skip")),
+    "compress.subspace": _in(CODECS),
+    "compress.projector": _in(CODECS),
+    "compress.token": _in(CODECS),
+    "compress.block_size": (lambda v: 2 <= v <= 1 << 20 and v % 2 == 0, "even, in [2, 2^20]"),
+    "compress.topk_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "debug.kill_signal": _in(("KILL", "TERM", "USR1")),
 }
 
