@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fcit_hpc.config import Config, load_config
 from fcit_hpc.errors import ConfigError
+from fcit_hpc.fed.codec import UplinkCodec
 
 # Stated defaults (seconds per unit on one CPU core of the development machine, the embedded
 # model; override with --figures): every one is printed with its source when used.
@@ -243,7 +244,8 @@ def predict_bytes(cfg: Config, fig: Figures) -> dict[str, float]:
     numel = lora_numel(cfg, model_dims(cfg))
     d, smax = identity_dim(cfg), cfg.lora.max_subspaces
     down = 4 * smax * (numel + d)
-    up = 4 * (trained_subspaces(cfg) * numel + d)
+    codec = UplinkCodec.from_config(cfg.compress)  # the payload formula of the wire
+    up = trained_subspaces(cfg) * codec.subspace.nbytes(numel) + codec.token.nbytes(d)
     n = s.stages * s.rounds * s.clients
     return {"down": n * down, "up": n * up, "per_client_round": down + up}
 

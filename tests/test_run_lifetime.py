@@ -8,6 +8,7 @@ import numpy as np
 
 from fcit_hpc.config import load_config
 from fcit_hpc.fed.client import compute_tokens, identity_token
+from fcit_hpc.fed.compress import Compression
 from fcit_hpc.fed.wire import unpack_tokens
 
 
@@ -41,6 +42,7 @@ def _ctx(nan_clients=()):
         data=SimpleNamespace(client_samples=lambda u, c: data[(u, c)]),
         encoder=CountingEncoder(),
         identity_cache={},
+        compress=Compression(load_config(None)),
     ), data
 
 

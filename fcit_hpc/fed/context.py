@@ -12,6 +12,7 @@ from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config
 from fcit_hpc.errors import FcitError
 from fcit_hpc.fed.comm import Comm
+from fcit_hpc.fed.compress import Compression
 from fcit_hpc.fed.strategies import Strategy, strategy_from_config
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.base import Method
@@ -45,6 +46,8 @@ class RunContext:
     decoder: object = None
     # identity tokens by (data unit, client), encoded once per run (fed.client.identity_token)
     identity_cache: dict = field(default_factory=dict)
+    # the upload codecs and this rank's error-feedback residuals (fed.compress.Compression)
+    compress: Compression | None = None
 
 
 def make_trainer(cfg: Config, runtime: Runtime):
@@ -175,4 +178,5 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
         encoder,
         proj,
         adapter.mixer_numel,
+        compress=Compression(cfg),
     )

@@ -156,11 +156,17 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         k = ctx.method.stage_subspace(stage)
         subspaces = {int(c): k for c in plan[:, 0]}
         role.use_subspace(k)
+    feedback = ctx.compress.keeps_residuals  # error feedback: residuals to and from the clients
+    if feedback:
+        with phase("comm"):
+            ctx.compress.receive(comm, role.residuals(plan))
     with local_work():
         head, body = train_clients(ctx, stage, rnd, mine, subspaces, view)
     with phase("comm"):
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
+        if feedback:
+            role.keep_residuals(ctx.compress.send_back(comm))
     # every rank's phase seconds to rank 0 (not counted as round traffic: no part of the method)
     role.end_round(stage, rnd, plan, heads, bodies, t0, down0, comm.gatherv(take()))
 

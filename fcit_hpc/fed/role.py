@@ -32,6 +32,14 @@ class Role:
         """The subspace of every client (int64 [n, 2]) from the gathered identity tokens."""
         return None
 
+    def residuals(self, plan: np.ndarray) -> list | None:
+        """Error feedback: the stored residuals of each rank's clients of the round, packed per
+        rank (:func:`fcit_hpc.fed.compress.residual_parts`)."""
+        return None
+
+    def keep_residuals(self, residuals: dict | None) -> None:
+        """Error feedback: store the residuals the round's clients changed."""
+
     def use_subspace(self, k: int) -> None:
         """Without identity tokens: subspace k is trained this round."""
 

@@ -24,6 +24,10 @@ Layout::
                                                   the method (``Method.init_state`` /
                                                   ``validate_state``); e.g. EWC's fisher, anchor
     /method/<name>           attrs: the method's integer counters (EWC: stages)
+    /compress/keys           int64   [n, 3]       error feedback: (client, part, size) per residual,
+                                                  sorted (part: k >= 0 a subspace, -1 - i the i-th
+                                                  side vector; absent when no client keeps one)
+    /compress/residuals      float32 [sum sizes]  the residuals, concatenated in key order
     /dko/samples             int64   [S_max, U]     DKO diagnostics (identity methods only; absent
                                                   otherwise and in older files): accepted samples
                                                   per subspace (the DKO decision) x data unit U
@@ -154,6 +158,8 @@ class RunState:
     dko_task_unit: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dko_gate_mass: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     method: MethodState = field(default_factory=MethodState)
+    # error feedback (fcit_hpc.fed.compress): (client, part key) -> float32 residual
+    residuals: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def sides(self) -> dict[str, np.ndarray]:
         """The side vectors clients train beside their subspaces and the server averages
@@ -243,6 +249,8 @@ def _write_h5(path: Path, st: RunState) -> None:
             ev.attrs[k] = float(v)
         if st.method.name:  # methods without a state of their own write no group
             _write_method(f, st.method)
+        if st.residuals:  # error feedback only: other runs' files stay as they were
+            _write_residuals(f, st.residuals)
         if st.dko_samples.size:  # identity methods only: other methods' files stay as they were
             dk = f.create_group("dko")
             dk.create_dataset("samples", data=np.asarray(st.dko_samples, np.int64))
@@ -291,6 +299,33 @@ def _write_method(f: h5py.File, ms: MethodState) -> None:
         g.create_dataset(k, data=np.asarray(v))
     for k, v in ms.counters.items():
         g.attrs[k] = int(v)
+
+
+def _write_residuals(f: h5py.File, residuals: dict[tuple[int, int], np.ndarray]) -> None:
+    keys = sorted(residuals)
+    g = f.create_group("compress")
+    rows = [[c, k, residuals[(c, k)].size] for c, k in keys]
+    g.create_dataset("keys", data=np.asarray(rows, np.int64).reshape(-1, 3))
+    values = [np.asarray(residuals[key], np.float32) for key in keys]
+    g.create_dataset("residuals", data=np.concatenate(values))
+
+
+def _read_residuals(r: _Reader) -> dict[tuple[int, int], np.ndarray]:
+    """/compress (keys, residuals); empty when absent. Sizes against the model: on resume."""
+    if r.group("compress", optional=True) is None:
+        return {}
+    keys = r.array("compress/keys", np.int64, 2)
+    values = r.array("compress/residuals", np.float32, 1)
+    if keys.shape[1:] != (3,) or (keys[:, 2] < 0).any() or keys[:, 2].sum() != values.size:
+        raise r.fail(
+            f"/compress/keys (shape {keys.shape}) does not describe /compress/residuals "
+            f"({values.size} values) as (client, part, size) rows"
+        )
+    pairs = [(int(c), int(k)) for c, k, _ in keys]
+    if pairs != sorted(set(pairs)):
+        raise r.fail("/compress/keys: (client, part) pairs not unique and sorted")
+    offsets = np.concatenate([[0], np.cumsum(keys[:, 2])])
+    return {key: values[offsets[i] : offsets[i + 1]].copy() for i, key in enumerate(pairs)}
 
 
 class _Reader:
@@ -414,6 +449,7 @@ def _read(r: _Reader) -> RunState:
             raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
         summary[k] = float(v)
     dko = _read_dko(r, s_max, accuracy.shape)
+    residuals = _read_residuals(r)
     stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
     done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
     if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
@@ -445,6 +481,7 @@ def _read(r: _Reader) -> RunState:
         dko_task_unit=dko[1],
         dko_gate_mass=dko[2],
         method=method,
+        residuals=residuals,
     )
     if version >= 2:  # after the structure's checks, whose messages say more about an edit
         _verify_checksums(r)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.errors import StateError
+from fcit_hpc.fed.compress import residual_parts
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
 from fcit_hpc.fed.server.diagnostics import add_samples, stage_gate_mass, stage_record
@@ -92,8 +93,15 @@ class Server(Role):
         return self.st
 
     def dko(self, heads, values):
-        self.dko_result = run_dko(self.st, self.ctx.method, unpack_tokens(heads, values))
+        uploads = unpack_tokens(heads, values, self.ctx.compress.decode_token)
+        self.dko_result = run_dko(self.st, self.ctx.method, uploads)
         return self.dko_result.assignment()
+
+    def residuals(self, plan):
+        return residual_parts(self.st.residuals, plan, self.ctx.comm.size)
+
+    def keep_residuals(self, residuals):
+        self.st.residuals.update(residuals)
 
     def use_subspace(self, k):
         top = max(self.ctx.method.trained_subspaces(k))
@@ -105,7 +113,11 @@ class Server(Role):
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
         with phase("aggregate"):
-            updates = unpack_updates(heads, values)
+            sides = {name: v.size for name, v in st.sides().items()}
+            decode = ctx.compress.update_decoder(
+                st.adapter.shape[1], sides, ctx.method.trained_subspaces
+            )
+            updates = unpack_updates(heads, values, decode)
             agg = aggregate_round(st, updates, ctx.strategy, info, ctx.method.trained_subspaces)
             self.dko_result = DkoResult()
             st.append_metrics(agg.round_row, agg.client_rows)
