@@ -109,13 +109,17 @@ def test_error_feedback_transmitted_plus_residual_is_the_true_sum():
         for t in range(6):
             x = _x(250, 10 + t)
             true += x
-            sent += up.decode_update(up.encode_update(x, parts, ("projector",), res), parts, ("projector",))
+            sent += up.decode_update(
+                up.encode_update(x, parts, ("projector",), res), parts, ("projector",)
+            )
         resid = np.concatenate([res[2], res[-1]]).astype(np.float64)
         assert np.allclose(sent + resid, true, rtol=0, atol=1e-5), name
         # without feedback, top-k drops mass for good
     up = UplinkCodec(Codec("topk", 16, 0.05), Codec("topk", 16, 0.05), error_feedback=False)
     res = {}
-    out = up.decode_update(up.encode_update(_x(250), parts, ("projector",), res), parts, ("projector",))
+    out = up.decode_update(
+        up.encode_update(_x(250), parts, ("projector",), res), parts, ("projector",)
+    )
     assert res == {} and np.count_nonzero(out) < 250
 
 

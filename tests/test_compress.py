@@ -29,10 +29,12 @@ from fcit_hpc.state.schema import (
     write_state,
 )
 
-from .conftest import ROOT, mpiexec, smoke_serial
+from .conftest import ROOT, fcit, mpiexec, smoke_serial
 from .test_runtime_mpi import FCIT, SMOKE
+from .test_tracking import assert_events_equal_metrics, read_events
 
 INT8 = ["compress.subspace=int8", "compress.token=int8", "compress.block_size=32"]
+TB = ["log.tensorboard=true"]
 
 
 def _comp(*over):
@@ -52,7 +54,9 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
     ups = unpack_updates([h], [b], comp.update_decoder(numel, sides, lambda k: (k,)))
     int8, bf16 = Codec("int8", 32), Codec("bf16")
     for u, d in zip(ups, deltas, strict=True):
-        want = np.concatenate([int8.decode(int8.encode(d[:40]), 40), bf16.decode(bf16.encode(d[40:]), 10)])
+        want = np.concatenate(
+            [int8.decode(int8.encode(d[:40]), 40), bf16.decode(bf16.encode(d[40:]), 10)]
+        )
         assert np.array_equal(u.delta, want)
         assert u.nbytes == UPDATE_WIDTH * 8 + int8.nbytes(40) + bf16.nbytes(10)
         # the residual the client keeps is what the codec lost
@@ -118,16 +122,16 @@ def test_residuals_reach_the_clients_rank_and_come_back():
 
 
 def test_residuals_stored_read_and_checked(tmp_path):
-    from fcit_hpc.fed.server.run_state import init_state
-    from fcit_hpc.fed.strategies import strategy_from_config
-    from fcit_hpc.methods import make_method
-    from fcit_hpc.model.build import build_model
+    from fcit_hpc.state.schema import RunState
 
-    cfg = load_config(ROOT / "configs/smoke.yaml")
-    method = make_method(cfg)
-    _, adapter, _ = build_model(cfg, method.num_slots())
-    st = init_state(cfg, adapter, method, 8, (2, 2), strategy_from_config(cfg.federation))
-    n = adapter.numel
+    n = 24
+    st = RunState(
+        "",
+        np.zeros((4, n), np.float32),
+        np.zeros((4, 8), np.float32),
+        np.zeros(4),
+        np.full((2, 2), np.nan),
+    )
     st.residuals = {(5, 1): np.arange(n, dtype=np.float32), (2, 0): np.ones(n, np.float32)}
     write_state(tmp_path, st)
     back = read_state(tmp_path).residuals
@@ -157,7 +161,7 @@ def test_residuals_stored_read_and_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def int8_serial(tmp_path_factory):
-    return smoke_serial(tmp_path_factory.mktemp("int8") / "run", *INT8)
+    return smoke_serial(tmp_path_factory.mktemp("int8") / "run", *INT8, *TB)
 
 
 @pytest.mark.slow
@@ -176,6 +180,20 @@ def test_int8_run_bytes_by_formula_and_residuals_of_every_trained_client(int8_se
     for v in st.residuals.values():
         assert v.shape == (numel,) and np.isfinite(v).all() and 0 < np.abs(v).max() < 1e-3
     assert update_parts((0,), numel, {}) == [(0, numel)]
+
+
+@pytest.mark.slow
+def test_int8_run_tensorboard_events_equal_metrics(int8_serial):
+    """The run's TensorBoard event files, read by TensorBoard's reader, hold metrics.jsonl."""
+    assert_events_equal_metrics(
+        int8_serial, load_config(int8_serial / "config.yaml").federation.num_rounds
+    )
+    events = read_events(int8_serial)
+    st = read_state(int8_serial)
+    assert events[("round/bytes_sent", 0)] == float(st.rounds["bytes_sent"][0])
+    assert any(t.startswith("eval/accuracy/") for t, _ in events)
+    assert any(t.startswith("round/phases/") for t, _ in events)
+    assert ("summary/last", 2) in events
 
 
 @pytest.mark.slow
@@ -198,12 +216,14 @@ def test_int8_three_thread_ranks_equal_one_rank(tmp_path):
 
 
 @pytest.mark.mpi
-def test_int8_killed_two_rank_run_resumes_bitwise(int8_serial, tmp_path):
+def test_int8_killed_two_rank_run_resumes_bitwise_on_one_rank(int8_serial, tmp_path):
     killed = tmp_path / "killed"
     kill = ["debug.kill_rank=1", "debug.kill_stage=1", "debug.kill_round=1"]
-    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(killed), *INT8, *kill, timeout=180)
+    p = mpiexec(2, FCIT, "run", SMOKE, "--out", str(killed), *INT8, *TB, *kill, timeout=180)
     assert p.returncode != 0
     assert read_state(killed).residuals  # stopped part-way, residuals stored
-    p = mpiexec(2, FCIT, "run", "--resume", str(killed))
+    p = fcit("run", "--resume", str(killed))  # on one rank: the residuals follow the clients
     assert p.returncode == 0, p.stderr[-3000:]
     assert same_content(comparable_content(int8_serial), comparable_content(killed)) == []
+    # TensorBoard's events, rewritten from the log at the resume, equal the log
+    assert_events_equal_metrics(killed, load_config(killed / "config.yaml").federation.num_rounds)

@@ -19,6 +19,7 @@ from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
+from fcit_hpc.fed.server.tracking import Trackers
 from fcit_hpc.fed.server.run_state import (
     check_dko,
     check_state,
@@ -40,7 +41,11 @@ class Server(Role):
 
     def __init__(self, ctx, run_dir: Path, state: RunState | None, evaluation):
         self.ctx, self.run_dir, self.evaluation = ctx, Path(run_dir), evaluation
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        trackers = None
+        if any(vars(ctx.cfg.log).values()):
+            rounds = ctx.cfg.federation.num_rounds
+            trackers = Trackers(ctx.cfg.log, self.run_dir, rounds if ctx.method.trains else 0)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", trackers)
         self.dko_result = DkoResult()
         self.bar = None
         data, method = ctx.data, ctx.method
@@ -230,4 +235,6 @@ class Server(Role):
             self.metrics.append(MetricsLog.with_phases(json.dumps(line), self._phases(None)))
         if st.done and not (report_missing_only and (self.run_dir / "report.md").exists()):
             self.evaluation.report(self.run_dir, st)
+        if self.metrics.trackers is not None:
+            self.metrics.trackers.close()
         return st
