@@ -17,7 +17,6 @@ from fcit_hpc.fed.wire import (
     UPDATE_WIDTH,
     pack_tokens,
     pack_updates,
-    unpack_residuals,
     unpack_tokens,
     unpack_updates,
 )
@@ -49,7 +48,10 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
     g = np.random.default_rng(0)
     deltas = [g.standard_normal(50).astype(np.float32) for _ in range(3)]
     rows = [(c, c % 2, 5, 1.0, 0.1, 2) for c in range(3)]
-    payloads = [comp.encode_update(c, (k,), numel, sides, d) for (c, k, *_), d in zip(rows, deltas)]
+    payloads = [
+        comp.encode_update(c, (k,), numel, sides, d)
+        for (c, k, *_), d in zip(rows, deltas, strict=True)
+    ]
     h, b = pack_updates(rows, deltas, payloads)
     ups = unpack_updates([h], [b], comp.update_decoder(numel, sides, lambda k: (k,)))
     int8, bf16 = Codec("int8", 32), Codec("bf16")

@@ -19,7 +19,6 @@ from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.metrics_log import MetricsLog
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.predictions import StageEval, write_predictions
-from fcit_hpc.fed.server.tracking import Trackers
 from fcit_hpc.fed.server.run_state import (
     check_dko,
     check_state,
@@ -28,6 +27,7 @@ from fcit_hpc.fed.server.run_state import (
     init_state,
 )
 from fcit_hpc.fed.server.stage_end import merge_stage_end
+from fcit_hpc.fed.server.tracking import Trackers
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
 from fcit_hpc.model.projector import get_projector
