@@ -154,6 +154,7 @@ class CompressConfig:
     subspace: str = "none"  # the subspace deltas (and a method's mixer)
     projector: str = "none"  # the LLaVA projector's delta
     token: str = "none"  # the identity tokens
+    download: str = "none"  # the global adapter broadcast to the clients (training rounds)
     block_size: int = 64  # int8 / int4: values per float32 scale
     topk_fraction: float = 0.1  # topk: the share of values sent
     error_feedback: bool = True  # clients keep the residual of a lossy delta codec
@@ -290,6 +291,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "compress.subspace": _in(CODECS),
     "compress.projector": _in(CODECS),
     "compress.token": _in(CODECS),
+    "compress.download": _in(tuple(c for c in CODECS if c != "topk")),
     "compress.block_size": (lambda v: 2 <= v <= 1 << 20 and v % 2 == 0, "even, in [2, 2^20]"),
     "compress.topk_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "debug.kill_signal": _in(("KILL", "TERM", "USR1")),

@@ -101,6 +101,7 @@ FIELD_DOCS: dict[str, str] = {
     "compress.subspace": "codec of the subspace deltas (and a method's mixer) on the wire: `none` (float32), `fp16`, `bf16`, `int8`, `int4` (per-block scales), `topk` (docs/compress.md)",
     "compress.projector": "codec of the LLaVA projector's delta (as `compress.subspace`)",
     "compress.token": "codec of the identity tokens (as `compress.subspace`; no error feedback: a token is not summed)",
+    "compress.download": "codec of the global adapter broadcast to the clients in training rounds (`none`, `fp16`, `bf16`, `int8`, `int4`; each subspace coded on its own); clients start from the decoded adapter, the server's state stays exact",
     "compress.block_size": "`int8` / `int4`: values per float32 scale (even)",
     "compress.topk_fraction": "`topk`: the share of a part's values sent (the largest in magnitude)",
     "compress.error_feedback": "each client keeps the residual of a lossy delta codec and adds it to its next upload of that part (kept in `state.h5`, `/compress`)",

@@ -9,7 +9,7 @@ import pytest
 
 from fcit_hpc.config import load_config
 from fcit_hpc.errors import StateError
-from fcit_hpc.fed.codec import Codec, update_parts
+from fcit_hpc.fed.codec import Codec, decode_rows, encode_rows
 from fcit_hpc.fed.compress import Compression, residual_parts
 from fcit_hpc.fed.server.run_state import check_residuals
 from fcit_hpc.fed.wire import (
@@ -32,7 +32,12 @@ from .conftest import ROOT, fcit, mpiexec, smoke_serial
 from .test_runtime_mpi import FCIT, SMOKE
 from .test_tracking import assert_events_equal_metrics, read_events
 
-INT8 = ["compress.subspace=int8", "compress.token=int8", "compress.block_size=32"]
+INT8 = [
+    "compress.subspace=int8",
+    "compress.token=int8",
+    "compress.download=int8",
+    "compress.block_size=32",
+]
 TB = ["log.tensorboard=true"]
 
 
@@ -74,6 +79,15 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
     h, b = pack_updates([(8, 0, 5, 1.0, 0.1, 2)], [deltas[0]], [payloads[0][:-1]])
     (u,) = unpack_updates([h], [b], comp.update_decoder(numel, sides, lambda k: (k,)))
     assert u.delta.size == 0
+
+
+def test_download_rows_coded_one_by_one():
+    m = np.random.default_rng(1).standard_normal((3, 70)).astype(np.float32)
+    c = Codec("int4", 16)
+    buf = encode_rows(c, m)
+    assert buf.size == 3 * c.nbytes(70)
+    want = np.stack([c.decode(c.encode(r), 70) for r in m])
+    assert np.array_equal(decode_rows(c, buf, 3, 70), want)
 
 
 def test_non_finite_update_stays_non_finite_and_its_residual_restarts():
@@ -167,7 +181,7 @@ def int8_serial(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_int8_run_bytes_by_formula_and_residuals_of_every_trained_client(int8_serial):
+def test_int8_run_bytes_by_formula_and_residuals_of_every_trained_client(int8_serial, serial_run):
     st = read_state(int8_serial)
     numel, dim = st.adapter.shape[1], st.tokens.shape[1]
     int8 = Codec("int8", 32)
@@ -181,7 +195,10 @@ def test_int8_run_bytes_by_formula_and_residuals_of_every_trained_client(int8_se
     assert len(trained) < len(ok)
     for v in st.residuals.values():
         assert v.shape == (numel,) and np.isfinite(v).all() and 0 < np.abs(v).max() < 1e-3
-    assert update_parts((0,), numel, {}) == [(0, numel)]
+    # the download: every round's adapter broadcast, int8 instead of float32, per client
+    plain = read_state(serial_run).clients["bytes_recv"]
+    s_max = st.adapter.shape[0]
+    assert (plain - st.clients["bytes_recv"] == s_max * (4 * numel - int8.nbytes(numel))).all()
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import numpy as np
 
 from fcit_hpc.registry import CODECS
 
-__all__ = ["CODECS", "Codec", "CodecError", "UplinkCodec", "update_parts"]
+__all__ = ["CODECS", "Codec", "CodecError", "UplinkCodec", "decode_rows", "encode_rows", "update_parts"]
 _LEVELS = {"int8": 127, "int4": 7}
 
 
@@ -243,3 +243,17 @@ def update_parts(
     side vector in upload order (key -1 - i)."""
     parts = [(int(k), numel) for k in subspaces]
     return parts + [(-1 - i, size) for i, size in enumerate(sides.values())]
+
+
+def encode_rows(codec: Codec, m: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] → one payload, each row coded on its own (a subspace's vector)."""
+    parts = [codec.encode(row) for row in np.asarray(m, np.float32)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def decode_rows(codec: Codec, buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The payload of :func:`encode_rows` → float32 [rows, cols]."""
+    nb = codec.nbytes(cols)
+    if buf.size != rows * nb:
+        raise CodecError(f"{buf.size} bytes for {rows} rows of {cols} values, expected {rows * nb}")
+    return np.stack([codec.decode(buf[i * nb : (i + 1) * nb], cols) for i in range(rows)])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fcit_hpc.fed.codec import CodecError, UplinkCodec, update_parts
+from fcit_hpc.fed.codec import Codec, CodecError, UplinkCodec, decode_rows, encode_rows, update_parts
 from fcit_hpc.fed.wire import pack_residuals, unpack_residuals
 
 log = logging.getLogger("fcit.server")
@@ -25,11 +25,15 @@ Residuals = dict[tuple[int, int], np.ndarray]  # (client, part key) -> float32 r
 
 
 class Compression:
-    """One per rank. ``residuals``: on a client rank, those of its clients of the current round
+    """One per rank. ``download``: the codec of the global adapter's broadcast in training rounds
+    (no top-k: it carries weights, not deltas). ``residuals``: on a client rank, those of its clients of the current round
     (received before training); ``touched``: the ones its clients changed (sent back after)."""
 
-    def __init__(self, cfg):
-        self.codec = UplinkCodec.from_config(cfg.compress)
+    def __init__(self, cfg, adapter_shape: tuple[int, int] = (0, 0)):
+        c = cfg.compress
+        self.codec = UplinkCodec.from_config(c)
+        self.download = Codec(c.download, c.block_size, c.topk_fraction)
+        self.adapter_shape = adapter_shape  # (S_max, P) of the global adapter (the download)
         self.residuals: Residuals = {}
         self.touched: set[tuple[int, int]] = set()
 
@@ -70,6 +74,15 @@ class Compression:
         heads, bodies = comm.gatherv(head), comm.gatherv(body)
         self.residuals, self.touched = {}, set()
         return unpack_residuals(heads, bodies) if heads is not None else None
+
+    def broadcast_adapter(self, comm, adapter: np.ndarray | None) -> np.ndarray:
+        """Every rank: the global adapter [S_max, P] as the download codec delivers it (each
+        subspace coded on its own; ``adapter``: rank 0's, exact). Rank 0 decodes it too, so
+        that its clients start where every other rank's do."""
+        payload = comm.bcast_array(
+            encode_rows(self.download, adapter) if adapter is not None else None
+        )
+        return decode_rows(self.download, payload, *self.adapter_shape)
 
     # --- server side ---------------------------------------------------------------------------
 

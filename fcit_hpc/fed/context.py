@@ -178,5 +178,5 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
         encoder,
         proj,
         adapter.mixer_numel,
-        compress=Compression(cfg),
+        compress=Compression(cfg, (method.num_slots(), adapter.numel)),
     )
