@@ -29,7 +29,15 @@ import numpy as np
 
 from fcit_hpc.registry import CODECS
 
-__all__ = ["CODECS", "Codec", "CodecError", "UplinkCodec", "decode_rows", "encode_rows", "update_parts"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "CodecError",
+    "UplinkCodec",
+    "decode_rows",
+    "encode_rows",
+    "update_parts",
+]
 _LEVELS = {"int8": 127, "int4": 7}
 
 

@@ -16,7 +16,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fcit_hpc.fed.codec import Codec, CodecError, UplinkCodec, decode_rows, encode_rows, update_parts
+from fcit_hpc.fed.codec import (
+    Codec,
+    CodecError,
+    UplinkCodec,
+    decode_rows,
+    encode_rows,
+    update_parts,
+)
 from fcit_hpc.fed.wire import pack_residuals, unpack_residuals
 
 log = logging.getLogger("fcit.server")
@@ -25,9 +32,10 @@ Residuals = dict[tuple[int, int], np.ndarray]  # (client, part key) -> float32 r
 
 
 class Compression:
-    """One per rank. ``download``: the codec of the global adapter's broadcast in training rounds
-    (no top-k: it carries weights, not deltas). ``residuals``: on a client rank, those of its clients of the current round
-    (received before training); ``touched``: the ones its clients changed (sent back after)."""
+    """One per rank. ``download``: the codec of the global adapter's broadcast in training
+    rounds (no top-k: it carries weights, not deltas). ``residuals``: on a client rank, those of
+    its clients of the current round (received before training); ``touched``: the ones its
+    clients changed (sent back after)."""
 
     def __init__(self, cfg, adapter_shape: tuple[int, int] = (0, 0)):
         c = cfg.compress
