@@ -99,17 +99,17 @@ def safe_point(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
 
 
 def broadcast_view(
-    comm: Comm, st: RunState | None, mixer: bool = False, method=None, download=None
+    comm: Comm, st: RunState | None, mixer: bool = False, method=None, compress=None
 ) -> RunState:
     """Every rank gets the global adapter, tokens, live count, projector, for a method with
     mixers (``mixer``) the mixer, and the arrays of the method's own state its clients need
     (``method.client_arrays``; for local work and evaluation); the server's view is its state
-    itself. ``download``: the run's :class:`~fcit_hpc.fed.compress.Compression` when the
-    adapter travels through its lossy download codec (training rounds); every rank, the
-    server too, then sees the decoded adapter (the server's state stays exact)."""
-    lossy = download is not None and not download.download.lossless
+    itself. ``compress``: the run's :class:`~fcit_hpc.fed.compress.Compression` in training
+    rounds, whose download codec the adapter travels through; when it is lossy every rank, the
+    server too, sees the decoded adapter (the server's state stays exact)."""
+    lossy = compress is not None and not compress.download.lossless
     if lossy:
-        adapter = download.broadcast_adapter(comm, st.adapter if st is not None else None)
+        adapter = compress.broadcast_adapter(comm, st.adapter if st is not None else None)
     else:
         adapter = comm.bcast_array(st.adapter if st is not None else None)
     tokens = comm.bcast_array(st.tokens if st is not None else None)
