@@ -114,6 +114,7 @@ def test_a_tracker_not_installed_is_a_config_error(field):
     check_trackers(load_config(None).log)  # all off: nothing needed
 
 
+@pytest.mark.slow
 def test_fcit_run_refuses_before_writing_anything(tmp_path):
     import importlib.util
 
