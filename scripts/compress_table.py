@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Bytes per round on the wire and Last / Avg of each upload codec against float32: runs the
-sweep of ``configs/compress_sweep.yaml`` (``mpiexec -n RANKS fcit run``; skipped with
-``--table-only``), then writes one table, ``RUN_DIR/compress.md``, and prints it.
+cells of the sweep of ``configs/compress_sweep.yaml`` (each cell's compare job as its own
+``[mpiexec -n RANKS] fcit run RUN_DIR/<cell>/config.yaml``, ``--jobs`` of them at a time; skipped
+with ``--table-only``), then writes one table, ``RUN_DIR/compress.md``, and prints it.
 
 Per cell (its first cell is the float32 reference): the bytes every client sent (its update and
 identity token, headers included) and received (every broadcast of the round) per round, as
@@ -9,8 +10,8 @@ counted on the wire and stored in each run's ``/metrics/rounds`` (mean over the 
 per client), their ratio to the reference's, and the run's Last and Avg with their difference to
 the reference's, in points.
 
-    python scripts/compress_table.py [--config configs/compress_sweep.yaml] [--ranks 2]
-        [--out runs/compress_sweep] [--table-only]
+    python scripts/compress_table.py [--config configs/compress_sweep.yaml] [--ranks 1]
+        [--jobs 2] [--out runs/compress_sweep] [--table-only]
 """
 
 from __future__ import annotations
@@ -18,22 +19,45 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fcit_hpc.compare import sweep_cells  # noqa: E402
-from fcit_hpc.config import load_config  # noqa: E402
+from fcit_hpc.compare import cell_config, sweep_cells  # noqa: E402
+from fcit_hpc.config import load_config, to_yaml  # noqa: E402
 from fcit_hpc.state.schema import read_state  # noqa: E402
 
 
-def run_sweep(config: Path, out: Path, ranks: int) -> None:
+def run_cells(config: Path, out: Path, ranks: int, jobs: int) -> None:
+    """Every cell's compare job (``fcit_hpc.compare.cell_config``: the sweep's config with the
+    cell's overrides), ``jobs`` at a time; stops on the first that fails."""
+    cfg = load_config(config)
     bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "fcit"), "run", str(config), "--out", str(out)]
-    if ranks > 1:
-        cmd = [str(bin_dir / "mpiexec"), "--oversubscribe", "-n", str(ranks), *cmd]
-    subprocess.run(cmd, check=True)
+    pending, running = [], []
+    for name, over in sweep_cells(cfg):
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text(to_yaml(cell_config(cfg, over, d)))
+        cmd = [str(bin_dir / "fcit"), "run", str(d / "config.yaml"), "--out", str(d)]
+        if ranks > 1:
+            cmd = [str(bin_dir / "mpiexec"), "--oversubscribe", "-n", str(ranks), *cmd]
+        pending.append((name, cmd))
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, cmd = pending.pop(0)
+            log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed when it ends)
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=log), log))
+        time.sleep(2)
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode:
+                    sys.exit(f"cell {name} failed (exit {proc.returncode}): see {out / name}.log")
+                print(f"cell {name} done", flush=True)
 
 
 def cell_figures(run_dir: Path) -> dict[str, float]:
@@ -72,12 +96,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs/compress_sweep.yaml")
     ap.add_argument("--out", type=Path, default=None, help="default: the config's out_dir")
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=1, help="MPI ranks of each cell's run")
+    ap.add_argument("--jobs", type=int, default=2, help="cells run at the same time")
     ap.add_argument("--table-only", action="store_true", help="tabulate an existing sweep")
     a = ap.parse_args()
     out = a.out or Path(load_config(a.config).out_dir)
     if not a.table_only:
-        run_sweep(a.config, out, a.ranks)
+        run_cells(a.config, out, a.ranks, a.jobs)
     text = table(a.config, out)
     (out / "compress.md").write_text(text + "\n")
     print(text)
