@@ -11,7 +11,7 @@ per client), their ratio to the reference's, and the run's Last and Avg with the
 the reference's, in points.
 
     python scripts/compress_table.py [--config configs/compress_sweep.yaml] [--ranks 1]
-        [--jobs 2] [--out runs/compress_sweep] [--table-only]
+        [--jobs 2] [--out runs/compress_sweep] [--table-only] [--cells NAME ...] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -30,13 +30,18 @@ from fcit_hpc.config import load_config, to_yaml  # noqa: E402
 from fcit_hpc.state.schema import read_state  # noqa: E402
 
 
-def run_cells(config: Path, out: Path, ranks: int, jobs: int) -> None:
+def selected(cfg, only: list[str]) -> list[tuple[str, list[str]]]:
+    """The sweep's cells (folder name, overrides), those named in ``only`` when it is given."""
+    cells = sweep_cells(cfg)
+    return [c for c in cells if c[0] in only] if only else cells
+
+
+def run_cells(cfg, out: Path, ranks: int, jobs: int, only: list[str]) -> None:
     """Every cell's compare job (``fcit_hpc.compare.cell_config``: the sweep's config with the
     cell's overrides), ``jobs`` at a time; stops on the first that fails."""
-    cfg = load_config(config)
     bin_dir = Path(sys.executable).parent
     pending, running = [], []
-    for name, over in sweep_cells(cfg):
+    for name, over in selected(cfg, only):
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.yaml").write_text(to_yaml(cell_config(cfg, over, d)))
@@ -72,9 +77,8 @@ def cell_figures(run_dir: Path) -> dict[str, float]:
     }
 
 
-def table(config: Path, out: Path) -> str:
-    cfg = load_config(config)
-    cells = sweep_cells(cfg)
+def table(cfg, out: Path, only: list[str]) -> str:
+    cells = selected(cfg, only)
     figs = [(over, cell_figures(out / name)) for name, over in cells]
     ref = figs[0][1]
     lines = [
@@ -99,11 +103,14 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=1, help="MPI ranks of each cell's run")
     ap.add_argument("--jobs", type=int, default=2, help="cells run at the same time")
     ap.add_argument("--table-only", action="store_true", help="tabulate an existing sweep")
+    ap.add_argument("--cells", nargs="*", default=[], help="only these cells (folder names)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     a = ap.parse_args()
-    out = a.out or Path(load_config(a.config).out_dir)
+    cfg = load_config(a.config, a.overrides)
+    out = a.out or Path(cfg.out_dir)
     if not a.table_only:
-        run_cells(a.config, out, a.ranks, a.jobs)
-    text = table(a.config, out)
+        run_cells(cfg, out, a.ranks, a.jobs, a.cells)
+    text = table(cfg, out, a.cells)
     (out / "compress.md").write_text(text + "\n")
     print(text)
 
