@@ -11,7 +11,7 @@ per client), their ratio to the reference's, and the run's Last and Avg with the
 the reference's, in points.
 
     python scripts/compress_table.py [--config configs/compress_sweep.yaml] [--ranks 1]
-        [--jobs 2] [--out runs/compress_sweep] [--table-only] [--cells NAME ...] [KEY=VALUE ...]
+        [--jobs 2] [--out runs/compress_sweep] [--table-only] [--cells NAME,...] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -103,14 +103,15 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=1, help="MPI ranks of each cell's run")
     ap.add_argument("--jobs", type=int, default=2, help="cells run at the same time")
     ap.add_argument("--table-only", action="store_true", help="tabulate an existing sweep")
-    ap.add_argument("--cells", nargs="*", default=[], help="only these cells (folder names)")
+    ap.add_argument("--cells", default="", help="only these cells (comma-separated folder names)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     a = ap.parse_args()
     cfg = load_config(a.config, a.overrides)
     out = a.out or Path(cfg.out_dir)
+    cells = [c for c in a.cells.split(",") if c]
     if not a.table_only:
-        run_cells(cfg, out, a.ranks, a.jobs, a.cells)
-    text = table(cfg, out, a.cells)
+        run_cells(cfg, out, a.ranks, a.jobs, cells)
+    text = table(cfg, out, cells)
     (out / "compress.md").write_text(text + "\n")
     print(text)
 
