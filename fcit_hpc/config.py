@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from fcit_hpc.errors import ConfigError
-from fcit_hpc.registry import COMPARE_ENTRIES, FED_ALGS, LIGER_OPS, SSA_MODES
+from fcit_hpc.registry import CODECS, COMPARE_ENTRIES, FED_ALGS, LIGER_OPS, SSA_MODES
 from fcit_hpc.registry import METHODS as _REGISTRY_METHODS
 
 METHODS = tuple(_REGISTRY_METHODS)
@@ -177,6 +177,28 @@ class PrivacyConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Codecs of the uploads (fcit_hpc.fed.codec): none | fp16 | bf16 | int8 | int4 | topk."""
+
+    subspace: str = "none"  # the subspace deltas (and a method's mixer)
+    projector: str = "none"  # the LLaVA projector's delta
+    token: str = "none"  # the identity tokens
+    download: str = "none"  # the global adapter broadcast to the clients (training rounds)
+    block_size: int = 64  # int8 / int4: values per float32 scale
+    topk_fraction: float = 0.1  # topk: the share of values sent
+    error_feedback: bool = True  # clients keep the residual of a lossy delta codec
+
+
+@dataclass
+class LogConfig:
+    """Experiment logging beside metrics.jsonl (rank 0, under the run directory)."""
+
+    tensorboard: bool = False  # RUN_DIR/tensorboard/: every number of metrics.jsonl as a scalar
+    mlflow: bool = False  # RUN_DIR/mlruns (a local file store) unless MLFLOW_TRACKING_URI is set
+    wandb: bool = False  # offline in RUN_DIR/wandb unless WANDB_MODE says otherwise
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill or signal a rank, corrupt a client's update, hold rank 0 at
     a safe point."""
@@ -212,6 +234,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
@@ -312,6 +336,12 @@ _RULES: dict[str, tuple[Any, str]] = {
     "privacy.secagg_neighbours": (lambda v: v >= 0 and v % 2 == 0, "even and >= 0"),
     "privacy.secagg_threshold": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "privacy.secagg_frac_bits": (lambda v: 8 <= v <= 48, "in [8, 48]"),
+    "compress.subspace": _in(CODECS),
+    "compress.projector": _in(CODECS),
+    "compress.token": _in(CODECS),
+    "compress.download": _in(tuple(c for c in CODECS if c != "topk")),
+    "compress.block_size": (lambda v: 2 <= v <= 1 << 20 and v % 2 == 0, "even, in [2, 2^20]"),
+    "compress.topk_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "debug.kill_signal": _in(("KILL", "TERM", "USR1")),
 }
 
@@ -473,6 +503,14 @@ def _validate_privacy(cfg: Config) -> None:
             f"{p.dp_noise / 2:g} for adaptive clipping (Andrew et al.: the update keeps noise "
             "multiplier (z^-2 - (2 sigma_b)^-2)^-1/2)"
         )
+    if p.secagg:
+        for part in ("subspace", "projector"):
+            if getattr(cfg.compress, part) != "none":
+                raise ConfigError(
+                    f"compress.{part}: {getattr(cfg.compress, part)} with privacy.secagg; secure "
+                    "aggregation masks the float deltas in a fixed-point ring of its own, where a "
+                    "codec's bytes cannot be summed: use none (compress.token may stay coded)"
+                )
 
 
 def get_field(cfg: Any, path: str) -> Any:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fcit_hpc.config import Config, load_config
 from fcit_hpc.errors import ConfigError
+from fcit_hpc.fed.codec import Codec, UplinkCodec
 
 # Stated defaults (seconds per unit on one CPU core of the development machine, the embedded
 # model; override with --figures): every one is printed with its source when used.
@@ -242,8 +243,10 @@ def predict_bytes(cfg: Config, fig: Figures) -> dict[str, float]:
     s = run_shape(cfg, fig)
     numel = lora_numel(cfg, model_dims(cfg))
     d, smax = identity_dim(cfg), cfg.lora.max_subspaces
-    down = 4 * smax * (numel + d)
-    up = 4 * (trained_subspaces(cfg) * numel + d)
+    c = cfg.compress  # the payload formulas of the wire (fcit_hpc.fed.codec)
+    down = smax * (Codec(c.download, c.block_size).nbytes(numel) + 4 * d)
+    codec = UplinkCodec.from_config(c)
+    up = trained_subspaces(cfg) * codec.subspace.nbytes(numel) + codec.token.nbytes(d)
     n = s.stages * s.rounds * s.clients
     return {"down": n * down, "up": n * up, "per_client_round": down + up}
 

@@ -152,5 +152,8 @@ def check_run_dir(run_dir: Path, resuming: bool, need: int) -> None:
 
 def preflight(cfg: Config, run_dir: Path, resuming: bool) -> None:
     """Every check above (rank 0, before anything is written)."""
+    from fcit_hpc.fed.server.tracking import check_trackers
+
     check_memory(cfg)  # a config that cannot run anywhere (2) before the place it runs in (74)
+    check_trackers(cfg.log)  # a tracker switched on and not installed (2)
     check_run_dir(run_dir, resuming, state_bytes(cfg))

@@ -27,6 +27,8 @@ METHODS: dict[str, MethodEntry] = {
 }
 # federated optimizers (``federation.fed_alg``): one strategy class each in fcit_hpc.fed.strategies
 FED_ALGS = ("fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi", "fedprox")
+# upload codecs (``compress.*``): fcit_hpc.fed.codec
+CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk")
 SSA_MODES = ("softmax", "cosine", "argmax", "concat")
 MULTITASK = "multitask"  # the centralized upper bound: Finetune on all data, one client
 PROPOSED = next(name for name, e in METHODS.items() if e.proposed)  # "disco"

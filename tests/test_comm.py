@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fcit_hpc.fed.comm import LocalComm
+from fcit_hpc.fed.wire import TOKEN_WIDTH, UPDATE_WIDTH
 
 from .conftest import ROOT, mpiexec
 
@@ -89,12 +90,13 @@ def test_round_bytes_are_the_bytes_of_the_buffers_that_travel(tmp_path, monkeypa
             timer.dtype == np.float64
             and timer.size == len(PHASES) + len(COUNTERS) + len(GAUGES) + 1
         )
-        assert toks.size == tok_head.size // 3 * dim and deltas.size == upd_head.size // 7 * numel
+        assert toks.size == tok_head.size // TOKEN_WIDTH * dim * 4  # uncompressed: float32 bytes
+        assert deltas.size == upd_head.size // UPDATE_WIDTH * numel * 4
         rows = st.clients[(st.clients["stage"] == stage) & (st.clients["round"] == rnd)]
         assert len(rows) == 3
         for r in rows:
             assert r["bytes_recv"] == expected_down
-            assert r["bytes_sent"] == 7 * 8 + numel * 4 + 3 * 8 + dim * 4
+            assert r["bytes_sent"] == UPDATE_WIDTH * 8 + numel * 4 + TOKEN_WIDTH * 8 + dim * 4
         rnd_row = st.rounds[(st.rounds["stage"] == stage) & (st.rounds["round"] == rnd)][0]
         assert rnd_row["bytes_recv"] == 3 * expected_down
 

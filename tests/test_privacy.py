@@ -295,3 +295,11 @@ def test_a_run_with_too_many_dropouts_for_secagg_stops_with_a_clear_error(tmp_pa
     assert "secure aggregation of group 0" in p.stderr
     assert "shares from surviving clients, 2 are needed (too many drop-outs" in p.stderr
     assert not (out / "state.h5").exists()
+
+
+def test_compressed_deltas_are_refused_with_secure_aggregation():
+
+    with pytest.raises(ConfigError, match=r"compress\.subspace: int8 with privacy\.secagg"):
+        load_config(None, ["privacy.secagg=true", "compress.subspace=int8"])
+    cfg = load_config(None, ["privacy.secagg=true", "compress.token=int8"])  # tokens travel clear
+    assert cfg.compress.token == "int8" and cfg.privacy.secagg

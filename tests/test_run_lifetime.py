@@ -10,6 +10,7 @@ import numpy as np
 from fcit_hpc.config import load_config
 from fcit_hpc.fed import client as fed_client
 from fcit_hpc.fed.client import compute_tokens, identity_token
+from fcit_hpc.fed.compress import Compression
 from fcit_hpc.fed.wire import unpack_tokens
 
 
@@ -43,6 +44,7 @@ def _ctx(nan_clients=()):
         data=SimpleNamespace(client_samples=lambda u, c: data[(u, c)]),
         encoder=CountingEncoder(),
         identity_cache=OrderedDict(),
+        compress=Compression(load_config(None)),
     ), data
 
 

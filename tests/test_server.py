@@ -10,6 +10,7 @@ from fcit_hpc.fed.server import RoundInfo, aggregate_round, plan_round, run_dko
 from fcit_hpc.fed.server.dko import DkoResult
 from fcit_hpc.fed.strategies import FedAvg, ServerOptConfig
 from fcit_hpc.fed.wire import (
+    UPDATE_WIDTH,
     Update,
     pack_predictions,
     pack_tokens,
@@ -97,7 +98,7 @@ def test_dko_validates_tokens_then_assigns_in_client_order():
     # running mean of client 1 (4 samples) and client 5 (2 samples)
     np.testing.assert_allclose(st.tokens[0], [1.0, 4 * 0.1 / 6], rtol=1e-6)
     assert st.token_counts.tolist() == [6, 1, 0]
-    assert res.token_bytes == {1: 24 + 8, 3: 24 + 8, 5: 24 + 8, 7: 24 + 8, 9: 24 + 12}
+    assert res.token_bytes == {1: 32 + 8, 3: 32 + 8, 5: 32 + 8, 7: 32 + 8, 9: 32 + 12}
     assert res.assignment().tolist() == [[1, 0], [3, 1], [5, 0], [7, -1], [9, -1]]
 
 
@@ -162,7 +163,7 @@ def test_wire_round_trips_and_counts_bytes():
     u = unpack_updates([h], [b])
     assert [x.client for x in u] == [2, 4] and u[1].delta.tolist() == [0, 1, 2]
     assert (u[1].subspace, u[1].samples, u[1].loss, u[1].steps) == (1, 7, 0.25, 9)
-    assert u[0].nbytes == 7 * 8 + 2 * 4
+    assert u[0].nbytes == UPDATE_WIDTH * 8 + 2 * 4
     preds = {(0, 1): "héllo", (2, 0): ""}
     h, b = pack_predictions([(t, i, p) for (t, i), p in preds.items()])
     assert unpack_predictions([h], [b]) == preds

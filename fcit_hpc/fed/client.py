@@ -60,7 +60,7 @@ def compute_tokens(ctx, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             mu = mu[:-1]
         rows.append((int(client), n))
         vals.append(mu)
-    return pack_tokens(rows, vals)
+    return pack_tokens(rows, vals, [ctx.compress.encode_token(v) for v in vals])
 
 
 def _client_batches(ctx, unit: int, client: int, seed: int, epochs: int):
@@ -179,7 +179,17 @@ def train_clients(
             os.kill(os.getpid(), signal.Signals[f"SIG{dbg.kill_signal}"])
     if not ctx.runtime.is_leader:
         rows, deltas = [], []
-    return pack_updates(rows, deltas)
+    return pack_updates(rows, deltas, encode_updates(ctx, rows, deltas, view))
+
+
+def encode_updates(ctx, rows: list[tuple], deltas: list[np.ndarray], view) -> list[np.ndarray]:
+    """Each update's payload for the wire, coded by the run's codecs (``compress``) with the
+    client's error feedback (:mod:`fcit_hpc.fed.compress`)."""
+    sides = {name: v.size for name, v in view.sides().items()}
+    return [
+        ctx.compress.encode_update(c, ctx.method.trained_subspaces(k), ctx.adapter.numel, sides, d)
+        for (c, k, *_), d in zip(rows, deltas, strict=True)
+    ]
 
 
 def stage_end_uploads(ctx, stage: int, plan_rows: np.ndarray, view):

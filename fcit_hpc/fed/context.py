@@ -13,6 +13,7 @@ from fcit_hpc.benchmark.suite import FederatedData, ensure_data
 from fcit_hpc.config import Config
 from fcit_hpc.errors import FcitError
 from fcit_hpc.fed.comm import Comm
+from fcit_hpc.fed.compress import Compression
 from fcit_hpc.fed.strategies import Strategy, strategy_from_config
 from fcit_hpc.methods import make_method
 from fcit_hpc.methods.base import Method
@@ -47,6 +48,8 @@ class RunContext:
     # identity tokens by (data unit, client), encoded once (fed.client.identity_token); the
     # last IDENTITY_CACHE clients' only, so a rank's memory stays flat with 10,000 clients
     identity_cache: OrderedDict = field(default_factory=OrderedDict)
+    # the upload codecs and this rank's error-feedback residuals (fed.compress.Compression)
+    compress: Compression | None = None
 
 
 def make_trainer(cfg: Config, runtime: Runtime):
@@ -207,4 +210,5 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
         encoder,
         proj,
         adapter.mixer_numel,
+        compress=Compression(cfg, (method.num_slots(), adapter.numel)),
     )

@@ -9,6 +9,7 @@ method's stage-end phase (EWC's Fisher), then evaluation of every task on all ra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,12 +100,20 @@ def safe_point(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         raise Preempted(role.stop_message(signame))
 
 
-def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False, method=None) -> RunState:
+def broadcast_view(
+    comm: Comm, st: RunState | None, mixer: bool = False, method=None, compress=None
+) -> RunState:
     """Every rank gets the global adapter, tokens, live count, projector, for a method with
     mixers (``mixer``) the mixer, and the arrays of the method's own state its clients need
     (``method.client_arrays``; for local work and evaluation); the server's view is its state
-    itself."""
-    adapter = comm.bcast_array(st.adapter if st is not None else None)
+    itself. ``compress``: the run's :class:`~fcit_hpc.fed.compress.Compression` in training
+    rounds, whose download codec the adapter travels through; when it is lossy every rank, the
+    server too, sees the decoded adapter (the server's state stays exact)."""
+    lossy = compress is not None and not compress.download.lossless
+    if lossy:
+        adapter = compress.broadcast_adapter(comm, st.adapter if st is not None else None)
+    else:
+        adapter = comm.bcast_array(st.adapter if st is not None else None)
     tokens = comm.bcast_array(st.tokens if st is not None else None)
     live = comm.bcast_array(np.array([st.num_subspaces if st is not None else 0], np.int64))
     names = method.client_arrays if method is not None else ()
@@ -112,7 +121,7 @@ def broadcast_view(comm: Comm, st: RunState | None, mixer: bool = False, method=
     projector = comm.bcast_array(st.projector if st is not None else None)
     mix = comm.bcast_array(st.mixer if st is not None else None) if mixer else np.zeros(0)
     if st is not None:
-        return st
+        return dataclasses.replace(st, adapter=adapter) if lossy else st
     return RunState(
         "",
         adapter,
@@ -141,7 +150,7 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
     with phase("comm"):
         plan = comm.bcast_array(role.plan(stage, rnd))
-        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method)
+        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method, ctx.compress)
     mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
         with local_work(), phase("identity"):
@@ -160,12 +169,18 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         role.use_subspace(k)
     with phase("comm"):
         upload = private_upload(ctx, role, stage, rnd, subspaces, lead)
+    feedback = ctx.compress.keeps_residuals  # error feedback: residuals to and from the clients
+    if feedback:
+        with phase("comm"):
+            ctx.compress.receive(comm, role.residuals(plan))
     with local_work():
         head, body = train_clients(ctx, stage, rnd, mine, subspaces, view, upload)
     with phase("comm"):
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
         private = private_results(ctx, upload, subspaces)
+        if feedback:
+            role.keep_residuals(ctx.compress.send_back(comm))
     # every rank's phase seconds to rank 0 (not counted as round traffic: no part of the method)
     role.end_round(stage, rnd, plan, heads, bodies, t0, down0, comm.gatherv(take()), private)
 

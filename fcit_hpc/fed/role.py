@@ -50,6 +50,14 @@ class Role:
         """float64 [1]: the DP clip bound C of the round (adaptive clipping moves it)."""
         return None
 
+    def residuals(self, plan: np.ndarray) -> list | None:
+        """Error feedback: the stored residuals of each rank's clients of the round, packed per
+        rank (:func:`fcit_hpc.fed.compress.residual_parts`)."""
+        return None
+
+    def keep_residuals(self, residuals: dict | None) -> None:
+        """Error feedback: store the residuals the round's clients changed."""
+
     def use_subspace(self, k: int) -> None:
         """Without identity tokens: subspace k is trained this round."""
 

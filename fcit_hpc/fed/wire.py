@@ -4,9 +4,13 @@ packed and unpacked, and the one formula of the communication accounting.
 Every message is a header array (one row per item) plus one flat body of values, moved with
 ``Comm.gatherv`` (never pickled):
 
-- update (client → server, after local training): float64 rows ``UPDATE_FIELDS`` + float32 deltas;
+- update (client → server, after local training): float64 rows ``UPDATE_FIELDS`` + the deltas'
+  payloads, uint8 (``numel`` values coded in ``nbytes`` bytes by the run's codecs,
+  :mod:`fcit_hpc.fed.codec`; float32 bytes uncompressed);
 - token (client → server, before DKO; also the EWC Fisher upload): int64 rows ``TOKEN_FIELDS`` +
-  float32 values;
+  uint8 payloads as for updates;
+- residual (client ranks ↔ rank 0, error feedback's per-client memory kept in the state, not a
+  message of the federated protocol: not counted): int64 rows ``RESIDUAL_FIELDS`` + float32;
 - prediction (rank → rank 0, evaluation): int64 rows ``PREDICTION_FIELDS`` + UTF-8 bytes.
 
 Unpacking checks the framing of every rank's message before anything is read from it: whole
@@ -18,6 +22,7 @@ server's to accept or reject per client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +30,15 @@ import numpy as np
 from fcit_hpc.errors import WireError
 
 # update header: one float64 row per client. ``steps`` travels for the record (local steps run).
-UPDATE_FIELDS = ("client", "subspace", "samples", "loss", "seconds", "numel", "steps")
+UPDATE_FIELDS = ("client", "subspace", "samples", "loss", "seconds", "numel", "steps", "nbytes")
 UPDATE_WIDTH = len(UPDATE_FIELDS)
 UPDATE_DTYPE = np.float64
 # token header (identity token μ_k, or an EWC Fisher diagonal): one int64 row per client
-TOKEN_FIELDS = ("client", "samples", "size")
+TOKEN_FIELDS = ("client", "samples", "size", "nbytes")
 TOKEN_WIDTH = len(TOKEN_FIELDS)
+# residual header: one int64 row per (client, part); part: update part key (fed.codec)
+RESIDUAL_FIELDS = ("client", "part", "size")
+RESIDUAL_WIDTH = len(RESIDUAL_FIELDS)
 # prediction header: one int64 row per test sample; the body is its UTF-8 text
 PREDICTION_FIELDS = ("task", "index", "nbytes")
 PREDICTION_WIDTH = len(PREDICTION_FIELDS)
@@ -45,6 +53,17 @@ def wire_nbytes(*arrays: np.ndarray) -> int:
 def _body(parts: list[np.ndarray], empty_dtype) -> np.ndarray:
     """The values of every item, concatenated as they are (dtype of the parts)."""
     return np.concatenate(parts) if parts else np.zeros(0, empty_dtype)
+
+
+def raw_bytes(values: np.ndarray) -> np.ndarray:
+    """float32 values as an uncompressed payload (uint8)."""
+    return np.frombuffer(np.ascontiguousarray(values, VALUE_DTYPE).tobytes(), np.uint8)
+
+
+def raw_values(numel: int, payload: np.ndarray) -> np.ndarray:
+    """An uncompressed payload → float32 values (as sent: ``numel`` is not checked)."""
+    usable = payload.size - payload.size % 4
+    return np.frombuffer(payload[:usable].tobytes(), VALUE_DTYPE)
 
 
 def _count(row: np.ndarray, fields: tuple[str, ...], name: str, where: str, low: int = 0) -> int:
@@ -111,25 +130,37 @@ class Update:
     loss: float
     seconds: float
     steps: int
-    delta: np.ndarray  # float32 [numel] (as sent: may be malformed)
-    nbytes: int  # its header row and delta as they travelled
+    delta: np.ndarray  # float32 [numel] decoded (as sent: may be malformed)
+    nbytes: int  # its header row and payload as they travelled
 
 
-def pack_updates(rows: list[tuple], deltas: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """rows: (client, subspace, samples, loss, seconds, steps) per client, deltas: float32 each →
-    (float64 header [n·UPDATE_WIDTH], float32 body)."""
+def pack_updates(
+    rows: list[tuple], deltas: list[np.ndarray], payloads: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """rows: (client, subspace, samples, loss, seconds, steps) per client, deltas: float32 each,
+    payloads: their coded bytes (None: uncompressed) → (float64 header [n·UPDATE_WIDTH], uint8
+    body)."""
+    if payloads is None:
+        payloads = [raw_bytes(d) for d in deltas]
     head = [
-        [c, k, n, loss, sec, d.size, steps]
-        for (c, k, n, loss, sec, steps), d in zip(rows, deltas, strict=True)
+        [c, k, n, loss, sec, d.size, steps, p.size]
+        for (c, k, n, loss, sec, steps), d, p in zip(rows, deltas, payloads, strict=True)
     ]
     header = np.asarray(head, dtype=UPDATE_DTYPE).reshape(-1, UPDATE_WIDTH)
-    return header.reshape(-1), _body(deltas, VALUE_DTYPE)
+    return header.reshape(-1), _body(payloads, np.uint8)
 
 
-def unpack_updates(heads: list[np.ndarray], values: list[np.ndarray], planned=None) -> list[Update]:
+def unpack_updates(
+    heads: list[np.ndarray],
+    values: list[np.ndarray],
+    planned=None,
+    decode: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> list[Update]:
     """Gathered per-rank (header, body) → updates sorted by client id (framing checked; senders
-    among ``planned`` client ids, when given)."""
-    ints = {"client": 0, "subspace": 0, "samples": 1, "numel": 0, "steps": 0}
+    among ``planned`` client ids, when given). ``decode``: (header row, payload) → float32 delta
+    (None: uncompressed)."""
+    decode = decode or (lambda r, p: raw_values(int(r[5]), p))
+    ints = {"client": 0, "subspace": 0, "samples": 1, "numel": 0, "steps": 0, "nbytes": 0}
     out = [
         Update(
             n["client"],
@@ -138,10 +169,10 @@ def unpack_updates(heads: list[np.ndarray], values: list[np.ndarray], planned=No
             float(r[3]),
             float(r[4]),
             n["steps"],
-            d,
-            wire_nbytes(r, d),
+            decode(r, p),
+            wire_nbytes(r, p),
         )
-        for _, r, n, d in _items("update", heads, values, UPDATE_FIELDS, "numel", ints)
+        for _, r, n, p in _items("update", heads, values, UPDATE_FIELDS, "nbytes", ints)
     ]
     _senders("update", [u.client for u in out], planned)
     out.sort(key=lambda u: u.client)
@@ -155,29 +186,60 @@ def unpack_updates(heads: list[np.ndarray], values: list[np.ndarray], planned=No
 class TokenUpload:
     client: int
     samples: int
-    values: np.ndarray  # float32 [size] (as sent)
-    nbytes: int  # its header row and values as they travelled
+    values: np.ndarray  # float32 [size] decoded (as sent)
+    nbytes: int  # its header row and payload as they travelled
 
 
-def pack_tokens(rows: list[tuple[int, int]], values: list[np.ndarray]):
-    """rows: (client, samples) per client → (int64 header [n·TOKEN_WIDTH], float32 body)."""
-    head = [[c, n, v.size] for (c, n), v in zip(rows, values, strict=True)]
+def pack_tokens(
+    rows: list[tuple[int, int]],
+    values: list[np.ndarray],
+    payloads: list[np.ndarray] | None = None,
+):
+    """rows: (client, samples) per client, values: float32 each, payloads: their coded bytes
+    (None: uncompressed) → (int64 header [n·TOKEN_WIDTH], uint8 body)."""
+    if payloads is None:
+        payloads = [raw_bytes(v) for v in values]
+    head = [[c, n, v.size, p.size] for (c, n), v, p in zip(rows, values, payloads, strict=True)]
     header = np.asarray(head, dtype=np.int64).reshape(-1, TOKEN_WIDTH)
-    return header.reshape(-1), _body(values, VALUE_DTYPE)
+    return header.reshape(-1), _body(payloads, np.uint8)
 
 
 def unpack_tokens(
-    heads: list[np.ndarray], values: list[np.ndarray], planned=None
+    heads: list[np.ndarray],
+    values: list[np.ndarray],
+    planned=None,
+    decode: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> list[TokenUpload]:
     """Gathered per-rank (header, body) → uploads sorted by client id (framing checked; senders
-    among ``planned`` client ids, when given)."""
-    ints = {"client": 0, "samples": 1, "size": 0}
+    among ``planned`` client ids, when given). ``decode``: (size, payload) → float32 values
+    (None: uncompressed)."""
+    decode = decode or raw_values
+    ints = {"client": 0, "samples": 1, "size": 0, "nbytes": 0}
     out = [
-        TokenUpload(n["client"], n["samples"], v, wire_nbytes(r, v))
-        for _, r, n, v in _items("token", heads, values, TOKEN_FIELDS, "size", ints)
+        TokenUpload(n["client"], n["samples"], decode(n["size"], p), wire_nbytes(r, p))
+        for _, r, n, p in _items("token", heads, values, TOKEN_FIELDS, "nbytes", ints)
     ]
     _senders("token", [u.client for u in out], planned)
     return sorted(out, key=lambda e: e.client)
+
+
+# --- residual (error feedback's memory of each client) ----------------------------------------
+
+
+def pack_residuals(items: dict[tuple[int, int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(client, part) → float32 residual, in key order → (int64 header, float32 body)."""
+    keys = sorted(items)
+    head = np.array([[c, k, items[(c, k)].size] for c, k in keys], np.int64).reshape(-1)
+    return head, _body([np.asarray(items[key], VALUE_DTYPE) for key in keys], VALUE_DTYPE)
+
+
+def unpack_residuals(heads, bodies) -> dict[tuple[int, int], np.ndarray]:
+    """Gathered (or scattered) per-rank (header, body) → (client, part) → float32 residual."""
+    ints = {"client": 0, "part": 0, "size": 0}
+    return {
+        (n["client"], n["part"]): np.array(v, VALUE_DTYPE)
+        for _, _, n, v in _items("residual", heads, bodies, RESIDUAL_FIELDS, "size", ints)
+    }
 
 
 # --- prediction --------------------------------------------------------------------------------

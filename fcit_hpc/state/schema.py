@@ -31,6 +31,10 @@ Layout::
                                                   not reached); /privacy attrs: clip (the
                                                   adaptive bound C of the next round). Written
                                                   only with privacy.dp on; absent otherwise
+    /compress/keys           int64   [n, 3]       error feedback: (client, part, size) per residual,
+                                                  sorted (part: k >= 0 a subspace, -1 - i the i-th
+                                                  side vector; absent when no client keeps one)
+    /compress/residuals      float32 [sum sizes]  the residuals, concatenated in key order
 
 No pickle: every value is a typed numeric array or a UTF-8 string attribute.
 
@@ -165,6 +169,8 @@ class RunState:
     privacy_norms: np.ndarray = field(default_factory=lambda: np.zeros(0, NORM_DTYPE))
     privacy_epsilon: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [stages]
     privacy_clip: float = float("nan")
+    # error feedback (fcit_hpc.fed.compress): (client, part key) -> float32 residual
+    residuals: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def sides(self) -> dict[str, np.ndarray]:
         """The side vectors clients train beside their subspaces and the server averages
@@ -254,6 +260,8 @@ def _write_h5(path: Path, st: RunState) -> None:
             pv.attrs["clip"] = float(st.privacy_clip)
             pv.create_dataset("norms", data=np.asarray(st.privacy_norms, NORM_DTYPE))
             pv.create_dataset("epsilon", data=np.asarray(st.privacy_epsilon, np.float64))
+        if st.residuals:  # error feedback only: other runs' files stay as they were
+            _write_residuals(f, st.residuals)
         _add_checksums(f)
 
 
@@ -297,6 +305,33 @@ def _write_method(f: h5py.File, ms: MethodState) -> None:
         g.create_dataset(k, data=np.asarray(v))
     for k, v in ms.counters.items():
         g.attrs[k] = int(v)
+
+
+def _write_residuals(f: h5py.File, residuals: dict[tuple[int, int], np.ndarray]) -> None:
+    keys = sorted(residuals)
+    g = f.create_group("compress")
+    rows = [[c, k, residuals[(c, k)].size] for c, k in keys]
+    g.create_dataset("keys", data=np.asarray(rows, np.int64).reshape(-1, 3))
+    values = [np.asarray(residuals[key], np.float32) for key in keys]
+    g.create_dataset("residuals", data=np.concatenate(values))
+
+
+def _read_residuals(r: _Reader) -> dict[tuple[int, int], np.ndarray]:
+    """/compress (keys, residuals); empty when absent. Sizes against the model: on resume."""
+    if r.group("compress", optional=True) is None:
+        return {}
+    keys = r.array("compress/keys", np.int64, 2)
+    values = r.array("compress/residuals", np.float32, 1)
+    if keys.shape[1:] != (3,) or (keys[:, 2] < 0).any() or keys[:, 2].sum() != values.size:
+        raise r.fail(
+            f"/compress/keys (shape {keys.shape}) does not describe /compress/residuals "
+            f"({values.size} values) as (client, part, size) rows"
+        )
+    pairs = [(int(c), int(k)) for c, k, _ in keys]
+    if pairs != sorted(set(pairs)):
+        raise r.fail("/compress/keys: (client, part) pairs not unique and sorted")
+    offsets = np.concatenate([[0], np.cumsum(keys[:, 2])])
+    return {key: values[offsets[i] : offsets[i + 1]].copy() for i, key in enumerate(pairs)}
 
 
 class _Reader:
@@ -420,6 +455,7 @@ def _read(r: _Reader) -> RunState:
             raise r.fail(f"attribute {k} of eval is {v!r}, not a number")
         summary[k] = float(v)
     privacy = _read_privacy(r, stages)
+    residuals = _read_residuals(r)
     stage, rnd = r.integer(cur, "stage", "cursor"), r.integer(cur, "round", "cursor")
     done, live = r.integer(cur, "done", "cursor"), r.integer(glob, "num_subspaces", "global")
     if not (0 <= stage <= stages and rnd >= -1 and done in (0, 1) and 0 <= live <= s_max):
@@ -451,6 +487,7 @@ def _read(r: _Reader) -> RunState:
         privacy_norms=privacy[0],
         privacy_epsilon=privacy[1],
         privacy_clip=privacy[2],
+        residuals=residuals,
     )
     if version >= 2:  # after the structure's checks, whose messages say more about an edit
         _verify_checksums(r)

@@ -16,8 +16,10 @@ from fcit_hpc.state.schema import STATUS, RunState
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, one JSON object per round and per evaluation (rank 0 only)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, trackers=None):
         self.path = path
+        # experiment trackers fed every line (fcit_hpc.fed.server.tracking.Trackers; None: off)
+        self.trackers = trackers
 
     def rewrite(self, st: RunState, task_names, method=None) -> None:
         """Regenerate the log from the state (on resume: drops lines of an unfinished round);
@@ -44,6 +46,8 @@ class MetricsLog:
             stages = st.accuracy.shape[0]
             lines.append(json.dumps({"kind": "summary", "stage": stages, **st.summary}))
         self.path.write_text("".join(x + "\n" for x in lines))
+        if self.trackers is not None:
+            self.trackers.restart(lines)
 
     def old_phases(self) -> dict[tuple, dict]:
         """(kind, stage, round) -> the ``phases`` entry of the log's round and eval lines as they
@@ -144,3 +148,5 @@ class MetricsLog:
     def append(self, line: str) -> None:
         with open(self.path, "a") as f:
             f.write(line + "\n")
+        if self.trackers is not None:
+            self.trackers.line(line)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.errors import StateError
+from fcit_hpc.fed.compress import residual_parts
 from fcit_hpc.fed.role import Role
 from fcit_hpc.fed.server.aggregate import RoundInfo, aggregate_round
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
@@ -21,6 +22,7 @@ from fcit_hpc.fed.server.predictions import StageEval, write_predictions
 from fcit_hpc.fed.server.private import PrivateCombine, init_privacy, record_round, stage_epsilon
 from fcit_hpc.fed.server.run_state import check_state, init_method_state, init_state
 from fcit_hpc.fed.server.stage_end import merge_stage_end
+from fcit_hpc.fed.server.tracking import Trackers
 from fcit_hpc.fed.wire import unpack_tokens, unpack_updates
 from fcit_hpc.host import to_host
 from fcit_hpc.model.projector import get_projector
@@ -36,7 +38,11 @@ class Server(Role):
 
     def __init__(self, ctx, run_dir: Path, state: RunState | None, evaluation):
         self.ctx, self.run_dir, self.evaluation = ctx, Path(run_dir), evaluation
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        trackers = None
+        if any(vars(ctx.cfg.log).values()):
+            rounds = ctx.cfg.federation.num_rounds
+            trackers = Trackers(ctx.cfg.log, self.run_dir, rounds if ctx.method.trains else 0)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", trackers)
         self.dko_result = DkoResult()
         self.bar = None
         self.planned: set[int] = set()  # the client ids of the last plan
@@ -91,13 +97,18 @@ class Server(Role):
         return self.st
 
     def dko(self, heads, values):
-        self.dko_result = run_dko(
-            self.st, self.ctx.method, unpack_tokens(heads, values, self.planned)
-        )
+        uploads = unpack_tokens(heads, values, self.planned, self.ctx.compress.decode_token)
+        self.dko_result = run_dko(self.st, self.ctx.method, uploads)
         return self.dko_result.assignment()
 
     def dp_clip(self):
         return np.array([self.st.privacy_clip], np.float64)
+
+    def residuals(self, plan):
+        return residual_parts(self.st.residuals, plan, self.ctx.comm.size)
+
+    def keep_residuals(self, residuals):
+        self.st.residuals.update(residuals)
 
     def use_subspace(self, k):
         top = max(self.ctx.method.trained_subspaces(k))
@@ -109,7 +120,11 @@ class Server(Role):
         seconds = time.perf_counter() - t0
         info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
         with phase("aggregate"):
-            updates = unpack_updates(heads, values, {int(c) for c in plan[:, 0]})
+            sides = {name: v.size for name, v in st.sides().items()}
+            decode = ctx.compress.update_decoder(
+                st.adapter.shape[1], sides, ctx.method.trained_subspaces
+            )
+            updates = unpack_updates(heads, values, {int(c) for c in plan[:, 0]}, decode)
             combiner = self._private(stage, round_, info, updates, private)
             trained = ctx.method.trained_subspaces
             agg = aggregate_round(st, updates, ctx.strategy, info, trained, combiner)
@@ -243,4 +258,6 @@ class Server(Role):
             self.metrics.append(MetricsLog.with_phases(json.dumps(line), self._phases(None)))
         if st.done and not (report_missing_only and (self.run_dir / "report.md").exists()):
             self.evaluation.report(self.run_dir, st)
+        if self.metrics.trackers is not None:
+            self.metrics.trackers.close()
         return st

@@ -85,5 +85,19 @@ def check_state(
         raise StateError(
             f"{where}: /global/tokens dimension {st.tokens.shape[1]}, the identity encoder's {dim}"
         )
+    check_residuals(st, numel, where)
     if st.rng_torch.size not in (0, torch.get_rng_state().numel()):
         raise StateError(f"{where}: /rng/torch holds {st.rng_torch.size} bytes, not a torch state")
+
+
+def check_residuals(st: RunState, numel: int, where) -> None:
+    """Error-feedback residuals (``/compress``) must fit the parts of an update: a subspace k <
+    S_max of ``numel`` values, or one of the state's side vectors of its size."""
+    sides = [v.size for v in st.sides().values()]
+    for (client, k), v in st.residuals.items():
+        ok = v.size == numel and k < st.adapter.shape[0] if k >= 0 else -1 - k < len(sides)
+        if not ok or (k < 0 and v.size != sides[-1 - k]):
+            raise StateError(
+                f"{where}: /compress residual of client {client}, part {k} ({v.size} values) "
+                "does not fit the model's subspaces and side vectors"
+            )
