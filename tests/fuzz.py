@@ -696,7 +696,7 @@ def _read_tree(d: Path, t: Tree):
     stages = stage_datasets(t.setting)
     data = LayoutData(d, stages, t.setting, t.beta, t.num_clients)
     for u in range(len(stages)):
-        for c in range(len(data._files[u])):
+        for c in range(data.num_clients):
             data.client_samples(u, c)
 
 

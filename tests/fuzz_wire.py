@@ -219,12 +219,12 @@ def read(d: Path, m: Message):
         strategy = STRATEGIES[m.fed_alg](ServerOptConfig(fed_alg=m.fed_alg))
         st_.server_opt = strategy.init_state(st_.adapter.shape)
         info = RoundInfo(0, 0, plan, decisions, {}, 0)
-        aggregate_round(st_, unpack_updates(m.heads, m.bodies, planned), strategy, info)
+        aggregate_round(st_, unpack_updates(m.heads, m.bodies, planned=planned), strategy, info)
         _finite("the adapter", st_.adapter)
         for name, v in st_.server_opt.items():
             _finite(f"server_opt/{name}", v)
     elif m.kind == "token":
-        res = run_dko(st_, Disco(_cfg()), unpack_tokens(m.heads, m.bodies, planned))
+        res = run_dko(st_, Disco(_cfg()), unpack_tokens(m.heads, m.bodies, planned=planned))
         _finite("the identity tokens", st_.tokens)
         _finite("the token counts", st_.token_counts)
         if any(not -1 <= x.subspace < S_MAX for x in res.decisions.values()):
@@ -232,7 +232,7 @@ def read(d: Path, m: Message):
     elif m.kind == "fisher":
         method = EWC(_cfg())
         st_.method = method.init_state(NUMEL)
-        merge_stage_end(st_, method, unpack_tokens(m.heads, m.bodies, planned), 0)
+        merge_stage_end(st_, method, unpack_tokens(m.heads, m.bodies, planned=planned), 0)
         _finite("the Fisher", st_.method.arrays["fisher"])
     else:
         out = unpack_predictions(m.heads, m.bodies)

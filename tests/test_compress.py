@@ -58,7 +58,7 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
         for (c, k, *_), d in zip(rows, deltas, strict=True)
     ]
     h, b = pack_updates(rows, deltas, payloads)
-    ups = unpack_updates([h], [b], comp.update_decoder(numel, sides, lambda k: (k,)))
+    ups = unpack_updates([h], [b], decode=comp.update_decoder(numel, sides, lambda k: (k,)))
     int8, bf16 = Codec("int8", 32), Codec("bf16")
     for u, d in zip(ups, deltas, strict=True):
         want = np.concatenate(
@@ -74,10 +74,10 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
     short = deltas[0][:-1]
     p_short = comp.encode_update(7, (0,), numel, sides, short)
     h, b = pack_updates([(7, 0, 5, 1.0, 0.1, 2)], [short], [p_short])
-    (u,) = unpack_updates([h], [b], comp.update_decoder(numel, sides, lambda k: (k,)))
+    (u,) = unpack_updates([h], [b], decode=comp.update_decoder(numel, sides, lambda k: (k,)))
     assert u.delta.size == 49
     h, b = pack_updates([(8, 0, 5, 1.0, 0.1, 2)], [deltas[0]], [payloads[0][:-1]])
-    (u,) = unpack_updates([h], [b], comp.update_decoder(numel, sides, lambda k: (k,)))
+    (u,) = unpack_updates([h], [b], decode=comp.update_decoder(numel, sides, lambda k: (k,)))
     assert u.delta.size == 0
 
 
@@ -98,7 +98,7 @@ def test_non_finite_update_stays_non_finite_and_its_residual_restarts():
     d[3] = np.nan
     p = comp.encode_update(1, (0,), 40, {}, d)
     h, b = pack_updates([(1, 0, 5, 1.0, 0.1, 2)], [d], [p])
-    (u,) = unpack_updates([h], [b], comp.update_decoder(40, {}, lambda k: (k,)))
+    (u,) = unpack_updates([h], [b], decode=comp.update_decoder(40, {}, lambda k: (k,)))
     assert update_status(u, 40) == ClientStatus.NON_FINITE
     assert not comp.residuals[(1, 0)].any()
 
@@ -107,7 +107,7 @@ def test_tokens_coded_and_decoded():
     comp = _comp()
     mus = [np.linspace(-1, 1, 64, dtype=np.float32), np.full(63, 0.5, np.float32)]
     h, b = pack_tokens([(3, 10), (4, 11)], mus, [comp.encode_token(m) for m in mus])
-    ups = unpack_tokens([h], [b], comp.decode_token)
+    ups = unpack_tokens([h], [b], decode=comp.decode_token)
     int8 = Codec("int8", 32)
     assert np.array_equal(ups[0].values, int8.decode(int8.encode(mus[0]), 64))
     assert ups[1].values.size == 63  # a wrong width stays wrong (DKO rejects it)

@@ -132,6 +132,7 @@ def test_state_with_a_projector_of_the_wrong_size_is_refused():
         np.zeros(8),
         np.zeros((1, 1)),
         projector=np.zeros(3, np.float32),
+        method=method.init_state(5),  # the method's own state fits: the projector is what does not
     )
     with pytest.raises(StateError, match="/global/projector has 3 values"):
         check_state(st, method, 5, "x/state.h5", 7)

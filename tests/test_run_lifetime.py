@@ -37,7 +37,8 @@ def _ctx(nan_clients=()):
         for c in range(4)
     }
     cfg = SimpleNamespace(
-        debug=SimpleNamespace(nan_token_clients=list(nan_clients), bad_token_clients=[])
+        debug=SimpleNamespace(nan_token_clients=list(nan_clients), bad_token_clients=[]),
+        privacy=SimpleNamespace(token_noise=0.0),
     )
     return SimpleNamespace(
         cfg=cfg,

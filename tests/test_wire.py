@@ -44,8 +44,8 @@ def _set(name, value, item=1):
 @pytest.mark.parametrize(
     "message,match",
     [
-        (lambda: ([_updates()[0][:-1]], [_updates()[1]]), r"rank 0: update header of 13 values"),
-        (lambda: ([_updates()[0]], [_updates()[1][:-1]]), r"announces 8 values \(numel\)"),
+        (lambda: ([_updates()[0][:-1]], [_updates()[1]]), r"rank 0: update header of 15 values"),
+        (lambda: ([_updates()[0]], [_updates()[1][:-1]]), r"announces 32 values \(nbytes\)"),
         (lambda: ([_updates()[0]], [np.ones(9, np.float32)]), r"the body holds 9"),
         (lambda: _set("client", np.nan), r"rank 0: update 1: client = nan is not an integer"),
         (lambda: _set("client", -1.0), r"client = -1.0 is not an integer >= 0"),

@@ -153,6 +153,7 @@ def pack_updates(
 def unpack_updates(
     heads: list[np.ndarray],
     values: list[np.ndarray],
+    *,
     planned=None,
     decode: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> list[Update]:
@@ -207,6 +208,7 @@ def pack_tokens(
 def unpack_tokens(
     heads: list[np.ndarray],
     values: list[np.ndarray],
+    *,
     planned=None,
     decode: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> list[TokenUpload]:

@@ -97,7 +97,9 @@ class Server(Role):
         return self.st
 
     def dko(self, heads, values):
-        uploads = unpack_tokens(heads, values, self.planned, self.ctx.compress.decode_token)
+        uploads = unpack_tokens(
+            heads, values, planned=self.planned, decode=self.ctx.compress.decode_token
+        )
         self.dko_result = run_dko(self.st, self.ctx.method, uploads)
         return self.dko_result.assignment()
 
@@ -124,7 +126,9 @@ class Server(Role):
             decode = ctx.compress.update_decoder(
                 st.adapter.shape[1], sides, ctx.method.trained_subspaces
             )
-            updates = unpack_updates(heads, values, {int(c) for c in plan[:, 0]}, decode)
+            updates = unpack_updates(
+                heads, values, planned={int(c) for c in plan[:, 0]}, decode=decode
+            )
             combiner = self._private(stage, round_, info, updates, private)
             trained = ctx.method.trained_subspaces
             agg = aggregate_round(st, updates, ctx.strategy, info, trained, combiner)
@@ -180,7 +184,7 @@ class Server(Role):
         return np.array([0 if done else 1], np.int64)
 
     def merge_stage_end(self, stage, heads, values):
-        uploads = unpack_tokens(heads, values, self.planned)
+        uploads = unpack_tokens(heads, values, planned=self.planned)
         merge_stage_end(self.st, self.ctx.method, uploads, stage)
 
     def needs_eval(self, stage):
