@@ -14,7 +14,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-gpu gpu-check test-latest lock lint bench clean smollm2 sysdeps fuzz
+.PHONY: install run test test-heavy test-gpu gpu-check test-latest lock lint bench clean smollm2 sysdeps fuzz
 .PHONY: wheelhouse
 
 # System packages: a real one-node SLURM (slurm-wlm, munge) for the SLURM test, with PMIx for
@@ -50,7 +50,12 @@ sysdeps:
 	@slurm/check_pmix.sh
 
 test: install sysdeps
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not gpu and not heavy" tests
+
+# The tests left out of make test for CI's time (pytest.ini: heavy): the embedded model's rebuild,
+# ZeRO-3 client groups under mpiexec.
+test-heavy: install sysdeps
+	$(BIN)/python -m pytest -q --durations=10 -m heavy tests
 
 # The GPU tests (marker `gpu`, deselected by `make test`): on a machine with a CUDA device, with
 # real Triton kernels, failures printed as they happen, 4 workers when pytest-xdist is installed

@@ -22,6 +22,8 @@ from fcit_hpc.fed.server.dko import run_dko
 from fcit_hpc.fed.server.stage_end import merge_stage_end
 from fcit_hpc.fed.strategies import STRATEGIES, ServerOptConfig
 from fcit_hpc.fed.wire import (
+    TOKEN_WIDTH,
+    UPDATE_WIDTH,
     pack_predictions,
     pack_tokens,
     pack_updates,
@@ -102,7 +104,12 @@ def _apply(heads: list, bodies: list, edits, width: int) -> None:
         elif e[0] == "body_len":
             bodies[r] = _resize(bodies[r], e[2])
         elif e[0] == "body_value" and bodies[r].size:
-            bodies[r][min(int(e[2] * bodies[r].size), bodies[r].size - 1)] = e[3]
+            b = bodies[r]
+            if b.dtype == np.uint8 and isinstance(e[3], float):  # a coded payload: its float32s
+                if b.size < 4:
+                    continue
+                b = b[: b.size // 4 * 4].view(np.float32)
+            b[min(int(e[2] * b.size), b.size - 1)] = e[3]
         elif e[0] == "double":
             heads.append(heads[r].copy())
             bodies.append(bodies[r].copy())
@@ -134,7 +141,7 @@ def _updates():
         rows = [(c, c % S_MAX, 1 + c, 0.5, 0.1, 2) for c in CLIENTS]
         items = list(zip(rows, [np.asarray(d, np.float32) for d in deltas], strict=True))
         heads, bodies = _split(ranks, items, pack_updates)
-        _apply(heads, bodies, edits, 7)
+        _apply(heads, bodies, edits, UPDATE_WIDTH)
         return Message("update", heads, bodies, dko, fed_alg)
 
     delta = st.lists(st.one_of(st.floats(-1, 1, width=32), _f32()), min_size=NUMEL, max_size=NUMEL)
@@ -155,7 +162,7 @@ def _tokens(kind: str, size: int):
         rows = [(c, 1 + c) for c in CLIENTS]
         items = list(zip(rows, [np.asarray(v, np.float32) for v in values], strict=True))
         heads, bodies = _split(ranks, items, pack_tokens)
-        _apply(heads, bodies, edits, 3)
+        _apply(heads, bodies, edits, TOKEN_WIDTH)
         return Message(kind, heads, bodies)
 
     value = st.one_of(st.floats(0, 1, width=32), _f32())

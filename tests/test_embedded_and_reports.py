@@ -90,6 +90,7 @@ def test_shipped_model_is_the_recipe_s_and_is_checked(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_rebuilt_model_matches_the_shipped_one(tmp_path):
     """`fcit data embedded --check` pre-trains RECIPE again (about 2 minutes on one thread) and
     compares it with the shipped weights: bitwise on the CPU it was built on; elsewhere (another

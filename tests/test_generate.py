@@ -3,6 +3,7 @@ token, what each sample gives alone (plain Hugging Face ``generate`` on the unpa
 1) and what a hand-written greedy loop without KV cache gives; the dealing of samples over ranks
 and the batch size leave the predictions unchanged."""
 
+import logging
 from collections import Counter
 from types import SimpleNamespace
 
@@ -218,6 +219,13 @@ def test_failed_capture_falls_back_to_eager(setup, references, monkeypatch, capl
 
     def no_graph():
         raise RuntimeError("operation not permitted when stream is capturing")
+
+    # the warning reaches caplog whatever an earlier in-process run did to the "fcit" logger
+    # (its level, propagation or a library's logging set-up disabling existing loggers)
+    fcit_log = logging.getLogger("fcit")
+    monkeypatch.setattr(fcit_log, "disabled", False)
+    monkeypatch.setattr(fcit_log, "propagate", True)
+    caplog.set_level(logging.WARNING, logger="fcit")
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
     model, adapter, tok, samples, alpha = setup

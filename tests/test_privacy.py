@@ -15,7 +15,7 @@ from fcit_hpc.fed import secagg as sa
 from fcit_hpc.fed.dropout import dropped_clients
 from fcit_hpc.fed.server.private import PrivateCombine
 from fcit_hpc.seeds import derive_seed
-from fcit_hpc.state.schema import comparable_content, read_state, same_content
+from fcit_hpc.state.schema import ClientStatus, comparable_content, read_state, same_content
 
 from .conftest import BIN, ROOT, fcit, mpiexec, smoke_serial
 
@@ -245,7 +245,9 @@ def private_ref(tmp_path_factory):
 @pytest.mark.slow
 def test_dp_secagg_dropout_records(private_ref):
     st = read_state(private_ref)
-    assert (st.clients["status"] == 4).sum() == 4  # one of 3 per round dropped, 4 rounds
+    assert (
+        st.clients["status"] == ClientStatus.DROPPED
+    ).sum() == 4  # one of 3 per round dropped, 4 rounds
     assert np.isfinite(st.privacy_epsilon).all() and st.privacy_epsilon[1] > st.privacy_epsilon[0]
     assert st.privacy_norms.size == 8 and len(set(st.privacy_norms["clip"])) > 1  # adaptive
     rounds = _lines(private_ref, "round")
