@@ -32,41 +32,23 @@ def _exe(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-class SlurmCluster:
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.procs: list[subprocess.Popen] = []
-        self.shm: Path | None = None  # the jobs' Open MPI shared-memory directory (start)
-        self.env = dict(os.environ)
-
-    # -- set-up ---------------------------------------------------------------------------------
-    def _write_conf(self) -> Path:
-        r = self.root
-        for d in ("state", "spool", "log", "munge", "tmp"):
-            (r / d).mkdir(parents=True, exist_ok=True)
-        os.chmod(r / "munge", 0o700)
-        key = r / "munge" / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        os.chmod(key, 0o400)
-        node = subprocess.run([_exe("slurmd"), "-C"], capture_output=True, text=True, check=True)
-        node_line = node.stdout.splitlines()[0].strip()
-        host = re.match(r"NodeName=(\S+)", node_line).group(1)
-        self.socket = r / "munge" / "munge.socket"
-        conf = f"""
-ClusterName=fcittest
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser={os.environ.get("USER", "root") if os.getuid() else "root"}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+# what both clusters' slurm.conf share; ``node`` ("" or ".%n") and ``spool`` ("" or "/%n") name
+# slurmd's files for one node or for each node (%n: its name)
+_CONF = """
+ClusterName={cluster}
+SlurmctldHost={ctld_host}
+SlurmUser={user}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 AuthType=auth/munge
-AuthInfo=socket={self.socket}
+AuthInfo=socket={socket}
 CredType=cred/munge
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool{spool}
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd{node}.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd{node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -80,9 +62,44 @@ JobAcctGatherType=jobacct_gather/none
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-{node_line} NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
+
+
+class SlurmCluster:
+    SHM_PREFIX = "fcit-slurm-test-"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.procs: list[subprocess.Popen] = []
+        self.shm: Path | None = None  # the jobs' Open MPI shared-memory directory (start)
+        self.env = dict(os.environ)
+
+    def cmd(self, args: list[str], node: str | None = None) -> list[str]:
+        """``args`` as run on ``node``: every SLURM command and daemon goes through this (here
+        unchanged; :class:`TwoNodeCluster` runs them in the node's namespaces)."""
+        return list(args)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _make_dirs_and_key(self, *dirs: str) -> str:
+        """The cluster's directories (``dirs`` besides the common ones) and a fresh munge key;
+        returns the first line of ``slurmd -C`` (NodeName=... CPUs=... RealMemory=...)."""
+        r = self.root
+        for d in ("state", "log", "munge", "tmp", *dirs):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        node = subprocess.run([_exe("slurmd"), "-C"], capture_output=True, text=True, check=True)
+        self.socket = r / "munge" / "munge.socket"
+        return node.stdout.splitlines()[0].strip()
+
+    def _write_conf_files(self, nodes: str, per_node: bool = False, **head) -> Path:
+        """slurm.conf (``_CONF`` with ``head`` and the ``nodes`` lines) and mpi.conf."""
+        r = self.root
+        node, spool = (".%n", "/%n") if per_node else ("", "")
+        conf = _CONF.format(r=r, socket=self.socket, node=node, spool=spool, nodes=nodes, **head)
         path = r / "slurm.conf"
         path.write_text(conf)
         # srun --mpi=pmix makes <base>/spmix_appdir_<uid>_<job>.<step> (default base /tmp) and does
@@ -92,7 +109,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         (r / "mpi.conf").write_text(f"PMIxCliTmpDirBase={r}/tmp\n")
         return path
 
-    def start(self) -> SlurmCluster:
+    def _write_conf(self) -> Path:
+        node_line = self._make_dirs_and_key("spool")
+        host = re.match(r"NodeName=(\S+)", node_line).group(1)
+        return self._write_conf_files(
+            f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN\n",
+            cluster="fcittest",
+            ctld_host=f"{host}(127.0.0.1)",
+            user=os.environ.get("USER", "root") if os.getuid() else "root",
+            ctld_port=_free_port(),
+            slurmd_port=_free_port(),
+        )
+
+    def _start_munged(self) -> Path:
+        """slurm.conf, the jobs' environment and munged: all that the SLURM daemons need;
+        returns the slurm.conf."""
         conf = self._write_conf()
         r = self.root
         self.env["SLURM_CONF"] = str(conf)
@@ -100,7 +131,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         # SLURM job id, which starts at 1 in every test cluster): this cluster's jobs keep theirs
         # in a directory of their own, so that no stale or concurrent cluster's segment is met.
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else r
-        self.shm = Path(tempfile.mkdtemp(prefix="fcit-slurm-test-", dir=shm))
+        self.shm = Path(tempfile.mkdtemp(prefix=self.SHM_PREFIX, dir=shm))
         self.env["OMPI_MCA_btl_sm_backing_directory"] = str(self.shm)
         self._spawn(
             [
@@ -115,18 +146,22 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             ],
         )
         self._wait(lambda: self.socket.exists(), "munged socket", r / "log" / "munged.log")
-        self._spawn([_exe("slurmctld"), "-D", "-i", "-f", str(conf)])
-        self._wait(
-            lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]),
-            "slurmctld",
-            r / "log" / "slurmctld.log",
-        )
-        self._spawn([_exe("slurmd"), "-D", "-f", str(conf)])
-        self._wait(self._node_idle, "slurmd (node idle)", r / "log" / "slurmd.log")
+        return conf
+
+    def start(self) -> SlurmCluster:
+        conf = self._start_munged()
+        self._spawn(self.cmd([_exe("slurmctld"), "-D", "-i", "-f", str(conf)]), "slurmctld")
+        self._wait(self._ctld_up, "slurmctld", self.root / "log" / "slurmctld.log")
+        self._start_slurmd(conf)
         return self
 
-    def _spawn(self, cmd: list[str]) -> None:
-        log = open(self.root / "log" / (Path(cmd[0]).name + ".stdout"), "wb")
+    def _start_slurmd(self, conf: Path) -> None:
+        self._spawn(self.cmd([_exe("slurmd"), "-D", "-f", str(conf)]), "slurmd")
+        self._wait(self._node_idle, "slurmd (node idle)", self.root / "log" / "slurmd.log")
+
+    def _spawn(self, cmd: list[str], name: str | None = None) -> None:
+        """A daemon (``cmd`` as given: the caller applies :meth:`cmd`), its output in log/."""
+        log = open(self.root / "log" / ((name or Path(cmd[0]).name) + ".stdout"), "wb")
         self.procs.append(
             subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -134,11 +169,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         )
 
     def _out(self, cmd: list[str]) -> str:
-        p = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+        p = subprocess.run(self.cmd(cmd), env=self.env, capture_output=True, text=True)
         return p.stdout + p.stderr
 
     def _ok(self, cmd: list[str]) -> bool:
-        return subprocess.run(cmd, env=self.env, capture_output=True).returncode == 0
+        return subprocess.run(self.cmd(cmd), env=self.env, capture_output=True).returncode == 0
+
+    def _ctld_up(self) -> bool:
+        return self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"])
 
     def _node_idle(self) -> bool:
         out = self._out(["sinfo", "-h", "-o", "%T"]).strip()
@@ -168,7 +206,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def sbatch(self, args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
         """Submit with `sbatch --wait`; returns (job id, exit code of sbatch)."""
         p = subprocess.run(
-            ["sbatch", "--parsable", "--wait", *args],
+            self.cmd(["sbatch", "--parsable", "--wait", *args]),
             cwd=cwd,
             env=self._job_env(env),
             capture_output=True,
@@ -181,7 +219,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def submit(self, args: list[str], cwd: Path, env: dict | None = None) -> int:
         """Submit without waiting; returns the job id."""
         p = subprocess.run(
-            ["sbatch", "--parsable", *args],
+            self.cmd(["sbatch", "--parsable", *args]),
             cwd=cwd,
             env=self._job_env(env),
             capture_output=True,
@@ -210,7 +248,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def run(self, *cmd: str, check: bool = True) -> str:
         """A SLURM command (scontrol, scancel) on this cluster; raises on failure (``check``)."""
-        p = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            self.cmd(list(cmd)), env=self.env, capture_output=True, text=True, timeout=60
+        )
         if p.returncode and check:
             raise RuntimeError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
         return p.stdout
@@ -254,6 +294,7 @@ class TwoNodeCluster(SlurmCluster):
 
     SUBNET = "10.213.0"  # .1 = n1, .2 = n2
     NODES = ("n1", "n2")
+    SHM_PREFIX = "fcit-slurm2-test-"
 
     def __init__(self, root: Path):
         super().__init__(root)
@@ -263,7 +304,7 @@ class TwoNodeCluster(SlurmCluster):
         self.addr = {n: f"{self.SUBNET}.{i + 1}" for i, n in enumerate(self.NODES)}
         self._made: list[str] = []  # namespaces made (for the tear-down)
 
-    def cmd(self, args: list[str], node: str = "n1") -> list[str]:
+    def cmd(self, args: list[str], node: str | None = "n1") -> list[str]:
         """``args`` run in ``node``'s namespaces, with its host name."""
         # nsenter, not `ip netns exec`: that one remounts /sys for the namespace, without the
         # cgroup file system slurmd needs; a private mount namespace binds the hosts file instead
@@ -300,56 +341,23 @@ class TwoNodeCluster(SlurmCluster):
             run("-n", self.ns[n], "link", "set", "lo", "up")
 
     def _write_conf(self) -> Path:
-        r = self.root
-        node_dirs = [f"{d}/{n}" for n in self.NODES for d in ("spool", "local")]
-        for d in ("state", "log", "munge", "tmp", *node_dirs):
-            (r / d).mkdir(parents=True, exist_ok=True)
-        os.chmod(r / "munge", 0o700)
-        key = r / "munge" / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        os.chmod(key, 0o400)
-        node = subprocess.run([_exe("slurmd"), "-C"], capture_output=True, text=True, check=True)
-        hardware = node.stdout.splitlines()[0].split(None, 1)[1].strip()  # CPUs=... RealMemory=...
-        self.socket = r / "munge" / "munge.socket"
-        nodes = "".join(
-            f"NodeName={n} NodeAddr={self.addr[n]} NodeHostname={n} {hardware} State=UNKNOWN\n"
-            for n in self.NODES
+        node_line = self._make_dirs_and_key(
+            *(f"{d}/{n}" for n in self.NODES for d in ("spool", "local"))
         )
+        hardware = node_line.split(None, 1)[1].strip()  # CPUs=... RealMemory=...
         # the two slurmd are in different network namespaces: the same port serves both
-        conf = f"""
-ClusterName=fcittwo
-SlurmctldHost=n1({self.addr["n1"]})
-SlurmUser=root
-SlurmctldPort=6917
-SlurmdPort=6918
-AuthType=auth/munge
-AuthInfo=socket={self.socket}
-CredType=cred/munge
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool/%n
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.%n.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-JobCompType=jobcomp/none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-SlurmdTimeout=60
-InactiveLimit=0
-KillWait=5
-{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
-"""
-        path = r / "slurm.conf"
-        path.write_text(conf)
-        (r / "mpi.conf").write_text(f"PMIxCliTmpDirBase={r}/tmp\n")
-        return path
+        return self._write_conf_files(
+            "".join(
+                f"NodeName={n} NodeAddr={self.addr[n]} NodeHostname={n} {hardware} State=UNKNOWN\n"
+                for n in self.NODES
+            ),
+            per_node=True,
+            cluster="fcittwo",
+            ctld_host=f"n1({self.addr['n1']})",
+            user="root",
+            ctld_port=6917,
+            slurmd_port=6918,
+        )
 
     def start(self) -> TwoNodeCluster:
         if os.getuid() != 0:
@@ -358,88 +366,16 @@ KillWait=5
         if lacking:
             raise RuntimeError(f"the two-node SLURM cluster needs {lacking} (iproute2, util-linux)")
         self._network()
-        conf = self._write_conf()
-        r = self.root
-        self.env["SLURM_CONF"] = str(conf)
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else r
-        self.shm = Path(tempfile.mkdtemp(prefix="fcit-slurm2-test-", dir=shm))
-        self.env["OMPI_MCA_btl_sm_backing_directory"] = str(self.shm)
-        self._spawn(
-            [
-                _exe("munged"),
-                "-F",
-                "-f",
-                f"--socket={self.socket}",
-                f"--key-file={r}/munge/munge.key",
-                f"--pid-file={r}/munge/munged.pid",
-                f"--seed-file={r}/munge/seed",
-                f"--log-file={r}/log/munged.log",
-            ],
-        )
-        self._wait(lambda: self.socket.exists(), "munged socket", r / "log" / "munged.log")
-        self._spawn(self.cmd([_exe("slurmctld"), "-D", "-i", "-f", str(conf)]), "slurmctld")
-        self._wait(
-            lambda: "UP" in self._out(["scontrol", "ping"]),
-            "slurmctld",
-            r / "log" / "slurmctld.log",
-        )
+        return super().start()
+
+    def _start_slurmd(self, conf: Path) -> None:
         for n in self.NODES:
             self._spawn(self.cmd([_exe("slurmd"), "-D", "-f", str(conf)], node=n), f"slurmd.{n}")
-        self._wait(self._nodes_idle, "both slurmd (nodes idle)", r / "log")
-        return self
+        self._wait(self._node_idle, "both slurmd (nodes idle)", self.root / "log")
 
-    def _spawn(self, cmd: list[str], name: str | None = None) -> None:
-        log = open(self.root / "log" / ((name or Path(cmd[0]).name) + ".stdout"), "wb")
-        self.procs.append(
-            subprocess.Popen(
-                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-
-    def _out(self, cmd: list[str]) -> str:
-        p = subprocess.run(self.cmd(cmd), env=self.env, capture_output=True, text=True)
-        return p.stdout + p.stderr
-
-    def _ok(self, cmd: list[str]) -> bool:
-        return subprocess.run(self.cmd(cmd), env=self.env, capture_output=True).returncode == 0
-
-    def _nodes_idle(self) -> bool:
+    def _node_idle(self) -> bool:
         states = self._out(["sinfo", "-h", "-N", "-o", "%N %T"]).split()
         return states == ["n1", "idle", "n2", "idle"]
-
-    def sbatch(self, args, cwd, env=None, timeout=600):
-        p = subprocess.run(
-            self.cmd(["sbatch", "--parsable", "--wait", *args]),
-            cwd=cwd,
-            env=self._job_env(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        m = re.search(r"^(\d+)", p.stdout.strip())
-        return (int(m.group(1)) if m else None), p.returncode, p.stdout + p.stderr
-
-    def submit(self, args, cwd, env=None) -> int:
-        p = subprocess.run(
-            self.cmd(["sbatch", "--parsable", *args]),
-            cwd=cwd,
-            env=self._job_env(env),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        m = re.search(r"^(\d+)", p.stdout.strip())
-        if m is None:
-            raise RuntimeError(f"sbatch failed: {p.stdout}{p.stderr}\n{self.logs()}")
-        return int(m.group(1))
-
-    def run(self, *cmd: str, check: bool = True) -> str:
-        p = subprocess.run(
-            self.cmd(list(cmd)), env=self.env, capture_output=True, text=True, timeout=60
-        )
-        if p.returncode and check:
-            raise RuntimeError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
-        return p.stdout
 
     def stop(self) -> None:
         try:
