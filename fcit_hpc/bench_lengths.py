@@ -12,7 +12,7 @@ A spec gives the TEXT tokens of each sample (a LLaVA sample also has its image t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ class Lengths:
     lo: int = 0
     hi: int = 0
     values: tuple[int, ...] = ()
+    _: KW_ONLY
     source: str = ""
 
     def describe(self, fixed: int) -> str:
@@ -101,7 +102,7 @@ def synthetic_rows(shape, text_lens: list[int], gen: torch.Generator):
     return rows
 
 
-def batches_of(rows, images, batch_size: int, pack: bool, device) -> list[dict]:
+def batches_of(rows, images, batch_size: int, pack: bool, *, device) -> list[dict]:
     """Consecutive rows as batches, padded (pad id 0) or packed, with their images, on
     ``device``."""
     out = []

@@ -44,7 +44,7 @@ import json
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +56,10 @@ from fcit_hpc.config import Config, load_config
 from fcit_hpc.data.batches import real_tokens
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.comm import LocalComm
-from fcit_hpc.fed.context import init_group_worlds, make_trainer
-from fcit_hpc.model.build import build_base_model, build_model, enable_gradient_checkpointing
+from fcit_hpc.fed.context import init_group_worlds
+from fcit_hpc.model.build import build_base_model, enable_gradient_checkpointing
 from fcit_hpc.model.steps import lr_at
+from fcit_hpc.run import make_trainer, run_model
 from fcit_hpc.runtime import LaunchInfo, Runtime, apply_runtime, make_runtime
 from fcit_hpc.train.base import LocalOpt
 
@@ -87,6 +88,7 @@ class BatchShape:
     image_tokens: int  # 0: a text-only model
     image_size: int
     image_token_id: int  # -1: none
+    _: KW_ONLY
     vocab: int
     answer_len: int  # the last tokens carry the loss
 
@@ -97,10 +99,12 @@ def batch_shape(model, text_len: int) -> BatchShape:
     c = model.config
     vocab = c.get_text_config().vocab_size
     if c.model_type != "llava":
-        return BatchShape(text_len, 0, 0, -1, vocab, text_len // 2)
+        return BatchShape(text_len, 0, 0, -1, vocab=vocab, answer_len=text_len // 2)
     v = c.vision_config
     img = (v.image_size // v.patch_size) ** 2 + (c.vision_feature_select_strategy == "full")
-    return BatchShape(img + text_len, img, v.image_size, c.image_token_id, vocab, text_len // 2)
+    return BatchShape(
+        img + text_len, img, v.image_size, c.image_token_id, vocab=vocab, answer_len=text_len // 2
+    )
 
 
 def synthetic_batches(
@@ -108,6 +112,7 @@ def synthetic_batches(
     batch_size: int,
     n: int,
     seed: int,
+    *,
     device,
     text_lens: list[int] | None = None,
     pack: bool = False,
@@ -121,7 +126,7 @@ def synthetic_batches(
         text_lens = [shape.seq_len - shape.image_tokens] * (batch_size * n)
     rows = synthetic_rows(shape, text_lens, gen)
     images = _images(shape, len(rows), gen)
-    return batches_of(rows, images, batch_size, pack, device)
+    return batches_of(rows, images, batch_size, pack, device=device)
 
 
 def _images(shape: BatchShape, n: int, gen: torch.Generator):
@@ -252,6 +257,7 @@ class Side:
     step_s: float  # mean over the timed steps
     setup_s: float
     loss: float  # mean training loss over every step, warm-up included
+    _: KW_ONLY
     peak_bytes: int | None
     setup_next_s: float | None = None  # fcit: a second client's set-up
     steps: list[float] = field(default_factory=list)
@@ -268,6 +274,7 @@ class Workload:
     shape: BatchShape
     start: np.ndarray
     names: list[str]
+    _: KW_ONLY
     flops: float
     rows: list = field(default_factory=list)
     images: torch.Tensor | None = None
@@ -277,7 +284,7 @@ class Workload:
         """The batches of a side: the padded ones, or the same samples packed."""
         if not pack:
             return self.batches
-        return batches_of(self.rows, self.images, self.batch_size, True, device)
+        return batches_of(self.rows, self.images, self.batch_size, True, device=device)
 
 
 def _steps(marks: list[float], warmup: int) -> list[float]:
@@ -285,7 +292,7 @@ def _steps(marks: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:], strict=False)][warmup:]
 
 
-def make_workload(cfg: Config, rt: Runtime, model, adapter, n: int, warmup: int, lengths):
+def make_workload(cfg: Config, rt: Runtime, model, adapter, *, n: int, warmup: int, lengths):
     """The samples of ``n`` batches of ``train.batch_size`` with text lengths drawn from
     ``lengths`` (:class:`fcit_hpc.bench_lengths.Lengths`), padded, and fcit's LoRA start."""
     shape = batch_shape(model, cfg.model.max_seq_len)
@@ -297,14 +304,14 @@ def make_workload(cfg: Config, rt: Runtime, model, adapter, n: int, warmup: int,
     timed = [len(ids) for ids, _ in rows[B * warmup :]]
     flops = sum(sample_flops(model, adapter.numel, shape, T) for T in timed) / max(1, n - warmup)
     return Workload(
-        batches_of(rows, images, B, False, rt.device),
+        batches_of(rows, images, B, False, device=rt.device),
         shape,
         adapter.init_vector(torch.Generator().manual_seed(cfg.seed)).numpy(),
         list(adapter.names),
-        flops,
-        rows,
-        images,
-        B,
+        flops=flops,
+        rows=rows,
+        images=images,
+        batch_size=B,
     )
 
 
@@ -313,6 +320,7 @@ def run_fcit(
     rt: Runtime,
     n: int,
     warmup: int,
+    *,
     mem: PeakMemory,
     work: Workload | None = None,
     lengths=FIXED,
@@ -323,19 +331,21 @@ def run_fcit(
     padded or packed as ``train.packing`` says, then a second client's set-up. Returns (side,
     workload); the model's Liger patches are undone at the end."""
     mem.reset()
-    model, adapter, _ = build_model(cfg, 1, rt)
+    model, adapter, _ = run_model(cfg, 1, rt)
     try:
         if work is None:
-            work = make_workload(cfg, rt, model, adapter, n, warmup, lengths)
+            work = make_workload(cfg, rt, model, adapter, n=n, warmup=warmup, lengths=lengths)
         batches = work.for_side(cfg.train.packing, rt.device)
         trainer = make_trainer(cfg, rt)
         opt = LocalOpt(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio)
         first, nxt = Clock(rt), Clock(rt)
         t0 = first.now()
-        res = trainer.train(model, adapter, 0, work.start, batches, opt, tick=first.tick)
+        res = trainer.train(
+            model, adapter, 0, work.start, batches=batches, opt=opt, tick=first.tick
+        )
         peak = mem.read()
         t1 = nxt.now()  # the next client: a fresh session (engine) again
-        trainer.train(model, adapter, 0, work.start, batches[:1], opt, tick=nxt.tick)
+        trainer.train(model, adapter, 0, work.start, batches=batches[:1], opt=opt, tick=nxt.tick)
     finally:
         applied = getattr(model, "fcit_liger", None)
         if applied is not None:
@@ -348,10 +358,10 @@ def run_fcit(
         sum(steps) / len(steps),
         first.marks[0] - t0,
         res.loss,
-        peak,
-        nxt.marks[0] - t1,
-        steps,
-        _tokens(batches[warmup:]),
+        peak_bytes=peak,
+        setup_next_s=nxt.marks[0] - t1,
+        steps=steps,
+        tokens=_tokens(batches[warmup:]),
     )
     return side, work
 
@@ -368,7 +378,7 @@ def _tokens(batches: list) -> tuple[float, float]:
 
 def plain_base(cfg: Config, rt: Runtime):
     """A fresh base model of the config on the runtime's device (same seed as fcit's)."""
-    model = build_base_model(cfg, rt.dtype, rt.device).to(rt.device)
+    model = build_base_model(cfg.model, rt.dtype, rt.device).to(rt.device)
     if rt.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -435,7 +445,7 @@ class PlainLoop:
         return loss.detach()
 
 
-def run_plain(cfg: Config, rt: Runtime, work: Workload, warmup: int, mem: PeakMemory) -> Side:
+def run_plain(cfg: Config, rt: Runtime, work: Workload, warmup: int, *, mem: PeakMemory) -> Side:
     """The plain PEFT loop from fcit's start on the same batches; set-up = PEFT wrapping, loading
     the start and AdamW."""
     mem.reset()
@@ -456,7 +466,16 @@ def run_plain(cfg: Config, rt: Runtime, work: Workload, warmup: int, mem: PeakMe
     loss = float(torch.stack(losses).float().mean())
     mean = sum(steps) / len(steps)
     tokens = _tokens(work.batches[warmup:])
-    return Side("plain HF + PEFT", mean, clock.marks[0] - t0, loss, peak, None, steps, tokens)
+    return Side(
+        "plain HF + PEFT",
+        mean,
+        clock.marks[0] - t0,
+        loss,
+        peak_bytes=peak,
+        setup_next_s=None,
+        steps=steps,
+        tokens=tokens,
+    )
 
 
 def summarise(
@@ -620,18 +639,20 @@ def bench_train(args) -> int:
     lengths = parse_lengths(args.lengths)
     variants = parse_variants(args.variants)
     cfg = load_config(args.items[0], args.items[1:])
-    rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())  # one client, one process
+    rt = make_runtime(
+        cfg.train, cfg.federation, 0, 1, launch=LaunchInfo()
+    )  # one client, one process
     apply_runtime(rt)
     torch.set_num_threads(cfg.train.num_threads)
-    init_group_worlds(cfg, LocalComm(), rt)  # DeepSpeed's world of one
+    init_group_worlds(cfg.train.backend, LocalComm(), rt)  # DeepSpeed's world of one
     mem = PeakMemory(rt)
     n = args.warmup + args.steps
 
     def variant_cfg(key: str) -> Config:
         return load_config(args.items[0], [*args.items[1:], *VARIANTS[key][1]])
 
-    fcit, work = run_fcit(variant_cfg("fcit"), rt, n, args.warmup, mem, lengths=lengths)
-    sides = {"fcit": fcit, "plain": run_plain(cfg, rt, work, args.warmup, mem)}
+    fcit, work = run_fcit(variant_cfg("fcit"), rt, n, args.warmup, mem=mem, lengths=lengths)
+    sides = {"fcit": fcit, "plain": run_plain(cfg, rt, work, args.warmup, mem=mem)}
     refused: dict[str, str] = {}
     for key in variants:
         if key in sides:
@@ -639,7 +660,7 @@ def bench_train(args) -> int:
         try:
             vcfg = variant_cfg(key)
             name = fcit.name + VARIANTS[key][0]
-            sides[key], _ = run_fcit(vcfg, rt, n, args.warmup, mem, work, name=name)
+            sides[key], _ = run_fcit(vcfg, rt, n, args.warmup, mem=mem, work=work, name=name)
         except ConfigError as e:  # a switch that cannot run here, with its reason
             refused[key] = str(e)
     client_steps, source = args.client_steps, "--client-steps"

@@ -236,12 +236,13 @@ def check_run_scorers(cfg, run_dir: Path) -> None:
     is present, or DependencyError naming the dataset and the package."""
     from fcit_hpc.benchmark.scorers import check_scorers
 
-    check_scorers(cfg)
+    check_scorers(cfg.benchmark, cfg.eval)
     if cfg.sweep:
         from fcit_hpc.compare import cell_config, sweep_cells
 
         for name, over in sweep_cells(cfg):
-            check_scorers(cell_config(cfg, over, run_dir / name))
+            cell = cell_config(cfg, over, run_dir / name)
+            check_scorers(cell.benchmark, cell.eval)
 
 
 def cmd_run(args, comm) -> int:
@@ -249,10 +250,9 @@ def cmd_run(args, comm) -> int:
 
     from fcit_hpc.config import to_dict
     from fcit_hpc.fed import preempt
-    from fcit_hpc.fed.context import runtime_for
     from fcit_hpc.fed.handshake import check_same_job
     from fcit_hpc.preflight import preflight
-    from fcit_hpc.run import run_federated
+    from fcit_hpc.run import run_federated, runtime_for
 
     start, error = None, None
     try:
@@ -286,7 +286,7 @@ def cmd_run(args, comm) -> int:
             run_compare(cfg, comm, run_dir)
             return 0
         state = start.state if comm.is_root else None
-        st = run_federated(cfg, comm, run_dir, state, runtime)
+        st = run_federated(cfg, comm, run_dir, state, runtime=runtime)
     except FcitError:
         if comm.is_root and start.write_config and start.state is None and not cfg.compare:
             _remove_setup_files(run_dir, created)  # a fresh run that stored nothing
@@ -442,7 +442,7 @@ def cmd_export(args) -> int:
     except OSError as e:
         raise StorageError(f"{out}: cannot create the export folder ({one_line(e)})") from None
     try:
-        dirs = make_method(cfg).export(cfg, st, tmp, alpha)
+        dirs = make_method(cfg.method, cfg.lora).export(cfg.model, st, tmp, alpha)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -483,10 +483,10 @@ def cmd_data(args) -> int:
             args.out,
             stages,
             args.setting,
-            args.beta,
-            args.num_clients,
-            args.min_samples,
-            args.seed,
+            beta=args.beta,
+            num_clients=args.num_clients,
+            min_samples=args.min_samples,
+            seed=args.seed,
         )
         print(f"wrote {out}")
         return 0

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class BenchmarkConfig:
     data_root: str = ""  # released: the FCIT_data folder; fcit-mini: cache folder (or ~/.cache)
     image_root: str = ""  # where image paths are relative to (default: DATA_ROOT/datasets)
     setting: str = "task"  # task | capability | joint | joint-capability (multi-task bounds)
+    _: KW_ONLY
     capability_order: str = "paper"  # paper (General, Chart, Math, Other) | eval_scripts
     scenario: str = "hom"  # hom | het
     num_tasks: int = 8  # tasks of the suite used (task setting: one per stage)
@@ -45,6 +46,7 @@ class FederationConfig:
     client_selection_frac: float = 0.1
     num_rounds: int = 10  # communication rounds per stage
     fed_alg: str = "fedavg"
+    _: KW_ONLY
     prox_mu: float = 0.01
     fedopt_eta: float = 1e-3
     fedopt_tau: float = 1e-3
@@ -55,6 +57,10 @@ class FederationConfig:
     # share of a round's training clients that train but fail to upload (seeded per round)
     dropout: float = 0.0
 
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.client_selection_frac * self.num_clients))
+
 
 @dataclass
 class ModelConfig:
@@ -64,6 +70,7 @@ class ModelConfig:
     path: str = ""  # hf: local directory, or pkg:NAME; hf-shape: folder holding config.json
     gguf_file: str = ""  # hf: load this GGUF file of `path` (dequantized to fp32)
     hidden_size: int = 64
+    _: KW_ONLY
     intermediate_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -80,6 +87,7 @@ class LoraConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    _: KW_ONLY
     max_subspaces: int = 8
     # rank of the single LoRA of Finetune, EWC and the multi-task bound: budget = max_subspaces x
     # lora_r (DISCO's total, the paper's parity: rank 64 = 8 x 8), r = lora_r (one subspace's)
@@ -92,6 +100,7 @@ class MethodConfig:
     tau: float = 0.9  # DKO matching threshold
     epsilon: float = 0.05  # SSA softmax temperature
     ssa: str = "softmax"
+    _: KW_ONLY
     identity_encoder: str = "minilm"  # minilm (packaged) | hashing | clip | open_clip
     identity_dim: int = 256  # hashing encoder only; the others have their own width
     identity_source: str = "text"  # text | image | text+image (identity-token ablation)
@@ -117,6 +126,7 @@ class TrainConfig:
     zero_stage: int = 0
     offload: bool = False
     batch_size: int = 4
+    _: KW_ONLY
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -151,6 +161,7 @@ class EvalConfig:
     # static: static KV cache, decode step in a CUDA graph on CUDA (eval.decode); hf: Hugging
     # Face generate (dynamic cache, eager). The same predictions.
     decoder: str = "static"
+    _: KW_ONLY
     cuda_graphs: bool = True  # static decoder on CUDA: replay the decode step from a CUDA graph
     # caption scoring (Flickr30k): java = the paper's metric, BLEU-1..4, METEOR (Java), ROUGE-L
     # and CIDEr averaged; skip = the same without METEOR (no Java needed; said in the report)
@@ -165,6 +176,7 @@ class PrivacyConfig:
     dp_clip: float = 1.0  # C: L2 bound of a client's update (adaptive: its start)
     dp_noise: float = 1.0  # z: noise multiplier (std z·C per released sum)
     dp_delta: float = 1e-5  # δ of the reported ε
+    _: KW_ONLY
     dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021)
     dp_quantile: float = 0.5  # γ: target share of unclipped updates
     dp_clip_lr: float = 0.2  # η_C: the clip bound's geometric step
@@ -184,6 +196,7 @@ class CompressConfig:
     projector: str = "none"  # the LLaVA projector's delta
     token: str = "none"  # the identity tokens
     download: str = "none"  # the global adapter broadcast to the clients (training rounds)
+    _: KW_ONLY
     block_size: int = 64  # int8 / int4: values per float32 scale
     topk_fraction: float = 0.1  # topk: the share of values sent
     error_feedback: bool = True  # clients keep the residual of a lossy delta codec
@@ -207,6 +220,7 @@ class DebugConfig:
     kill_stage: int = 0
     kill_round: int = 0
     kill_signal: str = "KILL"  # KILL (the rank dies) | TERM | USR1 (a stop request)
+    _: KW_ONLY
     hold_file: str = ""  # rank 0 waits while this file exists, before (hold_stage, hold_round)
     hold_stage: int = 0
     hold_round: int = 0
@@ -225,6 +239,7 @@ class Config:
     compare_seeds: list[int] = field(default_factory=list)
     # a grid of such jobs: a list of axes, each a list of cells, each cell space-separated
     # key=value overrides; one compare job per combination (fcit_hpc.compare.run_sweep)
+    _: KW_ONLY
     sweep: list[list[str]] = field(default_factory=list)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -240,8 +255,7 @@ class Config:
 
     @property
     def clients_per_round(self) -> int:
-        f = self.federation
-        return max(1, round(f.client_selection_frac * f.num_clients))
+        return self.federation.clients_per_round
 
 
 # ----------------------------------------------------------------------------- validation rules
@@ -484,10 +498,10 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def count_std(cfg: Config) -> float:
+def count_std(p: PrivacyConfig, clients_per_round: int) -> float:
     """σ_b of adaptive clipping's clipped-count noise: the setting, or Andrew et al.'s
     recommendation (expected clients per round / 20)."""
-    return cfg.privacy.dp_count_std or cfg.clients_per_round / 20
+    return p.dp_count_std or clients_per_round / 20
 
 
 def _validate_privacy(cfg: Config) -> None:
@@ -497,9 +511,10 @@ def _validate_privacy(cfg: Config) -> None:
             "privacy.dp_adaptive: adaptive clipping needs central DP (the server noises the count "
             "of unclipped updates; under local DP it would see each client's bit in the clear)"
         )
-    if p.dp != "off" and p.dp_adaptive and p.dp_noise > 0 and 2 * count_std(cfg) <= p.dp_noise:
+    sigma_b = count_std(p, cfg.clients_per_round)
+    if p.dp != "off" and p.dp_adaptive and p.dp_noise > 0 and 2 * sigma_b <= p.dp_noise:
         raise ConfigError(
-            f"privacy.dp_count_std: {count_std(cfg):g} must exceed dp_noise / 2 = "
+            f"privacy.dp_count_std: {sigma_b:g} must exceed dp_noise / 2 = "
             f"{p.dp_noise / 2:g} for adaptive clipping (Andrew et al.: the update keeps noise "
             "multiplier (z^-2 - (2 sigma_b)^-2)^-1/2)"
         )

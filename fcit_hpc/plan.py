@@ -4,14 +4,17 @@ time, per-rank memory and bytes on the wire, before it runs (docs/phases.md, "fc
 The model of a run (one sub-run per ``compare`` entry, each alone after the other):
 
     wall  = startup + Σ_stages [ R · round + eval ]                       (seconds)
-    round = ceil(C / W) · (setup + n · E · train_s + n · identity_s) + round_fixed
+    round = ceil(C / W) · (setup + n · E · train_s · teacher + n · identity_s) + round_fixed
     eval  = ceil(T / P) · (prompt · prefill_s + decode · decode_s + other_s + ident_s) + eval_fixed
 
 R rounds per stage (0 for a method that trains nothing), C clients per round dealt round-robin over
 W worker groups (P ranks, ``gpus_per_client`` each), n the mean samples of a client (a stage's
 training samples / num_clients), E local epochs, T the test samples of all tasks (every task is
 evaluated after every stage), ``prompt`` and ``decode`` the prompt positions and decoded tokens
-per test sample; identity costs only for DISCO (the only method with identity tokens); the
+per test sample; identity costs only for DISCO (the only method with identity tokens); ``teacher``
+is 1, but for LwF 1 + TEACHER_FORWARD · (stages − 1) / stages (its previous-stage model's forward
+on every batch from stage 1 on, a stated estimate: a forward is about half of a LoRA step's
+forward + backward, whose backward computes activation gradients through the frozen base); the
 round's communication is taken as free beside the compute on one host (``round_fixed``: the
 server's aggregation and state write). The per-unit costs are *figures*: measured (a run
 directory's phase timers, ``fcit bench train --json``, ``fcit bench kernels --json``) or the
@@ -27,12 +30,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from fcit_hpc.config import Config, load_config
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.codec import Codec, UplinkCodec
+
+# LwF's teacher forward per batch, as a share of a training step (stated; see the docstring)
+TEACHER_FORWARD = 0.5
 
 # Stated defaults (seconds per unit on one CPU core of the development machine, the embedded
 # model; override with --figures): every one is printed with its source when used.
@@ -95,6 +101,7 @@ class ModelDims:
     inter: int
     layers: int
     vocab: int
+    _: KW_ONLY
     heads: int
     kv_heads: int
 
@@ -118,7 +125,12 @@ def model_dims(cfg: Config) -> ModelDims:
     m = cfg.model
     if m.name in ("tiny-llama", "tiny-llava"):
         return ModelDims(
-            m.hidden_size, m.intermediate_size, m.num_layers, 256, m.num_heads, m.num_heads
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_layers,
+            256,
+            heads=m.num_heads,
+            kv_heads=m.num_heads,
         )
     if m.name == "embedded":
         d = _text_config(ROOT / "fcit_hpc/model/embedded_model/config.json")
@@ -131,8 +143,8 @@ def model_dims(cfg: Config) -> ModelDims:
         d["intermediate_size"],
         d["num_hidden_layers"],
         d.get("vocab_size", 32000),
-        heads,
-        d.get("num_key_value_heads", heads),
+        heads=heads,
+        kv_heads=d.get("num_key_value_heads", heads),
     )
 
 
@@ -152,6 +164,7 @@ class Shape:
     tasks: int
     rounds: int  # per stage (0: no training)
     clients: int  # per round
+    _: KW_ONLY
     samples_per_client: float  # mean over the stage's clients
     epochs: int
     test_samples: int  # of all tasks: one evaluation
@@ -164,7 +177,9 @@ def run_shape(cfg: Config, fig: Figures) -> Shape:
 
     b = cfg.benchmark
     if b.suite == "synthetic":
-        stages = Schedule(b.setting, b.scenario, b.num_tasks, b.het_assignment, cfg.seed).stages
+        stages = Schedule(
+            b.setting, b.scenario, b.num_tasks, b.het_assignment, seed=cfg.seed
+        ).stages
         tasks, train, test = b.num_tasks, b.train_per_task, b.test_per_task
     else:
         names = stage_datasets(b.setting, b.capability_order)
@@ -200,9 +215,12 @@ def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
     """Predicted seconds of one run by part (startup, train, eval) and in all (``wall``)."""
     s = run_shape(cfg, fig)
     ident = 1.0 if identity_dim(cfg) else 0.0  # identity features: DISCO only
+    teacher = 1.0
+    if cfg.method.name == "lwf" and s.stages:
+        teacher += TEACHER_FORWARD * (s.stages - 1) / s.stages
     per_client = (
         fig["setup_s_per_client"]
-        + s.samples_per_client * s.epochs * fig["train_s_per_sample"]
+        + s.samples_per_client * s.epochs * fig["train_s_per_sample"] * teacher
         + ident * s.samples_per_client * fig["identity_s_per_sample"]
     )
     busiest = math.ceil(s.clients / workers(cfg, ranks))

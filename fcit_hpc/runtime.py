@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from fcit_hpc.errors import ConfigError
 
@@ -38,6 +38,7 @@ class LaunchInfo:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    _: KW_ONLY
     launcher: str = "none"  # openmpi | mpich | slurm | none
 
 
@@ -71,7 +72,7 @@ def launch_info(env: Mapping[str, str] | None = None) -> LaunchInfo:
             num("OMPI_COMM_WORLD_SIZE"),
             num("OMPI_COMM_WORLD_LOCAL_RANK"),
             num("OMPI_COMM_WORLD_LOCAL_SIZE"),
-            "openmpi",
+            launcher="openmpi",
         )
     if "PMI_RANK" in env and "MPI_LOCALRANKID" in env:
         return LaunchInfo(
@@ -79,7 +80,7 @@ def launch_info(env: Mapping[str, str] | None = None) -> LaunchInfo:
             num("PMI_SIZE"),
             num("MPI_LOCALRANKID"),
             num("MPI_LOCALNRANKS"),
-            "mpich",
+            launcher="mpich",
         )
     if "SLURM_PROCID" in env and "SLURM_LOCALID" in env:
         spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
@@ -89,7 +90,7 @@ def launch_info(env: Mapping[str, str] | None = None) -> LaunchInfo:
             num("SLURM_NTASKS") if "SLURM_NTASKS" in env else 1,
             num("SLURM_LOCALID"),
             local_size,
-            "slurm",
+            launcher="slurm",
         )
     return LaunchInfo()
 
@@ -138,6 +139,7 @@ class Runtime:
     dtype: object  # torch.dtype of the base weights and of compute
     precision: str  # fp32 | bf16 | fp16
     launch: LaunchInfo
+    _: KW_ONLY
     rank: int
     world: int
     group: ClientGroup | None  # None: rank 0 when it only serves
@@ -179,6 +181,7 @@ def gpu_index(
     env: Mapping[str, str],
     visible: int,
     gpus_per_client: int = 1,
+    *,
     ranks_per_gpu: int = 1,
 ) -> int:
     """The index, among the ``visible`` CUDA devices this rank's torch sees, of its GPU.
@@ -249,13 +252,17 @@ def _cuda_device(launch: LaunchInfo, train_cfg, visible: int):
     import torch
 
     index = gpu_index(
-        launch, os.environ, visible, train_cfg.gpus_per_client, train_cfg.ranks_per_gpu
+        launch,
+        os.environ,
+        visible,
+        train_cfg.gpus_per_client,
+        ranks_per_gpu=train_cfg.ranks_per_gpu,
     )
     return torch.device("cuda", index)
 
 
 def make_runtime(
-    train_cfg, federation_cfg, rank: int, world: int, launch: LaunchInfo | None = None
+    train_cfg, federation_cfg, rank: int, world: int, *, launch: LaunchInfo | None = None
 ) -> Runtime:
     """The runtime of this rank from the config's ``train`` section and the launcher's
     environment. Raises ConfigError naming the field when the request cannot be met (CUDA asked
@@ -280,12 +287,12 @@ def make_runtime(
         dtype,
         train_cfg.precision,
         launch,
-        rank,
-        world,
-        mine,
-        tuple(groups),
-        train_cfg.gradient_checkpointing,
-        train_cfg.deterministic,
+        rank=rank,
+        world=world,
+        group=mine,
+        groups=tuple(groups),
+        gradient_checkpointing=train_cfg.gradient_checkpointing,
+        deterministic=train_cfg.deterministic,
     )
 
 

@@ -19,30 +19,44 @@ import numpy as np
 from fcit_hpc.config import load_config
 from fcit_hpc.fed.client import identity_token
 from fcit_hpc.fed.comm import LocalComm
-from fcit_hpc.fed.context import build_context
 from fcit_hpc.fed.privacy import token_epsilon
 from fcit_hpc.fed.private_upload import noisy_token
-from fcit_hpc.fed.server.diagnostics import purity
 from fcit_hpc.fed.server.dko import run_dko
 from fcit_hpc.fed.server.plan import plan_round
 from fcit_hpc.fed.server.run_state import init_state
 from fcit_hpc.fed.wire import TokenUpload
+from fcit_hpc.methods.dko_diagnostics import purity
+from fcit_hpc.run import build_context
 
 
 def simulate(ctx, cfg) -> tuple[dict, np.ndarray, int]:
     """(stage, round, client) → subspace, counts [S_max, units], live subspaces."""
     data = ctx.data
     shape = (data.num_stages, data.num_tasks)
-    st = init_state(cfg, ctx.adapter, ctx.method, ctx.encoder.dim, shape, ctx.strategy)
+    st = init_state(
+        ctx.adapter,
+        ctx.method,
+        seed=cfg.seed,
+        config_yaml="",
+        dim=ctx.encoder.dim,
+        shape=shape,
+        strategy=ctx.strategy,
+    )
     counts = np.zeros((st.adapter.shape[0], data.num_stages), np.int64)
     out = {}
     for stage in range(data.num_stages):
         for rnd in range(cfg.federation.num_rounds):
             ups = []
-            for c, unit, _ in plan_round(cfg, data.schedule, stage, rnd, 1):
+            plan = plan_round(
+                cfg.federation, data.schedule, seed=cfg.seed, stage=stage, round_=rnd, world=1
+            )
+            for c, unit, _ in plan:
                 mu, n = identity_token(ctx, int(unit), int(c))
-                ups.append(TokenUpload(int(c), n, noisy_token(cfg, mu, int(c), int(unit)), 0))
-            units = {int(c): int(u) for c, u, _ in plan_round(cfg, data.schedule, stage, rnd, 1)}
+                noisy = noisy_token(
+                    mu, std=cfg.privacy.token_noise, seed=cfg.seed, client=int(c), unit=int(unit)
+                )
+                ups.append(TokenUpload(int(c), n, noisy, 0))
+            units = {int(c): int(u) for c, u, _ in plan}
             for c, d in run_dko(st, ctx.method, ups).decisions.items():
                 out[(stage, rnd, c)] = d.subspace
                 if d.subspace >= 0:

@@ -124,3 +124,9 @@ def pytest_runtest_logreport(report):
     for line in text.splitlines():
         tr.write_line(line)
     tr.write_sep("!", red=True)
+
+
+def method_of(cls, cfg):
+    """A method class's instance for a whole config (as fcit_hpc.methods.make_method makes it
+    from the config's method and lora sections)."""
+    return cls(cls.settings_class.of(cfg.method), cfg.lora)

@@ -694,7 +694,7 @@ def _resume(d: Path, x):
 
 def _read_tree(d: Path, t: Tree):
     stages = stage_datasets(t.setting)
-    data = LayoutData(d, stages, t.setting, t.beta, t.num_clients)
+    data = LayoutData(d, stages, t.setting, t.beta, num_clients=t.num_clients)
     for u in range(len(stages)):
         for c in range(data.num_clients):
             data.client_samples(u, c)
@@ -711,7 +711,8 @@ def _read_state(d: Path, x):
     from fcit_hpc.methods import make_method
 
     state = read_state(d)
-    method = make_method(stored_config(state, d / STATE_FILE))
+    stored = stored_config(state, d / STATE_FILE)
+    method = make_method(stored.method, stored.lora)
     numel = state.adapter.shape[1]
     init_method_state(state, method, numel)
     method.validate_state(state.method, numel, d / STATE_FILE)
@@ -732,10 +733,18 @@ def _smoke_checkpoint() -> RunState:
         from fcit_hpc.model.build import build_model
 
         cfg = config_mod.load_config(SMOKE)
-        method = make_method(cfg)
-        _, adapter, _ = build_model(cfg, method.num_slots())
+        method = make_method(cfg.method, cfg.lora)
+        _, adapter, _ = build_model(cfg.model, cfg.lora, method.num_slots())
         strategy = strategy_from_config(cfg.federation)
-        st_ = init_state(cfg, adapter, method, 8, (2, 4), strategy)
+        st_ = init_state(
+            adapter,
+            method,
+            seed=cfg.seed,
+            config_yaml=config_mod.to_yaml(cfg),
+            dim=8,
+            shape=(2, 4),
+            strategy=strategy,
+        )
         g = torch.Generator().manual_seed(0)
         st_.adapter = (0.05 * torch.randn(st_.adapter.shape, generator=g)).numpy()
         st_.num_subspaces = 2

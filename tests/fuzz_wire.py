@@ -36,6 +36,8 @@ from fcit_hpc.methods.disco import Disco
 from fcit_hpc.methods.ewc import EWC
 from fcit_hpc.state.schema import RunState
 
+from .conftest import method_of
+
 CLIENTS = (0, 3, 4, 7, 9)  # the round's plan
 S_MAX, NUMEL, DIM = 3, 4, 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +209,7 @@ def _state() -> RunState:
         (0.01 * rng.standard_normal((S_MAX, NUMEL))).astype(np.float32),
         np.zeros((S_MAX, DIM), np.float32),
         np.zeros(S_MAX),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
     )
 
 
@@ -225,19 +227,21 @@ def read(d: Path, m: Message):
         decisions = {c: DkoDecision(c, c % S_MAX, 0.9, MATCHED) for c in CLIENTS} if m.dko else {}
         strategy = STRATEGIES[m.fed_alg](ServerOptConfig(fed_alg=m.fed_alg))
         st_.server_opt = strategy.init_state(st_.adapter.shape)
-        info = RoundInfo(0, 0, plan, decisions, {}, 0)
+        info = RoundInfo(0, 0, plan, decisions, token_bytes={}, bytes_down=0)
         aggregate_round(st_, unpack_updates(m.heads, m.bodies, planned=planned), strategy, info)
         _finite("the adapter", st_.adapter)
         for name, v in st_.server_opt.items():
             _finite(f"server_opt/{name}", v)
     elif m.kind == "token":
-        res = run_dko(st_, Disco(_cfg()), unpack_tokens(m.heads, m.bodies, planned=planned))
+        res = run_dko(
+            st_, method_of(Disco, _cfg()), unpack_tokens(m.heads, m.bodies, planned=planned)
+        )
         _finite("the identity tokens", st_.tokens)
         _finite("the token counts", st_.token_counts)
         if any(not -1 <= x.subspace < S_MAX for x in res.decisions.values()):
             raise AssertionError(f"a subspace out of range: {res.decisions}")
     elif m.kind == "fisher":
-        method = EWC(_cfg())
+        method = method_of(EWC, _cfg())
         st_.method = method.init_state(NUMEL)
         merge_stage_end(st_, method, unpack_tokens(m.heads, m.bodies, planned=planned), 0)
         _finite("the Fisher", st_.method.arrays["fisher"])

@@ -25,8 +25,9 @@ from fcit_hpc.cli import main
 from fcit_hpc.config import load_config
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.comm import LocalComm
-from fcit_hpc.fed.context import init_group_worlds, make_trainer
+from fcit_hpc.fed.context import init_group_worlds
 from fcit_hpc.model.build import build_model
+from fcit_hpc.run import make_trainer
 from fcit_hpc.runtime import LaunchInfo, make_runtime
 from fcit_hpc.train.base import LocalOpt
 
@@ -124,9 +125,10 @@ def test_llava_7b_config_is_the_published_architecture():
 
 def test_hf_shape_model_is_drawn_from_init_seed(tiny_llava):
     cfg = load_config(None, _overrides(tiny_llava))
-    a, _, tok = build_model(cfg, 1)
-    b, _, _ = build_model(cfg, 1)
-    c, _, _ = build_model(load_config(None, _overrides(tiny_llava, "model.init_seed=7")), 1)
+    a, _, tok = build_model(cfg.model, cfg.lora, 1)
+    b, _, _ = build_model(cfg.model, cfg.lora, 1)
+    seeded = load_config(None, _overrides(tiny_llava, "model.init_seed=7"))
+    c, _, _ = build_model(seeded.model, seeded.lora, 1)
     assert tok is None  # a config has no vocabulary
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -138,15 +140,15 @@ def test_hf_shape_model_is_drawn_from_init_seed(tiny_llava):
         torch.ones_like(sa["model.language_model.norm.weight"]),
     )
     bf = load_config(None, _overrides(tiny_llava, "train.precision=bf16"))
-    rt = make_runtime(bf.train, bf.federation, 0, 1, LaunchInfo())
-    m, _, _ = build_model(bf, 1, rt)
+    rt = make_runtime(bf.train, bf.federation, 0, 1, launch=LaunchInfo())
+    m, _, _ = build_model(bf.model, bf.lora, 1, runtime=rt)
     assert m.lm_head.weight.dtype == torch.bfloat16
 
 
 def test_hf_shape_missing_config_names_the_field(tmp_path):
     cfg = load_config(None, _overrides(tmp_path))
     with pytest.raises(ConfigError, match="model.path: .*config.json not found"):
-        build_model(cfg, 1)
+        build_model(cfg.model, cfg.lora, 1)
 
 
 @pytest.mark.parametrize(
@@ -159,17 +161,17 @@ def test_fcit_step_equals_plain_peft_step(tiny_llava, name, backend):
     end.)"""
     extra = [f"train.backend={backend}", "train.zero_stage=2"] if backend == "deepspeed" else []
     cfg = load_config(None, _overrides(tiny_llava, f"model.name={name}", *extra))
-    rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
-    init_group_worlds(cfg, LocalComm(), rt)
-    model, adapter, _ = build_model(cfg, 1, rt)
+    rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
+    init_group_worlds(cfg.train.backend, LocalComm(), rt)
+    model, adapter, _ = build_model(cfg.model, cfg.lora, 1, runtime=rt)
     shape = batch_shape(model, cfg.model.max_seq_len)
-    batches = synthetic_batches(shape, 2, 1, 0, rt.device)
+    batches = synthetic_batches(shape, 2, 1, 0, device=rt.device)
     ids = batches[0]["input_ids"]
     assert (ids == shape.image_token_id).sum() == 2 * shape.image_tokens > 0
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
     start[start == 0] = 0.01  # B != 0, so A gets a gradient too
     opt = LocalOpt(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio)
-    res = make_trainer(cfg, rt).train(model, adapter, 0, start, batches, opt)
+    res = make_trainer(cfg, rt).train(model, adapter, 0, start, batches=batches, opt=opt)
 
     plain = add_peft(plain_base(cfg, rt), cfg)
     params = peft_lora(plain, list(adapter.names))

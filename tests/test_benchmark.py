@@ -161,7 +161,7 @@ def _write_released(root, clients=3):
 
 def test_released_layout_all_12_datasets_load_and_score(tmp_path):
     stages = _write_released(tmp_path)
-    data = LayoutData(tmp_path, stages, "capability", 1.0, 3)
+    data = LayoutData(tmp_path, stages, "capability", 1.0, num_clients=3)
     assert sorted(data.task_names) == sorted(DATASETS)
     assert len(data.client_samples(0, 2)) == 4 and data.client_samples(0, 2)[0].image == str(
         tmp_path / "datasets/images/AOKVQA/0_2.png"
@@ -402,7 +402,16 @@ def test_bad_beta_and_unknown_dataset(tmp_path):
     p = fcit("run", "configs/smoke.yaml", "benchmark.dirichlet_beta=-1")
     assert p.returncode == 2 and "benchmark.dirichlet_beta" in p.stderr
     with pytest.raises(DataError, match="unknown dataset"):
-        prepare(tmp_path, tmp_path / "o", [["NotADataset"]], "task", 1.0, 2, 1, 0)
+        prepare(
+            tmp_path,
+            tmp_path / "o",
+            [["NotADataset"]],
+            "task",
+            beta=1.0,
+            num_clients=2,
+            min_samples=1,
+            seed=0,
+        )
 
 
 def test_empty_client_file(tmp_path):

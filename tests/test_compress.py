@@ -42,7 +42,7 @@ TB = ["log.tensorboard=true"]
 
 
 def _comp(*over):
-    return Compression(load_config(ROOT / "configs/smoke.yaml", [*INT8, *over]))
+    return Compression(load_config(ROOT / "configs/smoke.yaml", [*INT8, *over]).compress)
 
 
 def test_updates_through_the_wire_decode_to_the_codecs_values():
@@ -54,7 +54,7 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
     deltas = [g.standard_normal(50).astype(np.float32) for _ in range(3)]
     rows = [(c, c % 2, 5, 1.0, 0.1, 2) for c in range(3)]
     payloads = [
-        comp.encode_update(c, (k,), numel, sides, d)
+        comp.encode_update(c, (k,), numel, sides, delta=d)
         for (c, k, *_), d in zip(rows, deltas, strict=True)
     ]
     h, b = pack_updates(rows, deltas, payloads)
@@ -72,7 +72,7 @@ def test_updates_through_the_wire_decode_to_the_codecs_values():
     assert comp.touched == {(c, k) for c in range(3) for k in (c % 2, -1)}
     # malformed: one value short (its own length), and a payload cut by a byte
     short = deltas[0][:-1]
-    p_short = comp.encode_update(7, (0,), numel, sides, short)
+    p_short = comp.encode_update(7, (0,), numel, sides, delta=short)
     h, b = pack_updates([(7, 0, 5, 1.0, 0.1, 2)], [short], [p_short])
     (u,) = unpack_updates([h], [b], decode=comp.update_decoder(numel, sides, lambda k: (k,)))
     assert u.delta.size == 49
@@ -96,7 +96,7 @@ def test_non_finite_update_stays_non_finite_and_its_residual_restarts():
     comp = _comp()
     d = np.ones(40, np.float32)
     d[3] = np.nan
-    p = comp.encode_update(1, (0,), 40, {}, d)
+    p = comp.encode_update(1, (0,), 40, {}, delta=d)
     h, b = pack_updates([(1, 0, 5, 1.0, 0.1, 2)], [d], [p])
     (u,) = unpack_updates([h], [b], decode=comp.update_decoder(40, {}, lambda k: (k,)))
     assert update_status(u, 40) == ClientStatus.NON_FINITE
@@ -126,7 +126,7 @@ def test_residuals_reach_the_clients_rank_and_come_back():
         got = dict(comp.residuals)
         mine = [int(c) for c, _, r in plan if r == comm.rank]
         for c in mine:
-            comp.encode_update(c, (0,), 4, {}, np.ones(4, np.float32))
+            comp.encode_update(c, (0,), 4, {}, delta=np.ones(4, np.float32))
         return got, comp.send_back(comm)
 
     out = run_threads(3, body)
@@ -146,7 +146,7 @@ def test_residuals_stored_read_and_checked(tmp_path):
         np.zeros((4, n), np.float32),
         np.zeros((4, 8), np.float32),
         np.zeros(4),
-        np.full((2, 2), np.nan),
+        accuracy=np.full((2, 2), np.nan),
     )
     st.residuals = {(5, 1): np.arange(n, dtype=np.float32), (2, 0): np.ones(n, np.float32)}
     write_state(tmp_path, st)

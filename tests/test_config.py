@@ -201,3 +201,28 @@ def test_the_config_reference_names_a_field_without_a_line(monkeypatch):
     monkeypatch.setattr(config_reference, "FIELD_DOCS", docs)
     with pytest.raises(KeyError, match="train.lr"):
         config_reference.render()
+
+
+def test_each_method_reads_its_own_settings_and_every_method_field_is_read():
+    """A method's settings dataclass names fields of the ``method`` section (docs/architecture.md,
+    "Configuration"); every field of the section but ``name`` is read by some method; the values
+    are the section's (overrides included)."""
+    import dataclasses
+
+    from fcit_hpc.config import MethodConfig
+    from fcit_hpc.methods import make_method, method_class
+    from fcit_hpc.registry import METHODS
+
+    section = {f.name for f in dataclasses.fields(MethodConfig)}
+    read = set()
+    for name in METHODS:
+        fields = {f.name for f in dataclasses.fields(method_class(name).settings_class)}
+        assert fields <= section, (name, fields - section)
+        read |= fields
+    assert section - read == {"name"}
+    cfg = load_config(None, ["method.tau=0.75", "method.epsilon=0.2", "lora.max_subspaces=3"])
+    disco = make_method(cfg.method, cfg.lora)
+    assert (disco.settings.tau, disco.settings.epsilon, disco.num_slots()) == (0.75, 0.2, 3)
+    ewc_cfg = load_config(None, ["method.name=ewc"])
+    ewc = make_method(ewc_cfg.method, ewc_cfg.lora)
+    assert dataclasses.asdict(ewc.settings) == {"ewc_lambda": MethodConfig().ewc_lambda}

@@ -29,7 +29,7 @@ def _embedded(precision: str):
         None, ["model.name=embedded", "train.device=cuda", f"train.precision={precision}"]
     )
     rt = make_runtime(cfg.train, cfg.federation, 0, 1)
-    model, adapter, tok = build_model(cfg, 4, rt)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 4, runtime=rt)
     g = torch.Generator().manual_seed(3)
     for k in range(4):
         adapter.set(k, torch.randn(adapter.numel, generator=g) * 0.05)

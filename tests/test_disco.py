@@ -63,7 +63,9 @@ def test_injection_targets_ffn_only():
             num_attention_heads=2,
         )
     )
-    layers = inject_subspace_lora(m, {"gate_proj", "up_proj", "down_proj"}, 2, 4.0, 0.0, 2)
+    layers = inject_subspace_lora(
+        m, {"gate_proj", "up_proj", "down_proj"}, 2, 4.0, dropout=0.0, s_max=2
+    )
     names = [n for n, _ in layers]
     assert len(names) == 6 and all(
         n.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for n in names
@@ -71,9 +73,9 @@ def test_injection_targets_ffn_only():
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert all("lora_" in n for n in trainable)
     with pytest.raises(ConfigError, match=r"lora.target_modules: \['nothing'\].*up_proj"):
-        inject_subspace_lora(m, {"nothing"}, 2, 4.0, 0.0, 2)
+        inject_subspace_lora(m, {"nothing"}, 2, 4.0, dropout=0.0, s_max=2)
     with pytest.raises(ConfigError, match="'q_projx'"):  # one missing of several
-        inject_subspace_lora(m, {"up_proj", "q_projx"}, 2, 4.0, 0.0, 2)
+        inject_subspace_lora(m, {"up_proj", "q_projx"}, 2, 4.0, dropout=0.0, s_max=2)
 
 
 def test_adapter_vector_roundtrip_and_init():
@@ -98,7 +100,7 @@ def test_dko_create_merge_assign_and_tau_edges():
     G = np.zeros((3, 2), np.float32)
     n = np.zeros(3)
     toks = [_t(1, 0), _t(1, 0), _t(0, 1), _t(1, 1)]
-    d, live = dko_assign(G, n, 0, [0, 1, 2, 3], toks, [2, 6, 4, 1], tau=0.9)
+    d, live = dko_assign(G, n, 0, [0, 1, 2, 3], tokens=toks, samples=[2, 6, 4, 1], tau=0.9)
     # client 0 creates subspace 0; client 1 matches it (cos 1); client 2 creates subspace 1;
     # client 3 has cos(1,1 ; 1,0) = 0.7071 < 0.9 with both -> creates subspace 2
     assert [(x.subspace, x.action) for x in d] == [(0, NEW), (0, MATCHED), (1, NEW), (2, NEW)]
@@ -115,7 +117,13 @@ def test_dko_running_mean_and_exact_tau():
     c = np.cos(0.3)
     mu2 = _t(c, np.sin(0.3))  # cos to (1, 0) is exactly cos(0.3)
     d, live = dko_assign(
-        G, n, 0, [0, 5], [_t(1, 0), mu2], [3, 1], tau=float(cosine(mu2, _t(1, 0)[None])[0])
+        G,
+        n,
+        0,
+        [0, 5],
+        tokens=[_t(1, 0), mu2],
+        samples=[3, 1],
+        tau=float(cosine(mu2, _t(1, 0)[None])[0]),
     )
     assert d[1].action == MATCHED and live == 1  # similarity == τ counts as a match
     np.testing.assert_allclose(G[0], (np.array([1, 0]) * 3 + mu2 * 1) / 4, rtol=1e-6)
@@ -125,11 +133,20 @@ def test_dko_running_mean_and_exact_tau():
 def test_dko_full_policy():
     G = np.zeros((1, 2), np.float32)
     n = np.zeros(1)
-    d, live = dko_assign(G, n, 0, [0, 1], [_t(1, 0), _t(0, 1)], [1, 1], tau=0.9)
+    d, live = dko_assign(G, n, 0, [0, 1], tokens=[_t(1, 0), _t(0, 1)], samples=[1, 1], tau=0.9)
     assert live == 1 and d[1].action == FULL and d[1].subspace == 0
     G = np.zeros((1, 2), np.float32)
     with pytest.raises(RuntimeError, match="lora.max_subspaces"):
-        dko_assign(G, np.zeros(1), 0, [0, 1], [_t(1, 0), _t(0, 1)], [1, 1], 0.9, "error")
+        dko_assign(
+            G,
+            np.zeros(1),
+            0,
+            [0, 1],
+            tokens=[_t(1, 0), _t(0, 1)],
+            samples=[1, 1],
+            tau=0.9,
+            full_policy="error",
+        )
 
 
 def test_ssa_variants_match_formulas():
@@ -169,7 +186,7 @@ def test_dko_of_a_thousand_clients_is_the_plain_loop():
         ref_G[k] = np.float32((ref_G[k] * ref_n[k] + mu * m) / (ref_n[k] + m))
         ref_n[k] += m
         ref.append((c, k, max(sims)))
-    got, got_live = dko_assign(G, counts, 2, list(range(n)), toks, samples, tau=0.9)
+    got, got_live = dko_assign(G, counts, 2, list(range(n)), tokens=toks, samples=samples, tau=0.9)
     assert got_live == live == 6
     assert [(x.client, x.subspace) for x in got] == [(c, k) for c, k, _ in ref]
     np.testing.assert_allclose([x.similarity for x in got], [s for *_, s in ref], atol=1e-12)

@@ -26,7 +26,7 @@ from fcit_hpc.state.schema import (
     write_state,
 )
 
-from .conftest import ROOT, fcit, smoke_serial
+from .conftest import ROOT, fcit, method_of, smoke_serial
 
 
 def _t(*xs):
@@ -69,7 +69,9 @@ def test_tiny_far_client_joins_its_nearest_subspace():
     G, n = _two_live()
     far = _t(1, -1)  # cos 0.707 with S0, -0.707 with S1: below τ, nearest S0
     toks, samples = [_t(1, 0), _t(0, 1), far], [1000, 1000, 1]  # 1 / 2001 < 1e-3
-    d, live = dko_assign(G, n, 2, [3, 5, 7], toks, samples, tau=0.9, min_cluster_frac=1e-3)
+    d, live = dko_assign(
+        G, n, 2, [3, 5, 7], tokens=toks, samples=samples, tau=0.9, min_cluster_frac=1e-3
+    )
     assert [(x.subspace, x.action) for x in d] == [(0, MATCHED), (1, MATCHED), (0, SMALL)]
     assert live == 2 and ACTIONS[SMALL] == "small->nearest"
     assert d[2].similarity == pytest.approx(np.sqrt(0.5), rel=1e-6)
@@ -77,11 +79,13 @@ def test_tiny_far_client_joins_its_nearest_subspace():
     np.testing.assert_allclose(G[0], (np.array([1, 0]) * 1100 + far * 1) / 1101, rtol=1e-6)
     # without the guard it makes a subspace of its own
     G, n = _two_live()
-    d, live = dko_assign(G, n, 2, [3, 5, 7], toks, samples, tau=0.9)
+    d, live = dko_assign(G, n, 2, [3, 5, 7], tokens=toks, samples=samples, tau=0.9)
     assert d[2].action == NEW and d[2].subspace == 2 and live == 3
     # at or above the share it is not small
     G, n = _two_live()
-    d, _ = dko_assign(G, n, 2, [3, 5, 7], toks, [1000, 1000, 3], tau=0.9, min_cluster_frac=1e-3)
+    d, _ = dko_assign(
+        G, n, 2, [3, 5, 7], tokens=toks, samples=[1000, 1000, 3], tau=0.9, min_cluster_frac=1e-3
+    )
     assert d[2].action == NEW  # 3 / 2003 >= 1e-3
 
 
@@ -89,7 +93,9 @@ def test_two_tiny_clients_sharing_a_new_subspace_are_not_merged():
     G, n = _two_live()
     far = _t(1, -1)
     toks, samples = [_t(1, 0), far, _t(0, 1), far], [1000, 1, 1000, 1]
-    d, live = dko_assign(G, n, 2, [0, 1, 2, 3], toks, samples, tau=0.9, min_cluster_frac=1e-3)
+    d, live = dko_assign(
+        G, n, 2, [0, 1, 2, 3], tokens=toks, samples=samples, tau=0.9, min_cluster_frac=1e-3
+    )
     assert [(x.subspace, x.action) for x in d] == [
         (0, MATCHED),
         (2, NEW),
@@ -102,7 +108,14 @@ def test_two_tiny_clients_sharing_a_new_subspace_are_not_merged():
 def test_first_subspace_is_created_even_by_a_tiny_client():
     G, n = np.zeros((3, 2), np.float32), np.zeros(3)
     d, live = dko_assign(
-        G, n, 0, [0, 1], [_t(0, 1), _t(1, 0)], [1, 5000], tau=0.9, min_cluster_frac=1e-3
+        G,
+        n,
+        0,
+        [0, 1],
+        tokens=[_t(0, 1), _t(1, 0)],
+        samples=[1, 5000],
+        tau=0.9,
+        min_cluster_frac=1e-3,
     )
     assert [(x.subspace, x.action) for x in d] == [(0, NEW), (1, NEW)]  # live == 0: as usual
     assert live == 2
@@ -112,7 +125,9 @@ def test_full_subspaces_leave_the_full_policy_in_charge():
     G, n = _two_live()
     G, n = G[:2].copy(), n[:2].copy()  # S_max = 2, both in use: no subspace would be created
     toks, samples = [_t(1, 0), _t(1, -1)], [5000, 1]
-    d, live = dko_assign(G, n, 2, [0, 1], toks, samples, 0.9, "nearest", min_cluster_frac=1e-3)
+    d, live = dko_assign(
+        G, n, 2, [0, 1], tokens=toks, samples=samples, tau=0.9, min_cluster_frac=1e-3
+    )
     assert d[1].action == FULL and d[1].subspace == 0 and live == 2
 
 
@@ -130,7 +145,9 @@ def test_zero_frac_is_bitwise_the_old_dko(seed):
     samples = rng.integers(1, 30, k).tolist()
     tau = float(rng.uniform(-0.2, 0.95))
     G1, c1, G2, c2 = G.copy(), counts.copy(), G.copy(), counts.copy()
-    d1, l1 = dko_assign(G1, c1, live, clients, toks, samples, tau, "nearest", 0.0)
+    d1, l1 = dko_assign(
+        G1, c1, live, clients, tokens=toks, samples=samples, tau=tau, min_cluster_frac=0.0
+    )
     d2, l2 = dko_assign_v0(G2, c2, live, clients, toks, samples, tau, "nearest")
     assert l1 == l2 and G1.tobytes() == G2.tobytes() and c1.tobytes() == c2.tobytes()
     assert [(x.client, x.subspace, x.action) for x in d1] == [
@@ -139,7 +156,9 @@ def test_zero_frac_is_bitwise_the_old_dko(seed):
     assert np.array_equal([x.similarity for x in d1], [x.similarity for x in d2], equal_nan=True)
     # a guard that finds no tiny singleton changes nothing either
     G3, c3 = G.copy(), counts.copy()
-    d3, l3 = dko_assign(G3, c3, live, clients, toks, samples, tau, "nearest", 1e-9)
+    d3, l3 = dko_assign(
+        G3, c3, live, clients, tokens=toks, samples=samples, tau=tau, min_cluster_frac=1e-9
+    )
     assert (
         l3 == l2
         and G3.tobytes() == G2.tobytes()
@@ -153,11 +172,11 @@ def test_disco_passes_the_configured_fraction():
         return SimpleNamespace(tokens=G, token_counts=n, num_subspaces=2)
 
     toks, samples = [_t(1, 0), _t(0, 1), _t(1, -1)], [1000, 1000, 1]
-    on = Disco(load_config(None, ["method.name=disco"]))
-    assert on.cfg.method.min_cluster_frac == 1e-3  # the reference code's default
+    on = method_of(Disco, load_config(None, ["method.name=disco"]))
+    assert on.settings.min_cluster_frac == 1e-3  # the reference code's default
     st = state()
     assert on.assign(st, [0, 1, 2], toks, samples)[2].action == SMALL and st.num_subspaces == 2
-    off = Disco(load_config(None, ["method.min_cluster_frac=0"]))
+    off = method_of(Disco, load_config(None, ["method.min_cluster_frac=0"]))
     st = state()
     assert off.assign(st, [0, 1, 2], toks, samples)[2].action == NEW and st.num_subspaces == 3
 
@@ -206,9 +225,11 @@ def test_stage_gate_mass_with_one_hot_tokens():
     tokens = np.eye(3, dtype=np.float32)[:2]  # two live subspaces
     counts = np.array([[9, 1], [0, 4], [0, 0]])  # S0: unit 0, S1: unit 1
     feats = [np.array([[1, 0, 0], [0, 1, 0]], np.float32), None]
-    row = dko.stage_gate_mass(feats, tokens, counts, np.array([0, 1]), 0.05, "argmax")
+    row = dko.stage_gate_mass(feats, tokens, counts, np.array([0, 1]), epsilon=0.05, mode="argmax")
     assert row[0] == pytest.approx(0.5) and np.isnan(row[1])
-    row = dko.stage_gate_mass(feats, tokens[:0], counts, np.array([0, 1]), 0.05, "argmax")
+    row = dko.stage_gate_mass(
+        feats, tokens[:0], counts, np.array([0, 1]), epsilon=0.05, mode="argmax"
+    )
     assert row[0] == 0.0
 
 
@@ -249,7 +270,7 @@ def _state():
 def _load(run_dir):
     """What the server does with a stored state: read it, DISCO validates and prepares its own."""
     st = read_state(run_dir)
-    disco, where = Disco(load_config(ROOT / "configs/smoke.yaml")), run_dir / STATE_FILE
+    disco, where = method_of(Disco, load_config(ROOT / "configs/smoke.yaml")), run_dir / STATE_FILE
     disco.validate_state(st.method, 4, where)
     disco.prepare_state(st, where, STAGES, 2)
     return st
@@ -275,7 +296,9 @@ def test_old_state_without_dko_loads_and_counts_come_from_the_client_records(tmp
     st = _state()
     write_state(tmp_path, st)
     old = read_state(tmp_path)
-    old.method = Disco(load_config(ROOT / "configs/smoke.yaml")).init_state(4)  # none stored
+    old.method = method_of(Disco, load_config(ROOT / "configs/smoke.yaml")).init_state(
+        4
+    )  # none stored
     dko.init(old, "f", STAGES, 2)
     assert dko.stored(old)[0].tobytes() == dko.stored(st)[0].tobytes()
     assert np.isnan(dko.stored(old)[2]).all()
@@ -370,7 +393,7 @@ def test_smoke_run_holds_the_diagnostics(cmp_run):
     assert "## DKO diagnostics" in rep and "| S1 |" in rep and "Gate mass on the right" in rep
     # the log regenerated from the state (what a resume does) has the same dko lines
     before = (run / "metrics.jsonl").read_text()
-    method = Disco(config_from_yaml_text(st.config_yaml))
+    method = method_of(Disco, config_from_yaml_text(st.config_yaml))
     MetricsLog(run / "rewritten.jsonl").rewrite(st, st.task_names, method)
     again = [json.loads(x) for x in (run / "rewritten.jsonl").read_text().splitlines()]
     assert [r for r in again if r["kind"] == "dko"] == recs

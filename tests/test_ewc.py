@@ -45,9 +45,9 @@ def _drift(lam):
         adapter,
         0,
         start,
-        batches,
+        batches=batches,
         **kw,
-        terms=lambda p: ewc_terms(adapter, p, fisher, start.copy(), lam),
+        terms=lambda p: ewc_terms(adapter, p, fisher, start.copy(), lam=lam),
     )
     return float(np.linalg.norm(res.vector - start))
 
@@ -61,7 +61,7 @@ def test_deepspeed_matches_torch_with_ewc():
     adapter, start = setup[1], setup[2]
     fisher = np.random.default_rng(0).random(adapter.numel).astype(np.float32)
     anchor = start + 0.01
-    terms = lambda p: ewc_terms(adapter, p, fisher, anchor, 50.0)  # noqa: E731
+    terms = lambda p: ewc_terms(adapter, p, fisher, anchor, lam=50.0)  # noqa: E731
     assert_deepspeed_matches_torch(0, 1, setup, terms=terms)
 
 

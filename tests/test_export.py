@@ -12,6 +12,19 @@ from fcit_hpc.model.build import build_model
 from fcit_hpc.model.export import export_adapters
 
 
+def _state(cfg, adapter):
+    """A fresh global state of the run's method (S_max subspaces, 8-dim tokens, 8 x 8 accuracy)."""
+    return init_state(
+        adapter,
+        make_method(cfg.method, cfg.lora),
+        seed=cfg.seed,
+        config_yaml="",
+        dim=8,
+        shape=(8, 8),
+        strategy=strategy_from_config(cfg.federation),
+    )
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cfg = load_config(
@@ -24,14 +37,15 @@ def trained(tmp_path_factory):
             "lora.lora_dropout=0.0",
         ],
     )
-    model, adapter, tok = build_model(cfg, make_method(cfg).num_slots())
-    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8), strategy_from_config(cfg.federation))
+    method = make_method(cfg.method, cfg.lora)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, method.num_slots())
+    st = _state(cfg, adapter)
     g = torch.Generator().manual_seed(5)
     st.adapter = (torch.randn(st.adapter.shape, generator=g) * 0.05).numpy()  # non-trivial A, B
     st.num_subspaces = 3
     out = tmp_path_factory.mktemp("export")
     alpha = np.array([0.2, 0.5, 0.3], np.float32)
-    export_adapters(cfg, st, out, alpha)
+    export_adapters(cfg.model, cfg.lora, st, out, alpha=alpha)
     for k in range(3):
         adapter.set(k, st.adapter[k])
     return cfg, model, adapter, tok, out, alpha
@@ -82,10 +96,10 @@ def test_merged_adapter_matches_fixed_alpha(trained):
 
 def test_bad_alpha(trained, tmp_path):
     cfg, model, adapter, tok, out, _ = trained
-    st = init_state(cfg, adapter, make_method(cfg), 8, (8, 8), strategy_from_config(cfg.federation))
+    st = _state(cfg, adapter)
     st.num_subspaces = 2
     out = tmp_path / "adapters"
     for bad in ([1.0, np.nan], [1.0, 2.0, 3.0]):
         with pytest.raises(ValueError, match="--alpha: expected 2 finite"):
-            export_adapters(cfg, st, out, np.array(bad, np.float32))
+            export_adapters(cfg.model, cfg.lora, st, out, alpha=np.array(bad, np.float32))
         assert not out.exists()  # refused before anything is written

@@ -172,7 +172,7 @@ def test_preflight_lower_bounds_match_the_model(smoke_config):
     from fcit_hpc.preflight import lora_numel
 
     cfg = load_config(smoke_config)
-    _, adapter, _ = build_model(cfg, 1)
+    _, adapter, _ = build_model(cfg.model, cfg.lora, 1)
     assert lora_numel(cfg) == adapter.numel
 
 
@@ -409,7 +409,9 @@ def test_export_of_a_state_that_misfits_its_model_names_the_state_file(tmp_path,
     assert "seed: 0" in smoke
     one = np.ones((1, 1), np.float32)
     (tmp_path / "r").mkdir()
-    write_state(tmp_path / "r", RunState(edit(smoke), one, one, np.ones(1), np.zeros((1, 1))))
+    write_state(
+        tmp_path / "r", RunState(edit(smoke), one, one, np.ones(1), accuracy=np.zeros((1, 1)))
+    )
     out = tmp_path / "adapters"
     assert main(["export", str(tmp_path / "r"), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -88,7 +88,7 @@ def _images(tmp_path, n: int) -> list[str | None]:
 def setup(request, tmp_path_factory):
     """(model, adapter, byte tokenizer, samples, α [N, LIVE]) with random nonzero subspaces."""
     cfg = load_config(None, MODELS[request.param])
-    model, adapter, tok = build_model(cfg, S_MAX)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, S_MAX)
     g = torch.Generator().manual_seed(3)
     for k in range(S_MAX):
         adapter.set(k, torch.randn(adapter.numel, generator=g) * 0.05)  # A and B nonzero
@@ -156,7 +156,12 @@ def _batched(
         part = samples[start : start + size]
         adapter.set_activation(alpha[start : start + size])
         texts = greedy_batch(
-            model, idt, [s.instruction for s in part], MAX_NEW, [s.image for s in part], decoder
+            model,
+            idt,
+            [s.instruction for s in part],
+            MAX_NEW,
+            images=[s.image for s in part],
+            decoder=decoder,
         )
         out += [[int(t) for t in x.split(",")] if x else [] for x in texts]
     return out
@@ -283,23 +288,23 @@ def _disco_ctx(size: int):
             f"eval.batch_size={size}",
         ],
     )
-    model, adapter, tok = build_model(cfg, cfg.lora.max_subspaces)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, cfg.lora.max_subspaces)
     g = torch.Generator().manual_seed(5)
     for k in range(3):
         adapter.set(k, torch.randn(adapter.numel, generator=g) * 0.05)
-    data = FederatedData(cfg)
+    data = FederatedData(cfg.benchmark, num_clients=cfg.federation.num_clients, seed=cfg.seed)
     encoder = SampleEncoder(HashingEncoder(cfg.method.identity_dim))
     # global tokens: one test instruction per task, so the gate differs between tasks
     tokens = np.zeros((cfg.lora.max_subspaces, encoder.dim), np.float32)
     tokens[:3] = encoder.encode_samples([data.test[t][0] for t in range(3)])
     state = SimpleNamespace(num_subspaces=3, tokens=tokens)
     ctx = SimpleNamespace(
-        cfg=cfg,
+        eval=cfg.eval,
         comm=SimpleNamespace(rank=0, size=1),
         data=data,
         encoder=encoder,
         adapter=adapter,
-        method=make_method(cfg),
+        method=make_method(cfg.method, cfg.lora),
         model=model,
         tok=tok,
     )
@@ -317,17 +322,17 @@ def test_predict_local_same_at_every_batch_size_and_rank():
     assert np.abs(alpha[:4] - alpha[4:8]).max() > 0.5  # the gate differs between samples
     assert len({text for _, _, text in one}) > 1
     for size in (5, 12):
-        ctx.cfg.eval.batch_size = size
+        ctx.eval.batch_size = size
         assert predict_local(ctx, state) == one, size
-    ctx.cfg.eval.decoder = "hf"  # Hugging Face generate: the same predictions
+    ctx.eval.decoder = "hf"  # Hugging Face generate: the same predictions
     assert predict_local(ctx, state) == one
-    ctx.cfg.eval.decoder = "static"
+    ctx.eval.decoder = "static"
     st = ctx.decoder.stats
     assert st.batches == 12 + 3 + 1  # one decoder, kept over the calls
     assert ctx.decoder._cache is None  # its cache released after each evaluation
     # two ranks, batches of 3: each rank's share, predicted as on one rank
     for rank in (0, 1):
         ctx.comm = SimpleNamespace(rank=rank, size=2)
-        ctx.cfg.eval.batch_size = 3
+        ctx.eval.batch_size = 3
         share = predict_local(ctx, state)
         assert share == [p for p in one if (p[0] * EVAL_DEAL_STRIDE + p[1]) % 2 == rank]

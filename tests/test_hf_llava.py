@@ -131,7 +131,7 @@ def test_processor_prompt_image_tokens_and_padding(ckpt, tmp_path):
     from fcit_hpc.model.build import make_tokenizer
     from fcit_hpc.model.tokenizer import HFLlavaTokenizer
 
-    tok = make_tokenizer(_cfg(ckpt))
+    tok = make_tokenizer(_cfg(ckpt).model)
     assert isinstance(tok, HFLlavaTokenizer)
     assert tok.num_image_tokens == (32 // 16) ** 2  # "default" strategy drops the CLS feature
     ids = tok.prompt("How many objects are there?")
@@ -155,9 +155,11 @@ def test_training_batch_and_generation_run(ckpt):
     from fcit_hpc.model.build import build_model
 
     cfg = _cfg(ckpt, "lora.max_subspaces=2")
-    model, adapter, tok = build_model(cfg, 2)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 2)
     samples = [Sample("What is shown in the image?", "a red cube", 0, None)] * 3
-    (batch,) = make_batches(tok, samples, 3, 64, 1, torch.Generator().manual_seed(0))
+    (batch,) = make_batches(
+        tok, samples, 3, 64, epochs=1, generator=torch.Generator().manual_seed(0)
+    )
     assert tuple(batch["pixel_values"].shape) == (3, 3, 32, 32)
     assert (batch["input_ids"] == tok.image_token_id).sum(1).tolist() == [4, 4, 4]
     loss = model(**batch).loss

@@ -301,7 +301,7 @@ def test_set_activation_checks_alpha_once_and_keeps_it_on_the_device():
 
     model = torch.nn.Sequential()
     model.add_module("up", torch.nn.Linear(12, 10))
-    ad = SubspaceAdapter(inject_subspace_lora(model, ["up"], 4, 8.0, 0.0, 3))
+    ad = SubspaceAdapter(inject_subspace_lora(model, ["up"], 4, 8.0, dropout=0.0, s_max=3))
     with pytest.raises(ValueError, match="NaN"):
         ad.set_activation(torch.tensor([[0.5, float("nan")]]))
     ad.set_activation(torch.tensor([[0.25, 0.75]], dtype=torch.float64))
@@ -567,7 +567,9 @@ def _ssa_model():
     model.add_module("up_proj", torch.nn.Linear(32, 48))
     model.add_module("act", torch.nn.GELU())
     model.add_module("down_proj", torch.nn.Linear(48, 32))
-    ad = SubspaceAdapter(inject_subspace_lora(model, ["up_proj", "down_proj"], 4, 8.0, 0.0, 3))
+    ad = SubspaceAdapter(
+        inject_subspace_lora(model, ["up_proj", "down_proj"], 4, 8.0, dropout=0.0, s_max=3)
+    )
     with torch.no_grad():
         for layer in ad.layers:
             for p in layer.parameters():

@@ -199,7 +199,7 @@ def test_subspace_lora_layer_forward_does_not_sync():
     model = torch.nn.Sequential()
     model.add_module("up_proj", torch.nn.Linear(256, 512))
     model = model.cuda().to(torch.bfloat16)
-    ad = SubspaceAdapter(inject_subspace_lora(model, ["up_proj"], 8, 16.0, 0.0, 4))
+    ad = SubspaceAdapter(inject_subspace_lora(model, ["up_proj"], 8, 16.0, dropout=0.0, s_max=4))
     with torch.no_grad():
         for p in ad.layers[0].parameters():
             p.normal_(0, 0.02)
@@ -329,7 +329,9 @@ def test_compiled_model_without_graph_break_and_in_a_cuda_graph():
     model.add_module("act", torch.nn.SiLU())
     model.add_module("down_proj", torch.nn.Linear(512, 256))
     model = model.cuda().to(torch.bfloat16)
-    ad = SubspaceAdapter(inject_subspace_lora(model, ["up_proj", "down_proj"], 8, 16.0, 0.0, 4))
+    ad = SubspaceAdapter(
+        inject_subspace_lora(model, ["up_proj", "down_proj"], 8, 16.0, dropout=0.0, s_max=4)
+    )
     with torch.no_grad():
         for layer in ad.layers:
             for p in layer.parameters():

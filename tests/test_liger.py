@@ -80,8 +80,8 @@ def _pair(name: str):
     for liger in ("on", "off"):
         over = [f"model.name={name}", "lora.lora_dropout=0.0", f"train.liger={liger}"]
         cfg = load_config(None, over + INTERPRETED)
-        rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
-        model, adapter, tok = build_model(cfg, 1, rt)
+        rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
+        model, adapter, tok = build_model(cfg.model, cfg.lora, 1, runtime=rt)
         start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
         start[start == 0] = 0.01
         adapter.set(0, start)
@@ -102,7 +102,9 @@ def _batch(tok, name, tmp_path, pack=False):
             p = tmp_path / f"{i}.png"
             Image.new("RGB", (32, 32), (50 * i, 9, 200 - 30 * i)).save(p)
             samples[i] = Sample(s.instruction, s.answer, s.task, str(p))
-    return make_batches(tok, samples, 2, 48, 1, torch.Generator().manual_seed(0), pack=pack)[0]
+    return make_batches(
+        tok, samples, 2, 48, epochs=1, generator=torch.Generator().manual_seed(0), pack=pack
+    )[0]
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", pytest.param("tiny-llava", marks=pytest.mark.slow)])
@@ -151,8 +153,8 @@ def test_local_training_with_liger_and_packing_equals_unfused_padded(tmp_path):
         samples_batches = {
             pack: [_batch(tok, "tiny-llava", tmp_path, pack)] * 2 for pack in (False, True)
         }
-        a = TorchTrainer().train(fused, fa, 0, start, samples_batches[True], opt)
-        b = TorchTrainer().train(plain, pa, 0, start, samples_batches[False], opt)
+        a = TorchTrainer().train(fused, fa, 0, start, batches=samples_batches[True], opt=opt)
+        b = TorchTrainer().train(plain, pa, 0, start, batches=samples_batches[False], opt=opt)
     finally:
         fused.fcit_liger.restore()
     assert a.loss == pytest.approx(b.loss, rel=1e-5)

@@ -38,7 +38,9 @@ def _tiny_llava():
 
 def test_llava_language_model_ffn_only_and_images_flow():
     model = _tiny_llava()
-    layers = inject_subspace_lora(model, {"gate_proj", "up_proj", "down_proj"}, 4, 8.0, 0.0, 2)
+    layers = inject_subspace_lora(
+        model, {"gate_proj", "up_proj", "down_proj"}, 4, 8.0, dropout=0.0, s_max=2
+    )
     names = [n for n, _ in layers]
     assert len(names) == 6
     assert all("language_model" in n and "vision" not in n for n in names)
@@ -89,9 +91,9 @@ def test_run_models_feed_images_through_the_vision_tower(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FCIT_CACHE", str(tmp_path))
     cfg = load_config("configs/smoke_mini.yaml")
-    assert make_tokenizer(cfg).num_image_tokens == 16
-    assert make_tokenizer(load_config("configs/default.yaml")).num_image_tokens == 16
-    model, adapter, tok = build_model(cfg, cfg.lora.max_subspaces)
+    assert make_tokenizer(cfg.model).num_image_tokens == 16
+    assert make_tokenizer(load_config("configs/default.yaml").model).num_image_tokens == 16
+    model, adapter, tok = build_model(cfg.model, cfg.lora, cfg.lora.max_subspaces)
     from PIL import Image
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
@@ -104,8 +106,8 @@ def test_run_models_feed_images_through_the_vision_tower(tmp_path, monkeypatch):
             [Sample("What colour?", "red", 0, str(img))],
             1,
             64,
-            1,
-            torch.Generator().manual_seed(0),
+            epochs=1,
+            generator=torch.Generator().manual_seed(0),
         )[0]
         assert batch["pixel_values"].shape == (1, 3, 32, 32)
         assert int((batch["input_ids"] == tok.image_token_id).sum()) == 16
@@ -148,7 +150,9 @@ def test_identity_from_image_and_text_plus_image(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.linalg.norm(fb, axis=1), 1.0, rtol=1e-5)
     # the vision tower in chunks of 2 images equals all 5 at once
     five = [s[0], s[1], s[0], Sample("q", "x", 0, None), s[1]]
-    chunked = SampleEncoder(HashingEncoder(16), "image", model, 32, torch.device("cpu"), 2)
+    chunked = SampleEncoder(
+        HashingEncoder(16), "image", model, 32, device=torch.device("cpu"), batch_size=2
+    )
     np.testing.assert_allclose(chunked.encode_samples(five), img.encode_samples(five), atol=1e-5)
 
 

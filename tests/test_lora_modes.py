@@ -22,7 +22,7 @@ def _adapter(s_max=3):
     torch.manual_seed(0)
     model = torch.nn.Sequential()
     model.add_module("up", torch.nn.Linear(6, 5))
-    ad = SubspaceAdapter(inject_subspace_lora(model, ["up"], 2, 4.0, 0.0, s_max))
+    ad = SubspaceAdapter(inject_subspace_lora(model, ["up"], 2, 4.0, dropout=0.0, s_max=s_max))
     with torch.no_grad():
         for i in range(s_max):
             ad.layers[0].lora_A[i].normal_()

@@ -50,7 +50,7 @@ def test_lwf_term_matches_the_two_models_logits():
     adapter.train_subspace(0)
     batch = batches[0]
     before = adapter.get(0).clone()
-    term = Distillation(model, adapter, prev, 3.0, 2.0)
+    term = Distillation(model, adapter, prev, 3.0, temperature=2.0)
     term.prepare(batch)
     assert torch.equal(adapter.get(0), before)
     got = float(term(batch, model(**batch).logits).detach())
@@ -69,13 +69,15 @@ def test_zero_weight_term_trains_bitwise_as_without():
     """A batch term of weight 0 (the teacher swapped in and out before every forward) leaves
     local training bitwise equal to training without it."""
     model, adapter, start, batches, kw = _setup()
-    plain = TorchTrainer().train(model, adapter, 0, start, batches, **kw)
+    plain = TorchTrainer().train(model, adapter, 0, start, batches=batches, **kw)
     prev = start + 0.05
-    term = Distillation(model, adapter, prev, 0.0, 2.0)
-    res = TorchTrainer().train(model, adapter, 0, start, batches, **kw, batch_terms=[term])
+    term = Distillation(model, adapter, prev, 0.0, temperature=2.0)
+    res = TorchTrainer().train(model, adapter, 0, start, batches=batches, **kw, batch_terms=[term])
     assert res.vector.tobytes() == plain.vector.tobytes() and res.loss == plain.loss
-    strong = Distillation(model, adapter, prev, 50.0, 2.0)
-    pulled = TorchTrainer().train(model, adapter, 0, start, batches, **kw, batch_terms=[strong])
+    strong = Distillation(model, adapter, prev, 50.0, temperature=2.0)
+    pulled = TorchTrainer().train(
+        model, adapter, 0, start, batches=batches, **kw, batch_terms=[strong]
+    )
     assert pulled.vector.tobytes() != plain.vector.tobytes()
 
 

@@ -123,7 +123,9 @@ def test_zero_shot_uses_the_het_schedule():
 
     cfg = load_config("configs/paper_tables_het.yaml", ["compare=[]", "method.name=zero_shot"])
     assert cfg.clients_per_round == 5
-    het = Schedule("task", "het", 8, "table", cfg.seed)
-    assert first_stages(het.stages, 8, planned_units(cfg, het)) == HET_FIRST
-    hom = Schedule("task", "hom", 8, "table", cfg.seed)
-    assert first_stages(hom.stages, 8, planned_units(cfg, hom)) == list(range(8))
+    het = Schedule("task", "het", 8, "table", seed=cfg.seed)
+    assert first_stages(het.stages, 8, planned_units(cfg.federation, het, cfg.seed)) == HET_FIRST
+    hom = Schedule("task", "hom", 8, "table", seed=cfg.seed)
+    assert first_stages(hom.stages, 8, planned_units(cfg.federation, hom, cfg.seed)) == list(
+        range(8)
+    )

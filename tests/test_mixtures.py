@@ -43,9 +43,9 @@ def _layer(method: str, s_max=4, r=3, experts=2, dropout=0.0, scaling="scalar", 
         ],
     )
     torch.manual_seed(seed)
-    layer = SubspaceLoRALinear(torch.nn.Linear(6, 5), r, 2.0 * r, dropout, s_max)
+    layer = SubspaceLoRALinear(torch.nn.Linear(6, 5), r, 2.0 * r, dropout, s_max=s_max)
     adapter = SubspaceAdapter([("l", layer)])
-    m = make_method(cfg)
+    m = make_method(cfg.method, cfg.lora)
     m.install(adapter)
     with torch.no_grad():
         for i in range(s_max):
@@ -140,7 +140,7 @@ def test_expert_count_must_divide_the_budget():
     for name in ("moelora", "mlora"):
         cfg = load_config(None, [f"method.name={name}", "method.experts=3"])  # 8 x 8 = 64
         with pytest.raises(ConfigError, match="method.experts: 3 experts do not divide"):
-            make_method(cfg)
+            make_method(cfg.method, cfg.lora)
 
 
 # --- local training ---------------------------------------------------------------------------
@@ -157,15 +157,17 @@ def _local(method: str):
             "lora.lora_dropout=0.0",
         ],
     )
-    m = make_method(cfg)
-    model, adapter, tok = build_model(cfg, m.num_slots())
+    m = make_method(cfg.method, cfg.lora)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, m.num_slots())
     m.install(adapter)
     vecs, mixer = m.initial_weights(adapter, torch.Generator().manual_seed(0))
     vecs[:, -adapter.layers[-1].lora_B[0].numel() :] = 0.01  # non-zero B: every grad non-zero
     mixer = mixer + 0.05  # non-zero M-LoRA scales
     adapter.set_mixer(mixer)
     samples = make_split(1, 20, 0, "train")
-    batches = make_batches(tok, samples, 4, 48, 1, torch.Generator().manual_seed(1))
+    batches = make_batches(
+        tok, samples, 4, 48, epochs=1, generator=torch.Generator().manual_seed(1)
+    )
     opt = LocalOpt(lr=5e-3, weight_decay=0.01, warmup_ratio=0.2)
     return model, adapter, m, vecs.reshape(-1), mixer, batches, opt
 
@@ -183,7 +185,7 @@ def test_local_training_moves_subspaces_and_mixer_only_and_deepspeed_equals_torc
     def run(trainer):
         side = Side(adapter.mixer_params(), opt.lr, mixer)
         adapter.set_mixer(mixer)
-        return trainer.train(model, adapter, ks, start, batches, opt, sides=[side])
+        return trainer.train(model, adapter, ks, start, batches=batches, opt=opt, sides=[side])
 
     ref = run(TorchTrainer())
     assert ref.vector.shape == start.shape and len(ref.sides) == 1
@@ -206,7 +208,7 @@ def test_server_splits_a_multi_subspace_update_and_averages_the_mixer():
         np.zeros((2, 3), np.float32),
         np.zeros((2, 1), np.float32),
         np.zeros(2),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
         num_subspaces=2,
         mixer=np.array([1.0, 2.0], np.float32),
     )
@@ -223,8 +225,8 @@ def test_server_splits_a_multi_subspace_update_and_averages_the_mixer():
         st,
         unpack_updates([head], [body]),
         FedAvg(ServerOptConfig()),
-        RoundInfo(0, 0, plan, {}, {}, 0),
-        lambda k: (0, 1),
+        RoundInfo(0, 0, plan, {}, token_bytes={}, bytes_down=0),
+        subspaces_of=lambda k: (0, 1),
     )
     np.testing.assert_allclose(st.adapter[0], [2.5, 2.5, 2.5])  # (10·1 + 30·3) / 40
     np.testing.assert_allclose(st.adapter[1], [5.0, 5.0, 5.0])
@@ -250,8 +252,8 @@ def test_run_trains_every_subspace_and_the_mixer(which, moe_serial, mlora_serial
     run = moe_serial if which == "moe" else mlora_serial
     st = read_state(run)
     cfg = load_config(run / "config.yaml")
-    m = make_method(cfg)
-    _, adapter, _ = build_model(cfg, m.num_slots())
+    m = make_method(cfg.method, cfg.lora)
+    _, adapter, _ = build_model(cfg.model, cfg.lora, m.num_slots())
     m.install(adapter)
     vecs, mixer = m.initial_weights(adapter, torch.Generator().manual_seed(0))
     assert st.done and st.num_subspaces == 4 and st.mixer.shape == mixer.shape
@@ -265,7 +267,7 @@ def test_run_trains_every_subspace_and_the_mixer(which, moe_serial, mlora_serial
     from fcit_hpc.fed.server.run_state import check_state
 
     with pytest.raises(StateError, match="/global/mixer has"):
-        check_state(st, m, adapter.numel, "x/state.h5", 0, st.mixer.size + 1)
+        check_state(st, m, adapter.numel, "x/state.h5", mixer_numel=st.mixer.size + 1)
 
 
 @pytest.mark.mpi
@@ -307,9 +309,9 @@ def test_mlora_exports_one_exact_peft_adapter_moelora_none(mlora_serial, moe_ser
 
     st = read_state(mlora_serial)
     cfg = load_config(mlora_serial / "config.yaml")
-    m = make_method(cfg)
-    (out,) = m.export(cfg, st, tmp_path / "ad", None)
-    model, adapter, tok = build_model(cfg, m.num_slots())
+    m = make_method(cfg.method, cfg.lora)
+    (out,) = m.export(cfg.model, st, tmp_path / "ad", None)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, m.num_slots())
     m.install(adapter)
     for k in range(m.num_slots()):
         adapter.set(k, st.adapter[k])

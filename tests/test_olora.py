@@ -66,7 +66,7 @@ def test_orthogonality_loss_makes_the_new_subspace_orthogonal():
             adapter,
             1,
             start,
-            batches,
+            batches=batches,
             **kw,
             context=ctx,
             terms=lambda p: ortho_terms(adapter, 1, ctx, lam),

@@ -52,7 +52,7 @@ def _samples(name: str, tmp_path, n: int = 4) -> list[Sample]:
 
 def _model(name: str, *more):
     cfg = load_config(None, [f"model.name={name}", "lora.lora_dropout=0.0", *more])
-    model, adapter, tok = build_model(cfg, 1)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 1)
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
     start[start == 0] = 0.01  # B != 0: A gets a gradient too
     adapter.set(0, start)
@@ -131,12 +131,12 @@ def test_packed_step_equals_padded_step(tmp_path):
         cfg, model, adapter, tok, start = _model("tiny-llava", f"train.packing={pack}")
         samples = _samples("tiny-llava", tmp_path, 6)
         gen = torch.Generator().manual_seed(3)
-        batches = make_batches(tok, samples, 2, 48, 1, gen, pack=cfg.train.packing)
+        batches = make_batches(tok, samples, 2, 48, epochs=1, generator=gen, pack=cfg.train.packing)
         if pack:
             assert all(b["input_ids"].shape[0] == 1 for b in batches)
             assert all("attention_mask" not in b for b in batches)
         opt = LocalOpt(1e-2, 0.0, 0.0)
-        out[pack] = TorchTrainer().train(model, adapter, 0, start, batches, opt)
+        out[pack] = TorchTrainer().train(model, adapter, 0, start, batches=batches, opt=opt)
     assert out[True].loss == pytest.approx(out[False].loss, rel=1e-5)
     assert np.abs(out[False].vector - start).max() > 1e-3
     assert update_mismatch(out[True].vector, out[False].vector, start) < 1e-3
@@ -159,12 +159,14 @@ def test_methods_that_run_the_model_themselves_see_the_packing(tmp_path):
     prev = start + 0.01 * np.random.default_rng(0).standard_normal(start.size).astype(np.float32)
     fisher, trained = {}, {}
     for pack in (False, True):
-        batches = make_batches(tok, samples, 2, 48, 1, torch.Generator().manual_seed(3), pack=pack)
+        batches = make_batches(
+            tok, samples, 2, 48, epochs=1, generator=torch.Generator().manual_seed(3), pack=pack
+        )
         fisher[pack] = fisher_diagonal(model, adapter, start, batches)
-        term = Distillation(model, adapter, prev, 1.0, 2.0)
+        term = Distillation(model, adapter, prev, 1.0, temperature=2.0)
         opt = LocalOpt(1e-2, 0.0, 0.0)
         trained[pack] = TorchTrainer().train(
-            model, adapter, 0, start, batches, opt, batch_terms=[term]
+            model, adapter, 0, start, batches=batches, opt=opt, batch_terms=[term]
         )
     np.testing.assert_allclose(
         fisher[True], fisher[False], rtol=1e-4, atol=1e-6 * fisher[False].max()

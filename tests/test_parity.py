@@ -38,7 +38,8 @@ LORA = ["lora.max_subspaces=3", "lora.lora_r=4", "lora.lora_alpha=8", "lora.lora
 )
 def test_slot_rank_at_parity_and_the_rank_r_switch(entry, switch, slots, rank, tmp_path):
     cfg = load_config(None, [*LORA, f"lora.single_rank={switch}"])
-    m = make_method(sub_config(cfg, entry, 0, tmp_path))
+    sub = sub_config(cfg, entry, 0, tmp_path)
+    m = make_method(sub.method, sub.lora)
     assert (m.num_slots(), m.slot_rank()) == (slots, rank)
     # the budget: slots x rank is DISCO's S_max x r for every method at parity
     if switch == "budget":
@@ -55,8 +56,8 @@ def test_budget_lora_is_the_plain_torch_lora_of_rank_s_max_r():
     with the configured alpha / r = 8 / 4 (not alpha / 12), and against DISCO's three rank-4
     subspaces all active (α = 1), whose concatenation it is."""
     cfg = load_config(None, [*LORA, "method.name=finetune"])
-    m = make_method(cfg)
-    model, adapter, _ = build_model(cfg, m.num_slots(), rank=m.slot_rank())
+    m = make_method(cfg.method, cfg.lora)
+    model, adapter, _ = build_model(cfg.model, cfg.lora, m.num_slots(), rank=m.slot_rank())
     g = torch.Generator().manual_seed(3)
     vec = torch.randn(adapter.numel, generator=g) * 0.1
     adapter.set(0, vec)
@@ -74,7 +75,7 @@ def test_budget_lora_is_the_plain_torch_lora_of_rank_s_max_r():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
     dcfg = load_config(None, [*LORA, "method.name=disco"])
-    dmodel, dadapter, _ = build_model(dcfg, 3)
+    dmodel, dadapter, _ = build_model(dcfg.model, dcfg.lora, 3)
     for dl, fl in zip(dadapter.layers, adapter.layers, strict=True):
         with torch.no_grad():
             for k in range(3):
@@ -95,16 +96,16 @@ def test_finetune_run_trains_and_exports_a_budget_rank_lora(tmp_path):
     out = smoke_serial(tmp_path / "ft", "method.name=finetune")
     st = read_state(out)
     cfg = load_config(Path(out) / "config.yaml")
-    m = make_method(cfg)
+    m = make_method(cfg.method, cfg.lora)
     assert m.slot_rank() == 16
-    model, adapter, tok = build_model(cfg, 1, rank=16)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 1, rank=16)
     assert st.adapter.shape == (1, adapter.numel)
-    _, small, _ = build_model(cfg, 1)
+    _, small, _ = build_model(cfg.model, cfg.lora, 1)
     assert adapter.numel == 4 * small.numel  # rank 16 against one subspace's rank 4
     adapter.set(0, st.adapter[0])
     adapter.train_subspace(0)
     assert np.abs(st.adapter[0]).max() > 0
-    (path,) = m.export(cfg, st, tmp_path / "export", None)
+    (path,) = m.export(cfg.model, st, tmp_path / "export", None)
     peft_cfg = (path / "adapter_config.json").read_text()
     assert '"r": 16' in peft_cfg and '"lora_alpha": 32' in peft_cfg
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "base", local_files_only=True)
@@ -137,7 +138,7 @@ def test_per_row_budgets_give_each_row_its_answer_alone():
     """A batch with budgets [2, 7, 4] equals each prompt generated alone with its budget, and a
     budget cuts the answer generated with a larger one."""
     cfg = load_config(None, ["method.name=finetune", "lora.lora_dropout=0.0"])
-    model, adapter, tok = build_model(cfg, 1)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 1)
     g = torch.Generator().manual_seed(7)
     adapter.set(0, torch.randn(adapter.numel, generator=g) * 0.3)
     adapter.train_subspace(0)

@@ -13,21 +13,21 @@ from .published import PUBLISHED_HET_CAPABILITY, PUBLISHED_HET_TASK
 )
 def test_every_sample_exactly_once_and_minimum(n, k, beta, m):
     for seed in range(5):
-        shards = dirichlet_partition(n, k, beta, m, seed)
+        shards = dirichlet_partition(n, k, beta, m, seed=seed)
         allidx = np.concatenate(shards)
         assert sorted(allidx.tolist()) == list(range(n))
         assert min(len(s) for s in shards) >= m
 
 
 def test_deterministic_for_a_seed():
-    a = dirichlet_partition(300, 20, 1.0, 2, 3)
-    b = dirichlet_partition(300, 20, 1.0, 2, 3)
+    a = dirichlet_partition(300, 20, 1.0, 2, seed=3)
+    b = dirichlet_partition(300, 20, 1.0, 2, seed=3)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_spread_grows_as_beta_shrinks():
     def spread(beta):
-        return np.mean([dirichlet_sizes(2000, 50, beta, 2, s).std() for s in range(30)])
+        return np.mean([dirichlet_sizes(2000, 50, beta, 2, seed=s).std() for s in range(30)])
 
     s05, s1, s5 = spread(0.5), spread(1.0), spread(5.0)
     assert s05 > s1 > s5
@@ -35,16 +35,16 @@ def test_spread_grows_as_beta_shrinks():
 
 def test_bad_beta_and_too_few_samples():
     with pytest.raises(ConfigError, match="dirichlet_beta"):
-        dirichlet_sizes(100, 10, 0.0, 1, 0)
+        dirichlet_sizes(100, 10, 0.0, 1, seed=0)
     with pytest.raises(ConfigError, match="min_client_samples"):
-        dirichlet_sizes(10, 10, 1.0, 2, 0)
+        dirichlet_sizes(10, 10, 1.0, 2, seed=0)
 
 
 def test_schedules():
-    hom = Schedule("task", "hom", 8, "table", 0)
+    hom = Schedule("task", "hom", 8, "table", seed=0)
     assert hom.stages == [[t] for t in range(8)]
     assert {hom.unit_of(3, r, j) for r in range(3) for j in range(5)} == {3}
-    cap = Schedule("capability", "hom", 8, "table", 0)
+    cap = Schedule("capability", "hom", 8, "table", seed=0)
     assert cap.stages == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
@@ -52,7 +52,7 @@ def test_schedules():
     "setting,table", [("task", PUBLISHED_HET_TASK), ("capability", PUBLISHED_HET_CAPABILITY)]
 )
 def test_het_table_is_the_published_one(setting, table):
-    het = Schedule(setting, "het", 8, "table", 0)
+    het = Schedule(setting, "het", 8, "table", seed=0)
     assert het.num_stages == len(table)
     for t, row in enumerate(table):
         for r in (0, 1, 7):
@@ -66,7 +66,7 @@ def test_het_random_is_uniform_seeded_and_in_range():
     n = stages * rounds * slots  # draws, each uniform over the 8 stages if the assignment is right
 
     def draws(seed):
-        rnd = Schedule("task", "het", stages, "random", seed)
+        rnd = Schedule("task", "het", stages, "random", seed=seed)
         return np.array(
             [
                 rnd.unit_of(t, r, j)

@@ -28,7 +28,7 @@ def test_accountant_matches_dp_accountings_documented_values():
     # dp-accounting's rdp_privacy_accountant_test: noise multiplier 4.530877117 "is chosen to
     # obtain exactly (1, 1e-6)-DP" for one Gaussian (q = 1), on its fine grid of orders
     orders = [0.001 * i for i in range(1000, 100000)]
-    assert privacy.epsilon(4.530877117, 1.0, 1, 1e-6, orders) == pytest.approx(1.0, abs=1e-6)
+    assert privacy.epsilon(4.530877117, 1.0, 1, 1e-6, orders=orders) == pytest.approx(1.0, abs=1e-6)
     # the default orders give an upper bound, close to it
     eps = privacy.epsilon(4.530877117, 1.0, 1, 1e-6)
     assert 1.0 - 1e-9 <= eps < 1.02
@@ -79,7 +79,17 @@ def test_central_noise_on_each_mean_has_std_z_c_over_m():
     rng = np.random.default_rng(1)
     got = [(rng.normal(size=100_000).astype(np.float32), 1.0) for _ in range(4)]
     plain = np.mean([v.astype(np.float64) for v, _ in got], axis=0)
-    comb = PrivateCombine(cfg, 1, 0, 0.5, None, {}, 4)
+    comb = PrivateCombine(
+        cfg.privacy,
+        seed=cfg.seed,
+        stage=1,
+        round_=0,
+        clients_per_round=cfg.clients_per_round,
+        clip=0.5,
+        sums=None,
+        side_sizes={},
+        slots=4,
+    )
     out = comb.mean(2, got).astype(np.float64)
     noise = out - plain
     assert noise.std() == pytest.approx(2.0 * 0.5 / 4, rel=0.01)
@@ -95,9 +105,13 @@ def test_adaptive_clipping_follows_andrew_et_al():
     with pytest.raises(ValueError, match="dp_count_std"):
         privacy.delta_multiplier(1.0, 0.5)
     # noiseless count: C·exp(−η(b̄ − γ)); all unclipped → the bound shrinks, none → it grows
-    assert privacy.next_clip(1.0, [1, 1, 1, 1], 0.0, 0.2, 0.5, 0) == pytest.approx(np.exp(-0.1))
-    assert privacy.next_clip(1.0, [0, 0], 0.0, 0.2, 0.5, 0) == pytest.approx(np.exp(0.1))
-    noisy = privacy.next_clip(1.0, [1, 0], 1.0, 0.2, 0.5, 7)
+    assert privacy.next_clip(1.0, [1, 1, 1, 1], 0.0, 0.2, quantile=0.5, seed=0) == pytest.approx(
+        np.exp(-0.1)
+    )
+    assert privacy.next_clip(1.0, [0, 0], 0.0, 0.2, quantile=0.5, seed=0) == pytest.approx(
+        np.exp(0.1)
+    )
+    noisy = privacy.next_clip(1.0, [1, 0], 1.0, 0.2, quantile=0.5, seed=7)
     b = (1 + np.random.default_rng(7).normal(0.0, 1.0)) / 2
     assert noisy == pytest.approx(np.exp(-0.2 * (b - 0.5)))
     with pytest.raises(ConfigError, match="privacy.dp_count_std"):
@@ -108,10 +122,10 @@ def test_adaptive_clipping_follows_andrew_et_al():
 
 def test_dropouts_are_seeded_and_sized():
     trainers = list(range(20))
-    a = dropped_clients(0, 1, 2, trainers, 0.25)
+    a = dropped_clients(0, 1, 2, trainers, share=0.25)
     assert len(a) == 5 and a <= set(trainers)
-    assert a == dropped_clients(0, 1, 2, trainers[::-1], 0.25)
-    assert dropped_clients(0, 1, 2, trainers, 0.0) == set()
+    assert a == dropped_clients(0, 1, 2, trainers[::-1], share=0.25)
+    assert dropped_clients(0, 1, 2, trainers, share=0.0) == set()
 
 
 # --- secure aggregation ------------------------------------------------------------------------
@@ -172,7 +186,7 @@ def test_unmasked_sum_equals_the_plain_sum_with_dropouts_recovered(k, drop):
         if u not in drop
     }
     shares = [s for u in masked for s in ms[u].unmask(drop)]
-    total = sa.decode(sa.unmask_sum(3, graph, keys, masked, shares, 0.5, 5000), 32)
+    total = sa.decode(sa.unmask_sum(3, graph, keys, masked, shares=shares, t_frac=0.5, n=5000), 32)
     ref = np.sum([xs[u] for u in masked], axis=0)
     # each encoded value is off by at most half a step 2^-32
     assert np.abs(total - ref).max() <= len(masked) * 2.0**-33
@@ -186,7 +200,7 @@ def test_too_many_dropouts_is_a_clear_error():
     masked = {u: ms[u].masked(x, graph[u], keys) for u in members if u not in drop}
     shares = [s for u in masked for s in ms[u].unmask(drop)]
     with pytest.raises(sa.SecAggError, match="shares from surviving clients, 2 are needed"):
-        sa.unmask_sum(3, graph, keys, masked, shares, 0.5, 10)
+        sa.unmask_sum(3, graph, keys, masked, shares=shares, t_frac=0.5, n=10)
 
 
 def test_out_of_range_values_are_refused():

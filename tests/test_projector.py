@@ -27,7 +27,7 @@ def test_projector_is_the_sample_weighted_mean_of_client_projectors():
         np.zeros((2, numel), np.float32),
         np.zeros((2, 1), np.float32),
         np.zeros(2),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
         num_subspaces=2,
         projector=np.array([1.0, -1.0], np.float32),
     )
@@ -42,7 +42,7 @@ def test_projector_is_the_sample_weighted_mean_of_client_projectors():
     head, body = pack_updates(rows, deltas)
     updates = unpack_updates([head], [body])
     plan = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0]], np.int64)
-    info = RoundInfo(0, 0, plan, {}, {}, 0)
+    info = RoundInfo(0, 0, plan, {}, token_bytes={}, bytes_down=0)
     strategy = strategy_from_config(load_config(None).federation)
     st.server_opt = strategy.init_state(st.adapter.shape)
     agg = aggregate_round(st, updates, strategy, info)
@@ -59,14 +59,14 @@ def test_a_short_update_without_its_projector_is_rejected():
         np.zeros((1, 3), np.float32),
         np.zeros((1, 1), np.float32),
         np.zeros(1),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
         num_subspaces=1,
         projector=np.zeros(2, np.float32),
     )
     head, body = pack_updates([(0, 0, 4, 1.0, 0.1, 1)], [np.ones(3, np.float32)])
     strategy = strategy_from_config(load_config(None).federation)
     st.server_opt = strategy.init_state(st.adapter.shape)
-    info = RoundInfo(0, 0, np.array([[0, 0, 0]], np.int64), {}, {}, 0)
+    info = RoundInfo(0, 0, np.array([[0, 0, 0]], np.int64), {}, token_bytes={}, bytes_down=0)
     agg = aggregate_round(st, unpack_updates([head], [body]), strategy, info)
     assert agg.client_rows["status"].tolist() == [2]  # WRONG_SHAPE
     assert not st.projector.any()
@@ -76,8 +76,8 @@ def test_bf16_model_keeps_a_float32_projector():
     from fcit_hpc.runtime import LaunchInfo, make_runtime
 
     cfg = load_config(MINI, ["train.precision=bf16"])
-    rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
-    model, _, tok = build_model(cfg, 2, rt)
+    rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
+    model, _, tok = build_model(cfg.model, cfg.lora, 2, runtime=rt)
     assert all(p.dtype == torch.float32 for p in projector_params(model))
     assert model.model.language_model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
     ids = torch.tensor([tok.prompt("What is this?")])
@@ -94,7 +94,7 @@ def test_trained_projector_world_size_resume_and_export(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     st = read_state(serial)
     cfg = load_config(serial / "config.yaml")
-    model, _, _ = build_model(cfg, 8)
+    model, _, _ = build_model(cfg.model, cfg.lora, 8)
     start = get_projector(model).numpy()
     assert st.projector.shape == start.shape and st.projector.size > 0
     assert np.abs(st.projector - start).max() > 1e-5  # trained (lr 2e-5 over a few steps)
@@ -114,7 +114,7 @@ def test_trained_projector_world_size_resume_and_export(tmp_path):
 
     from fcit_hpc.model.build import build_base_model
 
-    pm = PeftModel.from_pretrained(build_base_model(cfg), str(tmp_path / "ad" / "subspace_0"))
+    pm = PeftModel.from_pretrained(build_base_model(cfg.model), str(tmp_path / "ad" / "subspace_0"))
     merged = pm.merge_and_unload()
     np.testing.assert_array_equal(get_projector(merged).numpy(), st.projector)
 
@@ -124,15 +124,15 @@ def test_state_with_a_projector_of_the_wrong_size_is_refused():
     from fcit_hpc.methods import make_method
 
     cfg = load_config(MINI)
-    method = make_method(cfg)
+    method = make_method(cfg.method, cfg.lora)
     st = RunState(
         "",
         np.zeros((method.num_slots(), 5), np.float32),
         np.zeros((8, 1), np.float32),
         np.zeros(8),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
         projector=np.zeros(3, np.float32),
         method=method.init_state(5),  # the method's own state fits: the projector is what does not
     )
     with pytest.raises(StateError, match="/global/projector has 3 values"):
-        check_state(st, method, 5, "x/state.h5", 7)
+        check_state(st, method, 5, "x/state.h5", projector_numel=7)

@@ -137,7 +137,7 @@ def test_client_samples_kept_for_the_last_clients_only(release, monkeypatch):
     from fcit_hpc.benchmark import layout
 
     monkeypatch.setattr(layout, "CLIENT_CACHE", 2)
-    data = LayoutData(release, stage_datasets("task"), "task", 1.0, 3)
+    data = LayoutData(release, stage_datasets("task"), "task", 1.0, num_clients=3)
     first = [data.client_samples(2, c) for c in range(3)]
     info = data._read.cache_info()
     assert info.currsize == 2 and info.misses == 3
@@ -148,7 +148,7 @@ def test_client_samples_kept_for_the_last_clients_only(release, monkeypatch):
 
 
 def test_released_tree_reads_as_published(release):
-    data = LayoutData(release, stage_datasets("task"), "task", 1.0, 3)
+    data = LayoutData(release, stage_datasets("task"), "task", 1.0, num_clients=3)
     img = str(release / "datasets")
     # stage 3 of the task order (Task3, unit 2) is IconQA
     got = [
@@ -170,7 +170,7 @@ def test_released_tree_reads_as_published(release):
     assert [s.instruction for s in tests] == ["What?", "Which?", "No image, no id?"]
     assert tests[1].image == f"{img}/FigureQA/test_1.jpg" and tests[2].image is None
     # capability: a stage is a group of datasets, its files under Capability-related/cap
-    cap = LayoutData(release, stage_datasets("capability"), "capability", 1.0, 3)
+    cap = LayoutData(release, stage_datasets("capability"), "capability", 1.0, num_clients=3)
     assert [s.image.split("/")[-2] for s in cap.client_samples(1, 0)] == [
         "ArxivQA",
         "ArxivQA",
@@ -184,13 +184,13 @@ def test_released_tree_reads_as_published(release):
 
 def test_multitask_bound_holds_every_client_file_of_multask(release):
     (names,) = stage_datasets("joint")
-    one = LayoutData(release, [names], "joint", 1.0, 1)
+    one = LayoutData(release, [names], "joint", 1.0, num_clients=1)
     # the first three datasets come from client_0.json, the rest from client_1.json
     assert [s.image.split("/")[-2] for s in one.client_samples(0, 0)[::2]] == names
-    two = LayoutData(release, [names], "joint", 1.0, 2)
+    two = LayoutData(release, [names], "joint", 1.0, num_clients=2)
     assert len(two.client_samples(0, 0)) == 6 and len(two.client_samples(0, 1)) == 10
     (cap_names,) = stage_datasets("joint-capability")
-    cap = LayoutData(release, [cap_names], "joint-capability", 1.0, 1)
+    cap = LayoutData(release, [cap_names], "joint-capability", 1.0, num_clients=1)
     assert len(cap.client_samples(0, 0)) == 2 * 12
 
 
@@ -223,11 +223,11 @@ def test_bad_trees_name_the_missing_piece(release, tmp_path):
     with pytest.raises(
         DataError, match=r"seq/0\.5: missing β folder .*β folders there: 1\.0, 5\.0"
     ):
-        LayoutData(release, stage_datasets("task"), "task", 0.5, 3)
+        LayoutData(release, stage_datasets("task"), "task", 0.5, num_clients=3)
     with pytest.raises(DataError, match=r"seq/1\.0/Task1/client_3\.json: missing client file"):
-        LayoutData(release, stage_datasets("task"), "task", 1.0, 4)
+        LayoutData(release, stage_datasets("task"), "task", 1.0, num_clients=4)
     with pytest.raises(DataError, match="Capability-related/multask: missing folder"):
-        LayoutData(tmp_path, [["AOKVQA"]], "joint-capability", 1.0, 1)
+        LayoutData(tmp_path, [["AOKVQA"]], "joint-capability", 1.0, num_clients=1)
 
 
 # ------------------------------------------------------------------------------------ runs on it
@@ -403,7 +403,7 @@ def test_prepare_writes_the_release_tree(tmp_path, setting):
         f"Task{u + 1}" for u in range(len(stages))
     )
     (out / "fcit_layout.json").unlink()  # prepare's own record: not needed to load
-    data = LayoutData(out, stages, setting, 0.5, 4)
+    data = LayoutData(out, stages, setting, 0.5, num_clients=4)
     for u, names in enumerate(stages):
         got = [s for c in range(4) for s in data.client_samples(u, c)]
         assert all(s.image.startswith(str(out / "datasets")) for s in got)
@@ -424,13 +424,13 @@ def test_fcit_mini_is_read_as_a_release(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FCIT_CACHE", str(tmp_path))
     cfg = load_config(SMOKE_MINI, ["benchmark.scenario=het"])
-    ensure_data(cfg)
-    root = mini_root(cfg)
+    n = cfg.federation.num_clients
+    ensure_data(cfg.benchmark, num_clients=n, seed=cfg.seed)
+    root = mini_root(cfg.benchmark, cfg.seed)
     assert (root / "partitioned_data" / "Task-related" / "seq" / "1.0" / "Task8").is_dir()
-    mini = FederatedData(cfg)
-    rel = FederatedData(
-        load_config(SMOKE_MINI, ["benchmark.suite=released", f"benchmark.data_root={root}"])
-    )
+    mini = FederatedData(cfg.benchmark, num_clients=n, seed=cfg.seed)
+    rel_cfg = load_config(SMOKE_MINI, ["benchmark.suite=released", f"benchmark.data_root={root}"])
+    rel = FederatedData(rel_cfg.benchmark, num_clients=n, seed=cfg.seed)
     for u in range(8):
         for c in range(cfg.federation.num_clients):
             assert mini.client_samples(u, c) == rel.client_samples(u, c)
@@ -449,7 +449,9 @@ def test_prepare_again_leaves_no_stale_client_files(tmp_path):
     raw = write_raw(tmp_path / "raw", 6, 1, seed=2)
     out = tmp_path / "FCIT_data"
     for clients in (4, 2):
-        prepare(raw, out, [["OCRVQA"]], "task", 1.0, clients, 1, 0)
+        prepare(
+            raw, out, [["OCRVQA"]], "task", beta=1.0, num_clients=clients, min_samples=1, seed=0
+        )
     task1 = out / "partitioned_data" / "Task-related" / "seq" / "1.0" / "Task1"
     assert sorted(f.name for f in task1.iterdir()) == ["client_0.json", "client_1.json"]
 
@@ -458,8 +460,8 @@ def test_predictions_are_replaced_whole(tmp_path, monkeypatch):
     from fcit_hpc.data.sample import Sample
     from fcit_hpc.fed.server import predictions as pr
 
-    tests = {0: [Sample("q", "a", 0, None, 5), Sample("q", "a", 0, None, "")]}
-    pr.write_predictions(tmp_path, 1, ["OCRVQA"], tests, [["grün", "x"]])
+    tests = {0: [Sample("q", "a", 0, None, id=5), Sample("q", "a", 0, None, id="")]}
+    pr.write_predictions(tmp_path, 1, ["OCRVQA"], tests, predictions=[["grün", "x"]])
     f = tmp_path / "predictions" / "stage1" / "OCRVQA.jsonl"
     first = f.read_text("utf-8")
     assert first == '{"question_id": 5, "text": "grün"}\n{"question_id": 1, "text": "x"}\n'
@@ -469,7 +471,7 @@ def test_predictions_are_replaced_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pr.os, "fsync", crash)
     with pytest.raises(OSError):
-        pr.write_predictions(tmp_path, 1, ["OCRVQA"], tests, [["new", "new"]])
+        pr.write_predictions(tmp_path, 1, ["OCRVQA"], tests, predictions=[["new", "new"]])
     assert f.read_text("utf-8") == first  # a crash while writing leaves the old file whole
 
 
@@ -480,7 +482,7 @@ def test_broken_client_file_of_the_last_stage_is_found_before_the_first_round(tm
     stages = stage_datasets("task")
     last = root / "partitioned_data" / "Task-related" / "seq" / "1.0" / f"Task{len(stages)}"
     (last / "client_2.json").write_text('[{"conversations": [}]')
-    layout = LayoutData(root, stages, "task", 1.0, 3)  # structure only: files exist
+    layout = LayoutData(root, stages, "task", 1.0, num_clients=3)  # structure only: files exist
     with pytest.raises(DataError, match=rf"Task{len(stages)}/client_2\.json"):
         layout.check_client_files()
     p = _run(root, tmp_path / "run")

@@ -36,16 +36,14 @@ def _ctx(nan_clients=()):
         for u in range(2)
         for c in range(4)
     }
-    cfg = SimpleNamespace(
+    return SimpleNamespace(
+        seed=0,
         debug=SimpleNamespace(nan_token_clients=list(nan_clients), bad_token_clients=[]),
         privacy=SimpleNamespace(token_noise=0.0),
-    )
-    return SimpleNamespace(
-        cfg=cfg,
         data=SimpleNamespace(client_samples=lambda u, c: data[(u, c)]),
         encoder=CountingEncoder(),
         identity_cache=OrderedDict(),
-        compress=Compression(load_config(None)),
+        compress=Compression(load_config(None).compress),
     ), data
 
 
@@ -93,8 +91,8 @@ def test_decoder_kept_for_the_run():
     cfg = load_config(None, ["model.name=tiny-llama"])
     from fcit_hpc.model.build import build_model
 
-    model, adapter, _ = build_model(cfg, 2)
-    ctx = SimpleNamespace(cfg=cfg, model=model, adapter=adapter)
+    model, adapter, _ = build_model(cfg.model, cfg.lora, 2)
+    ctx = SimpleNamespace(eval=cfg.eval, model=model, adapter=adapter)
     dec = run_decoder(ctx)
     assert dec is not None and run_decoder(ctx) is dec and not dec.graphs
     cfg.eval.decoder = "hf"

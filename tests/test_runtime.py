@@ -32,12 +32,12 @@ def test_launch_info_open_mpi():
         "SLURM_PROCID": "0",  # Open MPI's own variables win under srun too
         "SLURM_LOCALID": "0",
     }
-    assert launch_info(env) == LaunchInfo(5, 8, 1, 4, "openmpi")
+    assert launch_info(env) == LaunchInfo(5, 8, 1, 4, launcher="openmpi")
 
 
 def test_launch_info_mpich_hydra():
     env = {"PMI_RANK": "3", "PMI_SIZE": "6", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "3"}
-    assert launch_info(env) == LaunchInfo(3, 6, 0, 3, "mpich")
+    assert launch_info(env) == LaunchInfo(3, 6, 0, 3, launcher="mpich")
 
 
 @pytest.mark.parametrize(
@@ -52,11 +52,11 @@ def test_launch_info_slurm_tasks_per_node(spec, node, local_size):
         "SLURM_STEP_TASKS_PER_NODE": spec,
         "SLURM_TASKS_PER_NODE": "99",  # the step's list is the one that counts
     }
-    assert launch_info(env) == LaunchInfo(7, 7, 0, local_size, "slurm")
+    assert launch_info(env) == LaunchInfo(7, 7, 0, local_size, launcher="slurm")
 
 
 def test_launch_info_plain_process_and_bad_values():
-    assert launch_info({}) == LaunchInfo(0, 1, 0, 1, "none")
+    assert launch_info({}) == LaunchInfo(0, 1, 0, 1, launcher="none")
     bad = {"PMI_RANK": "x", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "1"}
     with pytest.raises(ValueError, match="PMI_RANK"):
         launch_info(bad)
@@ -87,13 +87,15 @@ def test_plan_deals_clients_to_group_leaders():
             return stage
 
     cfg = load_config(None, ["federation.num_clients=10", "federation.client_selection_frac=0.5"])
-    one = plan_round(cfg, Sched(), 0, 0, 4)
+    one = plan_round(cfg.federation, Sched(), seed=cfg.seed, stage=0, round_=0, world=4)
     cfg2 = load_config(
         None,
         ["federation.num_clients=10", "federation.client_selection_frac=0.5"]
         + ["train.gpus_per_client=2"],
     )
-    two = plan_round(cfg2, Sched(), 0, 0, 4)
+    two = plan_round(
+        cfg2.federation, Sched(), seed=cfg2.seed, stage=0, round_=0, world=4, gpus_per_client=2
+    )
     assert np.array_equal(one[:, :2], two[:, :2])  # the same clients and units
     assert one[:, 2].tolist() == [0, 1, 2, 3, 0] and two[:, 2].tolist() == [0, 2, 0, 2, 0]
 
@@ -103,11 +105,15 @@ def test_plan_deals_clients_to_group_leaders():
 
 def test_runtime_on_the_cpu():
     cfg = load_config(None, ["train.precision=bf16", "train.gpus_per_client=2"])
-    rt = make_runtime(cfg.train, cfg.federation, 3, 4, LaunchInfo(3, 4, 3, 4, "openmpi"))
+    rt = make_runtime(
+        cfg.train, cfg.federation, 3, 4, launch=LaunchInfo(3, 4, 3, 4, launcher="openmpi")
+    )
     assert rt.device == torch.device("cpu") and rt.dtype == torch.bfloat16
     assert rt.group.ranks == (2, 3) and not rt.is_leader and rt.leaders == [0, 2]
     assert rt.dist_backend == "gloo"
-    rt0 = make_runtime(cfg.train, cfg.federation, 2, 4, LaunchInfo(2, 4, 2, 4, "openmpi"))
+    rt0 = make_runtime(
+        cfg.train, cfg.federation, 2, 4, launch=LaunchInfo(2, 4, 2, 4, launcher="openmpi")
+    )
     assert rt0.is_leader
 
 
@@ -115,7 +121,7 @@ def test_runtime_on_the_cpu():
 def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
     cfg = load_config(None, ["train.device=cuda"])
     with pytest.raises(ConfigError, match="train.device: 'cuda' was asked for"):
-        make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
+        make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
     out = tmp_path / "run"
     p = fcit("run", "configs/smoke.yaml", "--out", str(out), "train.device=cuda")
     assert p.returncode == 2 and "train.device" in p.stderr, p.stderr[-2000:]
@@ -134,11 +140,13 @@ def test_bad_precision_names_the_field():
 
 def _setup(*overrides):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "lora.max_subspaces=2", *overrides])
-    model, adapter, tok = build_model(cfg, 2)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 2)
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
     start[-adapter.layers[-1].lora_B[0].numel() :] = 0.01
     samples = make_split(1, 20, 0, "train")
-    batches = make_batches(tok, samples, 4, 48, 1, torch.Generator().manual_seed(1))
+    batches = make_batches(
+        tok, samples, 4, 48, epochs=1, generator=torch.Generator().manual_seed(1)
+    )
     return cfg, model, adapter, start, batches
 
 
@@ -160,19 +168,19 @@ def test_group_shares_sum_to_the_batch_mean_loss(size):
 
 
 def _runtime(cfg):
-    return make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
+    return make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
 
 
 def test_bf16_base_trains_float32_lora_close_to_fp32():
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
     cfg, model, adapter, start, batches = _setup()
-    ref = TorchTrainer().train(model, adapter, 1, start, batches, opt)
+    ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     cfg16, model16, adapter16, start16, _ = _setup("train.precision=bf16")
     rt = _runtime(cfg16)
-    model16, adapter16, _ = build_model(cfg16, 2, rt)
+    model16, adapter16, _ = build_model(cfg16.model, cfg16.lora, 2, runtime=rt)
     assert model16.model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
     assert adapter16.params(1)[0].dtype == torch.float32  # fp32 master weights
-    res = TorchTrainer(rt).train(model16, adapter16, 1, start, batches, opt)
+    res = TorchTrainer(rt).train(model16, adapter16, 1, start, batches=batches, opt=opt)
     d_ref, d16 = ref.vector - start, res.vector - start
     assert np.abs(d_ref).max() > 1e-3
     # bf16 activations (8-bit mantissa): the update agrees in direction and size, not bitwise
@@ -184,11 +192,11 @@ def test_bf16_base_trains_float32_lora_close_to_fp32():
 def test_fp16_trains_with_a_gradient_scaler():
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
     cfg, model, adapter, start, batches = _setup()
-    ref = TorchTrainer().train(model, adapter, 1, start, batches, opt)
+    ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     cfg16 = load_config(None, ["lora.lora_dropout=0.0", "train.precision=fp16"])
     rt = _runtime(cfg16)
-    model16, adapter16, _ = build_model(cfg16, 2, rt)
-    res = TorchTrainer(rt).train(model16, adapter16, 1, start, batches, opt)
+    model16, adapter16, _ = build_model(cfg16.model, cfg16.lora, 2, runtime=rt)
+    res = TorchTrainer(rt).train(model16, adapter16, 1, start, batches=batches, opt=opt)
     d_ref, d16 = ref.vector - start, res.vector - start
     cos = float(d_ref @ d16 / np.linalg.norm(d_ref) / np.linalg.norm(d16))
     assert np.isfinite(res.vector).all() and cos > 0.97
@@ -204,13 +212,13 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
     rt = _runtime(cfg)
     _, _, _, start, batches = _setup()
-    model, adapter, _ = build_model(cfg, 2, rt)
+    model, adapter, _ = build_model(cfg.model, cfg.lora, 2, runtime=rt)
     from fcit_hpc.train.ds_trainer import init_single_process_world
 
     init_single_process_world(0)
     trainer = DeepSpeedTrainer(stage, False, 4, runtime=rt)
     # lr 0: nothing moves, so the result is the start — exactly, not rounded to bf16
-    still = trainer.train(model, adapter, 1, start, batches, LocalOpt(0.0, 0.0, 0.0))
+    still = trainer.train(model, adapter, 1, start, batches=batches, opt=LocalOpt(0.0, 0.0, 0.0))
     np.testing.assert_array_equal(still.vector, start)
     assert {p.dtype for p in adapter.params(0) + adapter.params(1)} == {torch.float32}
     assert model.model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
@@ -218,7 +226,7 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     rounded = torch.tensor(start).to(torch.bfloat16).float().numpy()
     assert not np.array_equal(rounded, start)  # the test can tell the two apart
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
-    ds = trainer.train(model, adapter, 1, start, batches, opt)
+    ds = trainer.train(model, adapter, 1, start, batches=batches, opt=opt)
     _assert_torch_update(cfg, rt, start, batches, opt, ds.vector)
     np.testing.assert_array_equal(adapter.get(1).numpy(), ds.vector)
 
@@ -226,8 +234,8 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
 def _assert_torch_update(cfg, rt, start, batches, opt, result) -> None:
     """``result`` - ``start`` is the torch trainer's update on a fresh model of ``cfg``: cos >
     0.99 and norms within 5% (bf16 compute differs between the two)."""
-    model_t, adapter_t, _ = build_model(cfg, 2, rt)
-    ref = TorchTrainer(rt).train(model_t, adapter_t, 1, start, batches, opt)
+    model_t, adapter_t, _ = build_model(cfg.model, cfg.lora, 2, runtime=rt)
+    ref = TorchTrainer(rt).train(model_t, adapter_t, 1, start, batches=batches, opt=opt)
     d_ref, d_ds = ref.vector - start, result - start
     cos = float(d_ref @ d_ds / np.linalg.norm(d_ref) / np.linalg.norm(d_ds))
     assert cos > 0.99 and abs(np.linalg.norm(d_ds) / np.linalg.norm(d_ref) - 1) < 0.05
@@ -248,7 +256,7 @@ def test_a_collected_engine_leaves_the_next_clients_masters(monkeypatch):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
     rt = _runtime(cfg)
     _, _, _, start, batches = _setup()
-    model, adapter, _ = build_model(cfg, 2, rt)
+    model, adapter, _ = build_model(cfg.model, cfg.lora, 2, runtime=rt)
     ds_trainer.init_single_process_world(0)
     engines = []
     initialize = deepspeed.initialize
@@ -260,7 +268,9 @@ def test_a_collected_engine_leaves_the_next_clients_masters(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "initialize", recorded)
     trainer = ds_trainer.DeepSpeedTrainer(1, False, 4, runtime=rt)
-    trainer.train(model, adapter, 1, start, batches, LocalOpt(0.0, 0.0, 0.0))  # client 1
+    trainer.train(
+        model, adapter, 1, start, batches=batches, opt=LocalOpt(0.0, 0.0, 0.0)
+    )  # client 1
     first = engines[0]
     step = ds_trainer._DeepSpeedSession.step
 
@@ -270,7 +280,9 @@ def test_a_collected_engine_leaves_the_next_clients_masters(monkeypatch):
 
     monkeypatch.setattr(ds_trainer._DeepSpeedSession, "step", collected_then_step)
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
-    ds = trainer.train(model, adapter, 1, start, batches, opt)  # client 2, same parameters
+    ds = trainer.train(
+        model, adapter, 1, start, batches=batches, opt=opt
+    )  # client 2, same parameters
     assert len(engines) == 2
     _assert_torch_update(cfg, rt, start, batches, opt, ds.vector)
 
@@ -312,9 +324,9 @@ def test_world_of_one_is_reused_by_a_second_run():
     ds_trainer.init_single_process_world(0)
     member, size, addr, port, backend = ds_trainer._WORLD
     if size == 1:
-        ds_trainer.init_group_world(0, 1, "127.0.0.1", port + 1, backend, 0)
+        ds_trainer.init_group_world(0, 1, "127.0.0.1", port + 1, backend=backend, local_rank=0)
     with pytest.raises(RuntimeError, match="torch.distributed already set up"):
-        ds_trainer.init_group_world(0, 2, "127.0.0.1", port, backend, 0)
+        ds_trainer.init_group_world(0, 2, "127.0.0.1", port, backend=backend, local_rank=0)
 
 
 def test_deepspeed_stage0_low_precision_is_refused():
@@ -429,7 +441,7 @@ def test_gpu_placement_from_launcher_variables(what, env, visible, g, share, wan
     """A rank's GPU as a pure function of the launcher's variables and the device count."""
     from fcit_hpc.runtime import gpu_index
 
-    assert gpu_index(launch_info(env), env, visible, g, share) == want
+    assert gpu_index(launch_info(env), env, visible, g, ranks_per_gpu=share) == want
 
 
 # (what, launcher environment, GPUs torch sees, gpus_per_client, ranks_per_gpu, message parts)
@@ -500,7 +512,7 @@ def test_more_ranks_per_gpu_than_asked_is_a_config_error(what, env, visible, g, 
     from fcit_hpc.runtime import gpu_index
 
     with pytest.raises(ConfigError) as e:
-        gpu_index(launch_info(env), env, visible, g, share)
+        gpu_index(launch_info(env), env, visible, g, ranks_per_gpu=share)
     for part in parts:
         assert part in str(e.value), (part, str(e.value))
 
@@ -515,12 +527,12 @@ def test_gradient_checkpointing_gives_the_same_update():
     """Recomputing activations in the backward pass changes memory, not the update."""
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
     cfg, model, adapter, start, batches = _setup()
-    ref = TorchTrainer().train(model, adapter, 1, start, batches, opt)
+    ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     cfg_c = load_config(None, ["lora.lora_dropout=0.0", "train.gradient_checkpointing=true"])
     rt = _runtime(cfg_c)
-    model_c, adapter_c, _ = build_model(cfg_c, 2, rt)
+    model_c, adapter_c, _ = build_model(cfg_c.model, cfg_c.lora, 2, runtime=rt)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model_c.modules())
-    res = TorchTrainer(rt).train(model_c, adapter_c, 1, start, batches, opt)
+    res = TorchTrainer(rt).train(model_c, adapter_c, 1, start, batches=batches, opt=opt)
     assert np.abs(ref.vector - start).max() > 1e-3
     np.testing.assert_allclose(res.vector, ref.vector, atol=1e-6, rtol=0)
 

@@ -42,7 +42,7 @@ def test_two_thousand_clients_on_one_and_two_ranks(tmp_path):
     cfg = load_config(CONFIG, [*OVERRIDES, "federation.num_rounds=2"])
     drawn = np.concatenate(
         [
-            sample_clients(cfg.seed, s, r, 2000, cfg.clients_per_round)
+            sample_clients(cfg.seed, s, r, 2000, k=cfg.clients_per_round)
             for s in (0, 1)
             for r in (0, 1)
         ]

@@ -24,7 +24,7 @@ from fcit_hpc.methods.base import MATCHED, NEW, DkoDecision
 from fcit_hpc.methods.disco import Disco
 from fcit_hpc.state.schema import ClientStatus, RunState, comparable_content, same_content
 
-from .conftest import ROOT
+from .conftest import ROOT, method_of
 
 
 class _Schedule:
@@ -41,26 +41,32 @@ def _cfg(*overrides):
 # --- planning -----------------------------------------------------------------------------------
 
 
+def _plan(cfg, stage, round_, world):
+    return plan_round(
+        cfg.federation, _Schedule(), seed=cfg.seed, stage=stage, round_=round_, world=world
+    )
+
+
 @pytest.mark.parametrize(
     "world,hosts,ranks",
     [(1, False, [0, 0, 0]), (3, True, [0, 1, 2]), (3, False, [1, 2, 1]), (2, False, [1, 1, 1])],
 )
 def test_plan_deals_clients_round_robin_over_worker_ranks(world, hosts, ranks):
     cfg = _cfg(f"federation.server_hosts_clients={str(hosts).lower()}")
-    plan = plan_round(cfg, _Schedule(), 1, 0, world)
+    plan = _plan(cfg, 1, 0, world)
     assert plan.dtype == np.int64 and plan.shape == (3, 3)  # 10 clients x 0.3
     assert plan[:, 1].tolist() == [10, 11, 12]
     assert plan[:, 2].tolist() == ranks
     assert list(plan[:, 0]) == sorted(set(plan[:, 0])) and (plan[:, 0] < 10).all()
     # the same clients at every world size: only the ranks differ
-    assert np.array_equal(plan_round(cfg, _Schedule(), 1, 0, 1)[:, :2], plan[:, :2])
+    assert np.array_equal(_plan(cfg, 1, 0, 1)[:, :2], plan[:, :2])
 
 
 def test_plan_differs_between_rounds_and_is_reproducible():
     cfg = _cfg()
-    a, b = (plan_round(cfg, _Schedule(), 0, r, 1)[:, 0].tolist() for r in (0, 1))
-    assert a == plan_round(cfg, _Schedule(), 0, 0, 1)[:, 0].tolist()
-    assert a != b or a == plan_round(cfg, _Schedule(), 0, 2, 1)[:, 0].tolist()
+    a, b = (_plan(cfg, 0, r, 1)[:, 0].tolist() for r in (0, 1))
+    assert a == _plan(cfg, 0, 0, 1)[:, 0].tolist()
+    assert a != b or a == _plan(cfg, 0, 2, 1)[:, 0].tolist()
 
 
 # --- DKO ----------------------------------------------------------------------------------------
@@ -72,7 +78,7 @@ def _state(s_max=3, dim=2):
         np.zeros((s_max, 4), np.float32),
         np.zeros((s_max, dim), np.float32),
         np.zeros(s_max),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
     )
 
 
@@ -90,7 +96,7 @@ def test_dko_validates_tokens_then_assigns_in_client_order():
     # two ranks' messages, in any order: the server sorts by client id
     h1, b1 = pack_tokens(rows[:2], vals[:2])
     h2, b2 = pack_tokens(rows[2:], vals[2:])
-    res = run_dko(st, Disco(cfg), unpack_tokens([h1, h2], [b1, b2]))
+    res = run_dko(st, method_of(Disco, cfg), unpack_tokens([h1, h2], [b1, b2]))
     d = res.decisions
     assert [d[c].subspace for c in (1, 3, 5, 7, 9)] == [0, 1, 0, -1, -1]
     assert (d[1].action, d[3].action, d[5].action) == (NEW, NEW, MATCHED)
@@ -107,7 +113,16 @@ def test_dko_validates_tokens_then_assigns_in_client_order():
 
 def _update(client, k, n, delta, loss=1.0):
     delta = np.asarray(delta, np.float32)
-    return Update(client, k, n, loss, 0.5, 3, delta, wire_nbytes(np.zeros(7), delta))
+    return Update(
+        client,
+        k,
+        n,
+        loss,
+        seconds=0.5,
+        steps=3,
+        delta=delta,
+        nbytes=wire_nbytes(np.zeros(7), delta),
+    )
 
 
 def test_aggregation_weighted_mean_statuses_and_bytes():
@@ -124,7 +139,7 @@ def test_aggregation_weighted_mean_statuses_and_bytes():
     decisions = {c: DkoDecision(c, k, 0.95, MATCHED) for c, k in ((1, 0), (2, 0), (3, 1), (4, 1))}
     decisions[6] = DkoDecision(6, -1, float("nan"), 0)
     tokens = dict.fromkeys((1, 2, 3, 4, 6), 32)
-    info = RoundInfo(0, 1, plan, decisions, tokens, bytes_down=1000)
+    info = RoundInfo(0, 1, plan, decisions, token_bytes=tokens, bytes_down=1000)
     agg = aggregate_round(st, updates, FedAvg(ServerOptConfig()), info)
     # subspace 0: 1 + (1·[1,2,3,4] + 3·[5,6,7,8]) / 4 ; subspace 1: nothing accepted
     np.testing.assert_array_equal(st.adapter[0], [5.0, 6.0, 7.0, 8.0])

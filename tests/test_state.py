@@ -132,7 +132,8 @@ def test_method_state_roundtrip_and_mismatch(tmp_path):
     assert back.name == "ewc" and back.counters == {"stages": 1}
     assert back.arrays["anchor"].tobytes() == st.adapter[0].tobytes()
     assert back.arrays["fisher"].dtype == np.float32
-    ewc = make_method(load_config(ROOT / "configs/smoke.yaml", ["method.name=ewc"]))
+    ewc_cfg = load_config(ROOT / "configs/smoke.yaml", ["method.name=ewc"])
+    ewc = make_method(ewc_cfg.method, ewc_cfg.lora)
     ewc.validate_state(back, 6, tmp_path / "state.h5")
     with h5py.File(tmp_path / "state.h5", "a") as f:
         del f["method/ewc/anchor"]
@@ -144,7 +145,8 @@ def test_method_state_roundtrip_and_mismatch(tmp_path):
     with pytest.raises(StateError, match="state.h5: /method/ewc fisher .* do not fit"):
         ewc.validate_state(read_state(tmp_path).method, 6, tmp_path / "state.h5")
     assert (tmp_path / "state.h5").read_bytes() == bad  # reading leaves the file as it was
-    disco = make_method(load_config(ROOT / "configs/smoke.yaml"))
+    disco_cfg = load_config(ROOT / "configs/smoke.yaml")
+    disco = make_method(disco_cfg.method, disco_cfg.lora)
     with pytest.raises(StateError, match="state of method 'ewc', the run's method 'disco'"):
         disco.validate_state(back, 6, tmp_path / "state.h5")
 

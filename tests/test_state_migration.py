@@ -48,7 +48,8 @@ def _v1_content(run_dir, method: str) -> dict:
 def _check_and_rewrite(st, src, out) -> None:
     """What the server does with a loaded state (the method's state made or checked, the state
     checked against the model), then the state written into ``out``."""
-    m = make_method(config_from_yaml_text(st.config_yaml))
+    stored = config_from_yaml_text(st.config_yaml)
+    m = make_method(stored.method, stored.lora)
     numel = st.adapter.shape[1]
     init_method_state(st, m, numel)
     check_state(st, m, numel, src / "state.h5", mixer_numel=st.mixer.size)

@@ -39,6 +39,11 @@ def clock(monkeypatch):
     return c
 
 
+def _sections(cfg):
+    """What the scorer check reads of a config: its benchmark and eval sections."""
+    return cfg.benchmark, cfg.eval
+
+
 def test_nested_phases_are_exclusive_and_add_up(clock):
     t = timers.timer()
     with timers.phase("eval"):
@@ -234,13 +239,17 @@ def test_missing_caption_scorer_is_found_at_start(monkeypatch, tmp_path):
     assert main(["run", cfg, "--out", str(out)]) == 2
     assert not out.exists()  # nothing written
     with pytest.raises(DependencyError, match="Flickr30k.*pycocoevalcap"):
-        scorers.check_scorers(load_config(cfg))
+        scorers.check_scorers(*_sections(load_config(cfg)))
     monkeypatch.setattr(importlib.util, "find_spec", real)
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no Java
     with pytest.raises(DependencyError, match="Flickr30k.*Java.*caption_meteor=skip"):
-        scorers.check_scorers(load_config(cfg))
-    scorers.check_scorers(load_config(cfg, ["eval.caption_meteor=skip"]))  # opted out: fine
-    scorers.check_scorers(load_config(str(ROOT / "configs/smoke.yaml")))  # synthetic: exact
+        scorers.check_scorers(*_sections(load_config(cfg)))
+    scorers.check_scorers(
+        *_sections(load_config(cfg, ["eval.caption_meteor=skip"]))
+    )  # opted out: fine
+    scorers.check_scorers(
+        *_sections(load_config(str(ROOT / "configs/smoke.yaml")))
+    )  # synthetic: exact
 
 
 def test_caption_score_without_meteor_is_the_mean_of_the_rest():

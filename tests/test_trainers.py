@@ -20,11 +20,13 @@ ATOL = 1e-6
 
 def _setup(prox=0.0):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "method.name=disco", "lora.max_subspaces=3"])
-    model, adapter, tok = build_model(cfg, 3)
+    model, adapter, tok = build_model(cfg.model, cfg.lora, 3)
     start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
     start[-adapter.layers[-1].lora_B[0].numel() :] = 0.01  # non-zero B so every grad is non-zero
     samples = make_split(1, 20, 0, "train")
-    batches = make_batches(tok, samples, 4, 48, 1, torch.Generator().manual_seed(1))
+    batches = make_batches(
+        tok, samples, 4, 48, epochs=1, generator=torch.Generator().manual_seed(1)
+    )
     kw = dict(opt=LocalOpt(lr=5e-3, weight_decay=0.01, warmup_ratio=0.2))
     if prox:  # FedProx's client term, as the strategy adds it
         kw["terms"] = FedProx(ServerOptConfig("fedprox", prox_mu=prox)).client_terms
@@ -42,7 +44,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_torch_trainer_trains_only_its_subspace():
     model, adapter, start, batches, kw = _setup()
     before = {k: adapter.get(k).clone() for k in range(3)}
-    res = TorchTrainer().train(model, adapter, 1, start, batches, **kw)
+    res = TorchTrainer().train(model, adapter, 1, start, batches=batches, **kw)
     assert not np.allclose(res.vector, start)
     for k in (0, 2):
         assert torch.equal(adapter.get(k), before[k])
@@ -57,13 +59,13 @@ def test_deepspeed_matches_torch(stage, offload, prox):
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
     model, adapter, start, batches, kw = _setup(prox)
-    ref = TorchTrainer().train(model, adapter, 0, start, batches, **kw)
-    ds = DeepSpeedTrainer(stage, offload, 4).train(model, adapter, 0, start, batches, **kw)
+    ref = TorchTrainer().train(model, adapter, 0, start, batches=batches, **kw)
+    ds = DeepSpeedTrainer(stage, offload, 4).train(model, adapter, 0, start, batches=batches, **kw)
     assert np.abs(ref.vector - start).max() > 1e-3  # it did train
     np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
     assert ds.loss == pytest.approx(ref.loss, abs=1e-6)
     # a second client on the same rank starts afresh (new engine, new optimizer)
-    ds2 = DeepSpeedTrainer(stage, offload, 4).train(model, adapter, 0, start, batches, **kw)
+    ds2 = DeepSpeedTrainer(stage, offload, 4).train(model, adapter, 0, start, batches=batches, **kw)
     np.testing.assert_array_equal(ds2.vector, ds.vector)
     # the destroyed engines left no hook on the module (they would run on every later forward)
     from fcit_hpc.train.ds_trainer import deepspeed_hooks
@@ -76,8 +78,10 @@ def assert_deepspeed_matches_torch(k, stage, setup, **extra):
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
 
     model, adapter, start, batches, kw = setup
-    ref = TorchTrainer().train(model, adapter, k, start, batches, **kw, **extra)
-    ds = DeepSpeedTrainer(stage, False, 4).train(model, adapter, k, start, batches, **kw, **extra)
+    ref = TorchTrainer().train(model, adapter, k, start, batches=batches, **kw, **extra)
+    ds = DeepSpeedTrainer(stage, False, 4).train(
+        model, adapter, k, start, batches=batches, **kw, **extra
+    )
     assert np.abs(ref.vector - start).max() > 1e-3  # it did train
     np.testing.assert_allclose(ds.vector, ref.vector, atol=ATOL, rtol=0)
 

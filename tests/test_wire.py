@@ -71,7 +71,7 @@ def _state(s_max=2, numel=4):
         np.zeros((s_max, numel), np.float32),
         np.zeros((s_max, 2)),
         np.zeros(s_max),
-        np.zeros((1, 1)),
+        accuracy=np.zeros((1, 1)),
     )
 
 
@@ -94,7 +94,10 @@ def test_an_update_of_another_subspace_than_its_slot_or_dko_is_refused(subspace,
     with pytest.raises(WireError, match=match):
         updates = unpack_updates([head], [body], planned={1})
         aggregate_round(
-            st, updates, FedAvg(ServerOptConfig()), RoundInfo(0, 0, PLAN, decisions, {}, 0)
+            st,
+            updates,
+            FedAvg(ServerOptConfig()),
+            RoundInfo(0, 0, PLAN, decisions, token_bytes={}, bytes_down=0),
         )
     np.testing.assert_array_equal(st.adapter, before)
 
@@ -108,7 +111,10 @@ def test_an_update_beyond_the_bound_is_rejected_and_the_server_optimizer_stays_f
     st, strategy = _state(), FedAdagrad(ServerOptConfig(fed_alg="fedadagrad"))
     st.server_opt = strategy.init_state(st.adapter.shape)
     agg = aggregate_round(
-        st, unpack_updates([head], [body]), strategy, RoundInfo(0, 0, PLAN, {}, {}, 0)
+        st,
+        unpack_updates([head], [body]),
+        strategy,
+        RoundInfo(0, 0, PLAN, {}, token_bytes={}, bytes_down=0),
     )
     assert agg.client_rows["status"].tolist() == [ClientStatus.OUT_OF_RANGE, ClientStatus.ACCEPTED]
     assert all(np.isfinite(v).all() for v in st.server_opt.values())
@@ -123,7 +129,7 @@ def test_an_update_beyond_the_bound_is_rejected_and_the_server_optimizer_stays_f
         _state(),
         unpack_updates([head], [body]),
         FedAvg(ServerOptConfig()),
-        RoundInfo(0, 0, PLAN, {}, {}, 0),
+        RoundInfo(0, 0, PLAN, {}, token_bytes={}, bytes_down=0),
     )
     assert agg.client_rows["status"].tolist() == [ClientStatus.ACCEPTED]
 

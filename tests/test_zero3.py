@@ -75,9 +75,9 @@ def test_zero3_matches_zero2_and_torch(offload, prox):
 
     model, adapter, start, batches, kw = _setup(prox)
     base, hooks = _base(model), _hooks(model)
-    ref = TorchTrainer().train(model, adapter, 0, start, batches, **kw)
-    z2 = DeepSpeedTrainer(2, offload, 4).train(model, adapter, 0, start, batches, **kw)
-    z3 = DeepSpeedTrainer(3, offload, 4).train(model, adapter, 0, start, batches, **kw)
+    ref = TorchTrainer().train(model, adapter, 0, start, batches=batches, **kw)
+    z2 = DeepSpeedTrainer(2, offload, 4).train(model, adapter, 0, start, batches=batches, **kw)
+    z3 = DeepSpeedTrainer(3, offload, 4).train(model, adapter, 0, start, batches=batches, **kw)
     assert np.abs(ref.vector - start).max() > 1e-3  # it did train
     np.testing.assert_allclose(z2.vector, ref.vector, atol=ATOL, rtol=0)
     assert_same_update(z3.vector, ref.vector, start)
@@ -86,7 +86,7 @@ def test_zero3_matches_zero2_and_torch(offload, prox):
     assert_plain(model, base, hooks)
     np.testing.assert_array_equal(adapter.get(0).numpy(), z3.vector)  # the trained values
     # a second client on the same rank: a new engine on the restored module, the same result
-    again = DeepSpeedTrainer(3, offload, 4).train(model, adapter, 0, start, batches, **kw)
+    again = DeepSpeedTrainer(3, offload, 4).train(model, adapter, 0, start, batches=batches, **kw)
     np.testing.assert_array_equal(again.vector, z3.vector)
     assert_plain(model, base, hooks)
 
@@ -114,7 +114,7 @@ def test_zero3_with_ewc_term():
     setup = _setup()
     adapter, start = setup[1], setup[2]
     fisher = np.random.default_rng(0).random(adapter.numel).astype(np.float32)
-    terms = lambda p: ewc_terms(adapter, p, fisher, start + 0.01, 50.0)  # noqa: E731
+    terms = lambda p: ewc_terms(adapter, p, fisher, start + 0.01, lam=50.0)  # noqa: E731
     _assert_stage3_matches_torch(0, setup, terms=terms)
 
 
@@ -124,8 +124,10 @@ def _assert_stage3_matches_torch(k, setup, **extra):
 
     model, adapter, start, batches, kw = setup
     base, hooks = _base(model), _hooks(model)
-    ref = TorchTrainer().train(model, adapter, k, start, batches, **kw, **extra)
-    z3 = DeepSpeedTrainer(3, False, 4).train(model, adapter, k, start, batches, **kw, **extra)
+    ref = TorchTrainer().train(model, adapter, k, start, batches=batches, **kw, **extra)
+    z3 = DeepSpeedTrainer(3, False, 4).train(
+        model, adapter, k, start, batches=batches, **kw, **extra
+    )
     assert_same_update(z3.vector, ref.vector, start)
     assert_plain(model, base, hooks)
 
@@ -147,7 +149,7 @@ def test_zero3_with_mixer_side_group(method):
     def run(trainer):
         adapter.set_mixer(mixer)
         side = Side(adapter.mixer_params(), opt.lr, mixer)
-        return trainer.train(model, adapter, ks, start, batches, opt, sides=[side])
+        return trainer.train(model, adapter, ks, start, batches=batches, opt=opt, sides=[side])
 
     ref = run(TorchTrainer())
     z3 = run(DeepSpeedTrainer(3, False, 4))
@@ -172,13 +174,15 @@ def test_zero3_with_gradient_checkpointing():
 
     model, adapter, start, batches, kw = _setup()
     opt = LocalOpt(lr=5e-3, weight_decay=0.0, warmup_ratio=0.2)
-    ref = TorchTrainer().train(model, adapter, 1, start, batches, opt)
+    ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     over = ["lora.lora_dropout=0.0", "method.name=disco", "lora.max_subspaces=3"]
     cfg = load_config(None, [*over, "train.gradient_checkpointing=true"])
-    rt = make_runtime(cfg.train, cfg.federation, 0, 1, LaunchInfo())
-    model_c, adapter_c, _ = build_model(cfg, 3, rt)
+    rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
+    model_c, adapter_c, _ = build_model(cfg.model, cfg.lora, 3, runtime=rt)
     init_single_process_world(0)
-    z3 = DeepSpeedTrainer(3, False, 4, runtime=rt).train(model_c, adapter_c, 1, start, batches, opt)
+    z3 = DeepSpeedTrainer(3, False, 4, runtime=rt).train(
+        model_c, adapter_c, 1, start, batches=batches, opt=opt
+    )
     assert_same_update(z3.vector, ref.vector, start)
 
 
@@ -198,9 +202,11 @@ def group_main(out: str, port: int) -> None:
 
     rank = MPI.COMM_WORLD.Get_rank()
     cfg = load_config(None, ["train.gpus_per_client=2"])
-    rt = make_runtime(cfg.train, cfg.federation, rank, 2, LaunchInfo(rank, 2, rank, 2, "openmpi"))
+    rt = make_runtime(
+        cfg.train, cfg.federation, rank, 2, launch=LaunchInfo(rank, 2, rank, 2, launcher="openmpi")
+    )
     assert rt.group.ranks == (0, 1)
-    init_group_world(rank, 2, "127.0.0.1", port, "gloo", rank)
+    init_group_world(rank, 2, "127.0.0.1", port, backend="gloo", local_rank=rank)
     model, adapter, start, batches, kw = _setup()
     base, hooks = _base(model), _hooks(model)
     lora = {id(p) for p in _adapter_params(model)}
@@ -215,10 +221,12 @@ def group_main(out: str, port: int) -> None:
             held[kind] = (full + p.ds_numel, local + p.ds_tensor.numel(), now + p.data.numel())
 
     z3 = DeepSpeedTrainer(3, False, 4, runtime=rt).train(
-        model, adapter, 0, start, batches, tick=tick, **kw
+        model, adapter, 0, start, batches=batches, tick=tick, **kw
     )
     assert_plain(model, base, hooks)
-    z2 = DeepSpeedTrainer(2, False, 4, runtime=rt).train(model, adapter, 0, start, batches, **kw)
+    z2 = DeepSpeedTrainer(2, False, 4, runtime=rt).train(
+        model, adapter, 0, start, batches=batches, **kw
+    )
     np.savez(
         os.path.join(out, f"rank{rank}.npz"),
         z3=z3.vector,
@@ -258,8 +266,8 @@ def test_zero3_group_of_two_holds_half_the_base_and_matches_one_rank(tmp_path):
         assert now == full  # the adapter stays whole on every member
     np.testing.assert_array_equal(r0["z3"], r1["z3"])
     model, adapter, start, batches, kw = _setup()
-    ref = TorchTrainer().train(model, adapter, 0, start, batches, **kw)
-    one = DeepSpeedTrainer(3, False, 4).train(model, adapter, 0, start, batches, **kw)
+    ref = TorchTrainer().train(model, adapter, 0, start, batches=batches, **kw)
+    one = DeepSpeedTrainer(3, False, 4).train(model, adapter, 0, start, batches=batches, **kw)
     for got in (r0["z3"], r0["z2"]):
         assert_same_update(got, ref.vector, start)
     assert_same_update(r0["z3"], one.vector, start)

@@ -72,7 +72,7 @@ def unit_dir(root: str | Path, setting: str, beta: float, unit: int) -> Path:
     return partition_dir(root, setting, beta) / f"Task{unit + 1}"
 
 
-def client_file(root: str | Path, setting: str, beta: float, unit: int, client: int) -> Path:
+def client_file(root: str | Path, setting: str, beta: float, unit: int, *, client: int) -> Path:
     return unit_dir(root, setting, beta, unit) / f"client_{client}.json"
 
 
@@ -148,6 +148,7 @@ def prepare(
     out: str | Path,
     stages: list[list[str]],
     setting: str,
+    *,
     beta: float,
     num_clients: int,
     min_samples: int,
@@ -173,7 +174,7 @@ def prepare(
             samples += load_conversations(raw / n / "train.json", task_of[n], raw)
         perm = np.random.default_rng([seed, u, SALT_UNIT_SHUFFLE]).permutation(len(samples))
         samples = [samples[i] for i in perm]  # the stage's datasets concatenated and shuffled
-        shards = dirichlet_partition(len(samples), num_clients, beta, min_samples, [seed, u])
+        shards = dirichlet_partition(len(samples), num_clients, beta, min_samples, seed=[seed, u])
         d = unit_dir(out, setting, beta, u)
         if d.is_dir():  # no client file of an earlier partition stays behind
             for f in d.iterdir():
@@ -217,6 +218,7 @@ class LayoutData:
         stages: list[list[str]],
         setting: str,
         beta: float,
+        *,
         num_clients: int,
         image_root: str | Path | None = None,
     ):

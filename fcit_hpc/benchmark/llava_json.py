@@ -48,7 +48,7 @@ def _read_list(path: Path) -> list:
     return data
 
 
-def _image(path: Path, i: int, rec: dict, image_root: Path | None, check: bool) -> str | None:
+def _image(path: Path, i: int, rec: dict, image_root: Path | None, *, check: bool) -> str | None:
     img = rec.get("image")
     if img in (None, ""):
         return None
@@ -102,6 +102,7 @@ def load_conversations(
     task: int,
     image_root: str | Path | None = None,
     check_images: bool = True,
+    *,
     allow_empty: bool = False,
 ) -> list[Sample]:
     path = Path(path)
@@ -116,9 +117,9 @@ def load_conversations(
         if "conversations" not in rec:
             raise DataError(f"{path}: record {i}: missing 'conversations'")
         pairs = _turn_pairs(path, i, rec["conversations"])
-        image = _image(path, i, rec, root, check_images)
+        image = _image(path, i, rec, root, check=check_images)
         rid = str(rec.get("id", i))
-        out += [Sample(user_instruction(q), a, task, image, rid) for q, a in pairs]
+        out += [Sample(user_instruction(q), a, task, image, id=rid) for q, a in pairs]
     return out
 
 
@@ -144,8 +145,8 @@ def load_test(
                 user_instruction(rec["text"]),
                 json.dumps(ans) if isinstance(ans, list) else str(ans),
                 task,
-                _image(path, i, rec, root, check_images),
-                qid,
+                _image(path, i, rec, root, check=check_images),
+                id=qid,
             )
         )
     return out

@@ -86,7 +86,7 @@ def _template(r: np.random.Generator, templates) -> tuple[int, object]:
     return i, templates[i]
 
 
-def _options(r: np.random.Generator, correct: str, pool, n: int, inline: bool = False):
+def _options(r: np.random.Generator, correct: str, pool, n: int, *, inline: bool = False):
     """``n`` options: ``correct`` and n - 1 other members of ``pool``, in a random order. Returns
     (the options' text, the correct letter, the options): one ``A. x`` line each, or one line
     ``Options: A. x B. y ...`` when ``inline``."""
@@ -284,10 +284,10 @@ def g_arxivqa(r):
     i, (asked, q) = _template(r, ARXIVQA_Q)
     inline = bool(r.integers(2))
     if asked == "count":
-        opts = _options(r, str(k), [str(v) for v in range(1, 7)], 4, inline)
+        opts = _options(r, str(k), [str(v) for v in range(1, 7)], 4, inline=inline)
     else:
         best = cols[int(np.argmax(slopes) if asked == "max" else np.argmin(slopes))]
-        opts = _options(r, best, cols, k, inline)
+        opts = _options(r, best, cols, k, inline=inline)
     q, a, meta = _mc(i, asked, q, opts)
     meta["slopes"] = dict(zip(cols, slopes, strict=True))
     return img, q, a, meta
@@ -592,7 +592,7 @@ def write_raw(raw: str | Path, train: int, test: int, seed: int) -> Path:
                 rel = f"images/{name}/{split}_{i:05d}.png"
                 (raw / rel).parent.mkdir(parents=True, exist_ok=True)
                 img.save(raw / rel)
-                s = Sample(q, a, t, None, f"{name}-{split}-{i}")
+                s = Sample(q, a, t, None, id=f"{name}-{split}-{i}")
                 recs.append(to_conversation(s, rel) if split == "train" else to_test(s, rel))
             write_json(raw / name / f"{split}.json", recs)
     stamp.write_text(json.dumps({"recipe": h, "train": train, "test": test, "seed": seed}))

@@ -8,7 +8,7 @@ from fcit_hpc.errors import ConfigError
 from fcit_hpc.seeds import SALT_PARTITION
 
 
-def dirichlet_sizes(n: int, num_clients: int, beta: float, min_size: int, seed) -> np.ndarray:
+def dirichlet_sizes(n: int, num_clients: int, beta: float, min_size: int, *, seed) -> np.ndarray:
     """Client sizes: ``min_size`` each, the rest split by w ~ Dir(β·1) (largest remainders).
 
     Returns int64 [num_clients] summing to ``n``. Smaller β gives a wider spread of sizes.
@@ -36,8 +36,8 @@ class DirichletShards:
     sizes and one permutation (int64 [num_clients] + [n]), not as a list of shards: a client's
     shard is cut on request (:meth:`shard`), so 10,000 clients cost two arrays, not 10,000."""
 
-    def __init__(self, n: int, num_clients: int, beta: float, min_size: int, seed):
-        self.sizes = dirichlet_sizes(n, num_clients, beta, min_size, seed)
+    def __init__(self, n: int, num_clients: int, beta: float, min_size: int, *, seed):
+        self.sizes = dirichlet_sizes(n, num_clients, beta, min_size, seed=seed)
         self.perm = np.random.default_rng([*np.atleast_1d(seed), SALT_PARTITION]).permutation(n)
         self.bounds = np.concatenate([[0], np.cumsum(self.sizes)])
 
@@ -50,8 +50,8 @@ class DirichletShards:
 
 
 def dirichlet_partition(
-    n: int, num_clients: int, beta: float, min_size: int, seed
+    n: int, num_clients: int, beta: float, min_size: int, *, seed
 ) -> list[np.ndarray]:
     """Shuffled sample indices of ``n`` items split into ``num_clients`` shards (sizes above)."""
-    part = DirichletShards(n, num_clients, beta, min_size, seed)
+    part = DirichletShards(n, num_clients, beta, min_size, seed=seed)
     return [part.shard(c) for c in range(num_clients)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from fcit_hpc.errors import DataError
 
@@ -13,6 +13,7 @@ class DatasetInfo:
     group: str  # capability group: General | Chart | Math | Other
     answer_form: str
     scorer: str  # exact | substring | iou | caption
+    _: KW_ONLY
     image_root: str = "images"  # relative to the data root unless absolute
 
 

@@ -34,6 +34,7 @@ class Schedule:
         scenario: str,
         num_tasks: int,
         het: str,
+        *,
         seed: int,
         stages: list[list[int]] | None = None,
     ):

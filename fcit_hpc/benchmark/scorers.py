@@ -119,7 +119,9 @@ def _mean(xs) -> float:
     return 100.0 * sum(xs) / len(xs) if xs else 0.0
 
 
-def score(scorer: str, preds: list[str], answers: list, sizes=None, meteor: str = "java") -> float:
+def score(
+    scorer: str, preds: list[str], answers: list, sizes=None, *, meteor: str = "java"
+) -> float:
     """A dataset's score in [0, 100]; ``meteor``: config ``eval.caption_meteor`` (captions)."""
     if scorer == "exact":
         return exact_match(preds, answers)
@@ -153,19 +155,19 @@ def missing_dependencies(scorer: str, meteor: str = "java") -> list[str]:
     return out
 
 
-def check_scorers(cfg) -> None:
-    """Before any training: every scorer the run's datasets of all stages need can run here, or a
-    DependencyError (exit 2) naming the dataset and the package. ``cfg``: a Config."""
+def check_scorers(b, ev) -> None:
+    """Before any training: every scorer the datasets of all stages of benchmark section ``b``
+    need can run here (with eval section ``ev``: enabled, caption_meteor), or a DependencyError
+    (exit 2) naming the dataset and the package."""
     from fcit_hpc.benchmark.registry import DATASETS, stage_datasets
     from fcit_hpc.errors import DependencyError
 
-    b = cfg.benchmark
     if b.suite == "synthetic":  # the embedded suite is scored by exact match
         return
-    meteor = cfg.eval.caption_meteor
+    meteor = ev.caption_meteor
     names = dict.fromkeys(n for st in stage_datasets(b.setting, b.capability_order) for n in st)
     for name in names:
-        missing = missing_dependencies(DATASETS[name].scorer, meteor) if cfg.eval.enabled else []
+        missing = missing_dependencies(DATASETS[name].scorer, meteor) if ev.enabled else []
         if missing:
             raise DependencyError(
                 f"benchmark dataset {name} ({b.suite} suite, {DATASETS[name].scorer} scorer) "

@@ -86,6 +86,7 @@ def make_batches(
     samples: list[Sample],
     batch_size: int,
     max_len: int,
+    *,
     epochs: int,
     generator: torch.Generator,
     pack: bool = False,

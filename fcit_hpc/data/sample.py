@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 
 @dataclass(frozen=True)
@@ -15,4 +15,5 @@ class Sample:
     answer: str
     task: int
     image: str | None = None
+    _: KW_ONLY
     id: str | int = ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
@@ -39,6 +39,7 @@ class DecodeStats:
     prefill_tokens: int = 0  # prompt tokens (padding included) through the prefill
     decode_steps: int = 0  # forward passes of one token per row
     graph_steps: int = 0  # of which replayed from a CUDA graph
+    _: KW_ONLY
     captures: int = 0  # CUDA graphs captured
     caches: int = 0  # static caches allocated
     keys: list = field(default_factory=list)  # (B, L) of every capture

@@ -63,6 +63,7 @@ def greedy_batch(
     tok,
     instructions: list[str],
     max_new_tokens: int | list[int],
+    *,
     images: list[str | None] | None = None,
     decoder=None,
 ) -> list[str]:
@@ -112,7 +113,7 @@ def greedy_batch(
 def run_decoder(ctx):
     """The run's decoder (made at the first evaluation, kept on ``ctx`` for the run: its static
     cache and CUDA graph serve every later batch and stage); None for ``eval.decoder: hf``."""
-    ev = ctx.cfg.eval
+    ev = ctx.eval
     if ev.decoder == "hf":
         return None
     dec = getattr(ctx, "decoder", None)
@@ -142,8 +143,8 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
     batches of ``eval.batch_size`` consecutive samples of the share."""
     encoder, adapter = ctx.encoder, ctx.adapter
     mine = local_samples(ctx)
-    budgets = answer_budgets(ctx.tok, ctx.data.test, ctx.cfg.eval.max_new_tokens)
-    size = ctx.cfg.eval.batch_size
+    budgets = answer_budgets(ctx.tok, ctx.data.test, ctx.eval.max_new_tokens)
+    size = ctx.eval.batch_size
     decoder = run_decoder(ctx)
     out = []
     ctx.model.eval()
@@ -158,8 +159,8 @@ def predict_local(ctx, state) -> list[tuple[int, int, str]]:
             ctx.tok,
             [s.instruction for s in samples],
             [budgets[t] for t, _, _ in batch],
-            [s.image for s in samples],
-            decoder,
+            images=[s.image for s in samples],
+            decoder=decoder,
         )
         out += [(t, i, text) for (t, i, _), text in zip(batch, texts, strict=True)]
     adapter.set_activation(None)
@@ -189,7 +190,7 @@ def evaluate(ctx, state) -> StageEval | None:
         tests = data.test[t]
         p = [preds[(t, i)] for i in range(len(tests))]
         per_task.append(p)
-        answers, meteor = [s.answer for s in tests], ctx.cfg.eval.caption_meteor
+        answers, meteor = [s.answer for s in tests], ctx.eval.caption_meteor
         with phase("score"):
             acc[t] = score(data.scorers[t], p, answers, meteor=meteor) if tests else np.nan
     return StageEval(acc, per_task)

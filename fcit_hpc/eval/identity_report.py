@@ -15,6 +15,7 @@ def separation(
     instructions_per_task: dict[str, list[str]],
     client_size: int = 20,
     clients: int = 4,
+    *,
     seed: int = 0,
 ) -> dict:
     """Tokens of ``clients`` disjoint pseudo-clients of ``client_size`` samples per task."""

@@ -143,7 +143,8 @@ def method_section(st: RunState) -> list[str]:
     from fcit_hpc.config import config_from_yaml_text
     from fcit_hpc.methods import make_method
 
-    return make_method(config_from_yaml_text(st.config_yaml)).report_lines(st, _fmt)
+    cfg = config_from_yaml_text(st.config_yaml)
+    return make_method(cfg.method, cfg.lora).report_lines(st, _fmt)
 
 
 def _plots(run_dir: Path, st: RunState) -> list[Path]:

@@ -16,10 +16,11 @@ class Evaluation:
 
         return evaluate(ctx, view)
 
-    def finalize(self, cfg, st: RunState, data, method, encoder) -> None:
+    def finalize(self, st: RunState, ctx) -> None:
+        """The run's summary into ``st`` (server, at the end), from its context."""
         from fcit_hpc.eval.summary import finalize
 
-        finalize(cfg, st, data, method, encoder)
+        finalize(ctx, st)
 
     def report(self, run_dir: Path, st: RunState) -> None:
         from fcit_hpc.eval.report import write_report

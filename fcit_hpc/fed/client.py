@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fcit_hpc.data.batches import make_batches
+from fcit_hpc.fed.context import RunContext
 from fcit_hpc.fed.private_upload import noisy_token
 from fcit_hpc.fed.wire import pack_tokens, pack_updates
 from fcit_hpc.model.identity import sample_identity_token
@@ -27,7 +28,7 @@ __all__ = ["client_seed", "compute_tokens", "stage_end_uploads", "train_clients"
 IDENTITY_CACHE = 4096
 
 
-def identity_token(ctx, unit: int, client: int) -> tuple[np.ndarray, int]:
+def identity_token(ctx: RunContext, unit: int, client: int) -> tuple[np.ndarray, int]:
     """(μ_k float32 [D], sample count) of ``client``'s samples in data unit ``unit``, kept in
     ``ctx.identity_cache`` (an OrderedDict, the last ``IDENTITY_CACHE`` clients): the samples
     and the identity encoder (frozen whatever the training does) are the same every round, so a
@@ -47,13 +48,15 @@ def identity_token(ctx, unit: int, client: int) -> tuple[np.ndarray, int]:
     return mu.copy(), n
 
 
-def compute_tokens(ctx, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def compute_tokens(ctx: RunContext, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Identity tokens μ_k of this rank's clients, packed as token messages."""
-    dbg = ctx.cfg.debug
+    dbg = ctx.debug
     rows, vals = [], []
     for client, unit, _ in plan_rows:
         mu, n = identity_token(ctx, int(unit), int(client))
-        mu = noisy_token(ctx.cfg, mu, int(client), int(unit))
+        mu = noisy_token(
+            mu, std=ctx.privacy.token_noise, seed=ctx.seed, client=int(client), unit=int(unit)
+        )
         if client in dbg.nan_token_clients:
             mu[0] = np.nan
         if client in dbg.bad_token_clients:
@@ -63,22 +66,27 @@ def compute_tokens(ctx, plan_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pack_tokens(rows, vals, [ctx.compress.encode_token(v) for v in vals])
 
 
-def _client_batches(ctx, unit: int, client: int, seed: int, epochs: int):
+def _client_batches(ctx: RunContext, unit: int, client: int, *, seed: int, epochs: int):
     samples = ctx.data.client_samples(unit, client)
     gen = torch.Generator().manual_seed(seed)
-    c = ctx.cfg
-    t = c.train
+    t = ctx.train
     batches = make_batches(
-        ctx.tok, samples, t.batch_size, c.model.max_seq_len, epochs, gen, pack=t.packing
+        ctx.tok,
+        samples,
+        t.batch_size,
+        ctx.max_seq_len,
+        epochs=epochs,
+        generator=gen,
+        pack=t.packing,
     )
     return samples, batches
 
 
-def side_groups(ctx, view) -> list[Side]:
+def side_groups(ctx: RunContext, view) -> list[Side]:
     """The shared side parameters a client trains beside its subspaces, loaded at the global
     values, in upload order (:meth:`RunState.sides`): the LLaVA projector (its own learning
     rate) and the method's mixer (MoELoRA's routers, M-LoRA's scales; the LoRA learning rate)."""
-    t, sides = ctx.cfg.train, []
+    t, sides = ctx.train, []
     if ctx.projector_numel:
         set_projector(ctx.model, view.projector)
         sides.append(Side(projector_params(ctx.model), t.projector_lr, view.projector))
@@ -101,17 +109,17 @@ class SetupMark:
             self.t0 = None
 
 
-def train_one(ctx, k: int, start: np.ndarray, batches, view, tick=None):
+def train_one(ctx: RunContext, k: int, start: np.ndarray, batches, *, view, tick=None):
     """Local training of the subspaces a client assigned k trains (``start``: their global
     vectors concatenated), with the strategy's and the method's loss terms (the method's batch
     terms too) and the side parameters beside them. ``tick``: the trainer's timing hook."""
-    adapter, t = ctx.adapter, ctx.cfg.train
+    adapter, t = ctx.adapter, ctx.train
     ks = ctx.method.trained_subspaces(k)
     context = {i: view.adapter[i] for i in ctx.method.training_context(k)}
 
     def terms(params):
         return ctx.strategy.client_terms(params) + ctx.method.client_terms(
-            adapter, k, context, params, view
+            adapter, k, context, params, view=view
         )
 
     opt = LocalOpt(t.lr, t.weight_decay, t.warmup_ratio)
@@ -122,11 +130,11 @@ def train_one(ctx, k: int, start: np.ndarray, batches, view, tick=None):
         adapter,
         ks,
         start,
-        batches,
-        opt,
-        context,
-        terms,
-        sides,
+        batches=batches,
+        opt=opt,
+        context=context,
+        terms=terms,
+        sides=sides,
         tick=tick,
         batch_terms=batch_terms,
     )
@@ -142,7 +150,14 @@ def _debug_delta(dbg, client: int, delta: np.ndarray) -> np.ndarray:
 
 
 def train_clients(
-    ctx, stage: int, round_: int, plan_rows: np.ndarray, subspaces: dict, view, upload=None
+    ctx: RunContext,
+    stage: int,
+    round_: int,
+    plan_rows: np.ndarray,
+    *,
+    subspaces: dict,
+    view,
+    upload=None,
 ):
     """Train this rank's clients one after another, each from the global state ``view``; packed
     as update messages. Clients assigned subspace -1 (token rejected) train nothing. In a client
@@ -150,7 +165,7 @@ def train_clients(
     ``upload``: the round's :class:`~fcit_hpc.fed.private_upload.PrivateUpload` (drop-outs, DP,
     secure aggregation), None without them."""
     rows, deltas = [], []
-    dbg = ctx.cfg.debug
+    dbg = ctx.debug
     for client, unit, _ in plan_rows:
         client, unit = int(client), int(unit)
         k = subspaces[client]
@@ -158,11 +173,13 @@ def train_clients(
             continue
         with phase("train"):
             t0 = time.perf_counter()
-            seed = client_seed(ctx.cfg.seed, stage, round_, client)
+            seed = client_seed(ctx.seed, stage, round_, client)
             torch.manual_seed(seed)
-            samples, batches = _client_batches(ctx, unit, client, seed, ctx.cfg.train.local_epochs)
+            samples, batches = _client_batches(
+                ctx, unit, client, seed=seed, epochs=ctx.train.local_epochs
+            )
             start = np.concatenate([view.adapter[i] for i in ctx.method.trained_subspaces(k)])
-            res = train_one(ctx, k, start, batches, view, SetupMark(t0))
+            res = train_one(ctx, k, start, batches, view=view, tick=SetupMark(t0))
         # the update: the trained subspaces' deltas, then each side's (projector, mixer)
         parts = [(res.vector - start).astype(np.float32)]
         for vec, begin in zip(res.sides, view.sides().values(), strict=True):
@@ -182,23 +199,27 @@ def train_clients(
     return pack_updates(rows, deltas, encode_updates(ctx, rows, deltas, view))
 
 
-def encode_updates(ctx, rows: list[tuple], deltas: list[np.ndarray], view) -> list[np.ndarray]:
+def encode_updates(
+    ctx: RunContext, rows: list[tuple], deltas: list[np.ndarray], view
+) -> list[np.ndarray]:
     """Each update's payload for the wire, coded by the run's codecs (``compress``) with the
     client's error feedback (:mod:`fcit_hpc.fed.compress`)."""
     sides = {name: v.size for name, v in view.sides().items()}
     return [
-        ctx.compress.encode_update(c, ctx.method.trained_subspaces(k), ctx.adapter.numel, sides, d)
+        ctx.compress.encode_update(
+            c, ctx.method.trained_subspaces(k), ctx.adapter.numel, sides, delta=d
+        )
         for (c, k, *_), d in zip(rows, deltas, strict=True)
     ]
 
 
-def stage_end_uploads(ctx, stage: int, plan_rows: np.ndarray, view):
+def stage_end_uploads(ctx: RunContext, stage: int, plan_rows: np.ndarray, view):
     """The method's stage-end statistic (EWC: diagonal Fisher) of this rank's clients of the
     stage's last round, at the global adapter; packed as token messages."""
     rows, vals = [], []
     for client, unit, _ in plan_rows:
-        seed = client_seed(ctx.cfg.seed, stage, SALT_FISHER_ROUND, int(client))
-        samples, batches = _client_batches(ctx, int(unit), int(client), seed, 1)
+        seed = client_seed(ctx.seed, stage, SALT_FISHER_ROUND, int(client))
+        samples, batches = _client_batches(ctx, int(unit), int(client), seed=seed, epochs=1)
         vals.append(ctx.method.stage_end_upload(ctx.model, ctx.adapter, view, batches))
         rows.append((int(client), len(samples)))
     return pack_tokens(rows, vals)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fcit_hpc.config import CompressConfig
 from fcit_hpc.fed.codec import (
     Codec,
     CodecError,
@@ -37,8 +38,7 @@ class Compression:
     its clients of the current round (received before training); ``touched``: the ones its
     clients changed (sent back after)."""
 
-    def __init__(self, cfg, adapter_shape: tuple[int, int] = (0, 0)):
-        c = cfg.compress
+    def __init__(self, c: CompressConfig, adapter_shape: tuple[int, int] = (0, 0)):
         self.codec = UplinkCodec.from_config(c)
         self.download = Codec(c.download, c.block_size, c.topk_fraction)
         self.adapter_shape = adapter_shape  # (S_max, P) of the global adapter (the download)
@@ -52,7 +52,7 @@ class Compression:
     # --- client side ---------------------------------------------------------------------------
 
     def encode_update(
-        self, client: int, subspaces, numel: int, sides: dict[str, int], delta: np.ndarray
+        self, client: int, subspaces, numel: int, sides: dict[str, int], *, delta: np.ndarray
     ) -> np.ndarray:
         """A client's update (float32: its subspaces' deltas, then each side's) → payload,
         with its error-feedback residuals read and updated."""

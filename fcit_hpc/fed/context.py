@@ -1,72 +1,81 @@
-"""What every rank builds once per run: the model and its adapter, the data, the method, the
-federated strategy, the local trainer and the identity encoder."""
+"""What every rank holds for a run (:class:`RunContext`, built by ``fcit_hpc.run.build_context``),
+and the start-up collectives below it: the client groups' torch.distributed worlds and where the
+ranks run."""
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Protocol
 
 import torch
 
-from fcit_hpc.benchmark.suite import FederatedData, ensure_data
-from fcit_hpc.config import Config
-from fcit_hpc.errors import FcitError
+from fcit_hpc.benchmark.suite import FederatedData
+from fcit_hpc.config import (
+    DebugConfig,
+    EvalConfig,
+    FederationConfig,
+    LogConfig,
+    PrivacyConfig,
+    TrainConfig,
+)
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.compress import Compression
-from fcit_hpc.fed.strategies import Strategy, strategy_from_config
-from fcit_hpc.methods import make_method
+from fcit_hpc.fed.strategies import Strategy
 from fcit_hpc.methods.base import Method
-from fcit_hpc.model.build import build_model
-from fcit_hpc.model.identity import SampleEncoder, make_encoder
-from fcit_hpc.model.projector import projector_numel
-from fcit_hpc.runtime import Runtime, apply_runtime, make_runtime
+from fcit_hpc.model.identity import SampleEncoder
+from fcit_hpc.model.lora import SubspaceAdapter
+from fcit_hpc.model.tokenizer import Tokenizer
+from fcit_hpc.runtime import Runtime
+from fcit_hpc.train.base import LocalTrainer
 
 log = logging.getLogger("fcit")
 
 
+class Decoder(Protocol):
+    """The evaluation's greedy decoder (fcit_hpc.eval.decode.StaticGreedyDecoder)."""
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, **kw): ...
+
+
 @dataclass
 class RunContext:
-    cfg: Config
+    """What every rank builds once per run (``fcit_hpc.run.build_context``): the objects, and
+    the config sections the round, the clients, the server and evaluation read; never the
+    whole config (each function below gets the section it reads)."""
+
     comm: Comm
     runtime: Runtime
     model: torch.nn.Module
-    adapter: object  # SubspaceAdapter
-    tok: object  # ByteTokenizer | HFTokenizer
-    trainer: object  # LocalTrainer
+    adapter: SubspaceAdapter
+    _: KW_ONLY
+    tok: Tokenizer | None
+    trainer: LocalTrainer
     data: FederatedData
     method: Method
     strategy: Strategy
     encoder: SampleEncoder | None
+    compress: Compression
+    seed: int  # the run's seed: every draw derives from (seed, stage, round, client)
+    config_yaml: str  # the resolved config, stored in state.h5 (resume checks it)
+    federation: FederationConfig
+    train: TrainConfig
+    eval: EvalConfig
+    privacy: PrivacyConfig
+    log: LogConfig
+    debug: DebugConfig
+    max_seq_len: int  # model.max_seq_len: a training sample's token budget
     # values of the LLaVA projector that clients train beside LoRA (0: frozen or none)
     projector_numel: int = 0
     # values of the method's mixers (MoELoRA's routers, M-LoRA's scales; 0: none)
     mixer_numel: int = 0
     # the evaluation's greedy decoder (static KV cache, CUDA graph), made at the first
     # evaluation and kept for the run (fcit_hpc.eval.generate.run_decoder)
-    decoder: object = None
+    decoder: Decoder | None = None
     # identity tokens by (data unit, client), encoded once (fed.client.identity_token); the
     # last IDENTITY_CACHE clients' only, so a rank's memory stays flat with 10,000 clients
     identity_cache: OrderedDict = field(default_factory=OrderedDict)
-    # the upload codecs and this rank's error-feedback residuals (fed.compress.Compression)
-    compress: Compression | None = None
-
-
-def make_trainer(cfg: Config, runtime: Runtime):
-    """The local trainer of ``train.backend`` on the runtime's device and client group."""
-    if cfg.train.backend == "deepspeed":
-        from fcit_hpc.train.ds_trainer import DeepSpeedTrainer
-
-        t = cfg.train
-        return DeepSpeedTrainer(t.zero_stage, t.offload, t.batch_size, runtime=runtime)
-    from fcit_hpc.train.torch_trainer import TorchTrainer
-
-    return TorchTrainer(runtime)
-
-
-def runtime_for(cfg: Config, comm: Comm) -> Runtime:
-    """This rank's runtime (raises ConfigError, on every rank alike, when it cannot be met)."""
-    return make_runtime(cfg.train, cfg.federation, comm.rank, comm.size)
 
 
 def _free_port() -> int:
@@ -78,17 +87,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_group_worlds(cfg: Config, comm: Comm, rt: Runtime) -> None:
+def init_group_worlds(backend: str, comm: Comm, rt: Runtime) -> None:
     """The torch.distributed world of each client group. Every leader picks a free port on its
     host (or FCIT_DS_PORT_BASE + its rank when that variable is set); host names and ports reach
     the members through rank 0 (gather, broadcast), so two jobs on one node never collide.
-    DeepSpeed needs a world even for a group of one; plain torch only for groups of two or more."""
+    DeepSpeed (``backend``, train.backend) needs a world even for a group of one; plain torch
+    only for groups of two or more."""
     import os
     import socket
 
     import numpy as np
 
-    needs = cfg.train.backend == "deepspeed" or any(g.size > 1 for g in rt.groups)
+    needs = backend == "deepspeed" or any(g.size > 1 for g in rt.groups)
     if not needs:
         return
     base = os.environ.get("FCIT_DS_PORT_BASE")
@@ -112,7 +122,12 @@ def init_group_worlds(cfg: Config, comm: Comm, rt: Runtime) -> None:
     else:
         addr = "127.0.0.1"
     init_group_world(
-        g.ranks.index(rt.rank), g.size, addr, port, rt.dist_backend, rt.launch.local_rank
+        g.ranks.index(rt.rank),
+        g.size,
+        addr,
+        port,
+        backend=rt.dist_backend,
+        local_rank=rt.launch.local_rank,
     )
 
 
@@ -142,73 +157,3 @@ def host_summary(hosts: list[str]) -> str:
                 start = b
         parts.append(f"{h}: rank{'s' if len(ranks) > 1 else ''} {','.join(runs)}")
     return "; ".join(parts)
-
-
-def prepare_caches(cfg: Config, comm: Comm) -> None:
-    """One rank generates caches (data, embedded model); the others wait without spinning."""
-    if comm.is_root:
-        ensure_data(cfg)
-        if cfg.model.name == "embedded":
-            from fcit_hpc.model.embedded import ensure_embedded
-
-            ensure_embedded(log.info)  # one thread (its recipe); the other ranks sleep
-    comm.idle_barrier()
-
-
-def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> RunContext:
-    rt = runtime if runtime is not None else runtime_for(cfg, comm)
-    apply_runtime(rt)
-    hosts = _gather_hosts(comm)
-    if comm.is_root:
-        log.info("%d rank(s) on %d host(s): %s", comm.size, len(set(hosts)), host_summary(hosts))
-        log.info(
-            "runtime: %s, %s, %d rank(s), %d client group(s) of %d",
-            rt.device,
-            rt.precision,
-            comm.size,
-            len(rt.groups),
-            cfg.train.gpus_per_client,
-        )
-    torch.set_num_threads(cfg.train.num_threads)
-    prepare_caches(cfg, comm)
-    method = make_method(cfg)
-    model, adapter, tok = build_model(cfg, method.num_slots(), rt, method.slot_rank())
-    method.install(adapter)
-    data = FederatedData(cfg)
-    if comm.is_root:  # every stage's client files, before the first round (rank 0 reads them)
-        try:
-            data.check_files()
-        except FcitError as e:
-            e.rank_local = True  # the other ranks do not know: the job is aborted
-            raise
-    method.check_stages(data.num_stages)
-    encoder = None
-    if method.uses_identity:
-        encoder = SampleEncoder(
-            make_encoder(cfg.method, rt.device),
-            cfg.method.identity_source,
-            model,
-            tok.image_size,
-            rt.device,
-            pixels=tok.pixels if tok.num_image_tokens else None,
-        )
-    strategy = strategy_from_config(cfg.federation)
-    init_group_worlds(cfg, comm, rt)
-    trainer = make_trainer(cfg, rt)
-    proj = projector_numel(model) if method.trains and cfg.train.projector_lr > 0 else 0
-    return RunContext(
-        cfg,
-        comm,
-        rt,
-        model,
-        adapter,
-        tok,
-        trainer,
-        data,
-        method,
-        strategy,
-        encoder,
-        proj,
-        adapter.mixer_numel,
-        compress=Compression(cfg, (method.num_slots(), adapter.numel)),
-    )

@@ -11,7 +11,9 @@ from fcit_hpc.seeds import derive_seed
 SALT_DROPOUT = 5_003
 
 
-def dropped_clients(seed: int, stage: int, round_: int, trainers: list[int], share: float) -> set:
+def dropped_clients(
+    seed: int, stage: int, round_: int, trainers: list[int], *, share: float
+) -> set:
     """round(share · n) of the round's n training clients (sorted ids), drawn without
     replacement."""
     n = round(share * len(trainers))

@@ -17,19 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fcit_hpc.config import Config
 from fcit_hpc.errors import FcitError, Preempted
 from fcit_hpc.fed import preempt
 from fcit_hpc.fed.client import compute_tokens, stage_end_uploads, train_clients
 from fcit_hpc.fed.comm import Comm
-from fcit_hpc.fed.context import RunContext, build_context
+from fcit_hpc.fed.context import RunContext
 from fcit_hpc.fed.private_upload import SIDES_GROUP, PrivateUpload, secure_groups
 from fcit_hpc.fed.role import PrivateRound, Role
 from fcit_hpc.fed.secure_round import SecureRound
 from fcit_hpc.fed.server import Server
 from fcit_hpc.model.projector import set_projector
 from fcit_hpc.state.schema import MethodState, RunState
-from fcit_hpc.timers import phase, reset, take
+from fcit_hpc.timers import phase, take
 
 
 @contextmanager
@@ -44,21 +43,20 @@ def local_work() -> Iterator[None]:
 
 
 def run_federated(
-    cfg: Config, comm: Comm, run_dir: Path, state: RunState | None, evaluation, runtime=None
+    ctx: RunContext, run_dir: Path, state: RunState | None, evaluation
 ) -> RunState | None:
-    """Run (or continue, when ``state`` is given on rank 0) the whole schedule. ``evaluation``:
-    evaluates a stage on all ranks, summarises and reports the run (see ``fcit_hpc.eval.stage``).
-    ``runtime``: this rank's device and client group (made from the config when None).
-    Returns the final state on rank 0, None elsewhere."""
-    reset(sync=cfg.train.sync_timers)  # phase timers (fcit_hpc.timers), from here
-    with phase("startup"), preempt.phase("set-up (model, data)"):
-        ctx = build_context(cfg, comm, runtime)
+    """Run (or continue, when ``state`` is given on rank 0) the whole schedule on the run's
+    context (``fcit_hpc.run.build_context``). ``evaluation``: evaluates a stage on all ranks,
+    summarises and reports the run (see ``fcit_hpc.eval.stage``). Returns the final state on
+    rank 0, None elsewhere."""
+    comm = ctx.comm
+    with phase("startup"), preempt.phase("set-up (the server's state)"):
         role = Server(ctx, run_dir, state, evaluation) if comm.is_root else Role()
     cursor = comm.bcast_array(role.cursor())
     if cursor[2]:
         return role.finish(report_missing_only=True)  # killed after its end: report.md
     start_stage, last_round = int(cursor[0]), int(cursor[1])
-    num_rounds = cfg.federation.num_rounds if ctx.method.trains else 0
+    num_rounds = ctx.federation.num_rounds if ctx.method.trains else 0
     role.start_progress(start_stage, last_round, num_rounds)
     for stage in range(start_stage, ctx.data.num_stages):
         first = last_round + 1 if stage == start_stage else 0
@@ -72,7 +70,7 @@ def run_federated(
                 if comm.bcast_array(role.stage_end_todo(stage))[0]:
                     run_stage_end(ctx, role, stage, num_rounds - 1)
                     safe_point(ctx, role, stage, num_rounds)
-        if comm.bcast_array(role.needs_eval(stage))[0] and cfg.eval.enabled:
+        if comm.bcast_array(role.needs_eval(stage))[0] and ctx.eval.enabled:
             with phase("comm"):
                 view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method)
             for k in range(view.adapter.shape[0]):
@@ -92,7 +90,7 @@ def safe_point(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     """Between rounds (before round ``rnd`` of ``stage``; ``rnd`` = rounds per stage: before the
     stage's end and evaluation): all ranks stop here together when any was asked to
     (:mod:`~fcit_hpc.fed.preempt`); the last completed round is already stored."""
-    dbg = ctx.cfg.debug
+    dbg = ctx.debug
     if ctx.comm.is_root and dbg.hold_file and (stage, rnd) == (dbg.hold_stage, dbg.hold_round):
         preempt.hold(Path(dbg.hold_file), f"before stage {stage} round {rnd}")
     signame = preempt.agree(ctx.comm)
@@ -101,7 +99,7 @@ def safe_point(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
 
 
 def broadcast_view(
-    comm: Comm, st: RunState | None, mixer: bool = False, method=None, compress=None
+    comm: Comm, st: RunState | None, mixer: bool = False, method=None, *, compress=None
 ) -> RunState:
     """Every rank gets the global adapter, tokens, live count, projector, for a method with
     mixers (``mixer``) the mixer, and the arrays of the method's own state its clients need
@@ -127,7 +125,7 @@ def broadcast_view(
         adapter,
         tokens,
         np.zeros(len(tokens)),
-        np.zeros((0, 0)),
+        accuracy=np.zeros((0, 0)),
         num_subspaces=int(live[0]),
         projector=projector,
         mixer=np.asarray(mix, np.float32),
@@ -150,7 +148,9 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
     down0 = comm.bytes_broadcast  # everything broadcast from here on is this round's downlink
     with phase("comm"):
         plan = comm.bcast_array(role.plan(stage, rnd))
-        view = broadcast_view(comm, role.state(), ctx.mixer_numel > 0, ctx.method, ctx.compress)
+        view = broadcast_view(
+            comm, role.state(), ctx.mixer_numel > 0, ctx.method, compress=ctx.compress
+        )
     mine, lead = my_rows(ctx, plan)
     if ctx.method.uses_identity:  # DKO: identity tokens up, subspace assignment down
         with local_work(), phase("identity"):
@@ -168,13 +168,15 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         subspaces = {int(c): k for c in plan[:, 0]}
         role.use_subspace(k)
     with phase("comm"):
-        upload = private_upload(ctx, role, stage, rnd, subspaces, lead)
+        upload = private_upload(ctx, role, stage, rnd, subspaces=subspaces, lead=lead)
     feedback = ctx.compress.keeps_residuals  # error feedback: residuals to and from the clients
     if feedback:
         with phase("comm"):
             ctx.compress.receive(comm, role.residuals(plan))
     with local_work():
-        head, body = train_clients(ctx, stage, rnd, mine, subspaces, view, upload)
+        head, body = train_clients(
+            ctx, stage, rnd, mine, subspaces=subspaces, view=view, upload=upload
+        )
     with phase("comm"):
         heads = comm.gatherv(head)
         bodies = comm.gatherv(body)
@@ -182,27 +184,49 @@ def run_round(ctx: RunContext, role: Role, stage: int, rnd: int) -> None:
         if feedback:
             role.keep_residuals(ctx.compress.send_back(comm))
     # every rank's phase seconds to rank 0 (not counted as round traffic: no part of the method)
-    role.end_round(stage, rnd, plan, heads, bodies, t0, down0, comm.gatherv(take()), private)
+    role.end_round(
+        stage,
+        rnd,
+        plan,
+        heads,
+        values=bodies,
+        t0=t0,
+        down0=down0,
+        phases=comm.gatherv(take()),
+        private=private,
+    )
 
 
-def private_upload(ctx: RunContext, role: Role, stage: int, rnd: int, subspaces, lead):
+def private_upload(ctx: RunContext, role: Role, stage: int, rnd: int, *, subspaces, lead):
     """The round's privacy steps on the uploads (None without drop-outs, DP or secure
     aggregation): the clip bound from the server, secure aggregation's key advertisement and
     key sharing (docs/privacy.md)."""
-    cfg, comm = ctx.cfg, ctx.comm
-    p = cfg.privacy
-    if p.dp == "off" and not p.secagg and cfg.federation.dropout == 0:
+    comm, p = ctx.comm, ctx.privacy
+    if p.dp == "off" and not p.secagg and ctx.federation.dropout == 0:
         return None
     clip = float(comm.bcast_array(role.dp_clip())[0]) if p.dp != "off" else 0.0
     secure = None
     if p.secagg:
         sides = ctx.projector_numel + ctx.mixer_numel > 0
         groups = secure_groups(subspaces, ctx.method.trained_subspaces, sides)
-        secure = SecureRound(comm, cfg, stage, rnd, groups, lead[:, 0])
+        secure = SecureRound(
+            comm, p, seed=ctx.seed, stage=stage, round_=rnd, groups=groups, mine=lead[:, 0]
+        )
         secure.advertise_keys()
         secure.share_keys()
     numel, trained = ctx.adapter.numel, ctx.method.trained_subspaces
-    return PrivateUpload(cfg, stage, rnd, subspaces, clip, secure, numel, trained)
+    return PrivateUpload(
+        p,
+        seed=ctx.seed,
+        stage=stage,
+        round_=rnd,
+        dropout=ctx.federation.dropout,
+        subspaces=subspaces,
+        clip=clip,
+        secure=secure,
+        numel=numel,
+        trained=trained,
+    )
 
 
 def private_results(ctx: RunContext, upload, subspaces) -> PrivateRound | None:
@@ -211,7 +235,7 @@ def private_results(ctx: RunContext, upload, subspaces) -> PrivateRound | None:
     if upload is None:
         return None
     comm = ctx.comm
-    norms = comm.gatherv(upload.norm_rows()) if ctx.cfg.privacy.dp != "off" else None
+    norms = comm.gatherv(upload.norm_rows()) if ctx.privacy.dp != "off" else None
     sums, sent = None, {}
     if upload.secure is not None:
         sec = upload.secure

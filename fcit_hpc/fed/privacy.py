@@ -72,7 +72,13 @@ def delta_multiplier(z: float, count_std: float) -> float:
 
 
 def next_clip(
-    bound: float, clipped_bits: list[int], count_std: float, lr: float, quantile: float, seed: int
+    bound: float,
+    clipped_bits: list[int],
+    count_std: float,
+    lr: float,
+    *,
+    quantile: float,
+    seed: int,
 ) -> float:
     """C ← C·exp(−η_C (b̄ − γ)), b̄ = (Σ b_i + N(0, σ_b²)) / m; b_i = 1[‖Δ_i‖ ≤ C]."""
     m = len(clipped_bits)
@@ -94,7 +100,7 @@ def noisy_token(mu: np.ndarray, std: float, seed: int) -> np.ndarray:
 # --- accounting ---------------------------------------------------------------------------------
 
 
-def epsilon(z: float, q: float, steps: int, delta: float, orders=None) -> float:
+def epsilon(z: float, q: float, steps: int, delta: float, *, orders=None) -> float:
     """ε at δ of ``steps`` compositions of a Poisson-subsampled (rate q) Gaussian of noise
     multiplier z, by dp-accounting's RDP accountant (``orders``: its default grid when None);
     0 for no steps, inf for z = 0."""

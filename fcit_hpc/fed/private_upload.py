@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcit_hpc.config import PrivacyConfig
 from fcit_hpc.fed import privacy
 from fcit_hpc.fed.dropout import dropped_clients
 from fcit_hpc.seeds import derive_seed
@@ -27,19 +28,22 @@ def secure_groups(subspaces: dict[int, int], trained, sides: bool) -> dict[int, 
     return groups
 
 
-def round_dropouts(cfg, stage: int, round_: int, subspaces: dict[int, int]) -> set[int]:
-    """The clients of the round that train and do not upload (``federation.dropout``)."""
+def round_dropouts(
+    subspaces: dict[int, int], *, seed: int, stage: int, round_: int, dropout: float
+) -> set[int]:
+    """The clients of the round that train and do not upload (``dropout``:
+    ``federation.dropout``)."""
     trainers = [c for c, k in subspaces.items() if k >= 0]
-    return dropped_clients(cfg.seed, stage, round_, trainers, cfg.federation.dropout)
+    return dropped_clients(seed, stage, round_, trainers, share=dropout)
 
 
-def noisy_token(cfg, mu: np.ndarray, client: int, unit: int) -> np.ndarray:
-    """The identity token as it leaves the client: with ``privacy.token_noise`` σ_t > 0, clipped
-    to norm 1 plus N(0, σ_t²), the same noise every round (seeded by client and data unit)."""
-    std = cfg.privacy.token_noise
+def noisy_token(mu: np.ndarray, *, std: float, seed: int, client: int, unit: int) -> np.ndarray:
+    """The identity token as it leaves the client: with ``std`` (``privacy.token_noise``) σ_t >
+    0, clipped to norm 1 plus N(0, σ_t²), the same noise every round (seeded by the run's
+    ``seed``, client and data unit)."""
     if std <= 0:
         return mu
-    seed = derive_seed(cfg.seed, client, unit, privacy.SALT_DP_TOKEN)
+    seed = derive_seed(seed, client, unit, privacy.SALT_DP_TOKEN)
     return privacy.noisy_token(mu, std, seed)
 
 
@@ -49,19 +53,24 @@ class PrivateUpload:
 
     def __init__(
         self,
-        cfg,
+        p: PrivacyConfig,
+        *,
+        seed: int,
         stage: int,
         round_: int,
+        dropout: float,
         subspaces,
         clip: float,
         secure=None,
         numel: int = 0,
         trained=None,
     ):
-        self.cfg, self.p = cfg, cfg.privacy
+        self.p, self.seed = p, seed
         self.stage, self.round, self.clip = stage, round_, clip
         self.secure, self.numel, self.trained = secure, numel, trained
-        self.dropped = round_dropouts(cfg, stage, round_, subspaces)
+        self.dropped = round_dropouts(
+            subspaces, seed=seed, stage=stage, round_=round_, dropout=dropout
+        )
         self.norms: list[tuple[int, float]] = []
 
     def prepare(self, client: int, k: int, samples: int, delta: np.ndarray):
@@ -74,7 +83,7 @@ class PrivateUpload:
             delta, norm = privacy.clip(delta, self.clip)
             self.norms.append((client, norm))
             if self.p.dp == "local":
-                keys = (self.cfg.seed, self.stage, self.round, client)
+                keys = (self.seed, self.stage, self.round, client)
                 delta = privacy.local_noise(delta, self.p.dp_noise, self.clip, keys)
         if self.secure is None:
             return delta

@@ -67,6 +67,7 @@ class Role:
         round_: int,
         plan,
         heads,
+        *,
         values,
         t0: float,
         down0: int,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -166,6 +166,7 @@ class Member:
     group: int
     sk1: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     sk2: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    _: KW_ONLY
     b: bytes = field(default_factory=lambda: os.urandom(KEY_BYTES))
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner → (sk1, b) shares
 
@@ -209,7 +210,7 @@ class Member:
         """Stage 3: y_u = x_u + PRG(b_u) ± PRG(s_uv) (uint64, mod 2^64)."""
         y = x + prg(self.b, b"self|%d" % self.group, x.size)
         for v in neighbours:
-            m = pair_mask(self.sk1, keys[v][:32], self.group, self.client, v, x.size)
+            m = pair_mask(self.sk1, keys[v][:32], self.group, self.client, b=v, n=x.size)
             y = y + m if self.client < v else y - m
         return y
 
@@ -223,7 +224,7 @@ class Member:
         return out
 
 
-def pair_mask(sk1, other_pk1: bytes, group: int, a: int, b: int, n: int) -> np.ndarray:
+def pair_mask(sk1, other_pk1: bytes, group: int, a: int, *, b: int, n: int) -> np.ndarray:
     """PRG(s_ab), s_ab = X25519(sk1_a, pk1_b) = X25519(sk1_b, pk1_a)."""
     shared = sk1.exchange(X25519PublicKey.from_public_bytes(other_pk1))
     return prg(shared, _pair_info(group, a, b), n)
@@ -237,6 +238,7 @@ def unmask_sum(
     graph: dict[int, list[int]],
     keys: dict[int, bytes],
     masked: dict[int, np.ndarray],
+    *,
     shares: list[tuple[int, int, int, bytes]],
     t_frac: float,
     n: int,
@@ -271,6 +273,6 @@ def unmask_sum(
         sk = X25519PrivateKey.from_private_bytes(rebuild(d, 0))
         for u in graph[d]:
             if u in masked:  # y_u carried +PRG(s_ud) when u < d, −PRG(s_ud) otherwise
-                m = pair_mask(sk, keys[u][:32], group, d, u, n)
+                m = pair_mask(sk, keys[u][:32], group, d, b=u, n=n)
                 total = total - m if u < d else total + m
     return total

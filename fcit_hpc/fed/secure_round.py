@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcit_hpc.config import PrivacyConfig
 from fcit_hpc.fed import secagg as sa
 from fcit_hpc.seeds import derive_seed
 
@@ -52,9 +53,19 @@ class SecureRound:
     as the server). ``groups``: group → sorted member ids (the whole round); ``mine``: the
     clients this rank reports."""
 
-    def __init__(self, comm, cfg, stage: int, round_: int, groups: dict[int, list[int]], mine):
-        self.comm, self.p = comm, cfg.privacy
-        self.seed, self.stage, self.round = cfg.seed, stage, round_
+    def __init__(
+        self,
+        comm,
+        p: PrivacyConfig,
+        *,
+        seed: int,
+        stage: int,
+        round_: int,
+        groups: dict[int, list[int]],
+        mine,
+    ):
+        self.comm, self.p = comm, p
+        self.seed, self.stage, self.round = seed, stage, round_
         self.groups = groups
         mine = set(int(c) for c in mine)
         self.members = {
@@ -65,7 +76,7 @@ class SecureRound:
         self.masked: list[tuple[int, int, np.ndarray]] = []
         self.sent: dict[int, int] = {}  # server: client → bytes it uploaded for the protocol
 
-    def _count(self, heads, bodies, width: int, col: int, size) -> None:
+    def _count(self, heads, bodies, width: int, col: int, *, size) -> None:
         """Server: add each gathered row (and its item's bytes) to its client's uploads."""
         if heads is None:
             return
@@ -91,7 +102,7 @@ class SecureRound:
             blobs.append(m.public_keys())
         heads = self.comm.gatherv(_rows(rows, 2).reshape(-1))
         bodies = self.comm.gatherv(_bytes(blobs))
-        self._count(heads, bodies, 2, 0, lambda r: 64)
+        self._count(heads, bodies, 2, 0, size=lambda r: 64)
         table = (
             (np.concatenate(heads) if heads is not None else None),
             (np.concatenate(bodies) if bodies is not None else None),
@@ -112,7 +123,7 @@ class SecureRound:
                 blobs.append(blob)
         heads = self.comm.gatherv(_rows(rows, 4).reshape(-1))
         bodies = self.comm.gatherv(_bytes(blobs))
-        self._count(heads, bodies, 4, 0, lambda r: r[3])
+        self._count(heads, bodies, 4, 0, size=lambda r: r[3])
         head = self.comm.bcast_array(np.concatenate(heads) if heads is not None else None)
         body = self.comm.bcast_array(np.concatenate(bodies) if bodies is not None else None)
         for row, blob in _split([head], [body], 4, lambda r: int(r[3])):
@@ -138,7 +149,7 @@ class SecureRound:
         )
         heads = self.comm.gatherv(_rows(rows, 3).reshape(-1))
         bodies = self.comm.gatherv(body)
-        self._count(heads, bodies, 3, 0, lambda r: 8 * r[2])
+        self._count(heads, bodies, 3, 0, size=lambda r: 8 * r[2])
         if heads is None:
             return None
         out: dict[int, dict[int, np.ndarray]] = {}
@@ -177,7 +188,7 @@ class SecureRound:
                 blobs.append(share)
         heads = self.comm.gatherv(_rows(rows, 5).reshape(-1))
         bodies = self.comm.gatherv(_bytes(blobs))
-        self._count(heads, bodies, 5, 0, lambda r: sa.SHARE_BYTES)
+        self._count(heads, bodies, 5, 0, size=lambda r: sa.SHARE_BYTES)
         if heads is None:
             return None
         shares: dict[int, list] = {}
@@ -193,9 +204,9 @@ class SecureRound:
                 self.graph(g),
                 self.keys[g],
                 masked[g],
-                shares.get(g, []),
-                self.p.secagg_threshold,
-                sizes[g],
+                shares=shares.get(g, []),
+                t_frac=self.p.secagg_threshold,
+                n=sizes[g],
             )
             sums[g] = sa.decode(ring, self.p.secagg_frac_bits)
         return sums

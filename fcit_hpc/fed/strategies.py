@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class ServerOptConfig:
     eta: float = 1e-3
     tau: float = 1e-3
     beta1: float = 0.9
+    _: KW_ONLY
     beta2: float = 0.99
     momentum: float = 0.9
     prox_mu: float = 0.0

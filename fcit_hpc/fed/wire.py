@@ -23,7 +23,7 @@ server's to accept or reject per client.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def raw_values(numel: int, payload: np.ndarray) -> np.ndarray:
     return np.frombuffer(payload[:usable].tobytes(), VALUE_DTYPE)
 
 
-def _count(row: np.ndarray, fields: tuple[str, ...], name: str, where: str, low: int = 0) -> int:
+def _count(row: np.ndarray, fields: tuple[str, ...], name: str, where: str, *, low: int = 0) -> int:
     """Field ``name`` of a header row as an integer >= ``low``; WireError when it is not one."""
     v = row[fields.index(name)]
     if not (np.isfinite(v) and v == np.floor(v) and low <= v < 2**53):
@@ -74,7 +74,7 @@ def _count(row: np.ndarray, fields: tuple[str, ...], name: str, where: str, low:
     return int(v)
 
 
-def _items(kind: str, heads, bodies, fields: tuple[str, ...], size: str, ints: dict[str, int]):
+def _items(kind: str, heads, bodies, fields: tuple[str, ...], *, size: str, ints: dict[str, int]):
     """(where, header row, its integer fields, its slice of the body) for every item of every
     rank's message, the framing checked (module docstring). ``ints``: field -> its lowest value."""
     if len(heads) != len(bodies):
@@ -92,7 +92,7 @@ def _items(kind: str, heads, bodies, fields: tuple[str, ...], size: str, ints: d
         for i, row in enumerate(rows):
             where = f"rank {rank}: {kind} {i}"
             items.append(
-                (where, row, {f: _count(row, fields, f, where, lo) for f, lo in ints.items()})
+                (where, row, {f: _count(row, fields, f, where, low=lo) for f, lo in ints.items()})
             )
         announced = sum(n[size] for _, _, n in items)
         if announced != b.size:
@@ -128,6 +128,7 @@ class Update:
     subspace: int
     samples: int
     loss: float
+    _: KW_ONLY
     seconds: float
     steps: int
     delta: np.ndarray  # float32 [numel] decoded (as sent: may be malformed)
@@ -168,12 +169,12 @@ def unpack_updates(
             n["subspace"],
             n["samples"],
             float(r[3]),
-            float(r[4]),
-            n["steps"],
-            decode(r, p),
-            wire_nbytes(r, p),
+            seconds=float(r[4]),
+            steps=n["steps"],
+            delta=decode(r, p),
+            nbytes=wire_nbytes(r, p),
         )
-        for _, r, n, p in _items("update", heads, values, UPDATE_FIELDS, "nbytes", ints)
+        for _, r, n, p in _items("update", heads, values, UPDATE_FIELDS, size="nbytes", ints=ints)
     ]
     _senders("update", [u.client for u in out], planned)
     out.sort(key=lambda u: u.client)
@@ -219,7 +220,7 @@ def unpack_tokens(
     ints = {"client": 0, "samples": 1, "size": 0, "nbytes": 0}
     out = [
         TokenUpload(n["client"], n["samples"], decode(n["size"], p), wire_nbytes(r, p))
-        for _, r, n, p in _items("token", heads, values, TOKEN_FIELDS, "nbytes", ints)
+        for _, r, n, p in _items("token", heads, values, TOKEN_FIELDS, size="nbytes", ints=ints)
     ]
     _senders("token", [u.client for u in out], planned)
     return sorted(out, key=lambda e: e.client)
@@ -240,7 +241,7 @@ def unpack_residuals(heads, bodies) -> dict[tuple[int, int], np.ndarray]:
     ints = {"client": 0, "part": 0, "size": 0}
     return {
         (n["client"], n["part"]): np.array(v, VALUE_DTYPE)
-        for _, _, n, v in _items("residual", heads, bodies, RESIDUAL_FIELDS, "size", ints)
+        for _, _, n, v in _items("residual", heads, bodies, RESIDUAL_FIELDS, size="size", ints=ints)
     }
 
 
@@ -261,7 +262,9 @@ def unpack_predictions(heads, bodies) -> dict[tuple[int, int], str]:
     """Gathered per-rank (header, body) → (task, index) → text (framing and UTF-8 checked)."""
     ints = {"task": 0, "index": 0, "nbytes": 0}
     out = {}
-    for where, _, n, b in _items("prediction", heads, bodies, PREDICTION_FIELDS, "nbytes", ints):
+    for where, _, n, b in _items(
+        "prediction", heads, bodies, PREDICTION_FIELDS, size="nbytes", ints=ints
+    ):
         key = (n["task"], n["index"])
         if key in out:
             raise WireError(f"{where}: task {key[0]} sample {key[1]} sent twice")

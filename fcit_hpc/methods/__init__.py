@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from fcit_hpc.config import LoraConfig, MethodConfig
 from fcit_hpc.registry import METHODS
 
 
@@ -12,5 +13,8 @@ def method_class(name: str):
     return getattr(importlib.import_module(f"fcit_hpc.methods.{module}"), cls)
 
 
-def make_method(cfg):
-    return method_class(cfg.method.name)(cfg)
+def make_method(method: MethodConfig, lora: LoraConfig):
+    """The method of ``method.name`` with its own settings (taken from the ``method`` section)
+    and the ``lora`` section."""
+    cls = method_class(method.name)
+    return cls(cls.settings_class.of(method), lora)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fcit_hpc.config import Config
+from fcit_hpc.config import LoraConfig, MethodConfig, ModelConfig
 from fcit_hpc.errors import ConfigError, StateError
 from fcit_hpc.host import to_host
 from fcit_hpc.state.schema import MethodState
@@ -22,6 +23,29 @@ ACTIONS = {
     FULL: "full->nearest",
     SMALL: "small->nearest",
 }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A method's own settings: the fields of the config's ``method`` section that it reads
+    (a subclass per method, in the method's file, with the section's field names); the base
+    reads none. :meth:`of` takes them from the section."""
+
+    @classmethod
+    def of(cls, section: MethodConfig) -> Settings:
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class IdentitySettings(Settings):
+    """The identity encoder of a method whose clients upload identity tokens
+    (``uses_identity``; fcit_hpc.model.identity.make_encoder)."""
+
+    identity_encoder: str
+    identity_dim: int
+    identity_source: str
+    encoder_path: str
+    open_clip_model: str
 
 
 @dataclass
@@ -55,6 +79,10 @@ class Method:
       them;
     - inference: :meth:`set_inference` gates the subspaces for a batch of test samples;
     - export: :meth:`export` writes PEFT adapters where the method's adapter is one.
+
+    A method gets its own settings (:attr:`settings_class`, the ``method`` section's fields it
+    reads) and the ``lora`` section, nothing else of the run's config; :meth:`check_trainer`
+    refuses a trainer it cannot work with.
     """
 
     name = "base"
@@ -63,9 +91,14 @@ class Method:
     has_stage_end = False  # a stage-end phase after the last round of every stage (EWC's Fisher)
     stage_end_label = "stage-end upload"  # how logs name a client's stage-end statistic
     client_arrays: tuple[str, ...] = ()  # arrays of its state every rank gets each round
+    settings_class: type[Settings] = Settings
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, settings: Settings, lora: LoraConfig):
+        self.settings, self.lora = settings, lora
+
+    def check_trainer(self, backend: str, zero_stage: int) -> None:
+        """Raise a ConfigError when the method cannot train with this trainer
+        (``train.backend``, ``train.zero_stage``)."""
 
     def num_slots(self) -> int:
         """S_max: subspaces allocated in the global adapter."""
@@ -134,7 +167,7 @@ class Method:
     def slot_rank(self) -> int:
         """The rank of each slot (lora.lora_r; the single LoRA of :class:`SingleLoRA` methods
         has DISCO's whole budget). The scaling stays lora_alpha / lora_r at any rank."""
-        return self.cfg.lora.lora_r
+        return self.lora.lora_r
 
     def check_stages(self, num_stages: int) -> None:
         """Raise a ConfigError when the method cannot run this many stages."""
@@ -166,7 +199,7 @@ class Method:
         """Subspaces that act (frozen) beside subspace k while it is trained."""
         return ()
 
-    def client_terms(self, adapter, k: int, context: dict, params: list, view) -> list:
+    def client_terms(self, adapter, k: int, context: dict, params: list, *, view) -> list:
         """Zero-argument loss terms a client adds while training subspace k (``params``, loaded
         at the global values; ``context``: the frozen subspaces; ``view``: the global state)."""
         return []
@@ -188,17 +221,23 @@ class Method:
         """Server: merge the accepted (values, samples) uploads of the stage into ``st``."""
         raise NotImplementedError
 
+    def activation(self, features: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """An identity method's gate α [M, S] of instruction features [M, D] over the live
+        identity tokens [S, D] (DISCO: SSA's), for the run's activation map."""
+        raise NotImplementedError(f"{self.name} has no identity gate")
+
     def set_inference(self, adapter, state, features: np.ndarray | None) -> None:
         """Configure the adapter for a batch of B test samples (features: their identity
         features [B, D], None without an identity encoder); a per-sample gate is α [B, S_live]."""
         adapter.train_subspace(0)
 
-    def export(self, cfg: Config, st, out_dir: Path, alpha: np.ndarray | None) -> list[Path]:
-        """Write the run's adapters as PEFT LoRA adapters (``fcit export``); returns their
-        folders. A ValueError says why a method's adapter cannot be written so."""
+    def export(self, model: ModelConfig, st, out_dir: Path, alpha: np.ndarray | None) -> list[Path]:
+        """Write the run's adapters as PEFT LoRA adapters (``fcit export``) on the base model of
+        ``model``; returns their folders. A ValueError says why a method's adapter cannot be
+        written so."""
         from fcit_hpc.model.export import export_adapters
 
-        return export_adapters(cfg, st, out_dir, alpha, self.slot_rank())
+        return export_adapters(model, self.lora, st, out_dir, alpha=alpha, rank=self.slot_rank())
 
 
 class SingleLoRA(Method):
@@ -207,8 +246,13 @@ class SingleLoRA(Method):
     budget S_max x r, as every method of the paper has rank 64; ``r`` gives it one subspace's."""
 
     def slot_rank(self) -> int:
-        lc = self.cfg.lora
+        lc = self.lora
         return lc.max_subspaces * lc.lora_r if lc.single_rank == "budget" else lc.lora_r
+
+
+@dataclass(frozen=True)
+class MixtureSettings(Settings):
+    experts: int
 
 
 class Mixture(Method):
@@ -217,9 +261,9 @@ class Mixture(Method):
     budget is DISCO's, S_max subspaces of rank r; its R = S_max·r rows form E =
     ``method.experts`` experts of rank R/E each."""
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        lc, e = cfg.lora, cfg.method.experts
+    def __init__(self, settings: MixtureSettings, lora: LoraConfig):
+        super().__init__(settings, lora)
+        lc, e = lora, settings.experts
         budget = lc.max_subspaces * lc.lora_r
         if budget % e:
             raise ConfigError(
@@ -230,8 +274,10 @@ class Mixture(Method):
         self.experts = e
         self.expert_rank = budget // e
 
+    settings_class = MixtureSettings
+
     def num_slots(self) -> int:
-        return self.cfg.lora.max_subspaces
+        return self.lora.max_subspaces
 
     def trained_subspaces(self, k: int) -> tuple[int, ...]:
         return tuple(range(self.num_slots()))

@@ -12,10 +12,21 @@ under that share of the round's samples, is not created; the client joins its ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fcit_hpc.host import to_host
-from fcit_hpc.methods.base import ACTIONS, FULL, MATCHED, NEW, SMALL, DkoDecision, Method
+from fcit_hpc.methods.base import (
+    ACTIONS,
+    FULL,
+    MATCHED,
+    NEW,
+    SMALL,
+    DkoDecision,
+    IdentitySettings,
+    Method,
+)
 
 __all__ = [
     "ACTIONS",
@@ -55,6 +66,7 @@ def dko_assign(
     counts: np.ndarray,
     live: int,
     clients: list[int],
+    *,
     tokens: list[np.ndarray],
     samples: list[int],
     tau: float,
@@ -74,14 +86,44 @@ def dko_assign(
     (same inputs, nothing demoted) and is kept: one pass, not two.
     """
     if min_cluster_frac <= 0:
-        return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, set())
+        return _dko_pass(
+            G,
+            counts,
+            live,
+            clients,
+            tokens=tokens,
+            samples=samples,
+            tau=tau,
+            full_policy=full_policy,
+            small=set(),
+        )
     G1, counts1 = G.copy(), counts.copy()
-    first, live1 = _dko_pass(G1, counts1, live, clients, tokens, samples, tau, "nearest", set())
+    first, live1 = _dko_pass(
+        G1,
+        counts1,
+        live,
+        clients,
+        tokens=tokens,
+        samples=samples,
+        tau=tau,
+        full_policy="nearest",
+        small=set(),
+    )
     small = small_singletons(first, samples, min_cluster_frac)
     if not small and (full_policy == "nearest" or all(d.action != FULL for d in first)):
         G[:], counts[:] = G1, counts1
         return first, live1
-    return _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small)
+    return _dko_pass(
+        G,
+        counts,
+        live,
+        clients,
+        tokens=tokens,
+        samples=samples,
+        tau=tau,
+        full_policy=full_policy,
+        small=small,
+    )
 
 
 def small_singletons(
@@ -101,7 +143,7 @@ def small_singletons(
     }
 
 
-def _dko_pass(G, counts, live, clients, tokens, samples, tau, full_policy, small: set[int]):
+def _dko_pass(G, counts, live, clients, *, tokens, samples, tau, full_policy, small: set[int]):
     """One DKO pass in client-id order (updates ``G``, ``counts``). Vectorised over clients and
     subspaces: the similarities of every client to the tokens as they are at the start are one
     product (:func:`cosines`, [n, S_max]); the walk in client order, which the method defines
@@ -167,29 +209,43 @@ def ssa_activation(features: np.ndarray, G: np.ndarray, epsilon: float, mode: st
     return to_host(ssa_gate(f, g, epsilon, mode))
 
 
+@dataclass(frozen=True)
+class DiscoSettings(IdentitySettings):
+    tau: float  # DKO's matching threshold
+    full_policy: str  # when lora.max_subspaces is reached: nearest | error
+    min_cluster_frac: float  # DKO's small-cluster guard
+    epsilon: float  # SSA's softmax temperature
+    ssa: str  # SSA's gate: softmax | cosine | argmax | concat
+
+
 class Disco(Method):
     """DISCO = DKO on the server + SSA at inference (registered as ``method.name: disco``)."""
 
     name = "disco"
     uses_identity = True
+    settings_class = DiscoSettings
 
     def num_slots(self) -> int:
-        return self.cfg.lora.max_subspaces
+        return self.lora.max_subspaces
 
     def assign(self, state, clients, tokens, samples):
-        m = self.cfg.method
+        m = self.settings
         decisions, state.num_subspaces = dko_assign(
             state.tokens,
             state.token_counts,
             state.num_subspaces,
             clients,
-            tokens,
-            samples,
-            m.tau,
-            m.full_policy,
-            m.min_cluster_frac,
+            tokens=tokens,
+            samples=samples,
+            tau=m.tau,
+            full_policy=m.full_policy,
+            min_cluster_frac=m.min_cluster_frac,
         )
         return decisions
+
+    def activation(self, features: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """SSA's gate α [M, S] of instruction features [M, D] over the live tokens [S, D]."""
+        return ssa_activation(features, tokens, self.settings.epsilon, self.settings.ssa)
 
     # --- the DKO diagnostics, its own state (fcit_hpc.methods.dko_diagnostics) ---
     def init_state(self, numel):
@@ -212,9 +268,11 @@ class Disco(Method):
         from fcit_hpc.methods.dko_diagnostics import stage_gate_mass, stored
 
         if features is not None:
-            m, (samples, task_unit, gate) = self.cfg.method, stored(st)
+            m, (samples, task_unit, gate) = self.settings, stored(st)
             tokens = st.tokens[: st.num_subspaces]
-            gate[stage] = stage_gate_mass(features(), tokens, samples, task_unit, m.epsilon, m.ssa)
+            gate[stage] = stage_gate_mass(
+                features(), tokens, samples, task_unit, epsilon=m.epsilon, mode=m.ssa
+            )
 
     def eval_records(self, st, stage, task_names):
         from fcit_hpc.methods.dko_diagnostics import stage_record
@@ -239,6 +297,5 @@ class Disco(Method):
         if live == 0:
             adapter.train_subspace(None)
             return
-        m = self.cfg.method
-        alpha = ssa_activation(features, state.tokens[:live], m.epsilon, m.ssa)
+        alpha = self.activation(features, state.tokens[:live])
         adapter.set_activation(torch.from_numpy(alpha))

@@ -103,7 +103,9 @@ def overall_gate_mass(row: np.ndarray, counts: np.ndarray, task_unit: np.ndarray
     return float(row[use].mean()) if use.any() else float("nan")
 
 
-def stage_gate_mass(features, tokens, counts, task_unit, epsilon: float, mode: str) -> np.ndarray:
+def stage_gate_mass(
+    features, tokens, counts, task_unit, *, epsilon: float, mode: str
+) -> np.ndarray:
     """float64 [tasks]: mean gate mass per test task (NaN: no tests). ``features``: per task the
     test samples' identity features [M_t, D] (None: no tests); ``tokens``: the live G [S, D]."""
     from fcit_hpc.methods.disco import ssa_activation
@@ -140,6 +142,7 @@ def dko_record(
     counts: np.ndarray,
     live: int,
     gate_row: np.ndarray,
+    *,
     task_unit: np.ndarray,
     task_names: list[str],
 ) -> dict:
@@ -179,7 +182,14 @@ def stage_record(st: RunState, stage: int, task_names: list[str]) -> str:
     """The dko line of an evaluated stage, from the stored state alone (also on resume)."""
     samples, task_unit, gate = stored(st)
     counts = samples_from_clients(st.clients, *samples.shape, stage=stage)
-    rec = dko_record(stage, counts, live_after(st, stage), gate[stage], task_unit, list(task_names))
+    rec = dko_record(
+        stage,
+        counts,
+        live_after(st, stage),
+        gate[stage],
+        task_unit=task_unit,
+        task_names=list(task_names),
+    )
     return json.dumps(rec)
 
 

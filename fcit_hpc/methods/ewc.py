@@ -6,13 +6,15 @@ the adapter of that stage (online EWC with γ = 1)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from fcit_hpc.data.batches import packed_kwargs
 from fcit_hpc.errors import StateError
 from fcit_hpc.host import to_host
-from fcit_hpc.methods.base import SingleLoRA
+from fcit_hpc.methods.base import Settings, SingleLoRA
 from fcit_hpc.state.schema import MethodState
 
 
@@ -41,12 +43,17 @@ def fisher_diagonal(model, adapter, vec, batches) -> np.ndarray:
     return to_host(torch.cat([a.reshape(-1) / n for a in acc]))
 
 
-def ewc_terms(adapter, params, fisher: np.ndarray, anchor: np.ndarray, lam: float) -> list:
+def ewc_terms(adapter, params, fisher: np.ndarray, anchor: np.ndarray, *, lam: float) -> list:
     """The EWC loss term over ``params`` (none when there is no Fisher yet or λ = 0)."""
     if not fisher.size or lam <= 0:
         return []
     f, a = adapter.unflatten(fisher), adapter.unflatten(anchor)
     return [lambda: ewc_term(params, f, a, lam)]
+
+
+@dataclass(frozen=True)
+class EwcSettings(Settings):
+    ewc_lambda: float  # penalty weight λ
 
 
 class EWC(SingleLoRA):
@@ -57,6 +64,7 @@ class EWC(SingleLoRA):
     has_stage_end = True
     stage_end_label = "Fisher"
     client_arrays = ("fisher", "anchor")
+    settings_class = EwcSettings
 
     def init_state(self, numel):
         empty = np.zeros(0, np.float32)
@@ -76,10 +84,10 @@ class EWC(SingleLoRA):
     def stage_end_done(self, ms, stage):
         return ms.counters["stages"] > stage
 
-    def client_terms(self, adapter, k, context, params, view):
+    def client_terms(self, adapter, k, context, params, *, view):
         ms = view.method
-        lam = self.cfg.method.ewc_lambda
-        return ewc_terms(adapter, params, ms.arrays["fisher"], ms.arrays["anchor"], lam)
+        lam = self.settings.ewc_lambda
+        return ewc_terms(adapter, params, ms.arrays["fisher"], ms.arrays["anchor"], lam=lam)
 
     def stage_end_upload(self, model, adapter, view, batches):
         return fisher_diagonal(model, adapter, view.adapter[0], batches)  # float32

@@ -29,12 +29,14 @@ one, not the previous stage's (the main job freezes it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from fcit_hpc.data.batches import packed_kwargs
 from fcit_hpc.errors import ConfigError, StateError
-from fcit_hpc.methods.base import SingleLoRA
+from fcit_hpc.methods.base import Settings, SingleLoRA
 from fcit_hpc.state.schema import MethodState
 
 
@@ -57,7 +59,7 @@ class Distillation:
     subspace is swapped for the previous adapter and restored exactly); then the term is
     λ · :func:`distill_sum`."""
 
-    def __init__(self, model, adapter, previous: np.ndarray, lam: float, temperature: float):
+    def __init__(self, model, adapter, previous: np.ndarray, lam: float, *, temperature: float):
         self.model, self.adapter = model, adapter
         self.previous, self.lam, self.t = previous, lam, temperature
         self.old_logits = None
@@ -80,13 +82,19 @@ class Distillation:
         return self.lam * distill_sum(logits, old, batch["labels"], self.t)
 
 
+@dataclass(frozen=True)
+class LwfSettings(Settings):
+    lwf_lambda: float  # distillation weight λ
+    lwf_temperature: float  # distillation temperature T
+
+
 class LwF(SingleLoRA):
     name = "lwf"
     client_arrays = ("previous",)
+    settings_class = LwfSettings
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 3:
+    def check_trainer(self, backend, zero_stage):
+        if backend == "deepspeed" and zero_stage == 3:
             raise ConfigError(
                 "train.zero_stage: LwF loads the previous adapter into the trained LoRA for its "
                 "teacher's forward, which needs whole parameters; use zero_stage 0, 1 or 2"
@@ -109,7 +117,7 @@ class LwF(SingleLoRA):
 
     def batch_terms(self, model, adapter, k, view):
         prev = view.method.arrays["previous"]
-        m = self.cfg.method
+        m = self.settings
         if not prev.size or m.lwf_lambda <= 0:
             return []
-        return [Distillation(model, adapter, prev, m.lwf_lambda, m.lwf_temperature)]
+        return [Distillation(model, adapter, prev, m.lwf_lambda, temperature=m.lwf_temperature)]

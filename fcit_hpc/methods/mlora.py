@@ -17,12 +17,13 @@ scales; the server averages both, sample-weighted. The sum is one LoRA of rank S
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fcit_hpc.methods.base import Mixture
+from fcit_hpc.methods.base import Mixture, MixtureSettings
 
 
 class ModuleScales(nn.Module):
@@ -44,11 +45,17 @@ def _uniform(shape, fan_in: int, generator) -> torch.Tensor:
     return torch.rand(shape, generator=generator) * (2 * bound) - bound
 
 
+@dataclass(frozen=True)
+class MLoraSettings(MixtureSettings):
+    mlora_scaling: str  # scalar (per module) | vector (per module and output feature)
+
+
 class MLoRA(Mixture):
     name = "mlora"
+    settings_class = MLoraSettings
 
     def make_mixer(self, layer) -> ModuleScales:
-        width = 1 if self.cfg.method.mlora_scaling == "scalar" else layer.base.out_features
+        width = 1 if self.settings.mlora_scaling == "scalar" else layer.base.out_features
         return ModuleScales(self.experts, width, layer.lora_A[0].device)
 
     def initial_weights(self, adapter, generator):
@@ -68,7 +75,7 @@ class MLoRA(Mixture):
                     b_cat[:, k * r : (k + 1) * r].reshape(-1).numpy()
                 )
             off += na + nb
-            width += self.experts * (1 if self.cfg.method.mlora_scaling == "scalar" else n_out)
+            width += self.experts * (1 if self.settings.mlora_scaling == "scalar" else n_out)
         return vecs, np.zeros(width, np.float32)
 
     def merged(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +91,20 @@ class MLoRA(Mixture):
                 b_cat[:, j * n : (j + 1) * n] *= g[j].unsqueeze(-1)  # [K, 1]: scalar or per row
         return a_cat, b_cat
 
-    def export(self, cfg, st, out_dir, alpha):
+    def export(self, model, st, out_dir, alpha):
         """One exact PEFT adapter ``merged/`` of rank S_max·r (the scales folded into B)."""
         from fcit_hpc.model.build import build_model
         from fcit_hpc.model.export import export_lora
 
         if alpha is not None:
             raise ValueError("--alpha: M-LoRA weighs its modules by its learned scales")
-        _, adapter, _ = build_model(cfg, self.num_slots())
+        _, adapter, _ = build_model(model, self.lora, self.num_slots())
         self.install(adapter)
         for k in range(self.num_slots()):
             adapter.set(k, st.adapter[k])
         adapter.set_mixer(st.mixer)
         weights = {n: self.merged(m) for n, m in zip(adapter.names, adapter.layers, strict=True)}
         rank = self.num_slots() * adapter.r
-        return [export_lora(cfg, st, out_dir, "merged", weights, rank)]
+        return [
+            export_lora(model, self.lora, st, out_dir, name="merged", weights=weights, rank=rank)
+        ]

@@ -58,7 +58,7 @@ class MoELoRA(Mixture):
             parts.append(w.reshape(-1))
         return vecs, to_host(torch.cat(parts))
 
-    def export(self, cfg, st, out_dir, alpha):
+    def export(self, model, st, out_dir, alpha):
         raise ValueError(
             "MoELoRA mixes its experts with a per-token router (a softmax of the layer input), "
             "which a PEFT LoRA adapter cannot express; nothing was exported"

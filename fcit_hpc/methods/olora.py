@@ -5,10 +5,12 @@ orthogonal to the earlier ones. At inference every learned subspace is used with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fcit_hpc.errors import ConfigError
-from fcit_hpc.methods.base import Method
+from fcit_hpc.methods.base import Method, Settings
 
 
 def ortho_term(news, olds, lam: float) -> torch.Tensor:
@@ -29,11 +31,17 @@ def ortho_terms(adapter, k: int, context: dict, lam: float) -> list:
     return [lambda: ortho_term(news, olds, lam)]
 
 
+@dataclass(frozen=True)
+class OLoraSettings(Settings):
+    olora_lambda: float  # orthogonality weight λ1
+
+
 class OLoRA(Method):
     name = "olora"
+    settings_class = OLoraSettings
 
     def num_slots(self) -> int:
-        return self.cfg.lora.max_subspaces
+        return self.lora.max_subspaces
 
     def check_stages(self, num_stages: int) -> None:
         if num_stages > self.num_slots():
@@ -48,8 +56,8 @@ class OLoRA(Method):
     def training_context(self, k: int) -> tuple[int, ...]:
         return tuple(range(k))
 
-    def client_terms(self, adapter, k, context, params, view):
-        return ortho_terms(adapter, k, context, self.cfg.method.olora_lambda)
+    def client_terms(self, adapter, k, context, params, *, view):
+        return ortho_terms(adapter, k, context, self.settings.olora_lambda)
 
     def set_inference(self, adapter, state, features) -> None:
         live = max(1, state.num_subspaces)

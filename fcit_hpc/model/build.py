@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from fcit_hpc.config import Config
+from fcit_hpc.config import LoraConfig, ModelConfig
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.model.hf_configs import llama_config, llava_config
-from fcit_hpc.model.liger import apply_liger, resolve_ops
+from fcit_hpc.model.liger import apply_liger
 from fcit_hpc.model.lora import SubspaceAdapter, inject_subspace_lora
 from fcit_hpc.model.tokenizer import ByteTokenizer
 
@@ -99,13 +99,12 @@ def _shape_init(model: torch.nn.Module, seed: int, std: float) -> None:
             p.fill_(1.0 if name.endswith("weight") else 0.0)
 
 
-def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32, device=None):
+def build_base_model(m: ModelConfig, dtype: torch.dtype = torch.float32, device=None):
     """A Hugging Face causal LM in ``dtype`` (weights frozen later). Random models are drawn in
     float32 from ``model.init_seed`` and then cast, so every precision starts from the same
     weights; ``hf-shape`` models are drawn in ``dtype`` on ``device`` (:func:`shape_model`)."""
     from transformers import LlamaForCausalLM
 
-    m = cfg.model
     if m.name == "hf-shape":
         return shape_model(resolve_path(m.path), m.init_seed, dtype, device)
     if m.name == "embedded":
@@ -141,7 +140,11 @@ def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32, device=Non
         except OSError as e:
             raise ConfigError(f"model.path: {path}: cannot load the weights ({e})") from None
     text_cfg = llama_config(
-        m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, max(128, m.max_seq_len * 2)
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_layers,
+        m.num_heads,
+        max_positions=max(128, m.max_seq_len * 2),
     )
     state = torch.random.get_rng_state()
     torch.manual_seed(m.init_seed)
@@ -156,29 +159,41 @@ def build_base_model(cfg: Config, dtype: torch.dtype = torch.float32, device=Non
     return model.to(dtype)
 
 
-def build_model(cfg: Config, num_subspaces: int, runtime=None, rank: int | None = None):
-    """(model, adapter, tokenizer): base model with subspace LoRA injected into the FFN linears,
-    ``num_subspaces`` (S_max, the method's slots) blocks of rank ``rank`` each (lora.lora_r by
-    default; the scaling stays lora_alpha / lora_r at any rank), placed on the runtime's device
-    in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`), with the Liger kernels
-    of ``train.liger`` (:mod:`fcit_hpc.model.liger`); the CPU in float32 without a runtime."""
+def build_model(
+    m: ModelConfig,
+    lc: LoraConfig,
+    num_subspaces: int,
+    *,
+    runtime=None,
+    rank: int | None = None,
+    liger_ops: tuple[str, ...] = (),
+    train_projector: bool = False,
+):
+    """(model, adapter, tokenizer): the base model of ``m`` with subspace LoRA (``lc``) injected
+    into the FFN linears, ``num_subspaces`` (S_max, the method's slots) blocks of rank ``rank``
+    each (lora.lora_r by default; the scaling stays lora_alpha / lora_r at any rank), placed on
+    the runtime's device in its dtype (LoRA weights float32: see :mod:`fcit_hpc.model.lora`),
+    with the Liger kernels ``liger_ops`` (:func:`fcit_hpc.model.liger.resolve_ops`); the CPU in
+    float32 without a runtime. ``train_projector``: the LLaVA projector is trained (kept float32
+    under a lower precision)."""
     dtype = runtime.dtype if runtime is not None else torch.float32
-    model = build_base_model(cfg, dtype, runtime.device if runtime is not None else None)
+    model = build_base_model(m, dtype, runtime.device if runtime is not None else None)
     model.eval()
-    lc = cfg.lora
     s_max = num_subspaces
     r = lc.lora_r if rank is None else rank
     alpha = lc.lora_alpha * r / lc.lora_r
-    layers = inject_subspace_lora(model, set(lc.target_modules), r, alpha, lc.lora_dropout, s_max)
-    if runtime is not None and runtime.dtype != torch.float32 and cfg.train.projector_lr > 0:
+    layers = inject_subspace_lora(
+        model, set(lc.target_modules), r, alpha, dropout=lc.lora_dropout, s_max=s_max
+    )
+    if runtime is not None and runtime.dtype != torch.float32 and train_projector:
         keep_projector_fp32(model, runtime.dtype)
     if runtime is not None:
         model.to(runtime.device)
-        apply_liger(model, resolve_ops(cfg.train, runtime.device))
+        apply_liger(model, liger_ops)
         if runtime.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-    tok = make_tokenizer(cfg)
-    _check_image_tokens(model, tok, cfg.model.path)
+    tok = make_tokenizer(m)
+    _check_image_tokens(model, tok, m.path)
     return model, SubspaceAdapter(layers), tok
 
 
@@ -234,11 +249,10 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
-def make_tokenizer(cfg: Config):
+def make_tokenizer(m: ModelConfig):
     """Byte-level for the embedded and tiny models (with image tokens for the LLaVA ones), the
     checkpoint's own tokenizer for ``model.name: hf``; none for ``hf-shape`` (a config has no
     vocabulary: `fcit bench train` draws token ids)."""
-    m = cfg.model
     if m.name == "hf-shape":
         return None
     if m.name == "embedded":

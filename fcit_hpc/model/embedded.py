@@ -123,7 +123,7 @@ def model_config(overrides: dict | None = None):
     """The Hugging Face LlavaConfig of the embedded model."""
     r = {**RECIPE, **(overrides or {})}
     text = llama_config(
-        r["hidden_size"], r["intermediate_size"], r["num_layers"], r["num_heads"], 256
+        r["hidden_size"], r["intermediate_size"], r["num_layers"], r["num_heads"], max_positions=256
     )
     return llava_config(text, r["vision_hidden_size"], r["image_size"], r["patch_size"])
 
@@ -196,7 +196,7 @@ def heldout_loss(model_dir: Path, recipe: dict | None = None, n: int = 256) -> f
     with tempfile.TemporaryDirectory() as tmp:
         samples = [_general_sample(rng, Path(tmp), i) for i in range(n)]
         gen = torch.Generator().manual_seed(0)
-        batches = make_batches(tok, samples, 32, r["max_seq_len"], 1, gen)
+        batches = make_batches(tok, samples, 32, r["max_seq_len"], epochs=1, generator=gen)
         with torch.no_grad():
             losses = [float(model(**b).loss) * len(b["input_ids"]) for b in batches]
     return sum(losses) / n
@@ -221,7 +221,9 @@ def _pretrain(r: dict, out: Path, log) -> Path:
     gen = torch.Generator().manual_seed(r["seed"])
     batches = []
     while len(batches) < r["steps"]:
-        batches += make_batches(tok, corpus, r["batch_size"], r["max_seq_len"], 1, gen)
+        batches += make_batches(
+            tok, corpus, r["batch_size"], r["max_seq_len"], epochs=1, generator=gen
+        )
     model.train()
 
     def step(i, loss):
@@ -233,7 +235,12 @@ def _pretrain(r: dict, out: Path, log) -> Path:
             log(f"embedded model pre-training: step {i}/{r['steps']} loss {loss.item():.3f}")
 
     run_steps(
-        batches[: r["steps"]], opt.param_groups, r["lr"], 0.05, lambda b: model(**b).loss, step
+        batches[: r["steps"]],
+        opt.param_groups,
+        r["lr"],
+        0.05,
+        forward=lambda b: model(**b).loss,
+        step=step,
     )
     model.eval().save_pretrained(tmp)
     shutil.rmtree(tmp / "corpus")

@@ -15,24 +15,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fcit_hpc.config import Config
+from fcit_hpc.config import LoraConfig, ModelConfig
 from fcit_hpc.model.build import build_base_model, build_model
 from fcit_hpc.model.projector import projector_name
 from fcit_hpc.state.schema import RunState
 
 
-def _peft_model(cfg: Config, r: int, lora_alpha: float, projector: np.ndarray | None = None):
+def _peft_model(
+    model: ModelConfig,
+    lora: LoraConfig,
+    *,
+    r: int,
+    lora_alpha: float,
+    projector: np.ndarray | None = None,
+):
     """A PEFT LoRA model of the base; with ``projector`` (the run's trained LLaVA projector) the
     projector is a ``modules_to_save`` module holding those weights."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    base = build_base_model(cfg)
+    base = build_base_model(model)
     name = projector_name(base) if projector is not None and projector.size else None
-    lc = LoraConfig(
+    lc = PeftLoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=0.0,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=list(lora.target_modules),
         modules_to_save=[name.split(".")[-1]] if name else None,
     )
     pm = get_peft_model(base, lc)
@@ -66,25 +74,34 @@ def _fill(peft_model, names, weights) -> None:
 
 
 def export_lora(
-    cfg: Config, st: RunState, out_dir: str | Path, name: str, weights: dict, rank: int
+    model: ModelConfig,
+    lora: LoraConfig,
+    st: RunState,
+    out_dir: str | Path,
+    *,
+    name: str,
+    weights: dict,
+    rank: int,
 ) -> Path:
     """Write the base model (``base/``) and one PEFT LoRA adapter ``name/`` of rank ``rank`` from
     per-layer (A [rank, in], B [out, rank]), keeping the run's scaling alpha / r (and carrying
     its trained projector). Returns the adapter's folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_base_model(cfg).save_pretrained(out / "base")
-    r, la = cfg.lora.lora_r, cfg.lora.lora_alpha
-    pm = _peft_model(cfg, rank, la / r * rank, st.projector)
+    build_base_model(model).save_pretrained(out / "base")
+    r, la = lora.lora_r, lora.lora_alpha
+    pm = _peft_model(model, lora, r=rank, lora_alpha=la / r * rank, projector=st.projector)
     _fill(pm, list(weights), weights)
     pm.save_pretrained(out / name)
     return out / name
 
 
 def export_adapters(
-    cfg: Config,
+    model: ModelConfig,
+    lora: LoraConfig,
     st: RunState,
     out_dir: str | Path,
+    *,
     alpha: np.ndarray | None = None,
     rank: int | None = None,
 ) -> list[Path]:
@@ -98,14 +115,14 @@ def export_adapters(
             raise ValueError(f"--alpha: expected {live} finite weights, got {alpha.tolist()}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, adapter, _ = build_model(cfg, st.adapter.shape[0], rank=rank)
+    _, adapter, _ = build_model(model, lora, st.adapter.shape[0], rank=rank)
     for k in range(st.adapter.shape[0]):
         adapter.set(k, st.adapter[k])
-    build_base_model(cfg).save_pretrained(out / "base")
+    build_base_model(model).save_pretrained(out / "base")
     r = adapter.r
-    la = cfg.lora.lora_alpha * r / cfg.lora.lora_r  # the run's scaling alpha / r
+    la = lora.lora_alpha * r / lora.lora_r  # the run's scaling alpha / r
     written = []
-    pm = _peft_model(cfg, r, la, st.projector)
+    pm = _peft_model(model, lora, r=r, lora_alpha=la, projector=st.projector)
     for k in range(live):
         _fill(
             pm,
@@ -119,7 +136,9 @@ def export_adapters(
         written.append(out / f"subspace_{k}")
     if alpha is not None:
         a = torch.from_numpy(alpha).repeat_interleave(r)  # [S·r]
-        pm = _peft_model(cfg, r * live, la / r * (r * live), st.projector)
+        pm = _peft_model(
+            model, lora, r=r * live, lora_alpha=la / r * (r * live), projector=st.projector
+        )
         weights = {}
         for n, m in zip(adapter.names, adapter.layers, strict=True):
             A_cat = torch.cat(list(m.lora_A[:live]), 0)  # [S·r, in]

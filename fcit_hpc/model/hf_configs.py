@@ -5,7 +5,7 @@ from __future__ import annotations
 from fcit_hpc.model.tokenizer import IMAGE, VOCAB_SIZE
 
 
-def llama_config(hidden: int, intermediate: int, layers: int, heads: int, max_positions: int):
+def llama_config(hidden: int, intermediate: int, layers: int, heads: int, *, max_positions: int):
     """LlamaConfig over the byte vocabulary (pad 0, bos 1, eos 2), untied embeddings."""
     from transformers import LlamaConfig
 

@@ -154,17 +154,18 @@ class OpenCLIPEncoder:
         return stack_features(parts, self.dim)
 
 
-def make_encoder(method_cfg, device: torch.device = CPU):
-    """The identity encoder named by ``method.identity_encoder``, its model on ``device``."""
-    name = method_cfg.identity_encoder
+def make_encoder(settings, device: torch.device = CPU):
+    """The identity encoder named by ``settings.identity_encoder``, its model on ``device``
+    (``settings``: the method's identity settings, fields named as the ``method`` section's)."""
+    name = settings.identity_encoder
     if name == "hashing":
-        return HashingEncoder(method_cfg.identity_dim)
+        return HashingEncoder(settings.identity_dim)
     if name == "minilm":
         return MiniLMEncoder(device)
     if name == "clip":
-        return CLIPTextEncoder(method_cfg.encoder_path, device)
+        return CLIPTextEncoder(settings.encoder_path, device)
     if name == "open_clip":
-        return OpenCLIPEncoder(method_cfg.open_clip_model, method_cfg.encoder_path, device)
+        return OpenCLIPEncoder(settings.open_clip_model, settings.encoder_path, device)
     raise ValueError(f"method.identity_encoder: unknown {name!r}")
 
 
@@ -198,6 +199,7 @@ class SampleEncoder:
         source: str = "text",
         model=None,
         image_size: int = 0,
+        *,
         device: torch.device = CPU,
         batch_size: int = ENCODE_BATCH,
         pixels=None,

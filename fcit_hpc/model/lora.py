@@ -167,7 +167,7 @@ class SubspaceLoRALinear(nn.Module):
     Inference (SSA): all live subspaces, weighted per sample by ``alpha`` [B, S_live].
     """
 
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float, s_max: int):
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float, *, s_max: int):
         super().__init__()
         self.base = base
         for p in base.parameters():  # the base model is never trained
@@ -244,7 +244,7 @@ class SubspaceLoRALinear(nn.Module):
         return self.mode.forward(self, x)
 
 
-def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_max):
+def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, *, dropout, s_max):
     """Replace every nn.Linear whose name ends with one of ``targets`` by a SubspaceLoRALinear.
 
     Only the language model's FFN linears are targeted by default (gate/up/down). Base weights are
@@ -257,7 +257,7 @@ def inject_subspace_lora(model: nn.Module, targets, r, lora_alpha, dropout, s_ma
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and child_name in targets:
-                layer = SubspaceLoRALinear(child, r, lora_alpha, dropout, s_max)
+                layer = SubspaceLoRALinear(child, r, lora_alpha, dropout, s_max=s_max)
                 setattr(module, child_name, layer)
                 found.append((full, layer))
     missing = sorted(set(targets) - {full.rsplit(".", 1)[-1] for full, _ in found})

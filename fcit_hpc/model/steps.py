@@ -14,7 +14,7 @@ def lr_at(step: int, total: int, base_lr: float, warmup_ratio: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def run_steps(batches, param_groups, base_lr: float, warmup_ratio: float, forward, step):
+def run_steps(batches, param_groups, base_lr: float, warmup_ratio: float, *, forward, step):
     """The training loop every trainer shares: per batch, the scheduled learning rate into the
     optimizer's ``param_groups``, ``loss = forward(batch)``, then ``step(i, loss)`` (backward and
     optimizer step, plus whatever the caller adds). Returns the task losses (floats), read from

@@ -134,3 +134,6 @@ class HFLlavaTokenizer(HFTokenizer):
             img = sq
         out = self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
         return out.float()
+
+
+Tokenizer = ByteTokenizer | HFTokenizer  # what a run's model speaks (HFLlavaTokenizer is an HF one)

@@ -53,7 +53,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
@@ -150,6 +150,7 @@ class RunState:
     adapter: np.ndarray  # float32 [S_max, P]
     tokens: np.ndarray  # float32 [S_max, D]
     token_counts: np.ndarray  # float64 [S_max]
+    _: KW_ONLY
     accuracy: np.ndarray  # float64 [stages, tasks]
     num_subspaces: int = 0
     stage: int = 0

@@ -173,7 +173,14 @@ class LocalTrainer:
         return self.runtime.device if self.runtime is not None else torch.device("cpu")
 
     def session(
-        self, model, params, lr: float, weight_decay: float, start=None, sides: Sequence[Side] = ()
+        self,
+        model,
+        params,
+        lr: float,
+        weight_decay: float,
+        *,
+        start=None,
+        sides: Sequence[Side] = (),
     ) -> LocalSession:
         """``start``: the exact float32 values of ``params`` (a backend that keeps master
         weights apart from the module starts them from these); ``sides``: parameters trained
@@ -221,6 +228,7 @@ class LocalTrainer:
         adapter,
         k: int | Sequence[int],
         start: np.ndarray,
+        *,
         batches,
         opt: LocalOpt,
         context: dict | None = None,
@@ -242,7 +250,7 @@ class LocalTrainer:
             for p in s.params:
                 p.requires_grad_(True)
         sess = self.session(
-            model, params, opt.lr, opt.weight_decay, split_like(params, start), sides
+            model, params, opt.lr, opt.weight_decay, start=split_like(params, start), sides=sides
         )
         if tick is not None:
             tick()
@@ -272,7 +280,9 @@ class LocalTrainer:
 
         try:
             groups = sess.param_groups
-            losses = run_steps(batches, groups, opt.lr, opt.warmup_ratio, forward, step)
+            losses = run_steps(
+                batches, groups, opt.lr, opt.warmup_ratio, forward=forward, step=step
+            )
         finally:
             vec = to_host(sess.result(params))
             side_vecs = [to_host(sess.result(s.params)) for s in sides]

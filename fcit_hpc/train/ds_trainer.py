@@ -49,7 +49,7 @@ _WORLD: tuple | None = None
 
 
 def init_group_world(
-    member: int, size: int, master_addr: str, port: int, backend: str, local_rank: int
+    member: int, size: int, master_addr: str, port: int, *, backend: str, local_rank: int
 ) -> None:
     """The torch.distributed world of this rank's client group (once per process). A world of
     one is reused whatever its rendezvous port (a second run in the same process picks another
@@ -107,12 +107,12 @@ def init_single_process_world(local_rank: int) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-    init_group_world(0, 1, "127.0.0.1", port, "gloo", local_rank)
+    init_group_world(0, 1, "127.0.0.1", port, backend="gloo", local_rank=local_rank)
 
 
 class DeepSpeedTrainer(LocalTrainer):
     def __init__(
-        self, zero_stage: int, offload: bool, batch_size: int, local_rank: int = 0, runtime=None
+        self, zero_stage: int, offload: bool, batch_size: int, local_rank: int = 0, *, runtime=None
     ):
         super().__init__(runtime)
         if zero_stage not in (0, 1, 2, 3):
@@ -158,8 +158,10 @@ class DeepSpeedTrainer(LocalTrainer):
             cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         return cfg
 
-    def session(self, model, params, lr, weight_decay, start=None, sides=()):
-        return _DeepSpeedSession(model, params, self._ds_config(lr, weight_decay), start, sides)
+    def session(self, model, params, lr, weight_decay, *, start=None, sides=()):
+        return _DeepSpeedSession(
+            model, params, self._ds_config(lr, weight_decay), start, sides=sides
+        )
 
 
 class _DeepSpeedSession(LocalSession):
@@ -167,7 +169,7 @@ class _DeepSpeedSession(LocalSession):
 
     group_average = True  # the engine averages gradients over its data-parallel group
 
-    def __init__(self, model, params, config, start=None, sides=()):
+    def __init__(self, model, params, config, start=None, *, sides=()):
         """``start``: the float32 values of ``params`` (the module may hold them rounded);
         ``sides``: more parameter groups with their own learning rates (the LLaVA projector,
         a method's mixer)."""

@@ -12,7 +12,9 @@ from fcit_hpc.train.base import LocalSession, LocalTrainer
 
 
 class _TorchSession(LocalSession):
-    def __init__(self, model, params, lr, weight_decay, scaler=None, group_size: int = 1, sides=()):
+    def __init__(
+        self, model, params, lr, weight_decay, *, scaler=None, group_size: int = 1, sides=()
+    ):
         self.model = model
         self.params = list(params) + [p for s in sides for p in s.params]
         groups = [{"params": list(params)}]
@@ -55,10 +57,12 @@ class _TorchSession(LocalSession):
 
 
 class TorchTrainer(LocalTrainer):
-    def session(self, model, params, lr, weight_decay, start=None, sides=()):
+    def session(self, model, params, lr, weight_decay, *, start=None, sides=()):
         rt = self.runtime
         scaler = None
         if rt is not None and rt.precision == "fp16":
             scaler = torch.amp.GradScaler(rt.device.type)
         g = self.shard.size if self.shard is not None else 1
-        return _TorchSession(model, params, lr, weight_decay, scaler, g, sides)
+        return _TorchSession(
+            model, params, lr, weight_decay, scaler=scaler, group_size=g, sides=sides
+        )

@@ -492,7 +492,9 @@ def decode_latency(
     finally:
         torch.set_default_dtype(before)
     adapter = SubspaceAdapter(
-        inject_subspace_lora(model, ["gate_proj", "up_proj", "down_proj"], r, 2.0 * r, 0.0, S)
+        inject_subspace_lora(
+            model, ["gate_proj", "up_proj", "down_proj"], r, 2.0 * r, dropout=0.0, s_max=S
+        )
     )
     with torch.no_grad():
         for m in adapter.layers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -32,6 +32,7 @@ class RoundInfo:
     round: int
     plan: np.ndarray  # int64 [n, 3]: (client, unit, rank)
     decisions: dict[int, DkoDecision]  # DKO's decision per client (empty without DKO)
+    _: KW_ONLY
     token_bytes: dict[int, int]  # client -> bytes of its identity-token upload
     bytes_down: int  # every buffer broadcast in the round (each client received all of it)
     seconds: float = 0.0
@@ -121,7 +122,7 @@ def check_subspace(u: Update, info: RoundInfo, subspaces_of, s_max: int) -> tupl
     return ks
 
 
-def _client_row(info: RoundInfo, client: int, subspace, samples, loss, seconds, sent, status):
+def _client_row(info: RoundInfo, client: int, subspace, samples, *, loss, seconds, sent, status):
     """One CLIENT_DTYPE record. Bytes received = everything broadcast in the round; bytes sent =
     the client's uploads as they travelled (``fcit_hpc.fed.wire.wire_nbytes``)."""
     unit, rank = info.placement[client]
@@ -139,6 +140,7 @@ def client_rows(
     updates: list[Update],
     numel: int,
     sides: dict[str, int] | None = None,
+    *,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
     s_max: int | None = None,
     combine: Combine | None = None,
@@ -166,13 +168,30 @@ def client_rows(
                 acc.sides.setdefault(name, []).append((u.delta[off : off + size], w))
                 off += size
         rows.append(
-            _client_row(info, u.client, u.subspace, u.samples, u.loss, u.seconds, u.nbytes, status)
+            _client_row(
+                info,
+                u.client,
+                u.subspace,
+                u.samples,
+                loss=u.loss,
+                seconds=u.seconds,
+                sent=u.nbytes,
+                status=status,
+            )
         )
     for c, d in info.decisions.items():  # rejected at the token stage: trained nothing
         if d.subspace < 0:
-            rows.append(_client_row(info, c, -1, 0, np.nan, 0.0, 0, ClientStatus.BAD_TOKEN))
+            rows.append(
+                _client_row(
+                    info, c, -1, 0, loss=np.nan, seconds=0.0, sent=0, status=ClientStatus.BAD_TOKEN
+                )
+            )
     for c, k in info.dropped:  # trained, never uploaded: the server knows its assignment
-        rows.append(_client_row(info, c, k, 0, np.nan, 0.0, 0, ClientStatus.DROPPED))
+        rows.append(
+            _client_row(
+                info, c, k, 0, loss=np.nan, seconds=0.0, sent=0, status=ClientStatus.DROPPED
+            )
+        )
     return np.array(sorted(rows, key=lambda r: r[2]), dtype=CLIENT_DTYPE), acc
 
 
@@ -191,6 +210,7 @@ def aggregate_round(
     updates: list[Update],
     strategy: Strategy,
     info: RoundInfo,
+    *,
     subspaces_of: Callable[[int], tuple[int, ...]] = single,
     combine: Combine | None = None,
 ) -> Aggregation:
@@ -204,7 +224,13 @@ def aggregate_round(
     sizes = {name: v.size for name, v in st.sides().items()}
     combine = combine or Combine()
     rows, acc = client_rows(
-        info, updates, numel, sizes, subspaces_of, st.adapter.shape[0], combine=combine
+        info,
+        updates,
+        numel,
+        sizes,
+        subspaces_of=subspaces_of,
+        s_max=st.adapter.shape[0],
+        combine=combine,
     )
     for k in sorted(acc.subspaces):
         mean_delta = combine.mean(k, acc.subspaces[k])

@@ -39,6 +39,7 @@ def write_predictions(
     stage: int,
     task_names: list[str],
     tests: dict[int, list[Sample]],
+    *,
     predictions: list[list[str]],
 ) -> None:
     """One JSONL file per task, each written atomically (temp file + ``os.replace``): a crash

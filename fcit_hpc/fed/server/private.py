@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from fcit_hpc.config import count_std
+from fcit_hpc.config import FederationConfig, PrivacyConfig, count_std
 from fcit_hpc.fed import privacy
 from fcit_hpc.fed.private_upload import SIDES_GROUP
 from fcit_hpc.fed.server.aggregate import Combine
@@ -20,10 +20,11 @@ from fcit_hpc.state.schema import NORM_DTYPE, RunState
 log = logging.getLogger("fcit.server")
 
 
-def update_multiplier(cfg) -> float:
+def update_multiplier(p: PrivacyConfig, clients_per_round: int) -> float:
     """The noise multiplier of the updates: z, or z_Δ under adaptive clipping."""
-    p = cfg.privacy
-    return privacy.delta_multiplier(p.dp_noise, count_std(cfg)) if p.dp_adaptive else p.dp_noise
+    if not p.dp_adaptive:
+        return p.dp_noise
+    return privacy.delta_multiplier(p.dp_noise, count_std(p, clients_per_round))
 
 
 class PrivateCombine(Combine):
@@ -32,9 +33,22 @@ class PrivateCombine(Combine):
     sums ``sums`` (group → float64 Σ w·Δ; the side vectors' group holds them concatenated, in
     ``side_sizes`` order), the updates carry no deltas."""
 
-    def __init__(self, cfg, stage: int, round_: int, clip: float, sums, side_sizes, slots: int):
-        self.cfg, self.dp = cfg, cfg.privacy.dp
-        self.keys = (cfg.seed, stage, round_)
+    def __init__(
+        self,
+        p: PrivacyConfig,
+        *,
+        seed: int,
+        stage: int,
+        round_: int,
+        clients_per_round: int,
+        clip: float,
+        sums,
+        side_sizes,
+        slots: int,
+    ):
+        self.dp = p.dp
+        self.multiplier = update_multiplier(p, clients_per_round) if p.dp == "central" else 0.0
+        self.keys = (seed, stage, round_)
         self.clip, self.sums, self.slots = clip, sums, slots
         self.deltas = sums is None
         self.offsets, off = {}, 0
@@ -59,15 +73,14 @@ class PrivateCombine(Combine):
         else:
             mean = self.sums[key] / total
         if self.dp == "central":
-            std = update_multiplier(self.cfg) * self.clip / len(got)
+            std = self.multiplier * self.clip / len(got)
             seed = derive_seed(*self.keys, self._index(key), privacy.SALT_DP_SERVER)
             mean = mean + privacy.gaussian(mean.shape, std, seed)
         return mean.astype(np.float32)
 
 
-def init_privacy(st: RunState, cfg, stages: int) -> None:
+def init_privacy(st: RunState, p: PrivacyConfig, stages: int) -> None:
     """A DP run's records when the state has none (a fresh run); the noisy tokens' ε, logged."""
-    p = cfg.privacy
     if p.dp != "off" and not st.privacy_epsilon.size:
         st.privacy_epsilon = np.full(stages, np.nan)
         st.privacy_clip = float(p.dp_clip)
@@ -80,11 +93,20 @@ def init_privacy(st: RunState, cfg, stages: int) -> None:
         )
 
 
-def record_round(st: RunState, cfg, stage: int, round_: int, norms, accepted: set[int]) -> None:
+def record_round(
+    st: RunState,
+    p: PrivacyConfig,
+    *,
+    seed: int,
+    clients_per_round: int,
+    stage: int,
+    round_: int,
+    norms,
+    accepted: set[int],
+) -> None:
     """Store the accepted clients' norms (``norms``: gathered float64 (client, norm) rows) with
     the bound they were clipped to; under adaptive clipping move the bound for the next round
     (Andrew et al.: b_i = 1[‖Δ_i‖ ≤ C])."""
-    p = cfg.privacy
     rows = sorted(
         (int(c), float(n)) for part in norms for c, n in part.reshape(-1, 2) if int(c) in accepted
     )
@@ -92,25 +114,25 @@ def record_round(st: RunState, cfg, stage: int, round_: int, norms, accepted: se
     st.privacy_norms = np.concatenate([st.privacy_norms, recs])
     if p.dp_adaptive:
         bits = [int(n <= st.privacy_clip) for _, n in rows]
-        seed = derive_seed(cfg.seed, stage, round_, privacy.SALT_DP_SERVER, 1)
+        seed = derive_seed(seed, stage, round_, privacy.SALT_DP_SERVER, 1)
+        sigma_b = count_std(p, clients_per_round)
         st.privacy_clip = privacy.next_clip(
-            st.privacy_clip, bits, count_std(cfg), p.dp_clip_lr, p.dp_quantile, seed
+            st.privacy_clip, bits, sigma_b, p.dp_clip_lr, quantile=p.dp_quantile, seed=seed
         )
 
 
-def budget(cfg) -> privacy.Budget:
-    p = cfg.privacy
-    q = cfg.clients_per_round / cfg.federation.num_clients
+def budget(p: PrivacyConfig, fed: FederationConfig) -> privacy.Budget:
+    """The run's DP accountant: ``p``'s mechanism at the sampling rate of ``fed``."""
+    q = fed.clients_per_round / fed.num_clients
     return privacy.Budget(p.dp, p.dp_noise, q, p.dp_delta)
 
 
-def stage_epsilon(st: RunState, cfg, stage: int) -> float:
+def stage_epsilon(st: RunState, p: PrivacyConfig, fed: FederationConfig, stage: int) -> float:
     """ε at δ after ``stage`` (every round of the run so far is a DP round), stored and logged."""
     norms = st.privacy_norms
     most = int(np.bincount(norms["client"]).max()) if norms.size else 0
-    eps = budget(cfg).epsilon_after(len(st.rounds), most)
+    eps = budget(p, fed).epsilon_after(len(st.rounds), most)
     st.privacy_epsilon[stage] = eps
-    p = cfg.privacy
     log.info(
         "privacy: ε = %.4g at δ = %g after stage %d (%s DP, z = %g, %d rounds)",
         eps,

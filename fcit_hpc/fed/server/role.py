@@ -39,9 +39,9 @@ class Server(Role):
     def __init__(self, ctx, run_dir: Path, state: RunState | None, evaluation):
         self.ctx, self.run_dir, self.evaluation = ctx, Path(run_dir), evaluation
         trackers = None
-        if any(vars(ctx.cfg.log).values()):
-            rounds = ctx.cfg.federation.num_rounds
-            trackers = Trackers(ctx.cfg.log, self.run_dir, rounds if ctx.method.trains else 0)
+        if any(vars(ctx.log).values()):
+            rounds = ctx.federation.num_rounds
+            trackers = Trackers(ctx.log, self.run_dir, rounds if ctx.method.trains else 0)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", trackers)
         self.dko_result = DkoResult()
         self.bar = None
@@ -51,21 +51,30 @@ class Server(Role):
         shape = (data.num_stages, data.num_tasks)
         if state is None:
             proj = to_host(get_projector(ctx.model)) if ctx.projector_numel else None
-            state = init_state(ctx.cfg, ctx.adapter, method, dim, shape, ctx.strategy, proj)
+            state = init_state(
+                ctx.adapter,
+                method,
+                seed=ctx.seed,
+                config_yaml=ctx.config_yaml,
+                dim=dim,
+                shape=shape,
+                strategy=ctx.strategy,
+                projector=proj,
+            )
         where = self.run_dir / STATE_FILE
         stages = data.schedule.stages
         init_method_state(state, method, ctx.adapter.numel)
-        init_privacy(state, ctx.cfg, data.num_stages)
+        init_privacy(state, ctx.privacy, data.num_stages)
         try:
             check_state(
                 state,
                 method,
                 ctx.adapter.numel,
                 where,
-                ctx.projector_numel,
-                ctx.mixer_numel,
-                shape,
-                dim,
+                projector_numel=ctx.projector_numel,
+                mixer_numel=ctx.mixer_numel,
+                shape=shape,
+                dim=dim,
             )
             method.prepare_state(state, where, stages, data.num_tasks)
         except StateError as e:  # only rank 0 holds the state: it ends the whole job
@@ -89,7 +98,16 @@ class Server(Role):
         self.bar = tqdm(total=total, initial=done, desc="fcit", unit="round", dynamic_ncols=True)
 
     def plan(self, stage, round_):
-        plan = plan_round(self.ctx.cfg, self.ctx.data.schedule, stage, round_, self.ctx.comm.size)
+        ctx = self.ctx
+        plan = plan_round(
+            ctx.federation,
+            ctx.data.schedule,
+            seed=ctx.seed,
+            stage=stage,
+            round_=round_,
+            world=ctx.comm.size,
+            gpus_per_client=ctx.train.gpus_per_client,
+        )
         self.planned = {int(c) for c in plan[:, 0]}  # who may send in this phase
         return plan
 
@@ -116,11 +134,21 @@ class Server(Role):
         top = max(self.ctx.method.trained_subspaces(k))
         self.st.num_subspaces = max(self.st.num_subspaces, top + 1)
 
-    def end_round(self, stage, round_, plan, heads, values, t0, down0, phases=None, private=None):
+    def end_round(
+        self, stage, round_, plan, heads, *, values, t0, down0, phases=None, private=None
+    ):
         ctx, st, dko = self.ctx, self.st, self.dko_result
         bytes_down = ctx.comm.bytes_broadcast - down0
         seconds = time.perf_counter() - t0
-        info = RoundInfo(stage, round_, plan, dko.decisions, dko.token_bytes, bytes_down, seconds)
+        info = RoundInfo(
+            stage,
+            round_,
+            plan,
+            dko.decisions,
+            token_bytes=dko.token_bytes,
+            bytes_down=bytes_down,
+            seconds=seconds,
+        )
         with phase("aggregate"):
             sides = {name: v.size for name, v in st.sides().items()}
             decode = ctx.compress.update_decoder(
@@ -129,18 +157,29 @@ class Server(Role):
             updates = unpack_updates(
                 heads, values, planned={int(c) for c in plan[:, 0]}, decode=decode
             )
-            combiner = self._private(stage, round_, info, updates, private)
+            combiner = self._private(stage, round_, info, updates, private=private)
             trained = ctx.method.trained_subspaces
-            agg = aggregate_round(st, updates, ctx.strategy, info, trained, combiner)
+            agg = aggregate_round(
+                st, updates, ctx.strategy, info, subspaces_of=trained, combine=combiner
+            )
             self.dko_result = DkoResult()
-            if ctx.cfg.privacy.dp != "off":
+            if ctx.privacy.dp != "off":
                 rows = agg.client_rows
                 ok = set(rows["client"][rows["status"] == ClientStatus.ACCEPTED].tolist())
-                record_round(st, ctx.cfg, stage, round_, private.norms, ok)
+                record_round(
+                    st,
+                    ctx.privacy,
+                    seed=ctx.seed,
+                    clients_per_round=ctx.federation.clients_per_round,
+                    stage=stage,
+                    round_=round_,
+                    norms=private.norms,
+                    accepted=ok,
+                )
             st.append_metrics(agg.round_row, agg.client_rows)
             ctx.method.after_round(st, agg.client_rows)
             st.stage, st.round = stage, round_
-            torch.manual_seed(derive_seed(ctx.cfg.seed, stage, round_, SALT_ROUND_RNG))
+            torch.manual_seed(derive_seed(ctx.seed, stage, round_, SALT_ROUND_RNG))
             st.rng_torch = torch.get_rng_state().numpy().copy()
         with phase("state_write"):
             write_state(self.run_dir, st)
@@ -149,7 +188,7 @@ class Server(Role):
         self.bar.set_postfix(stage=stage, loss=f"{st.rounds[-1]['loss']:.3f}", S=st.num_subspaces)
         self.bar.update(1)
 
-    def _private(self, stage, round_, info, updates, private):
+    def _private(self, stage, round_, info, updates, *, private):
         """The round's privacy results into ``info`` (drop-outs, protocol bytes); the means
         under DP or secure aggregation (None: the plain sample-weighted ones)."""
         if private is None:
@@ -166,13 +205,19 @@ class Server(Role):
                 len(got),
             )
         info.extra_bytes = private.sent
-        p = self.ctx.cfg.privacy
-        if p.dp == "off" and not p.secagg:
+        ctx = self.ctx
+        if ctx.privacy.dp == "off" and not ctx.privacy.secagg:
             return None
-        sizes = {name: v.size for name, v in self.st.sides().items()}
-        slots = self.st.adapter.shape[0]
         return PrivateCombine(
-            self.ctx.cfg, stage, round_, self.st.privacy_clip, private.sums, sizes, slots
+            ctx.privacy,
+            seed=ctx.seed,
+            stage=stage,
+            round_=round_,
+            clients_per_round=ctx.federation.clients_per_round,
+            clip=self.st.privacy_clip,
+            sums=private.sums,
+            side_sizes={name: v.size for name, v in self.st.sides().items()},
+            slots=self.st.adapter.shape[0],
         )
 
     def after_rounds(self, stage):
@@ -202,7 +247,9 @@ class Server(Role):
     def record_eval(self, stage, result: StageEval, phases=None):
         data = self.ctx.data
         with phase("state_write"):
-            write_predictions(self.run_dir, stage, data.task_names, data.test, result.predictions)
+            write_predictions(
+                self.run_dir, stage, data.task_names, data.test, predictions=result.predictions
+            )
         self.st.accuracy[stage] = result.accuracy
         st = self.st
         with phase("eval"):
@@ -228,7 +275,7 @@ class Server(Role):
         st = self.st
         self.ctx.method.after_stage(st, stage)
         if st.privacy_epsilon.size:
-            stage_epsilon(st, self.ctx.cfg, stage)
+            stage_epsilon(st, self.ctx.privacy, self.ctx.federation, stage)
             self.metrics.append(MetricsLog.privacy_line(st, stage))
         st.stage, st.round = stage + 1, -1
         st.done = stage + 1 == self.ctx.data.num_stages
@@ -255,7 +302,7 @@ class Server(Role):
         ctx, st = self.ctx, self.st
         if st.summary == {} or not st.task_names:
             with phase("report"):
-                self.evaluation.finalize(ctx.cfg, st, ctx.data, ctx.method, ctx.encoder)
+                self.evaluation.finalize(st, ctx)
             with phase("state_write"):
                 write_state(self.run_dir, st)
             line = {"kind": "summary", "stage": ctx.data.num_stages, **st.summary}

@@ -6,25 +6,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fcit_hpc.config import Config, to_yaml
 from fcit_hpc.errors import StateError
 from fcit_hpc.seeds import SALT_ADAPTER_INIT, derive_seed
 from fcit_hpc.state.schema import RunState
 
 
 def init_state(
-    cfg: Config, adapter, method, dim: int, shape: tuple[int, int], strategy, projector=None
+    adapter,
+    method,
+    *,
+    seed: int,
+    config_yaml: str,
+    dim: int,
+    shape: tuple[int, int],
+    strategy,
+    projector=None,
 ):
     """Fresh global state: the method's initial subspaces (A ~ N(0, 0.01), B = 0 unless it says
-    otherwise) and mixer, seeded; no tokens yet.
+    otherwise) and mixer, seeded by the run's ``seed``; no tokens yet; ``config_yaml``: the
+    run's resolved config, stored with it.
     ``dim``: identity-token dimension D; ``shape``: (stages, tasks) of the accuracy matrix;
     ``strategy``: the run's federated optimizer (its server state starts here); ``projector``:
     the model's projector weights when clients train it (flat float32), else None."""
     s_max = method.num_slots()
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SALT_ADAPTER_INIT))
+    gen = torch.Generator().manual_seed(derive_seed(seed, SALT_ADAPTER_INIT))
     vecs, mixer = method.initial_weights(adapter, gen)  # [S_max, P], [M]
     st = RunState(
-        config_yaml=to_yaml(cfg),
+        config_yaml=config_yaml,
         adapter=vecs,
         tokens=np.zeros((s_max, dim), np.float32),
         token_counts=np.zeros(s_max, np.float64),
@@ -52,6 +60,7 @@ def check_state(
     method,
     numel: int,
     where,
+    *,
     projector_numel: int = 0,
     mixer_numel: int = 0,
     shape: tuple[int, int] | None = None,
