@@ -27,7 +27,7 @@ from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.comm import LocalComm
 from fcit_hpc.fed.context import init_group_worlds
 from fcit_hpc.model.build import build_model
-from fcit_hpc.run import make_trainer
+from fcit_hpc.run import make_trainer, run_model
 from fcit_hpc.runtime import LaunchInfo, make_runtime
 from fcit_hpc.train.base import LocalOpt
 
@@ -141,7 +141,7 @@ def test_hf_shape_model_is_drawn_from_init_seed(tiny_llava):
     )
     bf = load_config(None, _overrides(tiny_llava, "train.precision=bf16"))
     rt = make_runtime(bf.train, bf.federation, 0, 1, launch=LaunchInfo())
-    m, _, _ = build_model(bf.model, bf.lora, 1, runtime=rt)
+    m, _, _ = run_model(bf, 1, rt)
     assert m.lm_head.weight.dtype == torch.bfloat16
 
 
@@ -163,7 +163,7 @@ def test_fcit_step_equals_plain_peft_step(tiny_llava, name, backend):
     cfg = load_config(None, _overrides(tiny_llava, f"model.name={name}", *extra))
     rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
     init_group_worlds(cfg.train.backend, LocalComm(), rt)
-    model, adapter, _ = build_model(cfg.model, cfg.lora, 1, runtime=rt)
+    model, adapter, _ = run_model(cfg, 1, rt)
     shape = batch_shape(model, cfg.model.max_seq_len)
     batches = synthetic_batches(shape, 2, 1, 0, device=rt.device)
     ids = batches[0]["input_ids"]

@@ -9,7 +9,7 @@ import torch
 from fcit_hpc.config import load_config
 from fcit_hpc.eval.decode import StaticGreedyDecoder
 from fcit_hpc.eval.generate import left_pad
-from fcit_hpc.model.build import build_model
+from fcit_hpc.run import run_model
 from fcit_hpc.runtime import make_runtime
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +29,7 @@ def _embedded(precision: str):
         None, ["model.name=embedded", "train.device=cuda", f"train.precision={precision}"]
     )
     rt = make_runtime(cfg.train, cfg.federation, 0, 1)
-    model, adapter, tok = build_model(cfg.model, cfg.lora, 4, runtime=rt)
+    model, adapter, tok = run_model(cfg, 4, rt)
     g = torch.Generator().manual_seed(3)
     for k in range(4):
         adapter.set(k, torch.randn(adapter.numel, generator=g) * 0.05)

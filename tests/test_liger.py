@@ -12,8 +12,8 @@ from fcit_hpc.config import load_config
 from fcit_hpc.data.batches import make_batches
 from fcit_hpc.data.sample import Sample
 from fcit_hpc.errors import ConfigError
-from fcit_hpc.model.build import build_model
 from fcit_hpc.model.liger import logits_kwargs, resolve_ops
+from fcit_hpc.run import run_model
 from fcit_hpc.runtime import LaunchInfo, make_runtime
 from fcit_hpc.train.base import LocalOpt
 from fcit_hpc.train.torch_trainer import TorchTrainer
@@ -81,7 +81,7 @@ def _pair(name: str):
         over = [f"model.name={name}", "lora.lora_dropout=0.0", f"train.liger={liger}"]
         cfg = load_config(None, over + INTERPRETED)
         rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
-        model, adapter, tok = build_model(cfg.model, cfg.lora, 1, runtime=rt)
+        model, adapter, tok = run_model(cfg, 1, rt)
         start = adapter.init_vector(torch.Generator().manual_seed(0)).numpy()
         start[start == 0] = 0.01
         adapter.set(0, start)

@@ -12,6 +12,7 @@ from fcit_hpc.fed.strategies import strategy_from_config
 from fcit_hpc.fed.wire import pack_updates, unpack_updates
 from fcit_hpc.model.build import build_model
 from fcit_hpc.model.projector import get_projector, projector_params
+from fcit_hpc.run import run_model
 from fcit_hpc.state.schema import RunState, comparable_content, read_state, same_content
 
 from .conftest import ROOT, fcit, mpiexec
@@ -77,7 +78,7 @@ def test_bf16_model_keeps_a_float32_projector():
 
     cfg = load_config(MINI, ["train.precision=bf16"])
     rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
-    model, _, tok = build_model(cfg.model, cfg.lora, 2, runtime=rt)
+    model, _, tok = run_model(cfg, 2, rt)
     assert all(p.dtype == torch.float32 for p in projector_params(model))
     assert model.model.language_model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
     ids = torch.tensor([tok.prompt("What is this?")])

@@ -14,6 +14,7 @@ from fcit_hpc.config import load_config
 from fcit_hpc.data.batches import make_batches
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.model.build import build_model
+from fcit_hpc.run import run_model
 from fcit_hpc.runtime import LaunchInfo, client_groups, launch_info, make_runtime
 from fcit_hpc.train.base import LocalOpt, Shard, target_tokens, token_loss_sum
 from fcit_hpc.train.torch_trainer import TorchTrainer
@@ -177,7 +178,7 @@ def test_bf16_base_trains_float32_lora_close_to_fp32():
     ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     cfg16, model16, adapter16, start16, _ = _setup("train.precision=bf16")
     rt = _runtime(cfg16)
-    model16, adapter16, _ = build_model(cfg16.model, cfg16.lora, 2, runtime=rt)
+    model16, adapter16, _ = run_model(cfg16, 2, rt)
     assert model16.model.layers[0].mlp.gate_proj.base.weight.dtype == torch.bfloat16
     assert adapter16.params(1)[0].dtype == torch.float32  # fp32 master weights
     res = TorchTrainer(rt).train(model16, adapter16, 1, start, batches=batches, opt=opt)
@@ -195,7 +196,7 @@ def test_fp16_trains_with_a_gradient_scaler():
     ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     cfg16 = load_config(None, ["lora.lora_dropout=0.0", "train.precision=fp16"])
     rt = _runtime(cfg16)
-    model16, adapter16, _ = build_model(cfg16.model, cfg16.lora, 2, runtime=rt)
+    model16, adapter16, _ = run_model(cfg16, 2, rt)
     res = TorchTrainer(rt).train(model16, adapter16, 1, start, batches=batches, opt=opt)
     d_ref, d16 = ref.vector - start, res.vector - start
     cos = float(d_ref @ d16 / np.linalg.norm(d_ref) / np.linalg.norm(d16))
@@ -212,7 +213,7 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
     rt = _runtime(cfg)
     _, _, _, start, batches = _setup()
-    model, adapter, _ = build_model(cfg.model, cfg.lora, 2, runtime=rt)
+    model, adapter, _ = run_model(cfg, 2, rt)
     from fcit_hpc.train.ds_trainer import init_single_process_world
 
     init_single_process_world(0)
@@ -234,7 +235,7 @@ def test_deepspeed_bf16_keeps_float32_masters(stage):
 def _assert_torch_update(cfg, rt, start, batches, opt, result) -> None:
     """``result`` - ``start`` is the torch trainer's update on a fresh model of ``cfg``: cos >
     0.99 and norms within 5% (bf16 compute differs between the two)."""
-    model_t, adapter_t, _ = build_model(cfg.model, cfg.lora, 2, runtime=rt)
+    model_t, adapter_t, _ = run_model(cfg, 2, rt)
     ref = TorchTrainer(rt).train(model_t, adapter_t, 1, start, batches=batches, opt=opt)
     d_ref, d_ds = ref.vector - start, result - start
     cos = float(d_ref @ d_ds / np.linalg.norm(d_ref) / np.linalg.norm(d_ds))
@@ -256,7 +257,7 @@ def test_a_collected_engine_leaves_the_next_clients_masters(monkeypatch):
     cfg = load_config(None, ["lora.lora_dropout=0.0", "train.precision=bf16"])
     rt = _runtime(cfg)
     _, _, _, start, batches = _setup()
-    model, adapter, _ = build_model(cfg.model, cfg.lora, 2, runtime=rt)
+    model, adapter, _ = run_model(cfg, 2, rt)
     ds_trainer.init_single_process_world(0)
     engines = []
     initialize = deepspeed.initialize
@@ -530,7 +531,7 @@ def test_gradient_checkpointing_gives_the_same_update():
     ref = TorchTrainer().train(model, adapter, 1, start, batches=batches, opt=opt)
     cfg_c = load_config(None, ["lora.lora_dropout=0.0", "train.gradient_checkpointing=true"])
     rt = _runtime(cfg_c)
-    model_c, adapter_c, _ = build_model(cfg_c.model, cfg_c.lora, 2, runtime=rt)
+    model_c, adapter_c, _ = run_model(cfg_c, 2, rt)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model_c.modules())
     res = TorchTrainer(rt).train(model_c, adapter_c, 1, start, batches=batches, opt=opt)
     assert np.abs(ref.vector - start).max() > 1e-3

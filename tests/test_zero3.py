@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from fcit_hpc.run import run_model
+
 ATOL3 = 5e-5
 REL3 = 1e-4
 LINEAR = torch.nn.functional.linear  # DeepSpeed may replace it process-wide; it must not
@@ -164,7 +166,6 @@ def test_zero3_with_mixer_side_group(method):
 def test_zero3_with_gradient_checkpointing():
     """Activations recomputed in the backward pass: the recomputation gathers the base again."""
     from fcit_hpc.config import load_config
-    from fcit_hpc.model.build import build_model
     from fcit_hpc.runtime import LaunchInfo, make_runtime
     from fcit_hpc.train.base import LocalOpt
     from fcit_hpc.train.ds_trainer import DeepSpeedTrainer, init_single_process_world
@@ -178,7 +179,7 @@ def test_zero3_with_gradient_checkpointing():
     over = ["lora.lora_dropout=0.0", "method.name=disco", "lora.max_subspaces=3"]
     cfg = load_config(None, [*over, "train.gradient_checkpointing=true"])
     rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
-    model_c, adapter_c, _ = build_model(cfg.model, cfg.lora, 3, runtime=rt)
+    model_c, adapter_c, _ = run_model(cfg, 3, rt)
     init_single_process_world(0)
     z3 = DeepSpeedTrainer(3, False, 4, runtime=rt).train(
         model_c, adapter_c, 1, start, batches=batches, opt=opt

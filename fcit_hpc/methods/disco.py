@@ -85,45 +85,29 @@ def dko_assign(
     When the first pass finds no such client (the usual round), its result is the real pass's
     (same inputs, nothing demoted) and is kept: one pass, not two.
     """
-    if min_cluster_frac <= 0:
+
+    def one_pass(g, c, policy, small):
         return _dko_pass(
-            G,
-            counts,
+            g,
+            c,
             live,
             clients,
             tokens=tokens,
             samples=samples,
             tau=tau,
-            full_policy=full_policy,
-            small=set(),
+            full_policy=policy,
+            small=small,
         )
+
+    if min_cluster_frac <= 0:
+        return one_pass(G, counts, full_policy, set())
     G1, counts1 = G.copy(), counts.copy()
-    first, live1 = _dko_pass(
-        G1,
-        counts1,
-        live,
-        clients,
-        tokens=tokens,
-        samples=samples,
-        tau=tau,
-        full_policy="nearest",
-        small=set(),
-    )
+    first, live1 = one_pass(G1, counts1, "nearest", set())
     small = small_singletons(first, samples, min_cluster_frac)
     if not small and (full_policy == "nearest" or all(d.action != FULL for d in first)):
         G[:], counts[:] = G1, counts1
         return first, live1
-    return _dko_pass(
-        G,
-        counts,
-        live,
-        clients,
-        tokens=tokens,
-        samples=samples,
-        tau=tau,
-        full_policy=full_policy,
-        small=small,
-    )
+    return one_pass(G, counts, full_policy, small)
 
 
 def small_singletons(
