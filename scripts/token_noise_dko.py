@@ -82,7 +82,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cfg = load_config(a.config, [*a.overrides, "compare=[]"])
     ctx = build_context(cfg, LocalComm())
-    ctx.identity_cache = {}
     ref = None
     print("| σ_t | ε per token (δ = 1e-5) | subspaces | purity | agreement with exact |")
     print("|---|---|---|---|---|")

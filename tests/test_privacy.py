@@ -319,3 +319,25 @@ def test_compressed_deltas_are_refused_with_secure_aggregation():
         load_config(None, ["privacy.secagg=true", "compress.subspace=int8"])
     cfg = load_config(None, ["privacy.secagg=true", "compress.token=int8"])  # tokens travel clear
     assert cfg.compress.token == "int8" and cfg.privacy.secagg
+
+
+def test_token_noise_script_at_zero_noise_is_the_runs_dko(serial_run, capsys):
+    """scripts/token_noise_dko.py replays DKO over the schedule without training (DKO depends on
+    the tokens only): at σ_t = 0 it makes the subspaces the real run made, and its grouping
+    agrees with itself; noisy tokens print their ε."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tnd", ROOT / "scripts/token_noise_dko.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(ROOT / "configs/smoke.yaml"), "--sigmas", "0", "0.05"]) in (0, None)
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| 0")
+    ]
+    assert [r[0] for r in rows] == ["0", "0.05"]
+    exact, noisy = rows
+    assert int(exact[2]) == read_state(serial_run).num_subspaces
+    assert exact[4] == "1.00" and exact[1] == "∞"
+    assert noisy[1] == f"{privacy.token_epsilon(0.05, 1e-5):,.0f}"
