@@ -639,9 +639,8 @@ def bench_train(args) -> int:
     lengths = parse_lengths(args.lengths)
     variants = parse_variants(args.variants)
     cfg = load_config(args.items[0], args.items[1:])
-    rt = make_runtime(
-        cfg.train, cfg.federation, 0, 1, launch=LaunchInfo()
-    )  # one client, one process
+    # one client, one process
+    rt = make_runtime(cfg.train, cfg.federation, 0, 1, launch=LaunchInfo())
     apply_runtime(rt)
     torch.set_num_threads(cfg.train.num_threads)
     init_group_worlds(cfg.train.backend, LocalComm(), rt)  # DeepSpeed's world of one

@@ -129,4 +129,4 @@ def pytest_runtest_logreport(report):
 def method_of(cls, cfg):
     """A method class's instance for a whole config (as fcit_hpc.methods.make_method makes it
     from the config's method and lora sections)."""
-    return cls(cls.settings_class.of(cfg.method), cfg.lora)
+    return cls.from_sections(cfg.method, cfg.lora)

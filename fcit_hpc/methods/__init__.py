@@ -16,5 +16,4 @@ def method_class(name: str):
 def make_method(method: MethodConfig, lora: LoraConfig):
     """The method of ``method.name`` with its own settings (taken from the ``method`` section)
     and the ``lora`` section."""
-    cls = method_class(method.name)
-    return cls(cls.settings_class.of(method), lora)
+    return method_class(method.name).from_sections(method, lora)

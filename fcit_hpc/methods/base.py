@@ -96,6 +96,11 @@ class Method:
     def __init__(self, settings: Settings, lora: LoraConfig):
         self.settings, self.lora = settings, lora
 
+    @classmethod
+    def from_sections(cls, method: MethodConfig, lora: LoraConfig) -> Method:
+        """This method with its settings taken from the config's ``method`` section."""
+        return cls(cls.settings_class.of(method), lora)
+
     def check_trainer(self, backend: str, zero_stage: int) -> None:
         """Raise a ConfigError when the method cannot train with this trainer
         (``train.backend``, ``train.zero_stage``)."""
