@@ -4,8 +4,8 @@ with the strategy's server update, the stage-end merge, state initialisation, th
 from fcit_hpc.fed.server.aggregate import Aggregation, RoundInfo, aggregate_round
 from fcit_hpc.fed.server.dko import DkoResult, run_dko
 from fcit_hpc.fed.server.plan import plan_round, planned_units, sample_clients
-from fcit_hpc.fed.server.role import Server
 from fcit_hpc.fed.server.run_state import init_state
+from fcit_hpc.fed.server.server import Server
 
 __all__ = [
     "Aggregation",
