@@ -95,6 +95,21 @@ def test_minilm_in_chunks_equals_all_at_once():
     assert enc.encode([]).shape == (0, enc.dim)
 
 
+def test_minilm_is_the_normalised_mean_of_its_token_states():
+    """Each text's feature against the formula, one text at a time (no padding), in float64: the
+    mean of the model's last hidden states over the (at most 128) tokens, L2-normalised."""
+    enc = MiniLMEncoder(torch.device("cpu"), batch_size=4)
+    texts = ["x", "Add the two numbers: 12 + 30 =", "Name the colour.", "Why? " * 100]
+    f = enc.encode(texts)
+    for i, t in enumerate(texts):
+        b = enc.tok(t, truncation=True, max_length=128, return_tensors="pt")
+        assert b["input_ids"].shape[1] <= 128
+        with torch.no_grad():
+            h = enc.model(**b).last_hidden_state[0].double()
+        ref = h.mean(0) / h.mean(0).norm()
+        np.testing.assert_allclose(f[i], ref.numpy(), atol=1e-5)
+
+
 def test_hashing_is_deterministic_and_normalised():
     e = HashingEncoder(64)
     a = e.encode(["Add the two numbers: 1 + 2 =", "x"])

