@@ -11,9 +11,9 @@ R rounds per stage (0 for a method that trains nothing), C clients per round dea
 W worker groups (P ranks, ``gpus_per_client`` each), n the mean samples of a client (a stage's
 training samples / num_clients), E local epochs, T the test samples of all tasks (every task is
 evaluated after every stage), ``prompt`` and ``decode`` the prompt positions and decoded tokens
-per test sample; identity costs only for DISCO (the only method with identity tokens); ``teacher``
-is 1, but for LwF 1 + TEACHER_FORWARD · (stages − 1) / stages (its previous-stage model's forward
-on every batch from stage 1 on; TEACHER_FORWARD measured on the main job); the
+per test sample; identity costs only for a method with identity tokens (DISCO); ``teacher`` is
+1 + f · (stages − 1) / stages, f the method's ``extra_forward`` (LwF: its previous-stage model's
+forward on every batch from stage 1 on, measured on the main job; 0 for the others); the
 round's communication is taken as free beside the compute on one host (``round_fixed``: the
 server's aggregation and state write). The per-unit costs are *figures*: measured (a run
 directory's phase timers, ``fcit bench train --json``, ``fcit bench kernels --json``) or the
@@ -35,11 +35,6 @@ from pathlib import Path
 from fcit_hpc.config import Config, load_config
 from fcit_hpc.errors import ConfigError
 from fcit_hpc.fed.codec import Codec, UplinkCodec
-
-# LwF's teacher forward per batch, as a share of a training step: measured on the main job
-# (clean clone, 2026-12-06, 2 CPU ranks): LwF's rounds 185.9 s against Finetune's 118.7 s, the
-# teacher running in 7 of 8 stages: (185.9 / 118.7 - 1) / (7 / 8) = 0.65
-TEACHER_FORWARD = 0.65
 
 # Stated defaults (seconds per unit on one CPU core of the development machine, the embedded
 # model; override with --figures): every one is printed with its source when used.
@@ -174,7 +169,6 @@ class Shape:
 def run_shape(cfg: Config, fig: Figures) -> Shape:
     from fcit_hpc.benchmark.registry import stage_datasets
     from fcit_hpc.benchmark.schedule import Schedule
-    from fcit_hpc.registry import METHODS
 
     b = cfg.benchmark
     if b.suite == "synthetic":
@@ -191,7 +185,7 @@ def run_shape(cfg: Config, fig: Figures) -> Shape:
         else:
             train, test = fig["train_samples_per_task"], fig["test_samples_per_task"]
     per_stage = sum(len(s) for s in stages) / len(stages)  # tasks of a stage, mean
-    trains = METHODS[cfg.method.name].cls != "zero_shot:ZeroShot"
+    trains = method_of(cfg).trains
     return Shape(
         stages=len(stages),
         tasks=tasks,
@@ -215,10 +209,10 @@ def workers(cfg: Config, ranks: int) -> int:
 def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
     """Predicted seconds of one run by part (startup, train, eval) and in all (``wall``)."""
     s = run_shape(cfg, fig)
-    ident = 1.0 if identity_dim(cfg) else 0.0  # identity features: DISCO only
+    ident = 1.0 if identity_dim(cfg) else 0.0  # identity features: DISCO's
     teacher = 1.0
-    if cfg.method.name == "lwf" and s.stages:
-        teacher += TEACHER_FORWARD * (s.stages - 1) / s.stages
+    if s.stages:
+        teacher += method_of(cfg).extra_forward * (s.stages - 1) / s.stages
     per_client = (
         fig["setup_s_per_client"]
         + s.samples_per_client * s.epochs * fig["train_s_per_sample"] * teacher
@@ -244,17 +238,25 @@ def predict_seconds(cfg: Config, ranks: int, fig: Figures) -> dict[str, float]:
     return out
 
 
+def method_of(cfg: Config):
+    """The run's method (fcit_hpc.methods), whose own attributes say what it costs: whether it
+    trains, uploads identity tokens, which subspaces a client trains, extra forward passes."""
+    from fcit_hpc.methods import make_method
+
+    return make_method(cfg.method, cfg.lora)
+
+
 def identity_dim(cfg: Config) -> int:
     """D of the identity tokens (0: the method uploads none)."""
     m = cfg.method
-    if m.name not in ("disco",):
+    if not method_of(cfg).uses_identity:
         return 0
     return m.identity_dim if m.identity_encoder == "hashing" else IDENTITY_DIMS[m.identity_encoder]
 
 
 def trained_subspaces(cfg: Config) -> int:
-    """Subspaces a client trains and uploads (MoELoRA / M-LoRA: every expert)."""
-    return cfg.method.experts if cfg.method.name in ("moelora", "mlora") else 1
+    """Subspaces a client trains and uploads (MoELoRA / M-LoRA: every one of the S_max)."""
+    return len(method_of(cfg).trained_subspaces(0))
 
 
 def predict_bytes(cfg: Config, fig: Figures) -> dict[str, float]:

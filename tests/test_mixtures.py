@@ -270,6 +270,19 @@ def test_run_trains_every_subspace_and_the_mixer(which, moe_serial, mlora_serial
         check_state(st, m, adapter.numel, "x/state.h5", mixer_numel=st.mixer.size + 1)
 
 
+def test_plan_counts_every_subspace_a_mixture_client_uploads(moe_serial):
+    """fcit plan's upload bytes for MoELoRA with 2 experts over S_max = 4 subspaces (each client
+    uploads all 4, as the method's trained_subspaces says) against the run's own count, less the
+    routers' float32 values every upload carries (the plan counts no mixer)."""
+    from fcit_hpc.plan import Figures, predict_bytes
+
+    st = read_state(moe_serial)
+    cfg = load_config(moe_serial / "config.yaml")
+    got = predict_bytes(cfg, Figures())
+    routers = len(st.clients) * st.mixer.size * 4
+    assert got["up"] == pytest.approx(int(st.rounds["bytes_sent"].sum()) - routers, rel=0.03)
+
+
 @pytest.mark.mpi
 def test_moelora_two_ranks_killed_and_resumed_equal_serial(moe_serial, tmp_path):
     """Every round at 2 ranks, one rank killed after its first client of stage 1, resumed: the

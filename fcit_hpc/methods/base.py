@@ -91,6 +91,9 @@ class Method:
     has_stage_end = False  # a stage-end phase after the last round of every stage (EWC's Fisher)
     stage_end_label = "stage-end upload"  # how logs name a client's stage-end statistic
     client_arrays: tuple[str, ...] = ()  # arrays of its state every rank gets each round
+    # a forward pass it adds to every training batch from the second stage on, as a share of a
+    # training step (LwF's teacher), for fcit plan's prediction
+    extra_forward = 0.0
     settings_class: type[Settings] = Settings
 
     def __init__(self, settings: Settings, lora: LoraConfig):
@@ -266,6 +269,8 @@ class Mixture(Method):
     budget is DISCO's, S_max subspaces of rank r; its R = S_max·r rows form E =
     ``method.experts`` experts of rank R/E each."""
 
+    settings_class = MixtureSettings
+
     def __init__(self, settings: MixtureSettings, lora: LoraConfig):
         super().__init__(settings, lora)
         lc, e = lora, settings.experts
@@ -278,8 +283,6 @@ class Mixture(Method):
             )
         self.experts = e
         self.expert_rank = budget // e
-
-    settings_class = MixtureSettings
 
     def num_slots(self) -> int:
         return self.lora.max_subspaces
