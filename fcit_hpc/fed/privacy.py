@@ -40,6 +40,13 @@ SALT_DP_CLIENT = 4_111  # a client's local-DP noise
 SALT_DP_TOKEN = 4_127  # a client's identity-token noise
 
 
+def update_weight(dp: str, samples: int) -> float:
+    """A client's weight in a subspace's mean: its sample count, or 1 under DP (``dp``:
+    privacy.dp), whose sensitivity bound holds per client. The clients' masked sums (secure
+    aggregation) and the server's means must use the same weight."""
+    return 1.0 if dp != "off" else float(samples)
+
+
 def clip(delta: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
     """(Δ·min(1, C/‖Δ‖₂), ‖Δ‖₂): the update scaled into the L2 ball of radius C (float32 out,
     norm and scale in float64)."""

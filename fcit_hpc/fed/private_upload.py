@@ -91,7 +91,7 @@ class PrivateUpload:
         sides = delta.size - len(ks) * self.numel
         if sides < 0 or not np.isfinite(delta).all():
             return None
-        w = 1.0 if self.p.dp != "off" else float(samples)
+        w = privacy.update_weight(self.p.dp, samples)
         delta = delta.astype(np.float64)  # w·Δ as the plain mean forms it (float64)
         for j, g in enumerate(ks):
             self.secure.mask(client, int(g), w * delta[j * self.numel : (j + 1) * self.numel])

@@ -57,7 +57,7 @@ class PrivateCombine(Combine):
             off += size
 
     def weight(self, u: Update) -> float:
-        return 1.0 if self.dp != "off" else float(u.samples)
+        return privacy.update_weight(self.dp, u.samples)
 
     def _index(self, key: int | str) -> int:
         """A number per mean for its noise stream: the subspace, or slots + the side's rank."""
