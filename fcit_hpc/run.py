@@ -21,7 +21,7 @@ from fcit_hpc.eval.stage import Evaluation
 from fcit_hpc.fed import loop, preempt
 from fcit_hpc.fed.comm import Comm
 from fcit_hpc.fed.compress import Compression
-from fcit_hpc.fed.context import RunContext, _gather_hosts, host_summary, init_group_worlds
+from fcit_hpc.fed.context import RunContext, gather_hosts, host_summary, init_group_worlds
 from fcit_hpc.fed.strategies import strategy_from_config
 from fcit_hpc.methods import make_method
 from fcit_hpc.model.build import build_model
@@ -92,7 +92,7 @@ def build_context(cfg: Config, comm: Comm, runtime: Runtime | None = None) -> Ru
     """Every rank's objects of the run, each made from its own config section."""
     rt = runtime if runtime is not None else runtime_for(cfg, comm)
     apply_runtime(rt)
-    hosts = _gather_hosts(comm)
+    hosts = gather_hosts(comm)
     if comm.is_root:
         log.info("%d rank(s) on %d host(s): %s", comm.size, len(set(hosts)), host_summary(hosts))
         log.info(

@@ -552,7 +552,7 @@ def test_deterministic_switch():
 
 def test_host_summary_groups_ranks_by_host_as_ranges():
     from fcit_hpc.fed.comm import run_threads
-    from fcit_hpc.fed.context import _gather_hosts, host_summary
+    from fcit_hpc.fed.context import gather_hosts, host_summary
 
     assert host_summary(["n1", "n1", "n2", "n2", "n1", "n3"]) == (
         "n1: ranks 0-1,4; n2: ranks 2-3; n3: rank 5"
@@ -560,5 +560,5 @@ def test_host_summary_groups_ranks_by_host_as_ranges():
     assert host_summary(["a"] * 3) == "a: ranks 0-2"
     import socket
 
-    got = run_threads(3, _gather_hosts)  # rank 0 gets every rank's host name, the others None
+    got = run_threads(3, gather_hosts)  # rank 0 gets every rank's host name, the others None
     assert got == [[socket.gethostname()] * 3, None, None]

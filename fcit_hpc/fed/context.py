@@ -131,7 +131,7 @@ def init_group_worlds(backend: str, comm: Comm, rt: Runtime) -> None:
     )
 
 
-def _gather_hosts(comm: Comm) -> list[str] | None:
+def gather_hosts(comm: Comm) -> list[str] | None:
     """Rank 0: every rank's host name, in rank order (a start-up gather of bytes, no round
     traffic); the other ranks: None."""
     import socket
